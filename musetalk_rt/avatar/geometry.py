@@ -1,0 +1,139 @@
+"""Face-box geometry and the blending mask, following MuseTalk v1.5's rules.
+
+- Face box ``(x1, y1, x2, y2)``; v1.5 extends its bottom by ``extra_margin`` px (clipped to the
+  frame) before cropping. The crop is resized to 256x256 with Lanczos.
+- Blending happens inside a square *crop box* centred on the face box with half-side
+  ``int(max(w, h) // 2 * expand)`` (``expand = 1.5``). The mask keeps only the part below
+  ``upper_boundary_ratio`` (0.5) of the crop box height and is feathered with a Gaussian of
+  about 5% of its size.
+- Until automatic landmarks exist, the mask is the ellipse inscribed in the face box (the region
+  the lower face occupies), cut and feathered as above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from musetalk_rt.errors import UserError
+
+EXPAND = 1.5
+UPPER_BOUNDARY_RATIO = 0.5
+EXTRA_MARGIN_PX = 10
+MIN_BOX_PX = 8
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixels, ``x2``/``y2`` exclusive."""
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+
+    @property
+    def width(self) -> int:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> int:
+        return self.y2 - self.y1
+
+    def as_list(self) -> list[int]:
+        return [self.x1, self.y1, self.x2, self.y2]
+
+
+def parse_bbox(text: str) -> Box:
+    """Parse ``"x1,y1,x2,y2"`` (integers, pixels).
+
+    Raises:
+        UserError: Not four integers, or an empty box.
+    """
+    try:
+        vals = [int(round(float(v))) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4:
+        raise UserError(f"--bbox must be four integers x1,y1,x2,y2, got {text!r}")
+    box = Box(*vals)
+    if box.width < MIN_BOX_PX or box.height < MIN_BOX_PX:
+        raise UserError(f"--bbox {text} is empty or smaller than {MIN_BOX_PX} px")
+    return box
+
+
+def validate_box(box: Box, width: int, height: int) -> Box:
+    """Check that ``box`` lies inside a ``width`` x ``height`` frame."""
+    if box.x1 < 0 or box.y1 < 0 or box.x2 > width or box.y2 > height:
+        raise UserError(
+            f"box {','.join(map(str, box.as_list()))} lies outside the {width}x{height} frame"
+        )
+    return box
+
+
+def default_box(width: int, height: int) -> Box:
+    """A centred square of half the shorter side (used when no box is given)."""
+    side = max(MIN_BOX_PX, min(width, height) // 2)
+    x1, y1 = (width - side) // 2, (height - side) // 2
+    return Box(x1, y1, x1 + side, y1 + side)
+
+
+def extend_v15(box: Box, frame_height: int, extra_margin: int = EXTRA_MARGIN_PX) -> Box:
+    """MuseTalk v1.5's face box: the bottom moved down by ``extra_margin``, clipped."""
+    return Box(box.x1, box.y1, box.x2, min(box.y2 + extra_margin, frame_height))
+
+
+def crop_box_for(box: Box, expand: float = EXPAND) -> Box:
+    """The square blending region around a face box (may extend past the frame)."""
+    xc, yc = (box.x1 + box.x2) // 2, (box.y1 + box.y2) // 2
+    s = int(max(box.width, box.height) // 2 * expand)
+    return Box(xc - s, yc - s, xc + s, yc + s)
+
+
+def clip_box(box: Box, width: int, height: int) -> Box:
+    return Box(max(0, box.x1), max(0, box.y1), min(width, box.x2), min(height, box.y2))
+
+
+def lower_face_mask(
+    face: Box,
+    crop: Box,
+    upper_boundary_ratio: float = UPPER_BOUNDARY_RATIO,
+) -> np.ndarray:
+    """Feathered mask over the lower face, in the (unclipped) crop box's coordinates.
+
+    Returns:
+        ``[crop.height, crop.width]`` uint8, 255 where the generated face is pasted.
+    """
+    mask = np.zeros((crop.height, crop.width), np.uint8)
+    centre = ((face.x1 + face.x2) // 2 - crop.x1, (face.y1 + face.y2) // 2 - crop.y1)
+    axes = (max(1, face.width // 2), max(1, face.height // 2))
+    cv2.ellipse(mask, centre, axes, 0, 0, 360, 255, thickness=-1)
+    mask[: int(crop.height * upper_boundary_ratio)] = 0
+    k = int(0.05 * crop.width // 2 * 2) + 1
+    return cv2.GaussianBlur(mask, (k, k), 0)
+
+
+def blend(frame: np.ndarray, face: np.ndarray, box: Box, crop: Box, mask: np.ndarray) -> np.ndarray:
+    """Paste a generated 256x256 face into a copy of ``frame`` through the feathered mask.
+
+    Args:
+        frame: ``[H, W, 3]`` uint8 RGB full frame.
+        face: ``[256, 256, 3]`` uint8 RGB generated face crop.
+        box: The (v1.5-extended) face box.
+        crop: The crop box, clipped to the frame.
+        mask: ``[crop.height, crop.width]`` uint8 mask for the clipped crop box.
+
+    Returns:
+        ``[H, W, 3]`` uint8, the blended frame (``frame`` is not modified).
+    """
+    out = frame.copy()
+    resized = cv2.resize(face, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
+    region = out[crop.y1 : crop.y2, crop.x1 : crop.x2]  # view, [ch, cw, 3]
+    pasted = region.copy()
+    pasted[box.y1 - crop.y1 : box.y2 - crop.y1, box.x1 - crop.x1 : box.x2 - crop.x1] = resized
+    alpha = mask[..., None].astype(np.float32) * (1.0 / 255.0)  # [ch, cw, 1]
+    mixed = pasted.astype(np.float32) * alpha + region.astype(np.float32) * (1.0 - alpha)
+    region[:] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,112 @@
+"""On-disk avatar materials and their loader.
+
+Layout of ``<avatars_dir>/<id>/`` (no pickles anywhere)::
+
+    manifest.json        source hash, settings, weights fingerprint, versions
+    geometry.json        per-frame face box and (clipped) crop box
+    frames/000000.png    the source frames, RGB, lossless
+    masks/000000.png     per-frame feathered mask of the crop box
+    latents.safetensors  "latents": [N, 8, 32, 32] float32 UNet input latents
+
+A folder is written under a temporary name and renamed into place only when complete, so a
+half-written avatar never looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from musetalk_rt.avatar.geometry import Box
+from musetalk_rt.errors import UserError
+
+FORMAT_VERSION = 1
+MODEL_VERSION = "musetalk-v1.5"
+
+
+def cycle_index(frame: int, num_frames: int) -> int:
+    """Ping-pong cycle: frames 0..N-1 then N-1..0, so the idle loop never jumps."""
+    i = frame % (2 * num_frames)
+    return i if i < num_frames else 2 * num_frames - 1 - i
+
+
+@dataclass
+class Avatar:
+    """Loaded avatar materials.
+
+    Attributes:
+        avatar_id: Its name.
+        frames: N full frames, ``[H, W, 3]`` uint8 RGB.
+        boxes: Per-frame face boxes (v1.5-extended).
+        crops: Per-frame crop boxes, clipped to the frame.
+        masks: Per-frame masks, ``[crop.height, crop.width]`` uint8.
+        latents: ``[N, 8, 32, 32]`` float32 UNet input latents (CPU; move once).
+        manifest: The manifest dict.
+    """
+
+    avatar_id: str
+    frames: list[np.ndarray]
+    boxes: list[Box]
+    crops: list[Box]
+    masks: list[np.ndarray]
+    latents: torch.Tensor
+    manifest: dict
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the frames."""
+        h, w = self.frames[0].shape[:2]
+        return w, h
+
+
+def _png(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise UserError(f"avatar file {path} is missing or unreadable; re-run avatar prepare")
+    return img
+
+
+def load_avatar(avatar_id: str, avatars_dir: str | Path = "avatars") -> Avatar:
+    """Load a prepared avatar.
+
+    Raises:
+        UserError: Not prepared, incomplete, or prepared by another format/model version.
+    """
+    root = Path(avatars_dir) / avatar_id
+    fix = f"run `musetalk-rt avatar prepare --source VIDEO_OR_IMAGE --id {avatar_id}`"
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise UserError(f"avatar {avatar_id!r} is not prepared in {avatars_dir}; {fix}")
+    try:
+        manifest = json.loads(mpath.read_text())
+        geometry = json.loads((root / "geometry.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"avatar {avatar_id!r} is damaged ({exc}); {fix} --force") from None
+    if manifest.get("format") != FORMAT_VERSION or manifest.get("model") != MODEL_VERSION:
+        raise UserError(
+            f"avatar {avatar_id!r} was prepared for {manifest.get('model')} format "
+            f"{manifest.get('format')}; this version needs {MODEL_VERSION} format "
+            f"{FORMAT_VERSION}: {fix} --force"
+        )
+    n = int(manifest["num_frames"])
+    frames = [
+        cv2.cvtColor(_png(root / "frames" / f"{i:06d}.png"), cv2.COLOR_BGR2RGB) for i in range(n)
+    ]
+    masks = [_png(root / "masks" / f"{i:06d}.png") for i in range(n)]
+    from safetensors.torch import load_file
+
+    latents = load_file(str(root / "latents.safetensors"))["latents"]
+    boxes = [Box(*b) for b in geometry["boxes"]]
+    crops = [Box(*b) for b in geometry["crops"]]
+    if not (len(boxes) == len(crops) == latents.shape[0] == n):
+        raise UserError(f"avatar {avatar_id!r} is inconsistent; {fix} --force")
+    return Avatar(avatar_id, frames, boxes, crops, masks, latents, manifest)

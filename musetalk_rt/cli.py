@@ -1,0 +1,374 @@
+"""The ``musetalk-rt`` command line (also ``python -m musetalk_rt``).
+
+Every command exits non-zero with one clear line on bad input. Report commands print a table for
+people and end with one JSON line for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from musetalk_rt.errors import UserError
+
+EXIT_INTERNAL = 1
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return vals
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser, weights_default: str = "real") -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument(
+        "--weights",
+        choices=["real", "synthetic", "tiny"],
+        default=weights_default,
+        help="real: the files under --models-dir; synthetic: full-size random weights "
+        "(speed only, output is noise); tiny: small random model for tests "
+        f"(default: {weights_default})",
+    )
+    g.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path("models"),
+        help="root of the weights layout (default: models)",
+    )
+    g.add_argument(
+        "--avatars-dir",
+        type=Path,
+        default=Path("avatars"),
+        help="where prepared avatars live (default: avatars)",
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1",
+    )
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device (try cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def _models(args):
+    from musetalk_rt.weights import load_models
+
+    models = load_models(args.weights, args.models_dir, _device(args.device))
+    print(models.describe())
+    return models
+
+
+def _engine_options(args) -> dict:
+    opts = {}
+    if getattr(args, "compile_backend", None):
+        opts["backend"] = args.compile_backend
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_weights(args) -> int:
+    from musetalk_rt import weights
+
+    if args.action == "download":
+        results = weights.download(args.models_dir)
+    else:
+        results = weights.check(args.models_dir, deep=args.deep)
+    width = max(len(r.path) for r in results)
+    for r in results:
+        size = f"{r.size_bytes / 2**20:9.1f} MB" if r.size_bytes else " " * 12
+        print(f"{r.path:<{width}}  {r.status:<8}{size}  {r.detail}")
+    bad = [r for r in results if r.status != "ok"]
+    print(
+        json.dumps(
+            {
+                "weights": args.action,
+                "models_dir": str(args.models_dir),
+                "ok": not bad,
+                "problems": [r.__dict__ for r in bad],
+            }
+        )
+    )
+    if bad:
+        first = bad[0]
+        print(f"error: {first.path} is {first.status}: {first.detail}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_avatar(args) -> int:
+    from musetalk_rt.avatar import load_avatar, parse_bbox, prepare_avatar
+
+    if args.action == "prepare":
+        bbox = parse_bbox(args.bbox) if args.bbox else None
+        models = _models(args)
+        path = prepare_avatar(
+            args.source,
+            args.id,
+            models,
+            args.avatars_dir,
+            bbox=bbox,
+            extra_margin=args.extra_margin,
+            max_frames=args.max_frames,
+            force=args.force,
+        )
+        print(json.dumps({"avatar": args.id, "path": str(path)}))
+        return 0
+    avatar = load_avatar(args.id, args.avatars_dir)
+    m = avatar.manifest
+    print(
+        f"avatar {args.id}: {avatar.num_frames} frames {m['width']}x{m['height']}, "
+        f"box {avatar.boxes[0].as_list()} ({m['box_source']}), weights {m['weights']['kind']}"
+    )
+    print(
+        json.dumps(
+            {
+                "avatar": args.id,
+                "frames": avatar.num_frames,
+                "weights": m["weights"],
+                "box_source": m["box_source"],
+            }
+        )
+    )
+    return 0
+
+
+def cmd_render(args) -> int:
+    from musetalk_rt.avatar import load_avatar
+    from musetalk_rt.pipeline import render
+
+    for p in (args.audio,):
+        if not Path(p).exists():
+            raise UserError(f"audio file {p} does not exist")
+    avatar = load_avatar(args.avatar, args.avatars_dir)
+    models = _models(args)
+    report = render(
+        models,
+        avatar,
+        args.audio,
+        args.out,
+        engine=args.engine,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        fallback=args.fallback,
+        engine_options=_engine_options(args),
+    )
+    print(report.table())
+    print(
+        json.dumps(
+            {
+                "render": report.out,
+                "frames": report.frames,
+                "audio_s": report.audio_s,
+                "wall_s": round(report.wall_s, 3),
+                "weights": models.kind,
+                "stage_ms": {k: round(v, 1) for k, v in report.stage_ms.items()},
+            }
+        )
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from musetalk_rt.bench import environment, results_dir, run_bench, table, write_rows
+
+    models = _models(args)
+    opts = {"compile": _engine_options(args)}
+    rows = run_bench(
+        models,
+        args.engine,
+        args.dtype,
+        args.batch_sizes,
+        warmup=args.warmup,
+        iters=args.iters,
+        engine_options=opts,
+    )
+    out_dir = args.out or results_dir(Path("experiments/results"), environment(models.device))
+    path = write_rows(rows, out_dir)
+    print(table(rows))
+    best = max(rows, key=lambda r: r["fps"]) if rows else None
+    print(
+        json.dumps(
+            {
+                "bench": str(path),
+                "rows": len(rows),
+                "weights": models.kind,
+                "best": best and {k: best[k] for k in ("scenario", "fps", "p50_ms")},
+                "all_pass_quality": all(r["quality"]["passed"] for r in rows),
+            }
+        )
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from musetalk_rt.engines import DTYPES, available_engines
+
+    parser = argparse.ArgumentParser(
+        prog="musetalk-rt",
+        description="MuseTalk v1.5 avatars: weights, avatar preparation, offline render, "
+        "benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("weights", help="download or verify the MuseTalk v1.5 weights")
+    p.add_argument("action", choices=["download", "check"])
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path("models"),
+        help="root of the weights layout (default: models)",
+    )
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="check: also compare SHA-256 hashes with weights.lock.json",
+    )
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("avatar", help="prepare or inspect an avatar")
+    asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pp = asub.add_parser("prepare", help="prepare an avatar from a video or an image")
+    pp.add_argument("--source", required=True, type=Path, help="video or image of the avatar")
+    pp.add_argument("--id", required=True, help="avatar name (folder under --avatars-dir)")
+    pp.add_argument(
+        "--bbox", help="face box x1,y1,x2,y2 in source pixels (default: a centred square)"
+    )
+    pp.add_argument(
+        "--extra-margin",
+        type=int,
+        default=10,
+        help="px added below the face box, as MuseTalk v1.5 does (default: 10)",
+    )
+    pp.add_argument("--max-frames", type=_positive_int, help="use at most N frames of a video")
+    pp.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    _add_common(pp)
+    pp.set_defaults(func=cmd_avatar)
+    pc = asub.add_parser("info", help="print what a prepared avatar holds")
+    pc.add_argument("id", help="avatar name")
+    pc.add_argument(
+        "--avatars-dir",
+        type=Path,
+        default=Path("avatars"),
+        help="where prepared avatars live (default: avatars)",
+    )
+    pc.set_defaults(func=cmd_avatar)
+
+    engines_help = f"engine: {', '.join(available_engines())} (default: eager)"
+    p = sub.add_parser("render", help="render a WAV spoken by an avatar into an MP4")
+    p.add_argument("--avatar", required=True, help="prepared avatar name")
+    p.add_argument("--audio", required=True, type=Path, help="speech audio (any rate, mono/stereo)")
+    p.add_argument("--out", required=True, type=Path, help="output .mp4 (H.264 + AAC)")
+    p.add_argument("--engine", default="eager", help=engines_help)
+    p.add_argument(
+        "--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (default: fp32)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="frames per GPU step (default: 8)"
+    )
+    p.add_argument("--fallback", help="engine to use if --engine cannot run here (logged)")
+    p.add_argument(
+        "--compile-backend", help="torch.compile backend for --engine compile (default: inductor)"
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("bench", help="time engine x dtype x batch scenarios of UNet + VAE decode")
+    p.add_argument(
+        "--engine",
+        type=_csv,
+        default=["eager"],
+        help=f"comma-separated engines from {', '.join(available_engines())} (default: eager)",
+    )
+    p.add_argument(
+        "--dtype",
+        type=_csv,
+        default=["fp16"],
+        help="comma-separated dtypes from fp32,fp16,bf16 (default: fp16)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_csv_ints,
+        default=[1, 4, 20],
+        help="comma-separated batch sizes (default: 1,4,20)",
+    )
+    p.add_argument("--iters", type=_positive_int, default=20, help="timed iterations (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations (default 3)")
+    p.add_argument(
+        "--out", type=Path, help="results folder (default: experiments/results/<date>_<gpu>_<sha>)"
+    )
+    p.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
+    _add_common(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"musetalk-rt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("musetalk-rt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("MUSETALK_RT_DEBUG"):
+            raise
+        print(
+            f"musetalk-rt: internal error: {type(exc).__name__}: {str(exc)[:300]} "
+            "(set MUSETALK_RT_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

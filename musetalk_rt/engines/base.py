@@ -1,0 +1,192 @@
+"""The engine interface, the registry and the selection rule."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from musetalk_rt.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+ExampleInputs = Callable[[int], tuple[torch.Tensor, ...]]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``fp32`` | ``fp16`` | ``bf16`` -> torch dtype (one clear error otherwise)."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+@dataclass
+class EngineReport:
+    """What an engine built, how long it took, and why it was chosen."""
+
+    engine: str
+    dtype: str
+    device: str
+    batch_sizes: list[int] | None  # None: any batch size
+    build_s: dict[int, float] = field(default_factory=dict)  # per bucket, compile/capture time
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        buckets = "any batch" if self.batch_sizes is None else f"buckets {self.batch_sizes}"
+        build = sum(self.build_s.values())
+        extra = f", built in {build:.1f} s" if self.build_s else ""
+        return f"{self.engine}/{self.dtype} on {self.device} ({buckets}{extra}): {self.reason}"
+
+
+class Runner:
+    """A callable built by an engine; runs fixed buckets (or any batch when ``buckets`` is None).
+
+    Inputs are cast to the runner's dtype. Calls with a batch that is not a bucket are padded to
+    the next bucket (or split) and the output sliced, so callers never see buckets.
+
+    Args:
+        fns: Bucket -> callable, or ``{0: fn}`` for a runner that takes any batch size.
+        dtype: Compute dtype of the inputs.
+        report: The engine's report.
+        memory_format: Memory format the inputs are converted to (4-D inputs only).
+    """
+
+    def __init__(
+        self,
+        fns: dict[int, Callable],
+        dtype: torch.dtype,
+        report: EngineReport,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
+        self.fns = fns
+        self.dtype = dtype
+        self.report = report
+        self.memory_format = memory_format
+        self.buckets = None if 0 in fns else sorted(fns)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if x.dim() == 4 and self.memory_format is not torch.contiguous_format:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(self._cast(x) for x in inputs)
+        if self.buckets is None:
+            return self.fns[0](*inputs)
+        b = inputs[0].shape[0]
+        if b > self.buckets[-1]:  # split into the largest bucket
+            step = self.buckets[-1]
+            parts = [self(*(x[i : i + step] for x in inputs)) for i in range(0, b, step)]
+            return torch.cat(parts)
+        bucket = next(k for k in self.buckets if k >= b)
+        if bucket != b:  # pad by repeating the last row; the padding's output is discarded
+            inputs = tuple(torch.cat([x, x[-1:].expand(bucket - b, *x.shape[1:])]) for x in inputs)
+        out = self.fns[bucket](*inputs)
+        return out[:b] if bucket != b else out
+
+
+class Engine(ABC):
+    """Base class of all engines."""
+
+    name: str = ""
+    description: str = ""
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """None when the engine can run here, else why not and what fixes it."""
+        return None
+
+    @abstractmethod
+    def build(
+        self,
+        module: nn.Module,
+        example_inputs: ExampleInputs,
+        batch_sizes: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Runner:
+        """Build a runner of ``module`` for ``batch_sizes`` (the module is never modified)."""
+
+
+_REGISTRY: dict[str, type[Engine]] = {}
+
+
+def register(cls: type[Engine]) -> type[Engine]:
+    """Class decorator adding an engine to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_engines() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_engine(name: str, **options) -> Engine:
+    """Instantiate a registered engine by name."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown engine {name!r}; choose one of {', '.join(available_engines())}")
+    return _REGISTRY[name](**options)
+
+
+def select_engine(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    fallback: str | None = None,
+    log: Callable[[str], None] | None = None,
+    **options,
+) -> tuple[Engine, str]:
+    """Pick an engine, explaining the choice.
+
+    Args:
+        name: Requested engine.
+        device: Where it must run.
+        dtype: Requested compute dtype.
+        fallback: Engine to use when ``name`` cannot run here; without it that is an error.
+        log: Receives a line when the fallback is taken.
+        **options: Passed to the engine's constructor.
+
+    Returns:
+        The engine and the reason it was chosen.
+
+    Raises:
+        UserError: Unknown name, or unusable with no fallback (the message names the fix).
+    """
+    device = torch.device(device)
+    engine = get_engine(name, **options)
+    why_not = engine.unavailable_reason(device, dtype)
+    if why_not is None:
+        return engine, f"requested, usable on {device.type}"
+    if fallback is None:
+        raise UserError(
+            f"engine {name!r} cannot run here: {why_not} (or pass --fallback eager)", exit_code=3
+        )
+    chosen = get_engine(fallback)
+    second = chosen.unavailable_reason(device, dtype)
+    if second is not None:
+        raise UserError(
+            f"engine {name!r} cannot run here ({why_not}); fallback {fallback!r} "
+            f"cannot either ({second})",
+            exit_code=3,
+        )
+    reason = f"fallback from {name!r}: {why_not}"
+    if log:
+        log(f"engine: {reason}")
+    return chosen, reason

@@ -1,0 +1,130 @@
+"""The compile engine: ``torch.compile`` per static batch bucket, plus CUDA-graph replay.
+
+Only the hot region (one stage's module) is compiled, with ``fullgraph=True`` and static shapes:
+one graph per bucket. On CUDA the module is converted to channels-last and each bucket's compiled
+call is captured into a CUDA graph, so a step is one graph launch. Compile time is measured per
+bucket and reported apart from run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
+
+
+class CudaGraphRunner:
+    """Replay one CUDA graph of ``fn`` captured on static input buffers.
+
+    The returned tensor is the graph's static output: valid until the next call of this runner
+    (each stage consumes it before the next call).
+    """
+
+    def __init__(self, fn, static_inputs: Sequence[torch.Tensor], warmup: int = 2):
+        self.static_inputs = [x.clone() for x in static_inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(*self.static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = fn(*self.static_inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for dst, src in zip(self.static_inputs, inputs, strict=True):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.static_output
+
+
+@register
+class CompileEngine(Engine):
+    """``torch.compile`` with static batch buckets (and CUDA graphs on CUDA).
+
+    Args:
+        backend: Dynamo backend (``inductor``; tests use ``aot_eager`` to stay CPU-cheap).
+        mode: ``torch.compile`` mode (None = default).
+        cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
+        channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
+    """
+
+    name = "compile"
+    description = "torch.compile (inductor), static buckets, CUDA graphs"
+
+    def __init__(
+        self,
+        backend: str = "inductor",
+        mode: str | None = None,
+        cuda_graphs: bool = True,
+        channels_last: bool = True,
+    ):
+        self.backend = backend
+        self.mode = mode
+        self.cuda_graphs = cuda_graphs
+        self.channels_last = channels_last
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type == "cpu" and dtype == torch.float16:
+            return "fp16 convolutions are not supported well on CPU; use --dtype fp32 or bf16"
+        if self.backend == "inductor" and device.type == "cpu":
+            import shutil
+
+            if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+                return "inductor on CPU needs a C++ compiler (apt-get install g++)"
+        return None
+
+    def build(
+        self,
+        module: nn.Module,
+        example_inputs,
+        batch_sizes: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Runner:
+        on_cuda = device.type == "cuda"
+        channels_last = self.channels_last and on_cuda
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        m = copy.deepcopy(module).to(dtype=dtype)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        if self.backend == "inductor" and on_cuda:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.conv_1x1_as_mm = True
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * len(batch_sizes))
+        compiled = torch.compile(
+            m, fullgraph=True, dynamic=False, backend=self.backend, mode=self.mode
+        )
+        graphs = self.cuda_graphs and on_cuda
+        report = EngineReport(
+            self.name,
+            dtype_name(dtype),
+            str(device),
+            sorted(set(batch_sizes)),
+            reason=f"backend={self.backend}"
+            + (", channels_last" if channels_last else "")
+            + (", CUDA graphs" if graphs else ""),
+        )
+        fns = {}
+        for b in sorted(set(batch_sizes)):
+            inputs = []
+            for x in example_inputs(b):
+                x = x.to(device=device, dtype=dtype)
+                inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                compiled(*inputs)  # compiles this bucket
+                fns[b] = CudaGraphRunner(compiled, inputs) if graphs else compiled
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            report.build_s[b] = round(time.perf_counter() - t0, 2)
+        return Runner(fns, dtype, report, memory_format=fmt)

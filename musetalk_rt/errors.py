@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+A :class:`UserError` is something the user can fix (a missing file, a bad option). The command
+line prints its message as one line and exits non-zero; it never shows a traceback for it.
+"""
+
+
+class UserError(Exception):
+    """An error caused by input the user can correct.
+
+    Args:
+        message: One line saying what is wrong and, where possible, the command that fixes it.
+        exit_code: Process exit status the CLI uses (2 = bad input, 3 = missing prerequisite).
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,96 @@
+"""The two model stages: ``unet`` and ``vae_decode``, each run by an engine."""
+
+from __future__ import annotations
+
+import torch
+
+from musetalk_rt.engines.base import Engine, EngineReport, Runner
+from musetalk_rt.modeling import UNetStep, VaeDecodeStep
+from musetalk_rt.modeling.configs import AUDIO_DIM, AUDIO_TOKENS, FACE_SIZE, LATENT_SIZE
+from musetalk_rt.stages.base import FrameBatch, Stage
+
+
+class _ModelStage(Stage):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        engine: Engine,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int = 0,
+    ):
+        self.module = module
+        self.engine = engine
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.seed = seed
+        self.runner: Runner | None = None
+
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError  # abstract: defined by each model stage
+
+    def prepare(self, batch_sizes: list[int]) -> EngineReport:
+        self.runner = self.engine.build(
+            self.module, self.example_inputs, batch_sizes, self.dtype, self.device
+        )
+        return self.runner.report
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.runner is None:
+            raise RuntimeError(f"stage {self.name!r} used before prepare()")
+        return self.runner(*inputs)
+
+
+class UNetStage(_ModelStage):
+    """``[B, 8, 32, 32]`` latents + ``[B, 50, 384]`` audio -> ``[B, 4, 32, 32]`` latents."""
+
+    name = "unet"
+
+    def __init__(
+        self, unet: torch.nn.Module, engine: Engine, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__(UNetStep(unet), engine, dtype, device)
+
+    def spec(self, batch: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "in:latents": (batch, 8, LATENT_SIZE, LATENT_SIZE),
+            "in:audio": (batch, AUDIO_TOKENS, AUDIO_DIM),
+            "out:pred_latents": (batch, 4, LATENT_SIZE, LATENT_SIZE),
+        }
+
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(self.seed + batch)
+        shapes = self.spec(batch)
+        return (
+            torch.randn(shapes["in:latents"], generator=g).to(self.device),
+            torch.randn(shapes["in:audio"], generator=g).to(self.device),
+        )
+
+    def __call__(self, batch: FrameBatch) -> FrameBatch:
+        batch.pred_latents = self.run(batch.latents, batch.audio)
+        return batch
+
+
+class VaeDecodeStage(_ModelStage):
+    """``[B, 4, 32, 32]`` latents -> ``[B, 3, 256, 256]`` images in about [-1, 1]."""
+
+    name = "vae_decode"
+
+    def __init__(
+        self, vae: torch.nn.Module, engine: Engine, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__(VaeDecodeStep(vae), engine, dtype, device)
+
+    def spec(self, batch: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "in:pred_latents": (batch, 4, LATENT_SIZE, LATENT_SIZE),
+            "out:images": (batch, 3, FACE_SIZE, FACE_SIZE),
+        }
+
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(self.seed + 1000 + batch)
+        return (torch.randn(self.spec(batch)["in:pred_latents"], generator=g).to(self.device),)
+
+    def __call__(self, batch: FrameBatch) -> FrameBatch:
+        batch.images = self.run(batch.pred_latents)
+        return batch
