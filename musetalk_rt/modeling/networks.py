@@ -86,7 +86,12 @@ class UNetStep(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.register_buffer("timestep", torch.zeros((), dtype=torch.long), persistent=False)
+        # On the UNet's device: a CPU timestep would be copied to the GPU on every call (and
+        # cannot be captured in a CUDA graph).
+        device = next(unet.parameters()).device
+        self.register_buffer(
+            "timestep", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
 
     def forward(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         return self.unet(latents, self.timestep, encoder_hidden_states=audio, return_dict=False)[0]
