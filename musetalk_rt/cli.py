@@ -100,7 +100,32 @@ def _engine_options(args) -> dict:
     opts = {}
     if getattr(args, "compile_backend", None):
         opts["backend"] = args.compile_backend
+    if getattr(args, "compile_mode", None) not in (None, "default"):
+        opts["mode"] = args.compile_mode
+    if getattr(args, "no_cuda_graphs", False):
+        opts["cuda_graphs"] = False
+    if getattr(args, "no_channels_last", False):
+        opts["channels_last"] = False
     return opts
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compile engine options")
+    g.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
+    g.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode; reduce-overhead/max-autotune use inductor's own "
+        "CUDA graphs instead of the engine's (default: default)",
+    )
+    g.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="do not capture the compiled step in a CUDA graph",
+    )
+    g.add_argument(
+        "--no-channels-last", action="store_true", help="keep the contiguous memory format on CUDA"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, help="results folder (default: experiments/results/<date>_<gpu>_<sha>)"
     )
-    p.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
+    _add_compile_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_bench)
     return parser

@@ -44,6 +44,19 @@ class CudaGraphRunner:
         return self.static_output
 
 
+def _tree_step(compiled):
+    """Wrap a cudagraph-tree compiled module as one step.
+
+    The output is cloned: the tree's output buffer is overwritten by the next replay.
+    """
+
+    def step(*inputs: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*inputs).clone()
+
+    return step
+
+
 @register
 class CompileEngine(Engine):
     """``torch.compile`` with static batch buckets (and CUDA graphs on CUDA).
@@ -104,7 +117,10 @@ class CompileEngine(Engine):
         compiled = torch.compile(
             m, fullgraph=True, dynamic=False, backend=self.backend, mode=self.mode
         )
-        graphs = self.cuda_graphs and on_cuda
+        # Modes "reduce-overhead"/"max-autotune" make inductor capture CUDA graphs itself
+        # (cudagraph trees); then no manual capture is added on top.
+        tree_graphs = on_cuda and self.mode in ("reduce-overhead", "max-autotune")
+        graphs = self.cuda_graphs and on_cuda and not tree_graphs
         report = EngineReport(
             self.name,
             dtype_name(dtype),
@@ -123,7 +139,13 @@ class CompileEngine(Engine):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 compiled(*inputs)  # compiles this bucket
-                fns[b] = CudaGraphRunner(compiled, inputs) if graphs else compiled
+                if graphs:
+                    fns[b] = CudaGraphRunner(compiled, inputs)
+                elif tree_graphs:
+                    fns[b] = _tree_step(compiled)
+                    fns[b](*inputs)  # records the graph
+                else:
+                    fns[b] = compiled
             if on_cuda:
                 torch.cuda.synchronize(device)
             report.build_s[b] = round(time.perf_counter() - t0, 2)
