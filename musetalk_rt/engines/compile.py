@@ -1,8 +1,10 @@
 """The compile engine: ``torch.compile`` per static batch bucket, plus CUDA-graph replay.
 
 Only the hot region (one stage's module) is compiled, with ``fullgraph=True`` and static shapes:
-one graph per bucket. On CUDA the module is converted to channels-last and each bucket's compiled
-call is captured into a CUDA graph, so a step is one graph launch. Compile time is measured per
+one graph per bucket. On CUDA the module is converted to channels-last, cuDNN autotuning is on,
+and inductor's own CUDA graphs (mode ``reduce-overhead``) make each bucket's step one graph
+replay. (A hand-made ``torch.cuda.CUDAGraph`` capture of the compiled call crashed with an
+illegal memory access on replay with torch 2.11 on an H100; see experiments/LOG.md.) Compile time is measured per
 bucket and reported apart from run time.
 """
 
@@ -16,32 +18,6 @@ import torch
 from torch import nn
 
 from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
-
-
-class CudaGraphRunner:
-    """Replay one CUDA graph of ``fn`` captured on static input buffers.
-
-    The returned tensor is the graph's static output: valid until the next call of this runner
-    (each stage consumes it before the next call).
-    """
-
-    def __init__(self, fn, static_inputs: Sequence[torch.Tensor], warmup: int = 2):
-        self.static_inputs = [x.clone() for x in static_inputs]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                fn(*self.static_inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_output = fn(*self.static_inputs)
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        for dst, src in zip(self.static_inputs, inputs, strict=True):
-            dst.copy_(src)
-        self.graph.replay()
-        return self.static_output
 
 
 def _tree_step(compiled):
@@ -117,10 +93,12 @@ class CompileEngine(Engine):
         compiled = torch.compile(
             m, fullgraph=True, dynamic=False, backend=self.backend, mode=self.mode
         )
-        # Modes "reduce-overhead"/"max-autotune" make inductor capture CUDA graphs itself
-        # (cudagraph trees); then no manual capture is added on top.
-        tree_graphs = on_cuda and self.mode in ("reduce-overhead", "max-autotune")
-        graphs = self.cuda_graphs and on_cuda and not tree_graphs
+        mode = self.mode
+        if on_cuda and self.cuda_graphs and mode in (None, "default"):
+            mode = "reduce-overhead"  # inductor's cudagraph trees: one graph replay per call
+        tree_graphs = on_cuda and mode in ("reduce-overhead", "max-autotune")
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # convolutions dominate (VAE decoder)
         report = EngineReport(
             self.name,
             dtype_name(dtype),
@@ -139,9 +117,7 @@ class CompileEngine(Engine):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 compiled(*inputs)  # compiles this bucket
-                if graphs:
-                    fns[b] = CudaGraphRunner(compiled, inputs)
-                elif tree_graphs:
+                if tree_graphs:
                     fns[b] = _tree_step(compiled)
                     fns[b](*inputs)  # records the graph
                 else:
