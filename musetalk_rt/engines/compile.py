@@ -4,8 +4,8 @@ Only the hot region (one stage's module) is compiled, with ``fullgraph=True`` an
 one graph per bucket. On CUDA the module is converted to channels-last, cuDNN autotuning is on,
 and inductor's own CUDA graphs (mode ``reduce-overhead``) make each bucket's step one graph
 replay. (A hand-made ``torch.cuda.CUDAGraph`` capture of the compiled call crashed with an
-illegal memory access on replay with torch 2.11 on an H100; see experiments/LOG.md.) Compile time is measured per
-bucket and reported apart from run time.
+illegal memory access on replay with torch 2.11 on an H100; see experiments/LOG.md.)
+Compile time is measured per bucket and reported apart from run time.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ class CompileEngine(Engine):
             dtype_name(dtype),
             str(device),
             sorted(set(batch_sizes)),
-            reason=f"backend={self.backend}"
+            reason=f"backend={self.backend}, mode={mode or 'default'}"
             + (", channels_last" if channels_last else "")
-            + (", CUDA graphs" if graphs else ""),
+            + (", CUDA graphs (inductor cudagraph trees)" if tree_graphs else ""),
         )
         fns = {}
         for b in sorted(set(batch_sizes)):
