@@ -106,6 +106,10 @@ def _engine_options(args) -> dict:
         opts["cuda_graphs"] = False
     if getattr(args, "no_channels_last", False):
         opts["channels_last"] = False
+    if getattr(args, "compile_freezing", False):
+        opts["freezing"] = True
+    if getattr(args, "compile_cd_tuning", False):
+        opts["coordinate_descent"] = True
     return opts
 
 

@@ -1,10 +1,10 @@
-"""The compile engine: ``torch.compile`` per static batch bucket, plus CUDA-graph replay.
+"""The compile engine: ``torch.compile`` per static batch bucket, with CUDA graphs on CUDA.
 
 Only the hot region (one stage's module) is compiled, with ``fullgraph=True`` and static shapes:
-one graph per bucket. On CUDA the module is converted to channels-last, cuDNN autotuning is on,
-and inductor's own CUDA graphs (mode ``reduce-overhead``) make each bucket's step one graph
-replay. (A hand-made ``torch.cuda.CUDAGraph`` capture of the compiled call crashed with an
-illegal memory access on replay with torch 2.11 on an H100; see experiments/LOG.md.)
+one graph per bucket. On CUDA the module is converted to channels-last and inductor's own CUDA
+graphs (mode ``reduce-overhead``) make each bucket's step one graph replay. A hand-made
+``torch.cuda.CUDAGraph`` capture of the compiled call crashed with an illegal memory access on
+replay (torch 2.11, an H100), and cuDNN autotuning made it slower: see experiments/LOG.md.
 Compile time is measured per bucket and reported apart from run time.
 """
 
@@ -41,6 +41,8 @@ class CompileEngine(Engine):
         backend: Dynamo backend (``inductor``; tests use ``aot_eager`` to stay CPU-cheap).
         mode: ``torch.compile`` mode (None = default).
         cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
+        freezing: Inductor freezing (weights as constants, folded and re-laid out).
+        coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
     """
 
@@ -52,11 +54,15 @@ class CompileEngine(Engine):
         backend: str = "inductor",
         mode: str | None = None,
         cuda_graphs: bool = True,
+        freezing: bool = False,
+        coordinate_descent: bool = False,
         channels_last: bool = True,
     ):
         self.backend = backend
         self.mode = mode
         self.cuda_graphs = cuda_graphs
+        self.freezing = freezing
+        self.coordinate_descent = coordinate_descent
         self.channels_last = channels_last
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -97,8 +103,10 @@ class CompileEngine(Engine):
         if on_cuda and self.cuda_graphs and mode in (None, "default"):
             mode = "reduce-overhead"  # inductor's cudagraph trees: one graph replay per call
         tree_graphs = on_cuda and mode in ("reduce-overhead", "max-autotune")
-        if on_cuda:
-            torch.backends.cudnn.benchmark = True  # convolutions dominate (VAE decoder)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = self.freezing
+        inductor_config.coordinate_descent_tuning = self.coordinate_descent
         report = EngineReport(
             self.name,
             dtype_name(dtype),
