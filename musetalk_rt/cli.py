@@ -130,6 +130,16 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-channels-last", action="store_true", help="keep the contiguous memory format on CUDA"
     )
+    g.add_argument(
+        "--compile-freezing",
+        action="store_true",
+        help="inductor freezing: fold weights as constants (inference only)",
+    )
+    g.add_argument(
+        "--compile-cd-tuning",
+        action="store_true",
+        help="inductor coordinate-descent tuning of kernels (longer compile)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,9 +96,6 @@ class CompileEngine(Engine):
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * len(batch_sizes))
-        compiled = torch.compile(
-            m, fullgraph=True, dynamic=False, backend=self.backend, mode=self.mode
-        )
         mode = self.mode
         if on_cuda and self.cuda_graphs and mode in (None, "default"):
             mode = "reduce-overhead"  # inductor's cudagraph trees: one graph replay per call
@@ -107,6 +104,7 @@ class CompileEngine(Engine):
 
         inductor_config.freezing = self.freezing
         inductor_config.coordinate_descent_tuning = self.coordinate_descent
+        compiled = torch.compile(m, fullgraph=True, dynamic=False, backend=self.backend, mode=mode)
         report = EngineReport(
             self.name,
             dtype_name(dtype),
