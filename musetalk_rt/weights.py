@@ -454,6 +454,13 @@ def download(
                         repo_id=wf.repo_id, filename=name, local_dir=str(models_dir / wf.local_dir)
                     )
                 )
+            except hf_errors.LocalEntryNotFoundError:  # offline: the hub could not be reached
+                raise UserError(
+                    f"could not download {wf.repo_id}/{name}: the Hugging Face hub is "
+                    "unreachable; check the network, or copy the files by hand as "
+                    "models/README.md shows; --weights synthetic runs without them",
+                    exit_code=3,
+                ) from None
             except (hf_errors.EntryNotFoundError, hf_errors.RemoteEntryNotFoundError) as exc:
                 last_exc = exc
                 continue

@@ -41,3 +41,26 @@ def fixture_file(fixtures: Path):
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The tiny random models on the CPU (shared by the session; never modified)."""
+    from musetalk_rt.weights import load_models
+
+    return load_models("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def yongen_avatar(tiny_models, tmp_path_factory):
+    """An avatar prepared from the real talking-avatar fixture with the tiny VAE."""
+    src = fixtures_dir() / "yongen.mp4"
+    if not src.is_file():
+        pytest.skip(FIXTURES_MISSING_REASON)
+    from musetalk_rt.avatar import parse_bbox, prepare_avatar
+
+    avatars = tmp_path_factory.mktemp("avatars")
+    prepare_avatar(
+        src, "yongen", tiny_models, avatars, bbox=parse_bbox("250,300,470,560"), log=lambda _: None
+    )
+    return avatars

@@ -1,0 +1,36 @@
+# Two commands: `make demo` (set up, then run the main job) and `make test` (set up, then the suite).
+# torch is installed first, on its own: on our CPU machines `torch==2.13.0` is a CPU wheel on local
+# disk; letting another package pull torch would download a multi-GB CUDA build. On a GPU machine
+# the same pin installs PyTorch's CUDA build; keep an existing torch with
+# `make VENV_FLAGS=--system-site-packages` or pick another with `make TORCH_SPEC='torch==2.11.*'`.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check musetalk_rt tests
+	$(VENV)/bin/ruff format --check musetalk_rt tests
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m musetalk_rt.demo
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

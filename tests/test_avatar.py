@@ -1,0 +1,112 @@
+"""Avatar preparation, storage, invalidation and blending."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from musetalk_rt.avatar import load_avatar, parse_bbox, prepare_avatar
+from musetalk_rt.avatar.geometry import blend, crop_box_for, extend_v15
+from musetalk_rt.avatar.store import cycle_index
+from musetalk_rt.engines.parity import psnr_u8
+from musetalk_rt.errors import UserError
+
+
+@pytest.fixture
+def astronaut(tmp_path):
+    path = tmp_path / "astronaut.png"
+    cv2.imwrite(str(path), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_prepare_image_default_box_and_reuse(tiny_models, astronaut, tmp_path):
+    avatars = tmp_path / "avatars"
+    logs = []
+    prepare_avatar(astronaut, "astro", tiny_models, avatars, log=logs.append)
+    a = load_avatar("astro", avatars)
+    assert a.num_frames == 1 and a.size == (512, 512)
+    assert a.latents.shape == (1, 8, 32, 32)
+    assert a.manifest["box_source"] == "centred default"
+    assert a.boxes[0].as_list() == [128, 128, 384, 394]  # 256 square, +10 px v1.5 margin
+    logs.clear()
+    prepare_avatar(astronaut, "astro", tiny_models, avatars, log=logs.append)
+    assert "up to date" in logs[0]
+    prepare_avatar(
+        astronaut, "astro", tiny_models, avatars, bbox=parse_bbox("180,80,330,280"), log=logs.append
+    )
+    assert "rebuilding" in logs[1] and "settings" in logs[1]
+    assert load_avatar("astro", avatars).boxes[0].as_list() == [180, 80, 330, 290]
+    assert not [p for p in avatars.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_prepare_video_fixture(yongen_avatar):
+    a = load_avatar("yongen", yongen_avatar)
+    assert a.num_frames == 268 and a.size == (704, 1216)
+    assert a.latents.shape == (268, 8, 32, 32)
+    assert a.masks[0].shape == (a.crops[0].height, a.crops[0].width)
+
+
+def test_identity_round_trip_of_blend(yongen_avatar):
+    """Pasting a frame's own 256x256 crop back must reproduce the frame almost exactly."""
+    a = load_avatar("yongen", yongen_avatar)
+    i = 100
+    box = a.boxes[i]
+    crop = cv2.resize(
+        a.frames[i][box.y1 : box.y2, box.x1 : box.x2], (256, 256), interpolation=cv2.INTER_LANCZOS4
+    )
+    out = blend(a.frames[i], crop, box, a.crops[i], a.masks[i])
+    import torch
+
+    psnr = psnr_u8(torch.from_numpy(a.frames[i]), torch.from_numpy(out))
+    assert psnr > 30  # resampling twice costs a little; geometry errors would cost far more
+    # Outside the crop box nothing changes; above the mask's cut (0.5 of the crop box height,
+    # less the feathering kernel) the frame is untouched.
+    c = a.crops[i]
+    k = int(0.05 * c.width // 2 * 2) + 1
+    top = c.y1 + c.height // 2 - k
+    assert np.array_equal(out[:top], a.frames[i][:top])
+    assert np.array_equal(out[c.y2 :], a.frames[i][c.y2 :])
+
+
+def test_box_outside_frame_and_bad_inputs(tiny_models, astronaut, tmp_path):
+    with pytest.raises(UserError, match="outside the 512x512 frame"):
+        prepare_avatar(astronaut, "x", tiny_models, tmp_path, bbox=parse_bbox("400,400,600,600"))
+    with pytest.raises(UserError, match="four integers"):
+        parse_bbox("1,2,3")
+    with pytest.raises(UserError, match="letters"):
+        prepare_avatar(astronaut, "../evil", tiny_models, tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        prepare_avatar(tmp_path / "nope.mp4", "x", tiny_models, tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_prepare_leaves_no_valid_looking_folder(tiny_models, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(UserError):
+        prepare_avatar(bad, "broken", tiny_models, tmp_path / "avatars")
+    avatars = tmp_path / "avatars"
+    assert not avatars.exists() or not any(avatars.iterdir())
+    with pytest.raises(UserError, match="not prepared"):
+        load_avatar("broken", avatars)
+
+
+def test_other_format_version_is_refused(tiny_models, astronaut, tmp_path):
+    prepare_avatar(astronaut, "old", tiny_models, tmp_path, log=lambda _: None)
+    m = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(m.read_text())
+    manifest["model"] = "musetalk-v1.0"
+    m.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="--force"):
+        load_avatar("old", tmp_path)
+
+
+def test_ping_pong_cycle_and_geometry():
+    assert [cycle_index(f, 3) for f in range(8)] == [0, 1, 2, 2, 1, 0, 0, 1]
+    assert [cycle_index(f, 1) for f in range(3)] == [0, 0, 0]
+    box = extend_v15(parse_bbox("10,10,110,90"), frame_height=95)
+    assert box.y2 == 95  # +10 px clipped to the frame
+    crop = crop_box_for(box)
+    assert crop.width == crop.height == 2 * int(100 // 2 * 1.5)

@@ -1,0 +1,260 @@
+"""The command line end to end: render, bench, and one clear line for every bad input."""
+
+import json
+import subprocess
+import sys
+import wave
+
+import cv2
+import numpy as np
+import pytest
+
+from musetalk_rt.cli import main
+from musetalk_rt.media import probe_media
+
+
+def _run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "musetalk_rt", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_render_eng_wav_1500_frames_60s_aac(yongen_avatar, fixture_file, tmp_path):
+    out = tmp_path / "eng.mp4"
+    res = _run(
+        "render",
+        "--weights",
+        "tiny",
+        "--avatars-dir",
+        str(yongen_avatar),
+        "--avatar",
+        "yongen",
+        "--audio",
+        str(fixture_file("eng.wav")),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+    )
+    assert res.returncode == 0, res.stderr
+    info = probe_media(out)
+    assert info["video_frames"] == 1500 and info["fps"] == 25
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
+    assert abs(info["audio_duration_s"] - 60.0) < 0.05
+    assert (info["width"], info["height"]) == (704, 1216)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 1500 and summary["weights"] == "tiny"
+    assert {"unet", "vae_decode", "to_host", "blend", "encode"} <= set(summary["stage_ms"])
+    assert "noise" in res.stdout  # the output says plainly that tiny weights make noise
+
+
+def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, capsys):
+    out = tmp_path / "y.mp4"
+    code = main(
+        [
+            "render",
+            "--weights",
+            "tiny",
+            "--avatars-dir",
+            str(yongen_avatar),
+            "--avatar",
+            "yongen",
+            "--audio",
+            str(fixture_file("yongen.wav")),
+            "--out",
+            str(out),
+            "--engine",
+            "compile",
+            "--compile-backend",
+            "aot_eager",
+            "--batch-size",
+            "8",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    info = probe_media(out)
+    assert info["video_frames"] == 200 and info["audio_channels"] == 2
+    assert info["audio_sample_rate"] == 48000 and abs(info["audio_duration_s"] - 8.0) < 0.05
+
+
+def test_bench_writes_rows_and_ends_with_json(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--weights",
+            "tiny",
+            "--device",
+            "cpu",
+            "--engine",
+            "eager",
+            "--dtype",
+            "fp32,bf16",
+            "--batch-sizes",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["rows"] == 2 and last["all_pass_quality"]
+    rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    for r in rows:
+        for key in (
+            "scenario",
+            "engine",
+            "dtype",
+            "batch",
+            "p50_ms",
+            "p95_ms",
+            "fps",
+            "build_s",
+            "quality",
+            "gpu",
+            "torch",
+            "diffusers",
+            "git_sha",
+            "weights",
+            "time",
+        ):
+            assert key in r
+        assert r["weights"] == "tiny" and r["quality"]["passed"]
+
+
+def _wav(path, n):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(n, "<i2").tobytes())
+    return path
+
+
+def _bad_cases(tmp_path, avatars, fixtures):
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n" * 20)
+    empty = _wav(tmp_path / "empty.wav", 0)
+    short = _wav(tmp_path / "short.wav", 100)
+    zero_png = tmp_path / "zero.png"
+    zero_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    img = tmp_path / "img.png"
+    cv2.imwrite(str(img), np.full((64, 64, 3), 128, np.uint8))
+    render = [
+        "render",
+        "--weights",
+        "tiny",
+        "--avatars-dir",
+        str(avatars),
+        "--avatar",
+        "yongen",
+        "--out",
+        str(tmp_path / "o.mp4"),
+    ]
+    prep = ["avatar", "prepare", "--weights", "tiny", "--avatars-dir", str(tmp_path / "av")]
+    return {
+        "missing audio": (render + ["--audio", str(tmp_path / "nope.wav")], "does not exist"),
+        "not audio": (render + ["--audio", str(text)], "not an audio file"),
+        "empty wav": (render + ["--audio", str(empty)], "no audio samples"),
+        "too short": (render + ["--audio", str(short)], "shorter than one video frame"),
+        "unknown engine": (
+            render + ["--audio", str(fixtures / "yongen.wav"), "--engine", "warp"],
+            "unknown engine 'warp'",
+        ),
+        "unknown avatar": (
+            [
+                "render",
+                "--weights",
+                "tiny",
+                "--avatars-dir",
+                str(avatars),
+                "--avatar",
+                "ghost",
+                "--audio",
+                str(fixtures / "yongen.wav"),
+                "--out",
+                str(tmp_path / "o.mp4"),
+            ],
+            "not prepared",
+        ),
+        "image without pixels": (prep + ["--source", str(zero_png), "--id", "z"], "zero.png"),
+        "box outside frame": (
+            prep + ["--source", str(img), "--id", "b", "--bbox", "10,10,200,200"],
+            "outside the 64x64 frame",
+        ),
+        "missing source": (
+            prep + ["--source", str(tmp_path / "none.mp4"), "--id", "m"],
+            "does not exist",
+        ),
+        "missing weights": (
+            [
+                "render",
+                "--avatars-dir",
+                str(avatars),
+                "--avatar",
+                "yongen",
+                "--models-dir",
+                str(tmp_path / "empty_models"),
+                "--audio",
+                str(fixtures / "yongen.wav"),
+                "--out",
+                str(tmp_path / "o.mp4"),
+            ],
+            "weights download",
+        ),
+        "cuda without gpu": (
+            render + ["--audio", str(fixtures / "yongen.wav"), "--device", "cuda:7"],
+            "cuda",
+        ),
+    }
+
+
+def test_bad_inputs_one_line_nonzero_no_traceback(yongen_avatar, fixtures, tmp_path, capsys):
+    for name, (argv, expect) in _bad_cases(tmp_path, yongen_avatar, fixtures).items():
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code != 0, name
+        assert len(err.splitlines()) == 1, (name, err)
+        assert expect in err, (name, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "o.mp4").exists()  # nothing half-written
+
+
+def test_bad_input_through_a_real_process(tmp_path):
+    res = _run(
+        "render",
+        "--weights",
+        "tiny",
+        "--avatar",
+        "x",
+        "--audio",
+        str(tmp_path / "missing.wav"),
+        "--out",
+        str(tmp_path / "o.mp4"),
+    )
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip() == f"musetalk-rt: error: audio file {tmp_path / 'missing.wav'} "
+        "does not exist"
+    )
+
+
+def test_help_documents_every_command():
+    for cmd in (
+        ["--help"],
+        ["weights", "--help"],
+        ["avatar", "prepare", "--help"],
+        ["render", "--help"],
+        ["bench", "--help"],
+    ):
+        res = _run(*cmd)
+        assert res.returncode == 0 and "usage: musetalk-rt" in res.stdout

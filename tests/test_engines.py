@@ -1,0 +1,82 @@
+"""Engines: selection, parity against fp32 eager, bucket padding."""
+
+import pytest
+import torch
+
+from musetalk_rt.engines import available_engines, get_engine, select_engine
+from musetalk_rt.engines.parity import check_parity, psnr_u8
+from musetalk_rt.errors import UserError
+from musetalk_rt.stages import FrameBatch, ToHostStage, UNetStage, VaeDecodeStage
+
+CPU = torch.device("cpu")
+
+
+def _stages(models, engine, dtype, buckets):
+    u = UNetStage(models.unet, engine, dtype, CPU)
+    v = VaeDecodeStage(models.vae, engine, dtype, CPU)
+    u.prepare(buckets)
+    v.prepare(buckets)
+    return u, v
+
+
+def test_registry_and_unknown_engine():
+    assert {"eager", "compile"} <= set(available_engines())
+    with pytest.raises(UserError, match="unknown engine 'warp'.*eager"):
+        get_engine("warp")
+
+
+def test_unusable_engine_needs_explicit_fallback(monkeypatch):
+    from musetalk_rt.engines import base
+
+    class NeedsGpu(base.Engine):
+        name = "needs_gpu"
+
+        def unavailable_reason(self, device, dtype):
+            return "needs CUDA: run on a GPU host"
+
+        def build(self, *args):
+            raise AssertionError("never built on CPU")
+
+    monkeypatch.setitem(base._REGISTRY, "needs_gpu", NeedsGpu)
+    with pytest.raises(UserError, match="needs CUDA.*--fallback eager"):
+        select_engine("needs_gpu", "cpu", torch.float32)
+    logged = []
+    engine, reason = select_engine(
+        "needs_gpu", "cpu", torch.float32, fallback="eager", log=logged.append
+    )
+    assert engine.name == "eager"
+    assert reason.startswith("fallback from 'needs_gpu': needs CUDA") and logged
+    with pytest.raises(UserError, match="fp16"):  # a fallback that cannot run either
+        select_engine("needs_gpu", "cpu", torch.float16, fallback="eager")
+
+
+def test_eager_fp32_is_the_reference_and_bf16_passes_gate(tiny_models):
+    ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
+    same = check_parity(ref_u.run, ref_v.run, ref_u.run, ref_v.run, 2, CPU)
+    assert same.psnr_db == 100.0 and same.latent_rel_err == 0.0
+    u, v = _stages(tiny_models, get_engine("eager"), torch.bfloat16, [2])
+    res = check_parity(ref_u.run, ref_v.run, u.run, v.run, 2, CPU)
+    assert res.passed and 0 < res.latent_rel_err < 0.05 and res.psnr_db >= 40
+
+
+def test_compile_engine_buckets_pad_and_split(tiny_models):
+    ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
+    # aot_eager keeps dynamo's fullgraph capture and AOT tracing while staying CPU-cheap.
+    u, v = _stages(tiny_models, get_engine("compile", backend="aot_eager"), torch.float32, [2, 4])
+    assert u.runner.buckets == [2, 4] and u.runner.report.build_s.keys() == {2, 4}
+    for b in (2, 3, 4, 7):  # 3 pads to 4; 7 splits into 4 + 3 (padded)
+        res = check_parity(ref_u.run, ref_v.run, u.run, v.run, b, CPU)
+        assert res.passed and res.latent_rel_err < 1e-4, (b, res)
+
+
+def test_to_host_mapping_matches_musetalk():
+    images = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.2]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
+    faces = ToHostStage(CPU)(FrameBatch([0], [0], images=images)).faces
+    assert faces.dtype.name == "uint8" and faces.shape == (1, 1, 5, 3)
+    assert faces[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_psnr():
+    a = torch.zeros(4, 4, dtype=torch.uint8)
+    assert psnr_u8(a, a) == 100.0
+    assert 48 < psnr_u8(a, a + 1) < 49
