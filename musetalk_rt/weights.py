@@ -96,6 +96,14 @@ LAYOUT: tuple[WeightFile, ...] = (
     ),
 )
 
+# Attention key names of VAE checkpoints saved by early diffusers versions -> current names.
+LEGACY_VAE_ATTENTION_KEYS = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+
 FIX_DOWNLOAD = "musetalk-rt weights download --models-dir {models_dir}"
 
 
@@ -178,12 +186,7 @@ def _read_json(path: Path) -> dict:
 
 def _convert_legacy_vae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the attention keys of VAE checkpoints saved by early diffusers versions."""
-    rename = {
-        ".query.": ".to_q.",
-        ".key.": ".to_k.",
-        ".value.": ".to_v.",
-        ".proj_attn.": ".to_out.0.",
-    }
+    rename = LEGACY_VAE_ATTENTION_KEYS
     out = {}
     for k, v in sd.items():
         if ".attentions." in k:
@@ -352,7 +355,8 @@ class FileCheck:
     size_bytes: int = 0
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
@@ -406,7 +410,7 @@ def check(models_dir: str | Path = "models", deep: bool = False) -> list[FileChe
         if deep:
             for r in results[-len(comp_files) :]:
                 want = lock.get(r.path, {}).get("sha256")
-                if r.status == "ok" and want and _sha256(models_dir / r.path) != want:
+                if r.status == "ok" and want and sha256_file(models_dir / r.path) != want:
                     r.status, r.detail = "corrupt", "sha256 differs from weights.lock.json"
     return results
 
@@ -485,7 +489,8 @@ def download(
         raise UserError(f"downloaded {bad[0].path} failed verification: {bad[0].detail}")
     lock = {
         "files": {
-            r.path: {"sha256": _sha256(models_dir / r.path), "size": r.size_bytes} for r in results
+            r.path: {"sha256": sha256_file(models_dir / r.path), "size": r.size_bytes}
+            for r in results
         }
     }
     (models_dir / LOCK_FILE).write_text(json.dumps(lock, indent=2) + "\n")

@@ -7,7 +7,6 @@ rebuilds it, ``force`` always rebuilds. Nothing ever prompts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,16 +35,9 @@ from musetalk_rt.avatar.store import FORMAT_VERSION, MODEL_VERSION
 from musetalk_rt.errors import UserError
 from musetalk_rt.modeling import VaeEncoder
 from musetalk_rt.modeling.configs import FACE_SIZE
+from musetalk_rt.weights import sha256_file
 
 ENCODE_BATCH = 16
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _valid_id(avatar_id: str) -> str:
@@ -120,7 +112,7 @@ def prepare_avatar(
         "max_frames": max_frames,
         "mask": "ellipse-in-box",
     }
-    digest = _sha256(source)
+    digest = sha256_file(source)
     wanted = {
         "format": FORMAT_VERSION,
         "model": MODEL_VERSION,
