@@ -186,11 +186,10 @@ def _read_json(path: Path) -> dict:
 
 def _convert_legacy_vae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the attention keys of VAE checkpoints saved by early diffusers versions."""
-    rename = LEGACY_VAE_ATTENTION_KEYS
     out = {}
     for k, v in sd.items():
         if ".attentions." in k:
-            for old, new in rename.items():
+            for old, new in LEGACY_VAE_ATTENTION_KEYS.items():
                 k = k.replace(old, new)
         out[k] = v
     return out

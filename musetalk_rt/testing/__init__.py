@@ -53,12 +53,9 @@ def write_tiny_layout(
     (root / "sd-vae" / "config.json").write_text(json.dumps(VAE_TINY_CONFIG))
     sd = build_vae(VAE_TINY_CONFIG).state_dict()
     if legacy_vae_keys:
-        back = {
-            ".to_q.": ".query.",
-            ".to_k.": ".key.",
-            ".to_v.": ".value.",
-            ".to_out.0.": ".proj_attn.",
-        }
+        from musetalk_rt.weights import LEGACY_VAE_ATTENTION_KEYS
+
+        back = {new: old for old, new in LEGACY_VAE_ATTENTION_KEYS.items()}
         renamed = {}
         for k, v in sd.items():
             for new, old in back.items():
