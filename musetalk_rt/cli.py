@@ -216,9 +216,8 @@ def cmd_render(args) -> int:
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.pipeline import render
 
-    for p in (args.audio,):
-        if not Path(p).exists():
-            raise UserError(f"audio file {p} does not exist")
+    if not Path(args.audio).exists():
+        raise UserError(f"audio file {args.audio} does not exist")
     avatar = load_avatar(args.avatar, args.avatars_dir)
     models = _models(args)
     report = render(
