@@ -23,24 +23,28 @@ def _run(*args, cwd=None):
     )
 
 
-@pytest.mark.slow
-def test_render_eng_wav_1500_frames_60s_aac(yongen_avatar, fixture_file, tmp_path):
-    out = tmp_path / "eng.mp4"
-    res = _run(
+def _render_argv(avatars, audio, out, *extra):
+    """``render`` with tiny weights and the avatar prepared by the ``yongen_avatar`` fixture."""
+    return [
         "render",
         "--weights",
         "tiny",
         "--avatars-dir",
-        str(yongen_avatar),
+        str(avatars),
         "--avatar",
         "yongen",
         "--audio",
-        str(fixture_file("eng.wav")),
+        str(audio),
         "--out",
         str(out),
-        "--batch-size",
-        "16",
-    )
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_render_eng_wav_1500_frames_60s_aac(yongen_avatar, fixture_file, tmp_path):
+    out = tmp_path / "eng.mp4"
+    res = _run(*_render_argv(yongen_avatar, fixture_file("eng.wav"), out, "--batch-size", "16"))
     assert res.returncode == 0, res.stderr
     info = probe_media(out)
     assert info["video_frames"] == 1500 and info["fps"] == 25
@@ -56,25 +60,17 @@ def test_render_eng_wav_1500_frames_60s_aac(yongen_avatar, fixture_file, tmp_pat
 def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, capsys):
     out = tmp_path / "y.mp4"
     code = main(
-        [
-            "render",
-            "--weights",
-            "tiny",
-            "--avatars-dir",
-            str(yongen_avatar),
-            "--avatar",
-            "yongen",
-            "--audio",
-            str(fixture_file("yongen.wav")),
-            "--out",
-            str(out),
+        _render_argv(
+            yongen_avatar,
+            fixture_file("yongen.wav"),
+            out,
             "--engine",
             "compile",
             "--compile-backend",
             "aot_eager",
             "--batch-size",
             "8",
-        ]
+        )
     )
     assert code == 0, capsys.readouterr().err
     info = probe_media(out)
