@@ -43,15 +43,22 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _add_common(p: argparse.ArgumentParser, weights_default: str = "real") -> None:
+def _add_common(
+    p: argparse.ArgumentParser, weights_default: str = "real", test_encoder: bool = False
+) -> None:
     g = p.add_argument_group("common options")
     g.add_argument(
         "--weights",
-        choices=["real", "synthetic", "tiny"],
+        choices=["real", "synthetic", "tiny", *(["tiny.en-test"] if test_encoder else [])],
         default=weights_default,
         help="real: the files under --models-dir; synthetic: full-size random weights "
-        "(speed only, output is noise); tiny: small random model for tests "
-        f"(default: {weights_default})",
+        "(speed only, output is noise); tiny: small random model for tests"
+        + (
+            "; tiny.en-test: a trained English whisper (a test stand-in, not MuseTalk's)"
+            if test_encoder
+            else ""
+        )
+        + f" (default: {weights_default})",
     )
     g.add_argument(
         "--models-dir",
@@ -230,6 +237,7 @@ def cmd_render(args) -> int:
         batch_size=args.batch_size,
         fallback=args.fallback,
         engine_options=_engine_options(args),
+        streaming=_streaming_config(args) if args.streaming else None,
     )
     print(report.table())
     print(
@@ -241,9 +249,86 @@ def cmd_render(args) -> int:
                 "wall_s": round(report.wall_s, 3),
                 "weights": models.kind,
                 "stage_ms": {k: round(v, 1) for k, v in report.stage_ms.items()},
+                **({"streaming": report.extra} if report.extra else {}),
             }
         )
     )
+    return 0
+
+
+def _streaming_config(args):
+    from musetalk_rt.audio.incremental import StreamingConfig
+
+    try:
+        return StreamingConfig(
+            context_ms=args.stream_context_ms,
+            extra_lookahead_ms=args.stream_lookahead_ms,
+            hop_frames=args.stream_hop,
+        )
+    except ValueError as exc:
+        raise UserError(f"streaming settings: {exc}") from None
+
+
+def _add_streaming_options(p: argparse.ArgumentParser) -> None:
+    from musetalk_rt.audio.incremental import DEFAULT_CONFIG
+
+    g = p.add_argument_group("streaming audio options")
+    g.add_argument(
+        "--stream-context-ms",
+        type=int,
+        default=DEFAULT_CONFIG.context_ms,
+        help="past audio on each encoder canvas, multiple of 20 "
+        "(default: all of the current 30 s segment)",
+    )
+    g.add_argument(
+        "--stream-lookahead-ms",
+        type=int,
+        default=DEFAULT_CONFIG.extra_lookahead_ms,
+        help="look-ahead beyond MuseTalk's own 80 ms, multiple of 20 "
+        f"(default: {DEFAULT_CONFIG.extra_lookahead_ms})",
+    )
+    g.add_argument(
+        "--stream-hop",
+        type=_positive_int,
+        default=DEFAULT_CONFIG.hop_frames,
+        help=f"frames per encoder canvas (default: {DEFAULT_CONFIG.hop_frames})",
+    )
+
+
+def cmd_audio(args) -> int:
+    from musetalk_rt.audio.check import check_audio, plot_report
+    from musetalk_rt.media import load_audio
+    from musetalk_rt.weights import load_whisper
+
+    clip = load_audio(args.audio)
+    if clip.num_samples == 0:
+        raise UserError(f"{args.audio} holds no audio samples")
+    cfg = _streaming_config(args)
+    whisper, fe, desc = load_whisper(args.weights, args.models_dir, _device(args.device))
+    print(desc)
+    report = check_audio(clip, whisper, fe, cfg, chunk_ms=args.chunk_ms)
+    s = report.summary()
+    print(f"audio {args.audio}: {s['duration_s']} s, {s['frames']} frames")
+    print(f"voice activity (decision delay <= {s['vad_decision_delay_ms']} ms):")
+    for a, b in s["speech_segments"]:
+        print(f"  speech {a:8.3f} s .. {b:8.3f} s")
+    if not s["speech_segments"]:
+        print("  no speech found")
+    e = s["feature_error"]
+    print(f"streaming: {s['streaming']}")
+    if e.get("frames"):
+        print(
+            f"feature error vs offline (relative L2 per frame): median {e['median']:.4f}, "
+            f"p90 {e['p90']:.4f}, p99 {e['p99']:.4f}, max {e['max']:.4f}"
+        )
+    c = s["extractor_cost"]
+    print(
+        f"extractor: {c['encoder_calls']} encoder calls, {c['canvases']} canvases, "
+        f"{c['ms_per_frame']} ms per frame on {whisper.embed_positions.weight.device}"
+    )
+    if args.plot:
+        print(f"plot: {plot_report(report, args.plot)}")
+    print(json.dumps({"audio_check": str(args.audio), "weights": args.weights, **s}))
     return 0
 
 
@@ -354,6 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(func=cmd_render)
+
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="take the live audio path: 20 ms chunks, incremental features, voice activity "
+        "(idle frames in silence)",
+    )
+    _add_streaming_options(p)
+
+    p = sub.add_parser("audio", help="check what the streaming audio path makes of a clip")
+    asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pa = asub.add_parser(
+        "check",
+        help="voice activity, streaming-vs-offline feature error, delay and cost of a clip",
+    )
+    pa.add_argument("--audio", required=True, type=Path, help="audio file (any rate, mono/stereo)")
+    pa.add_argument("--plot", type=Path, help="write waveform, VAD and error over time to a PNG")
+    pa.add_argument(
+        "--chunk-ms", type=_positive_int, default=20, help="sender chunk size (default: 20)"
+    )
+    _add_streaming_options(pa)
+    _add_common(pa, test_encoder=True)
+    pa.set_defaults(func=cmd_audio)
 
     p = sub.add_parser("bench", help="time engine x dtype x batch scenarios of UNet + VAE decode")
     p.add_argument(

@@ -3,6 +3,11 @@
 It uses the same stage objects as the live system: audio features -> ``unet`` ->
 ``vae_decode`` -> ``to_host`` -> ``blend`` -> H.264/AAC encode. Video frame ``f`` shows audio
 time ``f / 25`` s; the audio track is the input itself, so sync holds by construction.
+
+With ``streaming`` the clip takes the live path instead: sent in 20 ms chunks through the
+streaming resampler, the incremental feature extractor and voice activity, whose speech gate
+shows the avatar's own frame in silence (no GPU work) and cross-fades at each switch. Rendering
+one clip both ways compares the two paths end to end.
 """
 
 from __future__ import annotations
@@ -12,7 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from musetalk_rt.audio import FPS, AudioFeatureExtractor, num_frames_for
+from musetalk_rt.audio.incremental import StreamingConfig
 from musetalk_rt.avatar.store import Avatar, cycle_index
 from musetalk_rt.engines import EngineReport, parse_dtype, select_engine
 from musetalk_rt.errors import UserError
@@ -107,6 +116,12 @@ class RenderReport:
             lines.append(f"{name:<16}{ms:>12.1f}{ms / max(self.frames, 1):>12.2f}")
         fps = self.frames / self.wall_s if self.wall_s else 0.0
         lines.append(f"wall {self.wall_s:.2f} s ({fps:.1f} frames/s, batch {self.batch_size})")
+        if self.extra.get("streaming"):
+            e = self.extra
+            lines.append(
+                f"streaming path: {e['streaming']}; {e['speech_frames']} speech frames, "
+                f"{e['idle_frames']} idle (no GPU); extractor {e['extractor']}"
+            )
         return "\n".join(lines)
 
 
@@ -121,8 +136,23 @@ def render(
     fallback: str | None = None,
     engine_options: dict | None = None,
     log: Callable[[str], None] = print,
+    streaming: StreamingConfig | None = None,
 ) -> RenderReport:
     """Render ``audio_path`` spoken by ``avatar`` into ``out_path`` (H.264 + AAC MP4).
+
+    Args:
+        models: Reference models (the engine transforms copies of them).
+        avatar: A prepared avatar (made with the same weights).
+        audio_path: Speech audio, any rate, mono or stereo.
+        out_path: Output MP4.
+        engine: Engine name.
+        dtype: Compute dtype name.
+        batch_size: Frames per GPU step (the one bucket built).
+        fallback: Engine used when ``engine`` cannot run here.
+        engine_options: Engine constructor options.
+        log: Progress lines.
+        streaming: Run the audio through the streaming path with this configuration (None:
+            the offline extractor, no voice-activity gate).
 
     Raises:
         UserError: Bad audio, an avatar prepared with other weights, a bad batch size.
@@ -151,10 +181,17 @@ def render(
     reports = gen.prepare()
     prepare_s = time.perf_counter() - t0
 
+    weights = None  # per-frame talk weight (streaming only)
+    extra = {}
     with clock.stage("audio_features"):
-        windows = AudioFeatureExtractor(models.whisper, models.feature_extractor).windows(
-            audio_16k
-        )  # [F, 50, 384] on the device
+        if streaming is None:
+            windows = AudioFeatureExtractor(models.whisper, models.feature_extractor).windows(
+                audio_16k
+            )  # [F, 50, 384] on the device
+        else:
+            windows, weights, extra = _streamed_features(models, clip, streaming)
+            if len(windows) != n_frames:
+                raise RuntimeError(f"streaming path gave {len(windows)} frames, not {n_frames}")
     latents_all = avatar.latents.to(models.device)  # [N, 8, 32, 32]
     blend = BlendStage(avatar)
     w, h = avatar.size
@@ -162,16 +199,19 @@ def render(
     with Mp4Writer(out_path, w, h, fps=FPS, audio=clip, metadata=meta) as writer:
         for start in range(0, n_frames, batch_size):
             ids = list(range(start, min(start + batch_size, n_frames)))
-            cyc = [cycle_index(f, avatar.num_frames) for f in ids]
-            batch = FrameBatch(
-                ids, cyc, latents=latents_all[cyc], audio=windows[ids[0] : ids[-1] + 1]
-            )
-            gen(batch, clock)
-            with clock.stage("blend", on_host=True):
-                blend(batch)
+            talk = [f for f in ids if weights is None or weights[f] > 0]
+            out = {f: avatar.frames[cycle_index(f, avatar.num_frames)] for f in ids}
+            if talk:  # silent frames skip the GPU: the avatar's own frame is shown
+                cyc = [cycle_index(f, avatar.num_frames) for f in talk]
+                batch = FrameBatch(talk, cyc, latents=latents_all[cyc], audio=windows[talk])
+                gen(batch, clock)
+                with clock.stage("blend", on_host=True):
+                    blend(batch)
+                    for f, frame in zip(talk, batch.frames, strict=True):
+                        out[f] = frame if weights is None else _crossfade(out[f], frame, weights[f])
             with clock.stage("encode", on_host=True):
-                for frame in batch.frames:
-                    writer.write(frame)
+                for f in ids:
+                    writer.write(out[f])
         with clock.stage("encode", on_host=True):
             written = writer.close()
     wall = time.perf_counter() - t_start
@@ -184,4 +224,37 @@ def render(
         engines=[r.as_dict() for r in reports],
         weights=models.describe(),
         batch_size=batch_size,
+        extra=extra,
     )
+
+
+def _crossfade(idle: np.ndarray, talk: np.ndarray, weight: float) -> np.ndarray:
+    if weight >= 1.0:
+        return talk
+    mixed = idle.astype(np.float32) + weight * (talk.astype(np.float32) - idle)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _streamed_features(
+    models: Models, clip, config: StreamingConfig
+) -> tuple[torch.Tensor, list[float], dict]:
+    """The live audio path over a whole clip: windows ``[F, 50, 384]``, talk weights, stats."""
+    from musetalk_rt.audio.check import stream_clip
+    from musetalk_rt.audio.parity import stream_windows
+    from musetalk_rt.audio.vad import SpeechGate, VoiceActivity, load_silero_vad
+
+    audio, input_stats = stream_clip(clip, chunk_ms=20)
+    windows, ex = stream_windows(models.whisper, models.feature_extractor, audio, config, 320)
+    vad = VoiceActivity(load_silero_vad())
+    vad.push(audio)
+    vad.finish()
+    gate = SpeechGate()
+    weights = [gate.step(vad.is_speech((f + 0.5) * 1000.0 / FPS)) for f in range(len(windows))]
+    extra = {
+        "streaming": config.describe(),
+        "speech_frames": sum(w > 0 for w in weights),
+        "idle_frames": sum(w == 0 for w in weights),
+        "extractor": ex.stats.as_dict(),
+        "input": input_stats,
+    }
+    return windows, weights, extra

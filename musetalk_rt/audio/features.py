@@ -63,6 +63,33 @@ def frame_windows(hidden: torch.Tensor, num_frames: int, start_frame: int = 0) -
     return _PE(windows)
 
 
+def whisper_hidden_states(whisper: nn.Module, mel: torch.Tensor) -> torch.Tensor:
+    """All 5 hidden states of a whisper encoder for a mel of any even length up to 30 s.
+
+    transformers' ``WhisperEncoder.forward`` accepts only 3000 mel frames; this runs the same
+    submodules (convolutions, the first ``T`` positional embeddings, the layers, the final norm)
+    on ``T = frames / 2`` steps. At 3000 frames it equals ``output_hidden_states=True``: the
+    embeddings, the outputs of layers 1-3, and the normalised output of layer 4.
+
+    Args:
+        whisper: transformers ``WhisperEncoder``.
+        mel: ``[B, 80, 2T]`` log-mel features.
+
+    Returns:
+        ``[B, T, 5, 384]``.
+    """
+    x = nn.functional.gelu(whisper.conv1(mel))
+    x = nn.functional.gelu(whisper.conv2(x)).permute(0, 2, 1)  # [B, T, 384]
+    x = x + whisper.embed_positions.weight[: x.shape[1]]
+    states = [x]
+    for layer in whisper.layers:
+        out = layer(x, None)
+        x = out[0] if isinstance(out, tuple) else out
+        states.append(x)
+    states[-1] = whisper.layer_norm(x)
+    return torch.stack(states, dim=2)  # [B, T, 5, 384]
+
+
 class AudioFeatureExtractor:
     """Whisper-tiny encoder features for whole clips (the offline path).
 

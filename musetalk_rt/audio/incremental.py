@@ -1,0 +1,359 @@
+"""Incremental whisper features: push 16 kHz audio, get each frame's window as soon as it can be.
+
+Frame ``f`` (25 fps) is conditioned on whisper steps ``[2f-4, 2f+6)`` (DESIGN §3): its audio
+ends 80 ms after the frame does, so no design can emit it before sample ``(f + 3) * 640``.
+Whisper's encoder attends over its whole 30 s input, so a step's features also depend on the
+audio around it; the offline path encodes fixed 30 s segments and sees *all* of a segment's
+future. A stream cannot. This extractor keeps the offline layout — each step at the same
+position of the same 30 s segment as offline, so the positional embeddings agree — and encodes,
+per group of frames, a **canvas**: the segment's audio from ``context_ms`` before the group up to
+``extra_lookahead_ms`` past the group's own look-ahead, with silence after (as offline pads its
+last segment). A segment whose audio is complete is encoded once, exactly as offline, and reused.
+
+Placing the audio at other positions (a short canvas starting at position 0) is 5-10x cheaper but
+measured 45-60% away from the offline features, because whisper's positional embeddings dominate
+its first layers (experiments/LOG.md). With ``canvas="segment"`` frames wait for their whole
+segment: exactly the offline features, with up to 30 s of delay — the end point of the parity
+curve and the proof that this machinery equals the offline extractor.
+
+Frames are grouped ``hop_frames`` at a time per canvas (fewer encoder calls, ``(hop - 1) × 40``
+ms more delay for a group's first frame). Canvases depend only on frame indices, never on how
+the audio was chunked, so any chunking gives the same windows (up to float noise). Memory is
+bounded by one segment of audio and two of hidden states. Every canvas has the same shape
+(``[80, 3000]`` mel), so the encoder runs without re-compiling (or re-capturing) per call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from musetalk_rt.audio.features import (
+    _PE,
+    HIDDEN_STATES,
+    SAMPLE_RATE,
+    SEGMENT_S,
+    WINDOW_STEPS,
+    num_frames_for,
+    whisper_hidden_states,
+)
+
+STEP_SAMPLES = SAMPLE_RATE // 50  # 320 samples = one whisper step (20 ms)
+FRAME_SAMPLES = SAMPLE_RATE // 25  # 640 samples = one video frame (40 ms)
+MUSETALK_LOOKAHEAD_MS = 80
+SEGMENT_SAMPLES = SEGMENT_S * SAMPLE_RATE
+SEGMENT_STEPS = SEGMENT_SAMPLES // STEP_SAMPLES
+CANVASES = ("aligned", "segment")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """How the incremental extractor trades delay and cost against parity with offline.
+
+    Attributes:
+        context_ms: Past audio kept on a canvas before the group's first step (multiple of 20;
+            at most the 30 s segment; ``None`` = all of the segment so far).
+        extra_lookahead_ms: Audio waited for beyond MuseTalk's own 80 ms (multiple of 20).
+        hop_frames: Frames per canvas.
+        canvas: ``aligned`` (streaming) or ``segment`` (offline-exact, up to 30 s delay).
+        max_batch: Canvases per encoder call when several are ready at once.
+    """
+
+    context_ms: int | None = None
+    extra_lookahead_ms: int = 0
+    hop_frames: int = 1
+    canvas: str = "aligned"
+    max_batch: int = 8
+
+    def __post_init__(self):
+        if self.canvas not in CANVASES:
+            raise ValueError(f"canvas {self.canvas!r}: choose one of {', '.join(CANVASES)}")
+        for name in ("context_ms", "extra_lookahead_ms"):
+            v = getattr(self, name)
+            if v is not None and (v < 0 or v % 20):
+                raise ValueError(f"{name}={v}: must be a non-negative multiple of 20 ms")
+        if self.hop_frames < 1 or self.max_batch < 1:
+            raise ValueError("hop_frames and max_batch must be at least 1")
+
+    @property
+    def extra_samples(self) -> int:
+        return self.extra_lookahead_ms * SAMPLE_RATE // 1000
+
+    @property
+    def context_samples(self) -> int:
+        if self.context_ms is None:
+            return SEGMENT_SAMPLES
+        return min(self.context_ms * SAMPLE_RATE // 1000, SEGMENT_SAMPLES)
+
+    @property
+    def lookahead_ms(self) -> int:
+        """Audio needed past a frame's end before it can be emitted (the last of its group)."""
+        return MUSETALK_LOOKAHEAD_MS + self.extra_lookahead_ms
+
+    @property
+    def added_delay_ms(self) -> int:
+        """Worst-case delay beyond MuseTalk's own 80 ms look-ahead (first frame of a group)."""
+        if self.canvas == "segment":
+            return SEGMENT_S * 1000
+        return self.extra_lookahead_ms + (self.hop_frames - 1) * 40
+
+    def describe(self) -> str:
+        ctx = "segment" if self.context_ms is None else f"{self.context_ms} ms"
+        return (
+            f"canvas {self.canvas}, context {ctx}, look-ahead {self.lookahead_ms} ms "
+            f"(+{self.extra_lookahead_ms}), hop {self.hop_frames} frame(s), "
+            f"added delay {self.added_delay_ms} ms"
+        )
+
+
+DEFAULT_CONFIG = StreamingConfig()
+
+
+@dataclass
+class FeatureChunk:
+    """Consecutive frames' conditioning windows.
+
+    Attributes:
+        start_frame: Index of the first frame.
+        windows: ``[n, 50, 384]`` float32 on the encoder's device.
+    """
+
+    start_frame: int
+    windows: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.windows.shape[0])
+
+
+@dataclass
+class ExtractorStats:
+    """Cost and progress of an incremental extractor."""
+
+    encoder_calls: int = 0
+    canvases: int = 0
+    frames: int = 0
+    call_ms: list[float] = field(default_factory=list)
+
+    @property
+    def ms_per_frame(self) -> float:
+        """Encoder wall time (mel included) per emitted frame."""
+        return sum(self.call_ms) / self.frames if self.frames else 0.0
+
+    def as_dict(self) -> dict:
+        ms = sorted(self.call_ms)
+        return {
+            "encoder_calls": self.encoder_calls,
+            "canvases": self.canvases,
+            "frames": self.frames,
+            "call_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
+            "ms_per_frame": round(self.ms_per_frame, 3),
+        }
+
+
+class IncrementalFeatureExtractor:
+    """Push 16 kHz mono audio, pull per-frame ``[50, 384]`` windows as soon as they are due.
+
+    Args:
+        whisper: transformers ``WhisperEncoder`` on its device (not modified).
+        feature_extractor: transformers ``WhisperFeatureExtractor``.
+        config: Context, look-ahead, hop and canvas.
+        dtype: Compute dtype of the encoder.
+    """
+
+    def __init__(
+        self,
+        whisper: nn.Module,
+        feature_extractor,
+        config: StreamingConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.whisper = whisper
+        self.fe = feature_extractor
+        self.config = config or StreamingConfig()
+        self.device = next(whisper.parameters()).device
+        self.dtype = dtype
+        self.stats = ExtractorStats()
+        self.received = 0  # 16 kHz samples pushed so far
+        self.next_frame = 0  # first frame not yet emitted
+        self._buf = np.zeros(0, np.float32)  # audio from sample self._buf_start on
+        self._buf_start = 0
+        self._exact: dict[int, torch.Tensor] = {}  # complete segment k -> [1500, 5, 384]
+        self._final: int | None = None  # total samples, once flushed
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    def _group(self, frame: int) -> range:
+        hop = self.config.hop_frames
+        first = (frame // hop) * hop
+        return range(first, first + hop)
+
+    def _canvas_end(self, group: range) -> int:
+        """Last sample (exclusive) a group's canvas holds."""
+        if self.config.canvas == "segment":
+            end = ((2 * group[-1] + 5) // SEGMENT_STEPS + 1) * SEGMENT_SAMPLES
+        else:
+            end = (group[-1] + 3) * FRAME_SAMPLES + self.config.extra_samples
+        return end if self._final is None else min(end, self._final)
+
+    def frame_ready_at(self, frame: int) -> int:
+        """Samples that must have arrived before ``frame`` is emitted (outside a flush)."""
+        g = self._group(frame)
+        if self.config.canvas == "segment":
+            return ((2 * g[-1] + 5) // SEGMENT_STEPS + 1) * SEGMENT_SAMPLES
+        return (g[-1] + 3) * FRAME_SAMPLES + self.config.extra_samples
+
+    def _keep_from(self) -> int:
+        """The oldest sample any frame from ``next_frame`` on can still need."""
+        first_step = max(0, 2 * self.next_frame - 4)
+        seg_start = (first_step // SEGMENT_STEPS) * SEGMENT_SAMPLES
+        return max(seg_start, first_step * STEP_SAMPLES - self.config.context_samples)
+
+    def _audio(self, start: int, end: int) -> np.ndarray:
+        """Samples ``[start, end)`` of the stream (all arrived and kept)."""
+        a, b = start - self._buf_start, end - self._buf_start
+        assert a >= 0 and end <= self.received, "audio requested that was dropped or not sent"
+        return self._buf[a:b]
+
+    # -- encoder ---------------------------------------------------------------------------------
+
+    def _encode(self, canvases: list[np.ndarray]) -> torch.Tensor:
+        """Hidden states of 30 s canvases (each padded with silence): ``[B, 1500, 5, 384]``."""
+        t0 = time.perf_counter()
+        mel = self.fe(
+            canvases,
+            sampling_rate=SAMPLE_RATE,
+            return_tensors="pt",
+            padding="max_length",
+            device=str(self.device),  # the STFT runs where the encoder does
+        ).input_features  # [B, 80, 3000]
+        with torch.inference_mode():
+            hidden = whisper_hidden_states(self.whisper, mel.to(self.device, self.dtype)).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.call_ms.append((time.perf_counter() - t0) * 1000.0)
+        self.stats.encoder_calls += 1
+        self.stats.canvases += len(canvases)
+        return hidden
+
+    def _plan(self, group: range) -> list[tuple[int, np.ndarray, bool]]:
+        """The canvases a group still needs: ``(segment, audio, exact)``.
+
+        An exact canvas is a complete segment, encoded as offline does and cached for later groups.
+        """
+        steps_lo = max(0, 2 * group[0] - 4)
+        steps_hi = 2 * group[-1] + 5
+        end = self._canvas_end(group)
+        plan = []
+        for k in range(steps_lo // SEGMENT_STEPS, steps_hi // SEGMENT_STEPS + 1):
+            seg0, seg1 = k * SEGMENT_SAMPLES, (k + 1) * SEGMENT_SAMPLES
+            if seg0 >= end:
+                break  # only steps past the audio (zeros) live in this segment
+            complete = end >= seg1 or (self._final is not None and end >= self._final)
+            if complete:
+                if k not in self._exact:
+                    plan.append((k, self._audio(seg0, min(seg1, end)), True))
+                continue
+            start = max(seg0, steps_lo * STEP_SAMPLES - self.config.context_samples)
+            canvas = np.zeros(end - seg0, np.float32)
+            canvas[start - seg0 :] = self._audio(start, end)
+            plan.append((k, canvas, False))
+        return plan
+
+    def _windows(self, parts: dict[int, torch.Tensor], frames: range, total_steps: int | None):
+        """Cut frames' windows out of per-segment hidden states.
+
+        Steps before 0 or at/after ``total_steps`` (known at the end of the stream) are zeros, as
+        offline pads them.
+        """
+        dev = next(iter(parts.values())).device if parts else self.device
+        f = torch.tensor(list(frames), device=dev)
+        steps = 2 * f[:, None] - 4 + torch.arange(WINDOW_STEPS, device=dev)  # [n, 10]
+        out = torch.zeros(len(frames), WINDOW_STEPS, HIDDEN_STATES, _PE.pe.shape[1], device=dev)
+        for k, hidden in parts.items():  # hidden [1500, 5, 384]
+            local = steps - k * SEGMENT_STEPS
+            sel = (local >= 0) & (local < SEGMENT_STEPS)
+            if total_steps is not None:
+                sel &= steps < total_steps
+            out[sel] = hidden[local[sel]]
+        return _PE(out.reshape(len(frames), WINDOW_STEPS * HIDDEN_STATES, -1))  # [n, 50, 384]
+
+    def _emit(self, last_frame: int, total_steps: int | None) -> FeatureChunk | None:
+        if last_frame < self.next_frame:
+            return None
+        first = self.next_frame
+        groups, f = [], first
+        while f <= last_frame:
+            g = self._group(f)
+            groups.append(range(f, min(g[-1], last_frame) + 1))
+            f = g[-1] + 1
+        out = []
+        bs = self.config.max_batch
+        for i in range(0, len(groups), bs):  # groups in batches; their canvases in one call
+            batch = groups[i : i + bs]
+            jobs = []
+            for g in batch:
+                for k, audio, exact in self._plan(self._group(g[0])):
+                    if not (exact and any(j[1] == k and j[3] for j in jobs)):
+                        jobs.append((g.start, k, audio, exact))
+            hidden = self._encode([j[2] for j in jobs]) if jobs else []
+            own: dict[tuple[int, int], torch.Tensor] = {}
+            for (g_start, k, _, exact), h in zip(jobs, hidden, strict=True):
+                if exact:
+                    self._exact[k] = h
+                else:
+                    own[(g_start, k)] = h
+            for g in batch:
+                lo, hi = max(0, 2 * g[0] - 4) // SEGMENT_STEPS, (2 * g[-1] + 5) // SEGMENT_STEPS
+                parts = {}
+                for k in range(lo, hi + 1):
+                    if (g.start, k) in own:
+                        parts[k] = own[(g.start, k)]
+                    elif k in self._exact:
+                        parts[k] = self._exact[k]
+                out.append(self._windows(parts, g, total_steps))
+        self.next_frame = last_frame + 1
+        self.stats.frames += self.next_frame - first
+        self._trim()
+        return FeatureChunk(first, torch.cat(out))
+
+    def _trim(self) -> None:
+        keep = min(self._keep_from(), self.received)
+        if keep > self._buf_start:
+            self._buf = self._buf[keep - self._buf_start :]
+            self._buf_start = keep
+        first_seg = max(0, 2 * self.next_frame - 4) // SEGMENT_STEPS
+        for k in [k for k in self._exact if k < first_seg]:
+            del self._exact[k]
+
+    # -- public ------------------------------------------------------------------------------
+
+    def push(self, audio_16k: np.ndarray) -> FeatureChunk | None:
+        """Add 16 kHz mono samples; return the frames that became ready (or None).
+
+        Raises:
+            RuntimeError: After :meth:`flush` (start a new extractor for a new stream).
+        """
+        if self._final is not None:
+            raise RuntimeError("push() after flush(): this stream has ended")
+        audio_16k = np.asarray(audio_16k, dtype=np.float32).reshape(-1)
+        if audio_16k.size:
+            self._buf = np.concatenate([self._buf, audio_16k])
+            self.received += audio_16k.size
+        last = self.next_frame - 1
+        while self.frame_ready_at(last + 1) <= self.received:
+            last = self._group(last + 1)[-1]
+        return self._emit(last, None)
+
+    def flush(self) -> FeatureChunk | None:
+        """End of stream: emit the remaining frames, up to ``floor(seconds × 25)`` in all."""
+        if self._final is None:
+            self._final = self.received
+        return self._emit(num_frames_for(self.received) - 1, self.received // STEP_SAMPLES)
+
+    def pending_samples(self) -> int:
+        """Audio held in memory (samples)."""
+        return int(self._buf.size)
