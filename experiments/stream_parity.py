@@ -6,7 +6,7 @@ safetensors copy of it made with ``--save-encoder`` for hosts without that packa
 each frame's window with the offline extractor's, and times the encoder canvas on the device.
 Rows go to ``<out>/stream_parity.jsonl``; a table is printed and one JSON line last.
 
-    python experiments/stream_parity.py --clip eng=../shared/fixtures/eng.wav \\
+    python experiments/stream_parity.py --clip eng=../shared/fixtures/eng.wav
         --clip yongen=../shared/fixtures/yongen.wav [--device cuda] [--out DIR]
 """
 
@@ -81,16 +81,25 @@ def encoder_cost(enc, fe, device, batches=(1, 4, 16), iters=20) -> list[dict]:
             continue
         ex = IncrementalFeatureExtractor(enc.to(dtype), fe, StreamingConfig(), dtype=dtype)
         for b in batches:
-            canvases = [np.random.default_rng(i).standard_normal(16000 * 12).astype(np.float32)
-                        * 0.1 for i in range(b)]
+            canvases = [
+                np.random.default_rng(i).standard_normal(16000 * 12).astype(np.float32) * 0.1
+                for i in range(b)
+            ]
             for _ in range(3):
                 ex._encode(canvases)
             ex.stats.call_ms.clear()
             for _ in range(iters):
                 ex._encode(canvases)
             ms = statistics.median(ex.stats.call_ms)
-            rows.append({"kind": "encoder_cost", "dtype": str(dtype).split(".")[-1], "batch": b,
-                         "call_ms_p50": round(ms, 3), "ms_per_canvas": round(ms / b, 3)})
+            rows.append(
+                {
+                    "kind": "encoder_cost",
+                    "dtype": str(dtype).split(".")[-1],
+                    "batch": b,
+                    "call_ms_p50": round(ms, 3),
+                    "ms_per_canvas": round(ms / b, 3),
+                }
+            )
             print(f"  encoder canvas {rows[-1]}")
     enc.float()
     return rows
@@ -117,8 +126,9 @@ def main() -> int:
     if args.save_encoder:
         from safetensors.torch import save_file
 
-        save_file({k: v.half().contiguous() for k, v in enc.state_dict().items()},
-                  args.save_encoder)
+        save_file(
+            {k: v.half().contiguous() for k, v in enc.state_dict().items()}, args.save_encoder
+        )
         print(f"wrote {args.save_encoder}")
         return 0
     sweep = SWEEP
@@ -127,29 +137,49 @@ def main() -> int:
         sweep = (SWEEP[0], SWEEP[5], SWEEP[-1])
     t0 = time.perf_counter()
     rows = parity_curve(enc, fe, clips, sweep, chunk_samples=16 * args.chunk_ms)
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "encoder": "whisper tiny.en (trained, test stand-in)",
-           "chunk_ms": args.chunk_ms, "clips_s": {n: len(a) / 16000 for n, a in clips.items()}}
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "encoder": "whisper tiny.en (trained, test stand-in)",
+        "chunk_ms": args.chunk_ms,
+        "clips_s": {n: len(a) / 16000 for n, a in clips.items()},
+    }
     rows = [dict(r, kind="parity", **env) for r in rows]
     cost = [dict(r, **env) for r in encoder_cost(enc, fe, device)]
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "stream_parity.jsonl").open("w") as f:
         for r in rows + cost:
             f.write(json.dumps(r) + "\n")
-    print(f"{'clip':<8}{'canvas':<10}{'ctx ms':>8}{'+la ms':>8}{'hop':>5}{'delay':>7}"
-          f"{'median':>9}{'p90':>8}{'p99':>8}")
+    print(
+        f"{'clip':<8}{'canvas':<10}{'ctx ms':>8}{'+la ms':>8}{'hop':>5}{'delay':>7}"
+        f"{'median':>9}{'p90':>8}{'p99':>8}"
+    )
     for r in rows:
         e = r["error"]
-        print(f"{r['clip']:<8}{r['canvas']:<10}{str(r['context_ms'] or 'seg'):>8}"
-              f"{r['extra_lookahead_ms']:>8}{r['hop_frames']:>5}{r['added_delay_ms']:>7}"
-              f"{e['median']:>9.4f}{e['p90']:>8.4f}{e['p99']:>8.4f}")
-    best = [r for r in rows if r["clip"] == "all" and r["added_delay_ms"] <= 200
-            and r["canvas"] == "aligned"]
+        print(
+            f"{r['clip']:<8}{r['canvas']:<10}{str(r['context_ms'] or 'seg'):>8}"
+            f"{r['extra_lookahead_ms']:>8}{r['hop_frames']:>5}{r['added_delay_ms']:>7}"
+            f"{e['median']:>9.4f}{e['p90']:>8.4f}{e['p99']:>8.4f}"
+        )
+    best = [
+        r
+        for r in rows
+        if r["clip"] == "all" and r["added_delay_ms"] <= 200 and r["canvas"] == "aligned"
+    ]
     best = min(best, key=lambda r: r["error"]["p99"]) if best else None
-    print(json.dumps({"stream_parity": str(args.out / "stream_parity.jsonl"), "rows": len(rows),
-                      "wall_s": round(time.perf_counter() - t0, 1),
-                      "best_within_200ms": best and {k: best[k] for k in (
-                          "context_ms", "extra_lookahead_ms", "hop_frames", "error")}}))
+    print(
+        json.dumps(
+            {
+                "stream_parity": str(args.out / "stream_parity.jsonl"),
+                "rows": len(rows),
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "best_within_200ms": best
+                and {
+                    k: best[k] for k in ("context_ms", "extra_lookahead_ms", "hop_frames", "error")
+                },
+            }
+        )
+    )
     return 0
 
 

@@ -300,10 +300,10 @@ def cmd_audio(args) -> int:
     from musetalk_rt.media import load_audio
     from musetalk_rt.weights import load_whisper
 
+    cfg = _streaming_config(args)
     clip = load_audio(args.audio)
     if clip.num_samples == 0:
         raise UserError(f"{args.audio} holds no audio samples")
-    cfg = _streaming_config(args)
     whisper, fe, desc = load_whisper(args.weights, args.models_dir, _device(args.device))
     print(desc)
     report = check_audio(clip, whisper, fe, cfg, chunk_ms=args.chunk_ms)

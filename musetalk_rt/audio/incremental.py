@@ -19,7 +19,8 @@ curve and the proof that this machinery equals the offline extractor.
 Frames are grouped ``hop_frames`` at a time per canvas (fewer encoder calls, ``(hop - 1) × 40``
 ms more delay for a group's first frame). Canvases depend only on frame indices, never on how
 the audio was chunked, so any chunking gives the same windows (up to float noise). Memory is
-bounded by one segment of audio and two of hidden states. Every canvas has the same shape
+bounded: one 30 s segment of audio (two with the segment canvas, whose frames at a segment's end
+wait for the next one) and two segments of hidden states. Every canvas has the same shape
 (``[80, 3000]`` mel), so the encoder runs without re-compiling (or re-capturing) per call.
 """
 

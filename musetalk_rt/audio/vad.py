@@ -12,7 +12,8 @@ speech/non-speech call at 0.5).
 
 :class:`VoiceActivity` turns per-window probabilities into speech segments with hysteresis: a
 segment starts after ``min_speech_ms`` of windows at or above ``threshold`` and ends after
-``hangover_ms`` below ``threshold - 0.15``. Its decision delay (how long after the audio a
+``hangover_ms`` below ``threshold - 0.15`` (its end moved back by the model's measured lag).
+Its decision delay (how long after the audio a
 decision is known) is at most ``min_speech_ms + 32`` ms at a start and ``hangover_ms + 32`` ms at
 an end. :class:`SpeechGate` maps frames to a talk weight in [0, 1] with short cross-fades, so
 the mouth is closed in silence and the GPU rests.
@@ -92,7 +93,10 @@ class VadConfig:
     threshold: float = 0.5
     min_speech_ms: int = 64
     hangover_ms: int = 160
-    pad_ms: int = 32  # added before a segment's start and after its end
+    pad_ms: int = 0  # added before a segment's start and after its end
+    # silero's probability falls about two windows after the sound stops (segment ends measured
+    # 40-110 ms late on espeak-ng sentences); the end border is moved back by this much
+    end_lag_ms: int = 64
 
     @property
     def off_threshold(self) -> float:
@@ -177,8 +181,8 @@ class VoiceActivity:
         else:
             self._run_off = self._run_off + 1 if prob < cfg.off_threshold else 0
             if self._run_off * WINDOW_MS >= cfg.hangover_ms:
-                end = t_ms - (self._run_off - 1) * WINDOW_MS + cfg.pad_ms
-                self.segments[-1].end_ms = end
+                end = t_ms - (self._run_off - 1) * WINDOW_MS - cfg.end_lag_ms + cfg.pad_ms
+                self.segments[-1].end_ms = max(end, self.segments[-1].start_ms + WINDOW_MS)
                 self._speaking, self._run_on = False, 0
 
     def finish(self) -> list[Segment]:
