@@ -254,13 +254,14 @@ class IncrementalFeatureExtractor:
             if seg0 >= end:
                 break  # only steps past the audio (zeros) live in this segment
             complete = end >= seg1 or (self._final is not None and end >= self._final)
-            if complete:
+            if complete and self.config.context_ms is None:  # the whole segment, as offline
                 if k not in self._exact:
                     plan.append((k, self._audio(seg0, min(seg1, end)), True))
                 continue
+            stop = min(seg1, end)
             start = max(seg0, steps_lo * STEP_SAMPLES - self.config.context_samples)
-            canvas = np.zeros(end - seg0, np.float32)
-            canvas[start - seg0 :] = self._audio(start, end)
+            canvas = np.zeros(stop - seg0, np.float32)
+            canvas[start - seg0 :] = self._audio(start, stop)
             plan.append((k, canvas, False))
         return plan
 

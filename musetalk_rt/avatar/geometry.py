@@ -6,8 +6,10 @@
   ``int(max(w, h) // 2 * expand)`` (``expand = 1.5``). The mask keeps only the part below
   ``upper_boundary_ratio`` (0.5) of the crop box height and is feathered with a Gaussian of
   about 5% of its size.
-- Until automatic landmarks exist, the mask is the ellipse inscribed in the face box (the region
-  the lower face occupies), cut and feathered as above.
+- The face box comes from the 68 iBUG landmarks (:func:`box_from_landmarks`, MuseTalk's rule);
+  the mask is built from the same landmarks (:func:`landmark_mask`): the face outline below the
+  eyes, widened at the jaw and lowered under the chin so an opening mouth stays inside it. A box
+  given by hand (no landmarks) gets the ellipse inscribed in the face box instead.
 """
 
 from __future__ import annotations
@@ -94,6 +96,62 @@ def crop_box_for(box: Box, expand: float = EXPAND) -> Box:
 
 def clip_box(box: Box, width: int, height: int) -> Box:
     return Box(max(0, box.x1), max(0, box.y1), min(width, box.x2), min(height, box.y2))
+
+
+def box_from_landmarks(
+    points: np.ndarray, width: int, height: int, extra_margin: int = EXTRA_MARGIN_PX
+) -> Box:
+    """MuseTalk's face box from 68 iBUG points, v1.5-extended and clipped to the frame.
+
+    Centre row = point 29; half height = lowest point's row - centre row; box = (min x,
+    max(0, centre - half), max x, lowest row), then the bottom moves down by ``extra_margin``.
+    """
+    xs, ys = points[:, 0], points[:, 1]
+    centre = float(points[29, 1])
+    bottom = float(ys.max())
+    half = bottom - centre
+    x1 = int(round(max(0.0, float(xs.min()))))
+    x2 = int(round(min(float(width), float(xs.max()))))
+    y1 = int(round(max(0.0, centre - half)))
+    y2 = int(round(min(float(height), bottom)))
+    box = Box(x1, y1, x2, y2)
+    if box.width < MIN_BOX_PX or box.height < MIN_BOX_PX:
+        raise UserError(f"the face is too small ({box.width}x{box.height} px) to animate")
+    return extend_v15(box, height, extra_margin)
+
+
+def landmark_mask(
+    points: np.ndarray,
+    crop: Box,
+    upper_boundary_ratio: float = UPPER_BOUNDARY_RATIO,
+    jaw_widen: float = 0.04,
+    chin_drop: float = 0.08,
+) -> np.ndarray:
+    """Feathered lower-face mask from 68 iBUG points, in the (unclipped) crop box's coordinates.
+
+    The region is the face outline (jaw line 0-16 and the brows) below the eyes, widened by
+    ``jaw_widen`` and lowered by ``chin_drop`` of the face height so the jaw can open inside it;
+    it keeps only the part below ``upper_boundary_ratio`` of the crop box and is blurred with a
+    Gaussian of about 5% of the crop size, like MuseTalk's jaw-mode parsing mask.
+
+    Returns:
+        ``[crop.height, crop.width]`` uint8, 255 where the generated face is pasted.
+    """
+    p = points.astype(np.float32) - np.array([crop.x1, crop.y1], np.float32)
+    face_h = float(np.linalg.norm(p[27] - p[8]))
+    centre = p[list(range(0, 17))].mean(axis=0)
+    jaw = p[0:17].copy()
+    jaw += (jaw - centre) * jaw_widen * 2  # push the jaw line outwards
+    # lower it most at the chin (point 8), not at the ears
+    jaw[:, 1] += chin_drop * face_h * np.sin(np.linspace(0, np.pi, 17))
+    eye_row = float(p[36:48, 1].max())  # below the eyes
+    top = [(float(jaw[16, 0]), eye_row), (float(jaw[0, 0]), eye_row)]
+    poly = np.round(np.vstack([jaw, top])).astype(np.int32)
+    mask = np.zeros((crop.height, crop.width), np.uint8)
+    cv2.fillPoly(mask, [poly], 255)
+    mask[: int(crop.height * upper_boundary_ratio)] = 0
+    k = int(0.05 * crop.width // 2 * 2) + 1
+    return cv2.GaussianBlur(mask, (k, k), 0)
 
 
 def lower_face_mask(

@@ -1,8 +1,14 @@
 """Prepare an avatar from a video or an image: frames, boxes, latents and blending masks.
 
+Without a box, the face is found automatically: 68 landmarks per frame (tracked, gap-filled and
+smoothed; see :mod:`musetalk_rt.avatar.landmarks`) give MuseTalk's face box and a landmark mask
+per frame. With ``bbox`` the box is fixed and the mask is the ellipse in it. The idle cycle can be
+limited to the longest closed-mouth stretch of the source (``idle="closed"``).
+
 The manifest records everything the materials depend on (source hash, settings, weights
 fingerprint, versions); preparing again with the same inputs reuses the folder, any change
-rebuilds it, ``force`` always rebuilds. Nothing ever prompts.
+rebuilds it, ``force`` always rebuilds. Nothing ever prompts. The folder is written under a
+temporary name and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ from musetalk_rt.avatar.geometry import (
     EXTRA_MARGIN_PX,
     UPPER_BOUNDARY_RATIO,
     Box,
+    box_from_landmarks,
     clip_box,
     crop_box_for,
-    default_box,
     extend_v15,
+    landmark_mask,
     lower_face_mask,
     validate_box,
 )
+from musetalk_rt.avatar.landmarks import get_detector, mouth_openness, track_main_face
 from musetalk_rt.avatar.store import FORMAT_VERSION, MODEL_VERSION
 from musetalk_rt.errors import UserError
 from musetalk_rt.modeling import VaeEncoder
@@ -38,6 +46,28 @@ from musetalk_rt.modeling.configs import FACE_SIZE
 from musetalk_rt.weights import sha256_file
 
 ENCODE_BATCH = 16
+SMOOTH_SIGMA_FRAMES = 1.5
+CLOSED_MOUTH = 0.02  # inner-lip gap / face height below which a mouth counts as closed
+MIN_IDLE_FRAMES = 25
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", leave=False, mininterval=1.0)
+
+
+def closed_mouth_run(openness: np.ndarray, threshold: float = CLOSED_MOUTH) -> tuple[int, int]:
+    """The longest run ``[start, end)`` of frames whose mouth openness is below ``threshold``."""
+    best, start = (0, 0), None
+    for i, closed in enumerate([*(openness < threshold), False]):
+        if closed and start is None:
+            start = i
+        elif not closed and start is not None:
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return best
 
 
 def _valid_id(avatar_id: str) -> str:
@@ -60,10 +90,20 @@ def encode_faces(vae: torch.nn.Module, faces: list[np.ndarray], seed: int = 0) -
     device = next(vae.parameters()).device
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same latents on any device
     out = []
+    bar = _progress(len(faces), "VAE encode")
     for i in range(0, len(faces), ENCODE_BATCH):
         batch = torch.from_numpy(np.stack(faces[i : i + ENCODE_BATCH])).to(device)
         out.append(encoder(batch, generator=gen).float().cpu())
+        bar.update(len(batch))
+    bar.close()
     return torch.cat(out)
+
+
+def _clip_mask(mask: np.ndarray, crop: Box, clipped: Box) -> np.ndarray:
+    """The part of a crop-box mask inside the frame."""
+    return mask[
+        clipped.y1 - crop.y1 : clipped.y2 - crop.y1, clipped.x1 - crop.x1 : clipped.x2 - crop.x1
+    ]
 
 
 def prepare_avatar(
@@ -76,6 +116,8 @@ def prepare_avatar(
     max_frames: int | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
+    idle: str = "all",
+    detector: str = "dlib68",
 ) -> Path:
     """Prepare (or reuse) an avatar.
 
@@ -84,17 +126,20 @@ def prepare_avatar(
         avatar_id: Folder name under ``avatars_dir``.
         models: Loaded :class:`musetalk_rt.weights.Models` (its VAE encodes the latents).
         avatars_dir: Where avatars live.
-        bbox: Face box in source pixels; default a centred square.
+        bbox: Face box in source pixels; default: found from face landmarks per frame.
         extra_margin: v1.5's downward extension of the box, px.
         max_frames: Use at most this many frames of a video.
         force: Rebuild even when the manifest says the folder is up to date.
         log: Progress lines go here.
+        idle: ``all`` frames form the idle cycle, or ``closed``: the longest closed-mouth run
+            (at least 1 s; otherwise all frames, with a warning). Needs landmarks.
+        detector: Landmark detector name (68 iBUG points).
 
     Returns:
         The avatar's folder.
 
     Raises:
-        UserError: Unreadable source, a box outside the frame, a bad id.
+        UserError: Unreadable source, no face, a box outside the frame, a bad id.
     """
     from musetalk_rt.media import load_source
 
@@ -104,13 +149,20 @@ def prepare_avatar(
         raise UserError(f"source {source} does not exist or is not a file")
     root = Path(avatars_dir)
     target = root / avatar_id
+    if idle not in ("all", "closed"):
+        raise UserError(f"--idle must be all or closed, got {idle!r}")
+    if idle == "closed" and bbox:
+        raise UserError("--idle closed needs face landmarks; leave out --bbox")
     settings = {
         "bbox": bbox.as_list() if bbox else None,
         "extra_margin": extra_margin,
         "expand": EXPAND,
         "upper_boundary_ratio": UPPER_BOUNDARY_RATIO,
         "max_frames": max_frames,
-        "mask": "ellipse-in-box",
+        "mask": "ellipse-in-box" if bbox else "landmarks-jaw",
+        "detector": None if bbox else detector,
+        "smooth_sigma_frames": None if bbox else SMOOTH_SIGMA_FRAMES,
+        "idle": idle,
     }
     digest = sha256_file(source)
     wanted = {
@@ -144,15 +196,51 @@ def prepare_avatar(
     if max_frames:
         frames = frames[:max_frames]
     h, w = frames[0].shape[:2]
-    given = validate_box(bbox, w, h) if bbox else default_box(w, h)
-    box = extend_v15(given, h, extra_margin)
-    crop = crop_box_for(box)
-    clipped = clip_box(crop, w, h)
-    full_mask = lower_face_mask(box, crop)
-    mask = full_mask[
-        clipped.y1 - crop.y1 : clipped.y2 - crop.y1, clipped.x1 - crop.x1 : clipped.x2 - crop.x1
-    ]
-    faces = [face_crop(f, box) for f in frames]
+    n = len(frames)
+    report: dict = {}
+    landmarks = openness = None
+    if bbox:
+        box = extend_v15(validate_box(bbox, w, h), h, extra_margin)
+        crop = crop_box_for(box)
+        clipped = clip_box(crop, w, h)
+        mask = _clip_mask(lower_face_mask(box, crop), crop, clipped)
+        boxes, crops, masks = [box] * n, [clipped] * n, [mask] * n
+    else:
+        det = get_detector(detector)
+        bar = _progress(n, "face landmarks")
+        track = track_main_face(
+            frames, det, SMOOTH_SIGMA_FRAMES, progress=bar.update, source=str(source)
+        )
+        bar.close()
+        landmarks, openness = track.points, mouth_openness(track.points)
+        boxes, crops, masks = [], [], []
+        for pts in landmarks:
+            box = box_from_landmarks(pts, w, h, extra_margin)
+            crop = crop_box_for(box)
+            clipped = clip_box(crop, w, h)
+            boxes.append(box)
+            crops.append(clipped)
+            masks.append(_clip_mask(landmark_mask(pts, crop), crop, clipped))
+        report = {
+            "detector": det.name,
+            "detector_licence": det.licence,
+            "frames_with_face": int(track.detected.sum()),
+            "frames_interpolated": track.interpolated,
+            "most_faces_in_a_frame": track.faces_seen,
+        }
+        log(
+            f"face landmarks ({det.name}): found in {report['frames_with_face']}/{n} frames, "
+            f"{track.interpolated} interpolated; note: {det.licence}"
+        )
+    cycle = [0, n]
+    if idle == "closed":
+        start, end = closed_mouth_run(openness)
+        if end - start >= min(MIN_IDLE_FRAMES, n):
+            cycle = [start, end]
+            log(f"idle cycle: closed-mouth frames {start}..{end - 1}")
+        else:
+            log(f"warning: no closed-mouth run of {MIN_IDLE_FRAMES} frames; idle uses all frames")
+    faces = [face_crop(f, b) for f, b in zip(frames, boxes, strict=True)]
     log(f"encoding {len(faces)} face crops with the VAE ({models.kind} weights)")
     latents = encode_faces(models.vae, faces)  # [N, 8, 32, 32]
 
@@ -167,13 +255,16 @@ def prepare_avatar(
             cv2.imwrite(
                 str(tmp / "frames" / f"{i:06d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR), png
             )
-            cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), mask, png)
+            cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), masks[i], png)
         from safetensors.torch import save_file
 
         save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
         geometry = {
-            "boxes": [box.as_list()] * len(frames),
-            "crops": [clipped.as_list()] * len(frames),
+            "boxes": [b.as_list() for b in boxes],
+            "crops": [c.as_list() for c in crops],
+            "cycle": cycle,
+            "landmarks": None if landmarks is None else np.round(landmarks, 2).tolist(),
+            "mouth_openness": None if openness is None else np.round(openness, 4).tolist(),
         }
         (tmp / "geometry.json").write_text(json.dumps(geometry))
         manifest = {
@@ -186,7 +277,8 @@ def prepare_avatar(
             "height": h,
             "source": {"path": str(source), "sha256": digest},
             "settings": settings,
-            "box_source": "given" if bbox else "centred default",
+            "box_source": "given" if bbox else f"landmarks ({detector})",
+            "report": report,
             "weights": {"kind": models.kind, "fingerprint": models.fingerprint},
             "versions": {"musetalk_rt": musetalk_rt.__version__, "torch": torch.__version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -202,7 +294,7 @@ def prepare_avatar(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(
-        f"avatar {avatar_id!r}: {len(frames)} frames, box {box.as_list()}, "
+        f"avatar {avatar_id!r}: {len(frames)} frames, box {boxes[0].as_list()}, "
         f"{time.perf_counter() - t0:.1f} s -> {target}"
     )
     return target
