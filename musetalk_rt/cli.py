@@ -197,10 +197,35 @@ def cmd_avatar(args) -> int:
             extra_margin=args.extra_margin,
             max_frames=args.max_frames,
             force=args.force,
+            idle=args.idle,
         )
         print(json.dumps({"avatar": args.id, "path": str(path)}))
         return 0
     avatar = load_avatar(args.id, args.avatars_dir)
+    if args.action == "check":
+        from musetalk_rt.avatar.check import check_avatar
+
+        sheet = args.sheet or Path(args.avatars_dir) / args.id / "check.png"
+        rep = check_avatar(avatar, sheet)
+        print(
+            f"avatar {args.id}: {avatar.num_frames} frames, cycle frames "
+            f"{avatar.cycle[0]}..{avatar.cycle[1] - 1}, box from {avatar.manifest['box_source']}"
+        )
+        print(f"box jitter: median {rep.jitter_median_px} px, max {rep.jitter_max_px} px")
+        print(
+            f"identity round trip: min {rep.identity_psnr_min_db} dB, "
+            f"median {rep.identity_psnr_median_db} dB"
+        )
+        if rep.openness_p90 is not None:
+            print(
+                f"mouth openness: p10 {rep.openness_p10}, p90 {rep.openness_p90} "
+                f"({'the source talks' if rep.source_talks else 'mouth mostly still'})"
+            )
+        for w in rep.warnings:
+            print(f"warning: {w}")
+        print(f"contact sheet: {rep.sheet}")
+        print(json.dumps({"avatar_check": args.id, **rep.as_dict()}))
+        return 0
     m = avatar.manifest
     print(
         f"avatar {args.id}: {avatar.num_frames} frames {m['width']}x{m['height']}, "
@@ -399,7 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--source", required=True, type=Path, help="video or image of the avatar")
     pp.add_argument("--id", required=True, help="avatar name (folder under --avatars-dir)")
     pp.add_argument(
-        "--bbox", help="face box x1,y1,x2,y2 in source pixels (default: a centred square)"
+        "--bbox",
+        help="face box x1,y1,x2,y2 in source pixels (default: found from face landmarks)",
+    )
+    pp.add_argument(
+        "--idle",
+        choices=["all", "closed"],
+        default="all",
+        help="idle cycle: all frames, or the longest closed-mouth stretch (default: all)",
     )
     pp.add_argument(
         "--extra-margin",
@@ -420,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="where prepared avatars live (default: avatars)",
     )
     pc.set_defaults(func=cmd_avatar)
+    pk = asub.add_parser(
+        "check", help="box jitter, identity round trip, mouth openness and a contact sheet"
+    )
+    pk.add_argument("id", help="avatar name")
+    pk.add_argument(
+        "--avatars-dir",
+        type=Path,
+        default=Path("avatars"),
+        help="where prepared avatars live (default: avatars)",
+    )
+    pk.add_argument("--sheet", type=Path, help="contact sheet PNG (default: <avatar>/check.png)")
+    pk.set_defaults(func=cmd_avatar)
 
     engines_help = f"engine: {', '.join(available_engines())} (default: eager)"
     p = sub.add_parser("render", help="render a WAV spoken by an avatar into an MP4")

@@ -22,7 +22,7 @@ import torch
 
 from musetalk_rt.audio import FPS, AudioFeatureExtractor, num_frames_for
 from musetalk_rt.audio.incremental import StreamingConfig
-from musetalk_rt.avatar.store import Avatar, cycle_index
+from musetalk_rt.avatar.store import Avatar
 from musetalk_rt.engines import EngineReport, parse_dtype, select_engine
 from musetalk_rt.errors import UserError
 from musetalk_rt.stages import (
@@ -200,9 +200,9 @@ def render(
         for start in range(0, n_frames, batch_size):
             ids = list(range(start, min(start + batch_size, n_frames)))
             talk = [f for f in ids if weights is None or weights[f] > 0]
-            out = {f: avatar.frames[cycle_index(f, avatar.num_frames)] for f in ids}
+            out = {f: avatar.frames[avatar.cycle_frame(f)] for f in ids}
             if talk:  # silent frames skip the GPU: the avatar's own frame is shown
-                cyc = [cycle_index(f, avatar.num_frames) for f in talk]
+                cyc = [avatar.cycle_frame(f) for f in talk]
                 batch = FrameBatch(talk, cyc, latents=latents_all[cyc], audio=windows[talk])
                 gen(batch, clock)
                 with clock.stage("blend", on_host=True):

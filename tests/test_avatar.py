@@ -21,15 +21,16 @@ def astronaut(tmp_path):
     return path
 
 
-def test_prepare_image_default_box_and_reuse(tiny_models, astronaut, tmp_path):
+def test_prepare_image_found_box_and_reuse(tiny_models, astronaut, tmp_path):
     avatars = tmp_path / "avatars"
     logs = []
     prepare_avatar(astronaut, "astro", tiny_models, avatars, log=logs.append)
     a = load_avatar("astro", avatars)
     assert a.num_frames == 1 and a.size == (512, 512)
     assert a.latents.shape == (1, 8, 32, 32)
-    assert a.manifest["box_source"] == "centred default"
-    assert a.boxes[0].as_list() == [128, 128, 384, 394]  # 256 square, +10 px v1.5 margin
+    assert a.manifest["box_source"] == "landmarks (dlib68)"
+    x1, y1, x2, y2 = a.boxes[0].as_list()
+    assert 150 < x1 < 220 and 30 < y1 < 140 and 250 < x2 < 330 and 160 < y2 < 300  # her face
     logs.clear()
     prepare_avatar(astronaut, "astro", tiny_models, avatars, log=logs.append)
     assert "up to date" in logs[0]

@@ -318,7 +318,7 @@ def test_audio_check_reports_vad_error_delay_cost_and_plots(fixture_file, tmp_pa
     s = json.loads(out.strip().splitlines()[-1])
     assert s["frames"] == 200 and s["duration_s"] == 8.0
     assert len(s["speech_segments"]) >= 1 and 3.0 < s["speech_s"] < 8.0
-    assert s["feature_error"]["frames"] == 200 and s["added_delay_ms"] == 24 * 40
+    assert s["feature_error"]["frames"] == 200 and s["added_delay_ms"] == 24 * 40 + 80
     assert s["extractor_cost"]["ms_per_frame"] > 0 and s["input"]["samples_in"] == 8 * 48000
     assert "random weights" in out  # says the error means nothing with random weights
     assert png.stat().st_size > 1000

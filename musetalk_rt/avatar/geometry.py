@@ -75,13 +75,6 @@ def validate_box(box: Box, width: int, height: int) -> Box:
     return box
 
 
-def default_box(width: int, height: int) -> Box:
-    """A centred square of half the shorter side (used when no box is given)."""
-    side = max(MIN_BOX_PX, min(width, height) // 2)
-    x1, y1 = (width - side) // 2, (height - side) // 2
-    return Box(x1, y1, x1 + side, y1 + side)
-
-
 def extend_v15(box: Box, frame_height: int, extra_margin: int = EXTRA_MARGIN_PX) -> Box:
     """MuseTalk v1.5's face box: the bottom moved down by ``extra_margin``, clipped."""
     return Box(box.x1, box.y1, box.x2, min(box.y2 + extra_margin, frame_height))

@@ -101,9 +101,14 @@ class DlibDetector(LandmarkDetector):
     def detect(self, frame: np.ndarray) -> list[Face]:
         h, w = frame.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
-        small = frame if scale == 1.0 else cv2.resize(
-            frame, (max(1, round(w * scale)), max(1, round(h * scale))),
-            interpolation=cv2.INTER_AREA,
+        small = (
+            frame
+            if scale == 1.0
+            else cv2.resize(
+                frame,
+                (max(1, round(w * scale)), max(1, round(h * scale))),
+                interpolation=cv2.INTER_AREA,
+            )
         )
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         faces = []
@@ -111,8 +116,9 @@ class DlibDetector(LandmarkDetector):
             x1, y1, x2, y2 = (v / scale for v in (r.left(), r.top(), r.right(), r.bottom()))
             rect = self._dlib.rectangle(int(x1), int(y1), int(x2), int(y2))
             shape = self._predictor(frame, rect)
-            pts = np.array([(shape.part(i).x, shape.part(i).y) for i in range(NUM_POINTS)],
-                           np.float32)
+            pts = np.array(
+                [(shape.part(i).x, shape.part(i).y) for i in range(NUM_POINTS)], np.float32
+            )
             faces.append(Face((x1, y1, x2, y2), pts))
         return faces
 
@@ -222,7 +228,8 @@ def track_main_face(
 def mouth_openness(points: np.ndarray) -> np.ndarray:
     """Inner-lip gap over face height (nose bridge to chin), per frame: ``[N]``."""
     pts = points.reshape(-1, NUM_POINTS, 2)
-    gap = np.mean([np.linalg.norm(pts[:, a] - pts[:, b], axis=1) for a, b in INNER_LIP_PAIRS],
-                  axis=0)
+    gap = np.mean(
+        [np.linalg.norm(pts[:, a] - pts[:, b], axis=1) for a, b in INNER_LIP_PAIRS], axis=0
+    )
     height = np.linalg.norm(pts[:, 27] - pts[:, 8], axis=1)
     return (gap / np.maximum(height, 1e-6)).astype(np.float32)

@@ -2,8 +2,9 @@
 
 Layout of ``<avatars_dir>/<id>/`` (no pickles anywhere)::
 
-    manifest.json        source hash, settings, weights fingerprint, versions
-    geometry.json        per-frame face box and (clipped) crop box
+    manifest.json        source hash, settings, weights fingerprint, versions, detection report
+    geometry.json        per-frame face box, (clipped) crop box, 68 landmarks and mouth
+                         openness (when found automatically), and the idle cycle's frame range
     frames/000000.png    the source frames, RGB, lossless
     masks/000000.png     per-frame feathered mask of the crop box
     latents.safetensors  "latents": [N, 8, 32, 32] float32 UNet input latents
@@ -25,7 +26,7 @@ import torch
 from musetalk_rt.avatar.geometry import Box
 from musetalk_rt.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_VERSION = "musetalk-v1.5"
 
 
@@ -47,6 +48,7 @@ class Avatar:
         masks: Per-frame masks, ``[crop.height, crop.width]`` uint8.
         latents: ``[N, 8, 32, 32]`` float32 UNet input latents (CPU; move once).
         manifest: The manifest dict.
+        geometry: The geometry dict (landmarks, mouth openness, cycle).
     """
 
     avatar_id: str
@@ -56,10 +58,22 @@ class Avatar:
     masks: list[np.ndarray]
     latents: torch.Tensor
     manifest: dict
+    geometry: dict
 
     @property
     def num_frames(self) -> int:
         return len(self.frames)
+
+    @property
+    def cycle(self) -> tuple[int, int]:
+        """The idle cycle's frames ``[start, end)`` (all frames unless prepared otherwise)."""
+        start, end = self.geometry.get("cycle") or (0, self.num_frames)
+        return int(start), int(end)
+
+    def cycle_frame(self, frame: int) -> int:
+        """The avatar frame shown at output frame ``frame`` (ping-pong over the cycle)."""
+        start, end = self.cycle
+        return start + cycle_index(frame, end - start)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -109,4 +123,4 @@ def load_avatar(avatar_id: str, avatars_dir: str | Path = "avatars") -> Avatar:
     crops = [Box(*b) for b in geometry["crops"]]
     if not (len(boxes) == len(crops) == latents.shape[0] == n):
         raise UserError(f"avatar {avatar_id!r} is inconsistent; {fix} --force")
-    return Avatar(avatar_id, frames, boxes, crops, masks, latents, manifest)
+    return Avatar(avatar_id, frames, boxes, crops, masks, latents, manifest, geometry)
