@@ -158,6 +158,7 @@ def run_bench(
     engine_options: dict | None = None,
     log: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
+    cache_root: Path | None = None,
 ) -> list[dict]:
     """Run every engine x dtype x batch scenario; return one row per scenario.
 
@@ -171,6 +172,7 @@ def run_bench(
         engine_options: Per-engine constructor options, ``{"compile": {"backend": …}}``.
         log: Progress lines.
         on_row: Called with each row as soon as it is measured (so a crash keeps the rows).
+        cache_root: ``models_dir`` whose engine cache primes builds (build_s then shows it).
     """
     device = models.device
     env = environment(device)
@@ -191,8 +193,8 @@ def run_bench(
             log(f"building {engine_name}/{dtype_name} for batches {batch_sizes} …")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rep_u = unet.prepare(batch_sizes)
-            rep_v = vae.prepare(batch_sizes)
+            rep_u = unet.prepare(batch_sizes, cache_root, models.fingerprint)
+            rep_v = vae.prepare(batch_sizes, cache_root, models.fingerprint)
             for b in batch_sizes:
                 quality = check_parity(ref_unet.run, ref_vae.run, unet.run, vae.run, b, device)
                 per_stage, total = _measure(unet, vae, b, device, warmup, iters)
@@ -215,6 +217,7 @@ def run_bench(
                         else None
                     ),
                     "build_s": round(rep_u.build_s.get(b, 0.0) + rep_v.build_s.get(b, 0.0), 2),
+                    "engine_cache": rep_u.cache,
                     "quality": quality.as_dict(),
                     "weights": models.kind,
                     "weights_fingerprint": models.fingerprint,

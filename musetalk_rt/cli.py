@@ -263,6 +263,7 @@ def cmd_render(args) -> int:
         fallback=args.fallback,
         engine_options=_engine_options(args),
         streaming=_streaming_config(args) if args.streaming else None,
+        engine_cache=args.models_dir,
     )
     print(report.table())
     print(
@@ -357,6 +358,57 @@ def cmd_audio(args) -> int:
     return 0
 
 
+def cmd_engines(args) -> int:
+    from musetalk_rt.engines.cache import list_engines
+
+    if args.action == "list":
+        rows = list_engines(args.models_dir)
+        for r in rows:
+            k = r["key"]
+            print(
+                f"{k['stage']:<11} {k['engine']}/{k['dtype']} buckets {k['buckets']} "
+                f"on {k['device'].get('gpu') or k['device'].get('device')} "
+                f"torch {k['torch_version']} weights {k['weights_fingerprint']}  {r['folder']}"
+            )
+        if not rows:
+            print(f"no engines cached under {args.models_dir / 'engines'}")
+        print(json.dumps({"engines": len(rows), "models_dir": str(args.models_dir)}))
+        return 0
+    from musetalk_rt.engines.build import build_engines
+
+    models = _models(args)
+    res = build_engines(
+        models,
+        args.engine,
+        args.dtype,
+        args.batch_sizes,
+        engine_options=_engine_options(args),
+        cache_root=args.models_dir,
+    )
+    for stage in res.cache:
+        where = res.stored.get(stage) or ("already cached" if res.cache[stage] == "hit" else "-")
+        print(
+            f"{stage:<11} cache {res.cache[stage]}, build {res.build_s[stage]} s, stored: {where}"
+        )
+    print(f"first frame {res.first_frame_s} s after the start of the build")
+    print(
+        json.dumps(
+            {
+                "engines_build": res.engine,
+                "dtype": res.dtype,
+                "buckets": res.buckets,
+                "cache": res.cache,
+                "build_s": res.build_s,
+                "first_frame_s": res.first_frame_s,
+                "passed": res.passed,
+                "stored": res.stored,
+                "weights": models.kind,
+            }
+        )
+    )
+    return 0 if res.passed else 4
+
+
 def cmd_bench(args) -> int:
     from musetalk_rt.bench import environment, results_dir, run_bench, table, write_rows
 
@@ -370,6 +422,7 @@ def cmd_bench(args) -> int:
         warmup=args.warmup,
         iters=args.iters,
         engine_options=opts,
+        cache_root=args.models_dir,
     )
     out_dir = args.out or results_dir(Path("experiments/results"), environment(models.device))
     path = write_rows(rows, out_dir)
@@ -506,6 +559,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_streaming_options(pa)
     _add_common(pa, test_encoder=True)
     pa.set_defaults(func=cmd_audio)
+
+    p = sub.add_parser("engines", help="build, gate and cache engines; list the cache")
+    esub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pb = esub.add_parser(
+        "build", help="build unet + vae_decode for buckets, check the 40 dB gate, cache them"
+    )
+    pb.add_argument("--engine", default="compile", help=engines_help.replace("eager)", "compile)"))
+    pb.add_argument(
+        "--dtype", default="fp16", choices=list(DTYPES), help="compute dtype (default: fp16)"
+    )
+    pb.add_argument(
+        "--batch-sizes", type=_csv_ints, default=[4], help="comma-separated buckets (default: 4)"
+    )
+    _add_compile_options(pb)
+    _add_common(pb)
+    pb.set_defaults(func=cmd_engines)
+    pl = esub.add_parser("list", help="list cached engines")
+    pl.add_argument(
+        "--models-dir", type=Path, default=Path("models"), help="weights root (default: models)"
+    )
+    pl.set_defaults(func=cmd_engines)
 
     p = sub.add_parser("bench", help="time engine x dtype x batch scenarios of UNet + VAE decode")
     p.add_argument(

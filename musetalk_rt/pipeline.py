@@ -71,9 +71,18 @@ class FaceGenerator:
         self.batch_sizes = sorted(set(batch_sizes))
         self.reports: list[EngineReport] = []
 
-    def prepare(self) -> list[EngineReport]:
-        """Build both model stages for the buckets; returns their engine reports."""
-        self.reports = [self.unet.prepare(self.batch_sizes), self.vae.prepare(self.batch_sizes)]
+    def prepare(self, cache_root: Path | None = None) -> list[EngineReport]:
+        """Build both model stages for the buckets; returns their engine reports.
+
+        Args:
+            cache_root: ``models_dir`` whose engine cache primes the build when it holds a
+                matching engine (None: no cache).
+        """
+        fp = self.models.fingerprint
+        self.reports = [
+            self.unet.prepare(self.batch_sizes, cache_root, fp),
+            self.vae.prepare(self.batch_sizes, cache_root, fp),
+        ]
         for r in self.reports:
             r.reason = f"{r.reason}; chosen: {self.reason}"
         return self.reports
@@ -137,6 +146,7 @@ def render(
     engine_options: dict | None = None,
     log: Callable[[str], None] = print,
     streaming: StreamingConfig | None = None,
+    engine_cache: Path | None = None,
 ) -> RenderReport:
     """Render ``audio_path`` spoken by ``avatar`` into ``out_path`` (H.264 + AAC MP4).
 
@@ -153,6 +163,7 @@ def render(
         log: Progress lines.
         streaming: Run the audio through the streaming path with this configuration (None:
             the offline extractor, no voice-activity gate).
+        engine_cache: ``models_dir`` whose ``engines/`` may hold prebuilt engines.
 
     Raises:
         UserError: Bad audio, an avatar prepared with other weights, a bad batch size.
@@ -178,7 +189,7 @@ def render(
     clock = StageClock(models.device)
     gen = FaceGenerator(models, engine, dtype, [batch_size], fallback, engine_options, log)
     t0 = time.perf_counter()
-    reports = gen.prepare()
+    reports = gen.prepare(engine_cache)
     prepare_s = time.perf_counter() - t0
 
     weights = None  # per-frame talk weight (streaming only)

@@ -249,7 +249,9 @@ def test_help_documents_every_command():
         ["--help"],
         ["weights", "--help"],
         ["avatar", "prepare", "--help"],
+        ["avatar", "check", "--help"],
         ["render", "--help"],
+        ["audio", "check", "--help"],
         ["bench", "--help"],
     ):
         res = _run(*cmd)

@@ -99,7 +99,7 @@ def test_mask_covers_mouth_and_jaw_not_eyes_or_background(yongen_auto):
         pts = np.asarray(a.geometry["landmarks"][i])
         crop, mask = a.crops[i], a.masks[i]
 
-        def m(x, y):
+        def m(x, y, mask=mask, crop=crop):
             return int(mask[int(round(y)) - crop.y1, int(round(x)) - crop.x1])
 
         assert min(m(x, y) for x, y in pts[MOUTH]) >= 200  # the whole mouth is pasted

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ class EngineReport:
     build_s: dict[int, float] = field(default_factory=dict)  # per bucket, compile/capture time
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    cache: str | None = None  # "hit" (loaded from the engine cache), "miss", or None (unused)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +53,7 @@ class EngineReport:
         buckets = "any batch" if self.batch_sizes is None else f"buckets {self.batch_sizes}"
         build = sum(self.build_s.values())
         extra = f", built in {build:.1f} s" if self.build_s else ""
+        extra += f", engine cache {self.cache}" if self.cache else ""
         return f"{self.engine}/{self.dtype} on {self.device} ({buckets}{extra}): {self.reason}"
 
 
@@ -123,6 +126,18 @@ class Engine(ABC):
         device: torch.device,
     ) -> Runner:
         """Build a runner of ``module`` for ``batch_sizes`` (the module is never modified)."""
+
+    def cache_options(self) -> dict:
+        """Options that change what ``build`` produces (part of the engine-cache key)."""
+        return {}
+
+    def load_cache(self, folder: Path) -> bool:
+        """Prime the next ``build`` from a cached engine folder; False if this engine cannot."""
+        return False
+
+    def cache_files(self) -> dict[str, bytes]:
+        """Files to store in the engine cache after a successful build ({} = nothing)."""
+        return {}
 
 
 _REGISTRY: dict[str, type[Engine]] = {}

@@ -6,6 +6,11 @@ graphs (mode ``reduce-overhead``) make each bucket's step one graph replay. A ha
 ``torch.cuda.CUDAGraph`` capture of the compiled call crashed with an illegal memory access on
 replay (torch 2.11, an H100), and cuDNN autotuning made it slower: see experiments/LOG.md.
 Compile time is measured per bucket and reported apart from run time.
+
+Engine cache: after a build, ``torch.compiler.save_cache_artifacts()`` serialises what inductor
+produced (FX graphs, AOTAutograd graphs, Triton kernels, autotuning results); a later process
+with the same key loads them with ``load_cache_artifacts`` before compiling, which then skips
+code generation and kernel compilation (Dynamo still traces the module).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,6 +70,30 @@ class CompileEngine(Engine):
         self.freezing = freezing
         self.coordinate_descent = coordinate_descent
         self.channels_last = channels_last
+
+    CACHE_FILE = "compile_cache.bin"
+
+    def cache_options(self) -> dict:
+        return {
+            "backend": self.backend,
+            "mode": self.mode,
+            "cuda_graphs": self.cuda_graphs,
+            "freezing": self.freezing,
+            "coordinate_descent": self.coordinate_descent,
+            "channels_last": self.channels_last,
+        }
+
+    def load_cache(self, folder: Path) -> bool:
+        path = Path(folder) / self.CACHE_FILE
+        if self.backend != "inductor" or not path.is_file():
+            return False
+        return torch.compiler.load_cache_artifacts(path.read_bytes()) is not None
+
+    def cache_files(self) -> dict[str, bytes]:
+        if self.backend != "inductor":
+            return {}
+        saved = torch.compiler.save_cache_artifacts()
+        return {self.CACHE_FILE: saved[0]} if saved else {}
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "cpu" and dtype == torch.float16:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from musetalk_rt.engines.base import Engine, EngineReport, Runner
+from musetalk_rt.engines import cache
+from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name
+from musetalk_rt.engines.cache import EngineKey, device_identity
 from musetalk_rt.modeling import UNetStep, VaeDecodeStep
 from musetalk_rt.modeling.configs import AUDIO_DIM, AUDIO_TOKENS, FACE_SIZE, LATENT_SIZE
 from musetalk_rt.stages.base import FrameBatch, Stage
@@ -29,11 +33,53 @@ class _ModelStage(Stage):
     def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError  # abstract: defined by each model stage
 
-    def prepare(self, batch_sizes: list[int]) -> EngineReport:
+    def cache_key(self, batch_sizes: list[int], weights_fingerprint: str) -> EngineKey:
+        """The engine-cache key of this stage built for ``batch_sizes``."""
+        b = max(batch_sizes)
+        return EngineKey(
+            stage=self.name,
+            engine=self.engine.name,
+            dtype=dtype_name(self.dtype),
+            buckets=tuple(sorted(set(batch_sizes))),
+            weights_fingerprint=weights_fingerprint,
+            input_shapes={k: list(v) for k, v in self.spec(b).items()},
+            options=self.engine.cache_options(),
+            device=device_identity(self.device),
+        )
+
+    def prepare(
+        self,
+        batch_sizes: list[int],
+        cache_root: Path | None = None,
+        weights_fingerprint: str | None = None,
+    ) -> EngineReport:
+        """Build the stage's engine for the buckets, primed from the engine cache when given.
+
+        Args:
+            batch_sizes: Buckets.
+            cache_root: ``models_dir`` holding ``engines/``; None = no cache.
+            weights_fingerprint: The weights' fingerprint (part of the key).
+        """
+        hit = None
+        if cache_root is not None and weights_fingerprint is not None:
+            hit = cache.find(cache_root, self.cache_key(batch_sizes, weights_fingerprint))
+            hit = hit if hit is not None and self.engine.load_cache(hit) else None
         self.runner = self.engine.build(
             self.module, self.example_inputs, batch_sizes, self.dtype, self.device
         )
+        if cache_root is not None:
+            self.runner.report.cache = "hit" if hit is not None else "miss"
         return self.runner.report
+
+    def store_cache(
+        self, cache_root: Path, batch_sizes: list[int], weights_fingerprint: str, report: dict
+    ) -> Path | None:
+        """Save the built engine to the cache (call only after it passed the quality gate)."""
+        files = self.engine.cache_files()
+        if not files:
+            return None
+        key = self.cache_key(batch_sizes, weights_fingerprint)
+        return cache.store(cache_root, key, files, report)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.runner is None:

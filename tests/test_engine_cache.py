@@ -1,0 +1,138 @@
+"""The engine cache: keys, stale/foreign folders, and compile artifacts across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from musetalk_rt.cli import main
+from musetalk_rt.engines import cache
+from musetalk_rt.engines.cache import EngineKey
+
+
+def _key(**over):
+    base = dict(
+        stage="vae_decode",
+        engine="compile",
+        dtype="fp32",
+        buckets=(2,),
+        weights_fingerprint="tiny-s0-abc",
+        input_shapes={"in:pred_latents": [2, 4, 32, 32]},
+        options={"backend": "inductor"},
+        device={"device": "cpu", "gpu": None, "capability": "x86_64"},
+    )
+    base.update(over)
+    return EngineKey(**base)
+
+
+def test_key_covers_everything_an_engine_depends_on(tmp_path):
+    k = _key()
+    variants = [
+        _key(weights_fingerprint="real-123"),
+        _key(buckets=(4,)),
+        _key(dtype="fp16"),
+        _key(options={"backend": "inductor", "freezing": True}),
+        _key(device={"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0"}),
+        _key(torch_version="2.11.0+cu130"),
+        _key(input_shapes={"in:pred_latents": [2, 4, 64, 64]}),
+    ]
+    assert len({k.digest, *(v.digest for v in variants)}) == len(variants) + 1
+    folder = cache.store(tmp_path, k, {"engine.bin": b"\x01\x02"}, {"build_s": 1.0})
+    assert folder == k.folder(tmp_path) and (folder / "engine.bin").read_bytes() == b"\x01\x02"
+    assert cache.find(tmp_path, k) == folder
+    assert all(cache.find(tmp_path, v) is None for v in variants)  # never a foreign engine
+    # a folder whose meta.json does not match its key (tampered or stale) is ignored
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["key"]["torch_version"] = "1.0"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert cache.find(tmp_path, k) is None
+    (folder / "meta.json").write_text("{not json")
+    assert cache.find(tmp_path, k) is None
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+_BUILD = """
+import json, sys, time
+from pathlib import Path
+from musetalk_rt.weights import load_models
+from musetalk_rt.engines.build import build_engines
+models = load_models("tiny", device="cpu")
+res = build_engines(models, "compile", "fp32", [2], cache_root=Path(sys.argv[1]),
+                    log=lambda _: None)
+print(json.dumps({"cache": res.cache, "build_s": res.build_s, "passed": res.passed,
+                  "stored": res.stored}))
+"""
+
+
+@pytest.mark.slow
+def test_compile_cache_round_trip_in_fresh_processes(tmp_path):
+    """Process 1 compiles (inductor, CPU) and stores; process 2, with an empty inductor cache
+    of its own, loads the artifacts and reports a hit."""
+    root = tmp_path / "models"
+    out = []
+    for i in range(2):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor{i}"))
+        res = subprocess.run(
+            [sys.executable, "-c", _BUILD, str(root)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    first, second = out
+    assert first["passed"] and first["cache"] == {"unet": "miss", "vae_decode": "miss"}
+    assert all(first["stored"].values())
+    assert second["cache"] == {"unet": "hit", "vae_decode": "hit"} and second["passed"]
+    print("build seconds, cold vs from the cache:", first["build_s"], second["build_s"])
+    assert len(cache.list_engines(root)) == 2
+
+
+def test_engines_build_with_nothing_to_cache_and_list(tmp_path, capsys):
+    root = tmp_path / "models"
+    code = main(
+        [
+            "engines",
+            "build",
+            "--weights",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--batch-sizes",
+            "2",
+            "--compile-backend",
+            "aot_eager",
+            "--models-dir",
+            str(root),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["passed"] and summary["cache"] == {"unet": "miss", "vae_decode": "miss"}
+    assert summary["stored"] == {"unet": None, "vae_decode": None}  # aot_eager leaves nothing
+    assert main(["engines", "list", "--models-dir", str(root)]) == 0
+    assert '"engines": 0' in capsys.readouterr().out
+    code = main(
+        [
+            "engines",
+            "build",
+            "--weights",
+            "tiny",
+            "--device",
+            "cpu",
+            "--engine",
+            "warp",
+            "--models-dir",
+            str(root),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown engine 'warp'" in err and len(err.splitlines()) == 1
