@@ -126,8 +126,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compile-mode",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode; reduce-overhead/max-autotune use inductor's own "
-        "CUDA graphs instead of the engine's (default: default)",
+        help="torch.compile mode (default: reduce-overhead on CUDA, i.e. inductor's CUDA "
+        "graphs, unless --no-cuda-graphs; the plain default on CPU)",
     )
     g.add_argument(
         "--no-cuda-graphs",
