@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import musetalk_rt
-from musetalk_rt.engines import get_engine, parse_dtype, select_engine
+from musetalk_rt.engines import parse_dtype, select_engine
 from musetalk_rt.engines.parity import check_parity
-from musetalk_rt.stages import UNetStage, VaeDecodeStage
+from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 from musetalk_rt.weights import Models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,12 +176,7 @@ def run_bench(
     """
     device = models.device
     env = environment(device)
-    fp32 = parse_dtype("fp32")
-    ref_engine = get_engine("eager")
-    ref_unet = UNetStage(models.unet, ref_engine, fp32, device)
-    ref_vae = VaeDecodeStage(models.vae, ref_engine, fp32, device)
-    ref_unet.prepare(batch_sizes)
-    ref_vae.prepare(batch_sizes)
+    ref_unet, ref_vae = reference_stages(models, batch_sizes)
     rows = []
     for engine_name in engines:
         for dtype_name in dtypes:

@@ -496,27 +496,23 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--force", action="store_true", help="rebuild even if up to date")
     _add_common(pp)
     pp.set_defaults(func=cmd_avatar)
-    pc = asub.add_parser("info", help="print what a prepared avatar holds")
-    pc.add_argument("id", help="avatar name")
-    pc.add_argument(
-        "--avatars-dir",
-        type=Path,
-        default=Path("avatars"),
-        help="where prepared avatars live (default: avatars)",
-    )
-    pc.set_defaults(func=cmd_avatar)
-    pk = asub.add_parser(
-        "check", help="box jitter, identity round trip, mouth openness and a contact sheet"
-    )
-    pk.add_argument("id", help="avatar name")
-    pk.add_argument(
-        "--avatars-dir",
-        type=Path,
-        default=Path("avatars"),
-        help="where prepared avatars live (default: avatars)",
-    )
-    pk.add_argument("--sheet", type=Path, help="contact sheet PNG (default: <avatar>/check.png)")
-    pk.set_defaults(func=cmd_avatar)
+    for name, text in (
+        ("info", "print what a prepared avatar holds"),
+        ("check", "box jitter, identity round trip, mouth openness and a contact sheet"),
+    ):
+        pc = asub.add_parser(name, help=text)
+        pc.add_argument("id", help="avatar name")
+        pc.add_argument(
+            "--avatars-dir",
+            type=Path,
+            default=Path("avatars"),
+            help="where prepared avatars live (default: avatars)",
+        )
+        if name == "check":
+            pc.add_argument(
+                "--sheet", type=Path, help="contact sheet PNG (default: <avatar>/check.png)"
+            )
+        pc.set_defaults(func=cmd_avatar)
 
     engines_help = f"engine: {', '.join(available_engines())} (default: eager)"
     p = sub.add_parser("render", help="render a WAV spoken by an avatar into an MP4")

@@ -93,26 +93,16 @@ def test_compile_cache_round_trip_in_fresh_processes(tmp_path):
     assert len(cache.list_engines(root)) == 2
 
 
+def _build(root, *extra):
+    return main(
+        ["engines", "build", "--weights", "tiny", "--device", "cpu", "--models-dir", str(root)]
+        + list(extra)
+    )
+
+
 def test_engines_build_with_nothing_to_cache_and_list(tmp_path, capsys):
     root = tmp_path / "models"
-    code = main(
-        [
-            "engines",
-            "build",
-            "--weights",
-            "tiny",
-            "--device",
-            "cpu",
-            "--dtype",
-            "fp32",
-            "--batch-sizes",
-            "2",
-            "--compile-backend",
-            "aot_eager",
-            "--models-dir",
-            str(root),
-        ]
-    )
+    code = _build(root, "--dtype", "fp32", "--batch-sizes", "2", "--compile-backend", "aot_eager")
     out = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -120,19 +110,6 @@ def test_engines_build_with_nothing_to_cache_and_list(tmp_path, capsys):
     assert summary["stored"] == {"unet": None, "vae_decode": None}  # aot_eager leaves nothing
     assert main(["engines", "list", "--models-dir", str(root)]) == 0
     assert '"engines": 0' in capsys.readouterr().out
-    code = main(
-        [
-            "engines",
-            "build",
-            "--weights",
-            "tiny",
-            "--device",
-            "cpu",
-            "--engine",
-            "warp",
-            "--models-dir",
-            str(root),
-        ]
-    )
+    code = _build(root, "--engine", "warp")
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unknown engine 'warp'" in err and len(err.splitlines()) == 1

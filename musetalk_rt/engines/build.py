@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from musetalk_rt.engines.base import get_engine, parse_dtype, select_engine
+from musetalk_rt.engines.base import parse_dtype, select_engine
 from musetalk_rt.engines.parity import check_parity
 from musetalk_rt.errors import UserError
-from musetalk_rt.stages import UNetStage, VaeDecodeStage
+from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 
 
 @dataclass
@@ -65,12 +65,7 @@ def build_engines(
         for name, st in stages.items()
     }
     first_frame_s = 0.0
-    ref = get_engine("eager")
-    fp32 = parse_dtype("fp32")
-    ref_unet = UNetStage(models.unet, ref, fp32, device)
-    ref_vae = VaeDecodeStage(models.vae, ref, fp32, device)
-    ref_unet.prepare(batch_sizes)
-    ref_vae.prepare(batch_sizes)
+    ref_unet, ref_vae = reference_stages(models, batch_sizes)
     quality = {}
     for b in sorted(set(batch_sizes)):
         q = check_parity(

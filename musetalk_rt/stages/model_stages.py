@@ -140,3 +140,15 @@ class VaeDecodeStage(_ModelStage):
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         batch.images = self.run(batch.pred_latents)
         return batch
+
+
+def reference_stages(models, batch_sizes: list[int]) -> tuple[UNetStage, VaeDecodeStage]:
+    """The fp32 eager ``unet`` and ``vae_decode`` stages every engine is checked against."""
+    from musetalk_rt.engines.base import get_engine, parse_dtype
+
+    eager, fp32 = get_engine("eager"), parse_dtype("fp32")
+    unet = UNetStage(models.unet, eager, fp32, models.device)
+    vae = VaeDecodeStage(models.vae, eager, fp32, models.device)
+    unet.prepare(batch_sizes)
+    vae.prepare(batch_sizes)
+    return unet, vae
