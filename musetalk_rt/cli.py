@@ -409,6 +409,46 @@ def cmd_engines(args) -> int:
     return 0 if res.passed else 4
 
 
+def cmd_send(args) -> int:
+    import asyncio
+
+    from musetalk_rt.live.send import send_clip, send_microphone
+
+    token = args.token or os.environ.get("MUSETALK_RT_TOKEN")
+    if args.wav:
+        from musetalk_rt.media import load_audio
+
+        clip = load_audio(args.wav)
+        if clip.num_samples == 0:
+            raise UserError(f"{args.wav} holds no audio samples")
+        print(
+            f"sending {args.wav}: {clip.duration_s:.2f} s at {clip.sample_rate} Hz, "
+            f"{clip.channels} channel(s), {'real time' if args.realtime else 'unpaced'}"
+        )
+
+        def show(message: dict) -> None:
+            if message.get("type") == "stats":
+                print(f"  server: received {message['received_s']} s, ahead {message['ahead_s']} s")
+
+        rep = asyncio.run(
+            send_clip(args.url, clip, token, args.chunk_ms, args.realtime, on_message=show)
+        )
+    else:
+        rep = asyncio.run(send_microphone(args.url, token, args.chunk_ms))
+    print(
+        json.dumps(
+            {
+                "send": args.url,
+                "chunks": rep.chunks,
+                "seconds": rep.seconds,
+                "stats_messages": len(rep.stats),
+                "close_code": rep.close_code,
+            }
+        )
+    )
+    return 0
+
+
 def cmd_bench(args) -> int:
     from musetalk_rt.bench import environment, results_dir, run_bench, table, write_rows
 
@@ -576,6 +616,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--models-dir", type=Path, default=Path("models"), help="weights root (default: models)"
     )
     pl.set_defaults(func=cmd_engines)
+
+    p = sub.add_parser("send", help="stream a WAV or the microphone to a live channel")
+    p.add_argument("--url", required=True, help="ws://HOST:PORT/ingest/CHANNEL (or wss://)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wav", type=Path, help="audio file (any rate, mono or stereo)")
+    src.add_argument("--mic", action="store_true", help="the default microphone (sounddevice)")
+    p.add_argument("--token", help="ingest token (default: $MUSETALK_RT_TOKEN)")
+    p.add_argument("--chunk-ms", type=_positive_int, default=20, help="chunk size (default: 20)")
+    p.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="send as fast as the server takes it (it paces senders ahead of real time)",
+    )
+    p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("bench", help="time engine x dtype x batch scenarios of UNet + VAE decode")
     p.add_argument(

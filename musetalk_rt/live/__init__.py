@@ -1,0 +1,1 @@
+"""The live system: WebSocket audio ingest, senders, and (next) the media-clocked GPU pipeline."""

@@ -1,0 +1,270 @@
+"""WebSocket audio ingest: one sender per channel, validated, paced, never able to hurt the show.
+
+Each connection to ``/ingest/<channel>`` must open with a hello (:mod:`.protocol`); the token is
+compared in constant time; a second sender on a busy channel is refused with the reason.
+Audio messages are decoded, resampled to 16 kHz mono by a streaming resampler
+(:class:`~musetalk_rt.audio.stream.AudioInput`) and handed to the channel's :class:`AudioSink`,
+whose ``push`` must return at once (the heavy work runs elsewhere). A sender that runs ahead of
+real time by more than ``max_ahead_s`` is paced: the server stops reading until the wall clock
+catches up, so TCP back-pressure slows the sender and nothing piles up. Every second the sender
+receives ``stats``. Any bad message gets an error and a close for that connection only.
+``/healthz`` answers plain HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Protocol
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from musetalk_rt.audio.features import SAMPLE_RATE
+from musetalk_rt.audio.stream import AudioInput
+from musetalk_rt.live.protocol import (
+    BAD_REQUEST,
+    BUSY,
+    NOT_FOUND,
+    TIMEOUT,
+    AudioDecoder,
+    ProtocolError,
+    parse_hello,
+)
+
+log = logging.getLogger("musetalk_rt.ingest")
+
+
+class AudioSink(Protocol):
+    """Where a channel's 16 kHz mono audio goes (``push`` must not block)."""
+
+    def open_session(self) -> None: ...
+
+    def push(self, audio_16k: np.ndarray) -> None: ...
+
+    def close_session(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+@dataclass
+class IngestConfig:
+    """Ingest settings (loopback and an ephemeral port suit tests; live passes its own)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    max_message_bytes: int = 256 * 1024  # ~1.4 s of 48 kHz stereo s16 per message
+    hello_timeout_s: float = 5.0
+    stats_interval_s: float = 1.0
+    max_ahead_s: float = 1.0
+    ssl_context: ssl.SSLContext | None = None
+
+
+class IngestServer:
+    """The ``/ingest/<channel>`` WebSocket server.
+
+    Args:
+        sinks: Channel name -> its audio sink.
+        config: Address, token, limits.
+    """
+
+    def __init__(self, sinks: dict[str, AudioSink], config: IngestConfig | None = None):
+        self.sinks = sinks
+        self.config = config or IngestConfig()
+        self._busy: dict[str, float] = {}  # channel -> connect time
+        self._server = None
+        self.refused: dict[int, int] = {}  # close code -> count
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> IngestServer:
+        cfg = self.config
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            max_size=cfg.max_message_bytes,
+            process_request=self._http,
+            ssl=cfg.ssl_context,
+        )
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> IngestServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _http(self, connection: ServerConnection, request):
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        return None  # go on with the WebSocket handshake
+
+    async def _refuse(self, conn: ServerConnection, err: ProtocolError) -> None:
+        self.refused[err.code] = self.refused.get(err.code, 0) + 1
+        log.info("refused a sender on %s: %s (%d)", conn.request.path, err.message, err.code)
+        try:
+            await conn.send(err.as_message())
+            await conn.close(err.code, err.message[:120])
+        except ConnectionClosed:
+            pass
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        path = conn.request.path
+        name = path[len("/ingest/") :] if path.startswith("/ingest/") else None
+        try:
+            if not name or name not in self.sinks:
+                raise ProtocolError(
+                    NOT_FOUND, f"no channel at {path}; channels: {', '.join(sorted(self.sinks))}"
+                )
+            try:
+                first = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
+            except TimeoutError:
+                raise ProtocolError(TIMEOUT, "no hello within the timeout") from None
+            hello = parse_hello(first, self.config.token)
+            if name in self._busy:
+                since = time.strftime("%H:%M:%S", time.localtime(self._busy[name]))
+                raise ProtocolError(BUSY, f"channel {name!r} already has a sender (since {since})")
+        except ProtocolError as err:
+            await self._refuse(conn, err)
+            return
+        except ConnectionClosed:
+            return
+        self._busy[name] = time.time()
+        try:
+            await self._session(conn, name, hello)
+        finally:
+            self._busy.pop(name, None)
+
+    async def _session(self, conn: ServerConnection, name: str, hello) -> None:
+        sink = self.sinks[name]
+        decoder = AudioDecoder(hello)
+        audio_in = AudioInput(hello.sample_rate, hello.channels)
+        state = {"received_s": 0.0, "paced_s": 0.0, "messages": 0}
+        t0 = time.monotonic()
+        sink.open_session()
+        await conn.send(
+            json.dumps(
+                {
+                    "type": "ready",
+                    "channel": name,
+                    "sample_rate": SAMPLE_RATE,
+                    "stats_interval_s": self.config.stats_interval_s,
+                }
+            )
+        )
+        log.info("sender on %s: %s", name, hello)
+        stats_task = asyncio.create_task(self._stats_loop(conn, sink, audio_in, state, t0))
+        try:
+            async for msg in conn:
+                if isinstance(msg, bytes):
+                    samples, rate = decoder.decode(msg)
+                    pcm = audio_in.push(samples, sample_rate=rate, channels=hello.channels)
+                    sink.push(pcm)
+                    state["messages"] += 1
+                    state["received_s"] += samples.shape[0] / rate
+                    ahead = state["received_s"] - (time.monotonic() - t0)
+                    if ahead > self.config.max_ahead_s:  # faster than real time: pace it
+                        wait = ahead - self.config.max_ahead_s
+                        state["paced_s"] += wait
+                        await asyncio.sleep(wait)
+                    continue
+                try:
+                    ctl = json.loads(msg)
+                except ValueError:
+                    ctl = None
+                kind = ctl.get("type") if isinstance(ctl, dict) else None
+                if kind == "flush":
+                    sink.push(audio_in.flush())
+                elif kind == "bye":
+                    sink.push(audio_in.flush())
+                    await conn.close(1000, "bye")
+                    break
+                else:
+                    await conn.send(
+                        ProtocolError(
+                            BAD_REQUEST, f"unknown control message {msg[:60]!r}"
+                        ).as_message()
+                    )
+        except ProtocolError as err:
+            await self._refuse(conn, err)
+        except ConnectionClosed:
+            pass
+        finally:
+            stats_task.cancel()
+            sink.close_session()
+            log.info("sender on %s left after %.1f s of audio", name, state["received_s"])
+
+    async def _stats_loop(self, conn, sink, audio_in, state, t0) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.config.stats_interval_s)
+                elapsed = time.monotonic() - t0
+                await conn.send(
+                    json.dumps(
+                        {
+                            "type": "stats",
+                            "received_s": round(state["received_s"], 3),
+                            "ahead_s": round(state["received_s"] - elapsed, 3),
+                            "paced_s": round(state["paced_s"], 3),
+                            "messages": state["messages"],
+                            "input": audio_in.stats.as_dict(),
+                            **sink.stats(),
+                        }
+                    )
+                )
+        except (ConnectionClosed, asyncio.CancelledError):
+            pass
+
+
+class RecordingSink:
+    """An :class:`AudioSink` that keeps what it receives (tests and dry runs).
+
+    Args:
+        max_s: Keep at most this much audio (older audio is dropped and counted).
+    """
+
+    def __init__(self, max_s: float = 600.0):
+        self.max_samples = int(max_s * SAMPLE_RATE)
+        self._parts: list[np.ndarray] = []
+        self._n = 0
+        self.dropped = 0
+        self.sessions = 0
+        self.open = False
+
+    def open_session(self) -> None:
+        self.sessions += 1
+        self.open = True
+
+    def push(self, audio_16k: np.ndarray) -> None:
+        if audio_16k.size:
+            self._parts.append(audio_16k)
+            self._n += audio_16k.size
+            while self._n > self.max_samples and self._parts:
+                self._n -= self._parts[0].size
+                self.dropped += self._parts.pop(0).size
+
+    def close_session(self) -> None:
+        self.open = False
+
+    def stats(self) -> dict:
+        return {"buffered_s": round(self._n / SAMPLE_RATE, 3)}
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self._parts) if self._parts else np.zeros(0, np.float32)

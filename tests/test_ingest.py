@@ -1,0 +1,250 @@
+"""WebSocket ingest with the real websockets client: handshake, audio, bad senders, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+import wave
+
+import av
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from musetalk_rt.cli import main
+from musetalk_rt.errors import UserError
+from musetalk_rt.live.ingest import IngestConfig, IngestServer, RecordingSink
+from musetalk_rt.live.protocol import tokens_match
+from musetalk_rt.live.send import send_clip
+from musetalk_rt.media import AudioClip, load_audio
+
+TOKEN = "s3cret-token"
+
+
+def _clip(seconds=2.0, rate=16000, channels=1, seed=0):
+    x = np.random.default_rng(seed).standard_normal((channels, int(seconds * rate))) * 0.1
+    x = np.rint(np.clip(x, -1, 1) * 32767) / 32767
+    return AudioClip(x.astype(np.float32), rate)
+
+
+def _hello(**over):
+    h = {
+        "type": "hello",
+        "token": TOKEN,
+        "format": "pcm_s16le",
+        "sample_rate": 16000,
+        "channels": 1,
+    }
+    h.update(over)
+    return json.dumps(h)
+
+
+async def _refusal(url, first, then=None):
+    """Send ``first`` (and ``then``); return (error message dict, close code)."""
+    async with connect(url, max_size=2**24) as ws:
+        msgs = []
+        try:
+            await ws.send(first)
+            if then is not None:
+                await ws.send(then)
+        except ConnectionClosed:  # refused before it finished sending
+            pass
+        msgs += await _drain(ws)
+        errors = [m for m in msgs if m.get("type") == "error"]
+        return (errors[0] if errors else None), ws.close_code
+
+
+async def _drain(ws) -> list[dict]:
+    """Messages until the server closes (any close code)."""
+    msgs = []
+    try:
+        async for m in ws:
+            msgs.append(json.loads(m))
+    except ConnectionClosed:
+        pass
+    return msgs
+
+
+def _serve(coro_fn, **cfg):
+    sinks = {"a": RecordingSink(), "b": RecordingSink()}
+
+    async def run():
+        config = IngestConfig(port=0, token=TOKEN, **cfg)
+        async with IngestServer(sinks, config) as srv:
+            return await coro_fn(srv, sinks, f"ws://127.0.0.1:{srv.port}/ingest/")
+
+    return asyncio.run(run()), sinks
+
+
+def test_token_compare_is_exact():
+    assert tokens_match("abc", "abc") and not tokens_match("abd", "abc")
+    assert not tokens_match(None, "abc") and not tokens_match(123, "abc")
+    assert tokens_match(None, None)
+
+
+def test_sender_audio_arrives_exactly_and_stats_come_back():
+    clip = _clip(2.5, rate=48000, channels=2)
+
+    async def go(srv, sinks, base):
+        return await send_clip(base + "a", clip, TOKEN, chunk_ms=20, realtime=True)
+
+    rep, sinks = _serve(go, stats_interval_s=0.5)
+    assert rep.chunks == 125 and rep.close_code == 1000
+    assert rep.stats and rep.stats[-1]["received_s"] > 1.0  # stats every interval
+    expected = clip.to_mono_16k()
+    got = sinks["a"].audio
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=2e-4)  # int16 on the wire
+    assert sinks["b"].audio.size == 0 and not sinks["a"].open
+
+
+def test_bad_senders_get_one_clear_refusal_each():
+    async def go(srv, sinks, base):
+        out = {}
+        out["wrong token"] = await _refusal(base + "a", _hello(token="nope"))
+        out["no token"] = await _refusal(base + "a", _hello(token=None))
+        out["malformed hello"] = await _refusal(base + "a", "{hello")
+        out["missing hello"] = await _refusal(base + "a", b"\x00\x01" * 100)
+        out["unknown format"] = await _refusal(base + "a", _hello(format="mp3"))
+        out["200 kHz"] = await _refusal(base + "a", _hello(sample_rate=200000))
+        out["3 channels"] = await _refusal(base + "a", _hello(channels=3))
+        out["unknown channel"] = await _refusal(base + "zzz", _hello())
+        out["torn pcm"] = await _refusal(base + "a", _hello(channels=2), b"\x00\x01\x02")
+        out["opus garbage"] = await _refusal(
+            base + "a", _hello(format="opus", sample_rate=48000), b"\xff" * 7
+        )
+        async with connect(base + "a", max_size=2**25) as ws:  # a 10 MB message
+            await ws.send(_hello())
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send(b"\x00" * (10 * 2**20))
+            with pytest.raises(ConnectionClosed):
+                for _ in range(10):
+                    await ws.recv()
+            out["10 MB message"] = (None, ws.close_code)
+        return out
+
+    out, _ = _serve(go)
+    expect = {
+        "wrong token": 4401,
+        "no token": 4401,
+        "malformed hello": 4400,
+        "missing hello": 4400,
+        "unknown format": 4415,
+        "200 kHz": 4415,
+        "3 channels": 4415,
+        "unknown channel": 4404,
+        "torn pcm": 4422,
+        "opus garbage": 4422,
+        "10 MB message": 1009,
+    }
+    for name, code in expect.items():
+        err, close = out[name]
+        assert close == code, (name, err, close)
+        if code != 1009:
+            assert err["code"] == code and len(err["message"]) > 10, name
+
+
+def test_hello_timeout():
+    async def go(srv, sinks, base):
+        async with connect(base + "a") as ws:
+            return await _drain(ws), ws.close_code
+
+    (msgs, code), _ = _serve(go, hello_timeout_s=0.3)
+    assert code == 4408 and msgs[0]["code"] == 4408
+
+
+def test_second_sender_refused_stalled_sender_harmless_other_channel_unaffected():
+    clip = _clip(1.5, seed=3)
+
+    async def go(srv, sinks, base):
+        async with connect(base + "a") as first:  # connects, then stalls: sends nothing
+            await first.send(_hello())
+            assert json.loads(await first.recv())["type"] == "ready"
+            second = await _refusal(base + "a", _hello())
+            rep = await send_clip(base + "b", clip, TOKEN, realtime=False)
+            assert sinks["a"].open  # the stalled sender still holds its channel
+        return second, rep
+
+    (second, rep), sinks = _serve(go)
+    err, code = second
+    assert code == 4409 and "already has a sender" in err["message"]
+    np.testing.assert_allclose(sinks["b"].audio, clip.samples[0], atol=1e-4)
+    assert sinks["a"].audio.size == 0
+
+
+def test_flooding_sender_is_paced_not_dropped():
+    clip = _clip(3.0, seed=5)
+
+    async def go(srv, sinks, base):
+        return await send_clip(base + "a", clip, TOKEN, chunk_ms=100, realtime=False)
+
+    rep, sinks = _serve(go, max_ahead_s=0.5, stats_interval_s=0.25)
+    assert sinks["a"].audio.size == clip.num_samples  # nothing lost
+    assert max(s["paced_s"] for s in rep.stats) > 0  # the server held the sender back
+    assert max(s["ahead_s"] for s in rep.stats) <= 0.5 + 0.1 + 0.05  # one chunk of slack
+
+
+def test_opus_sender():
+    enc = av.CodecContext.create("libopus", "w")
+    enc.sample_rate, enc.layout, enc.format, enc.bit_rate = 48000, "mono", "s16", 48000
+    t = np.arange(48000) / 48000
+    x = (np.sin(2 * np.pi * 300 * t) * 8000).astype(np.int16)
+    packets = []
+    for i in range(0, len(x), 960):
+        fr = av.AudioFrame.from_ndarray(x[None, i : i + 960], format="s16", layout="mono")
+        fr.sample_rate, fr.pts = 48000, i
+        packets += [bytes(p) for p in enc.encode(fr)]
+
+    async def go(srv, sinks, base):
+        async with connect(base + "a") as ws:
+            await ws.send(_hello(format="opus", sample_rate=48000))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            for p in packets:
+                await ws.send(p)
+            await ws.send(json.dumps({"type": "bye"}))
+            await _drain(ws)
+
+    _, sinks = _serve(go)
+    got = sinks["a"].audio
+    assert abs(got.size - 16000) < 800  # one second at 16 kHz (codec delay aside)
+    assert 0.15 < np.abs(got).max() < 0.35  # the tone's amplitude (8000 / 32768) survives
+
+
+def test_healthz():
+    async def go(srv, sinks, base):
+        url = f"http://127.0.0.1:{srv.port}/healthz"
+        return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+
+    body, _ = _serve(go)
+    assert body == b"ok\n"
+
+
+def test_send_command_and_its_errors(fixture_file, tmp_path, capsys):
+    sinks = {"a": RecordingSink()}
+
+    async def run_cli(argv):
+        async with IngestServer(sinks, IngestConfig(port=0, token=TOKEN)) as srv:
+            url = f"ws://127.0.0.1:{srv.port}/ingest/a"
+            return await asyncio.to_thread(main, ["send", "--url", url, *argv])
+
+    wav = tmp_path / "short.wav"
+    clip = load_audio(fixture_file("yongen.wav"))
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(48000)
+        w.writeframes(np.rint(clip.samples[:, :48000].T * 32767).astype("<i2").tobytes())
+    assert asyncio.run(run_cli(["--wav", str(wav), "--token", TOKEN, "--no-realtime"])) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1])["chunks"] == 50
+    assert sinks["a"].audio.size == 16000
+    code = asyncio.run(run_cli(["--wav", str(wav), "--token", "wrong"]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "wrong or missing token" in err and len(err.splitlines()) == 1
+    code = main(["send", "--url", "ws://127.0.0.1:9/ingest/a", "--wav", str(wav)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot connect" in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="sounddevice"):
+        from musetalk_rt.live.send import send_microphone
+
+        asyncio.run(send_microphone("ws://127.0.0.1:9/ingest/a"))
