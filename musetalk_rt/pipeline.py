@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from musetalk_rt.audio import FPS, AudioFeatureExtractor, num_frames_for
@@ -32,6 +31,7 @@ from musetalk_rt.stages import (
     ToHostStage,
     UNetStage,
     VaeDecodeStage,
+    crossfade,
 )
 from musetalk_rt.weights import Models
 
@@ -219,7 +219,7 @@ def render(
                 with clock.stage("blend", on_host=True):
                     blend(batch)
                     for f, frame in zip(talk, batch.frames, strict=True):
-                        out[f] = frame if weights is None else _crossfade(out[f], frame, weights[f])
+                        out[f] = frame if weights is None else crossfade(out[f], frame, weights[f])
             with clock.stage("encode", on_host=True):
                 for f in ids:
                     writer.write(out[f])
@@ -237,13 +237,6 @@ def render(
         batch_size=batch_size,
         extra=extra,
     )
-
-
-def _crossfade(idle: np.ndarray, talk: np.ndarray, weight: float) -> np.ndarray:
-    if weight >= 1.0:
-        return talk
-    mixed = idle.astype(np.float32) + weight * (talk.astype(np.float32) - idle)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def _streamed_features(

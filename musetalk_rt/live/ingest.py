@@ -50,7 +50,7 @@ class AudioSink(Protocol):
 
     def close_session(self) -> None: ...
 
-    def stats(self) -> dict: ...
+    def sender_stats(self) -> dict: ...
 
 
 @dataclass
@@ -224,12 +224,14 @@ class IngestServer:
                             "paced_s": round(state["paced_s"], 3),
                             "messages": state["messages"],
                             "input": audio_in.stats.as_dict(),
-                            **sink.stats(),
+                            **sink.sender_stats(),
                         }
                     )
                 )
         except (ConnectionClosed, asyncio.CancelledError):
             pass
+        except Exception:  # a broken stats source must not end the session silently
+            log.exception("stats for a sender failed")
 
 
 class RecordingSink:
@@ -262,7 +264,7 @@ class RecordingSink:
     def close_session(self) -> None:
         self.open = False
 
-    def stats(self) -> dict:
+    def sender_stats(self) -> dict:
         return {"buffered_s": round(self._n / SAMPLE_RATE, 3)}
 
     @property

@@ -7,7 +7,7 @@ the device; only ``to_host`` copies to the CPU (and is the only one that synchro
 """
 
 from musetalk_rt.stages.base import FrameBatch, Stage, StageClock
-from musetalk_rt.stages.blend import BlendStage
+from musetalk_rt.stages.blend import BlendStage, crossfade
 from musetalk_rt.stages.model_stages import UNetStage, VaeDecodeStage, reference_stages
 from musetalk_rt.stages.to_host import ToHostStage, images_to_uint8
 
@@ -19,6 +19,7 @@ __all__ = [
     "ToHostStage",
     "UNetStage",
     "VaeDecodeStage",
+    "crossfade",
     "images_to_uint8",
     "reference_stages",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from musetalk_rt.avatar.geometry import blend
 from musetalk_rt.avatar.store import Avatar
 from musetalk_rt.stages.base import FrameBatch, Stage
@@ -26,3 +28,13 @@ class BlendStage(Stage):
             for i, face in zip(batch.cycle_ids, batch.faces, strict=True)
         ]
         return batch
+
+
+def crossfade(idle: np.ndarray, talk: np.ndarray, weight: float) -> np.ndarray:
+    """``idle + weight * (talk - idle)`` for uint8 frames (``weight`` in [0, 1])."""
+    if weight >= 1.0:
+        return talk
+    if weight <= 0.0:
+        return idle
+    mixed = idle.astype(np.float32) + weight * (talk.astype(np.float32) - idle)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)

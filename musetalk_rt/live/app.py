@@ -1,0 +1,267 @@
+"""``python -m musetalk_rt.live``: the event-day process.
+
+One process, one or more channels (each an avatar, an ingest path and outputs), one shared set
+of models and one GPU worker. At start it builds (or loads from the engine cache) the engine for
+the buckets, measures one batch and one whisper canvas, derives the playout delay ``D`` and
+prints it, then serves ``/ingest/<channel>`` until SIGINT/SIGTERM (or ``--duration-s``), and
+shuts down gracefully: senders are closed, the clock stops, recordings get their trailer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+
+import numpy as np
+
+from musetalk_rt.errors import UserError
+
+log = logging.getLogger("musetalk_rt.live")
+
+
+def _parse_channels(args) -> dict[str, str]:
+    chans = {}
+    for spec in args.channel or []:
+        name, _, avatar = spec.partition("=")
+        if not name or not avatar or not all(c.isalnum() or c in "-_." for c in name):
+            raise UserError(f"--channel {spec!r}: expected NAME=AVATAR (letters, digits, -_.)")
+        chans[name] = avatar
+    if args.avatar:
+        chans.setdefault(args.avatar, args.avatar)
+    if not chans:
+        raise UserError("give --avatar ID (one channel) or --channel NAME=AVATAR (repeatable)")
+    return chans
+
+
+def _targets(template: str | None, name: str, several: bool) -> str | None:
+    if template is None:
+        return None
+    if several and "{channel}" not in template:
+        raise UserError(f"{template}: with several channels put {{channel}} in the URL or path")
+    return template.replace("{channel}", name)
+
+
+def measure_startup(gen, whisper, fe, stream_cfg) -> tuple[float, float]:
+    """Seconds for one batch of the largest bucket (incl. blend-size copy) and one canvas."""
+    import torch
+
+    from musetalk_rt.audio.incremental import IncrementalFeatureExtractor
+    from musetalk_rt.stages import FrameBatch, StageClock
+
+    b = max(gen.batch_sizes)
+    g = torch.Generator().manual_seed(0)
+    batch = FrameBatch(
+        list(range(b)),
+        list(range(b)),
+        latents=torch.randn(b, 8, 32, 32, generator=g).to(gen.device),
+        audio=torch.randn(b, 50, 384, generator=g).to(gen.device),
+    )
+    clock = StageClock(gen.device)
+    gen(batch, clock)  # warm
+    t = time.perf_counter()
+    gen(batch, clock)
+    compute = time.perf_counter() - t
+    ex = IncrementalFeatureExtractor(whisper, fe, stream_cfg)
+    ex._encode([np.zeros(16000, np.float32)])
+    t = time.perf_counter()
+    ex._encode([np.zeros(16000, np.float32)])
+    return compute, time.perf_counter() - t
+
+
+async def _serve(server, channels, worker, duration_s: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(
+        f"ingest listening on port {server.port}: "
+        + ", ".join(f"/ingest/{ch.name}" for ch in channels),
+        flush=True,
+    )
+    try:
+        if duration_s:
+            await asyncio.wait_for(stop.wait(), duration_s)
+        else:
+            await stop.wait()
+    except TimeoutError:
+        pass
+    print("stopping …", flush=True)
+    await server.stop()
+
+
+def run(args) -> int:
+    """Start everything, serve, stop; returns the exit status."""
+    from musetalk_rt.audio.incremental import StreamingConfig
+    from musetalk_rt.audio.vad import load_silero_vad
+    from musetalk_rt.avatar import load_avatar
+    from musetalk_rt.cli import _device, _engine_options
+    from musetalk_rt.live.channel import LiveChannel
+    from musetalk_rt.live.ingest import IngestConfig, IngestServer
+    from musetalk_rt.live.output import Output
+    from musetalk_rt.live.worker import GpuWorker
+    from musetalk_rt.pipeline import FaceGenerator
+    from musetalk_rt.weights import load_models
+
+    chans = _parse_channels(args)
+    if not args.rtmp and not args.record:
+        raise UserError("give --rtmp URL and/or --record FILE.mp4: there is nowhere to send video")
+    token = args.token or os.environ.get("MUSETALK_RT_TOKEN")
+    if token is None:
+        print("warning: no --token or MUSETALK_RT_TOKEN: any sender can connect", flush=True)
+    try:
+        stream_cfg = StreamingConfig(
+            context_ms=args.stream_context_ms,
+            extra_lookahead_ms=args.stream_lookahead_ms,
+            hop_frames=args.stream_hop,
+        )
+    except ValueError as exc:
+        raise UserError(f"streaming settings: {exc}") from None
+    ssl_ctx = None
+    if args.cert:
+        ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ssl_ctx.load_cert_chain(args.cert, args.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(f"cannot load the TLS certificate {args.cert}: {exc}") from None
+    avatars = {name: load_avatar(av, args.avatars_dir) for name, av in chans.items()}
+    models = load_models(args.weights, args.models_dir, _device(args.device))
+    print(models.describe(), flush=True)
+    for name, a in avatars.items():
+        if a.manifest["weights"]["fingerprint"] != models.fingerprint:
+            raise UserError(
+                f"avatar {chans[name]!r} was prepared with other weights; re-run "
+                f"avatar prepare --weights {models.kind} --force"
+            )
+    gen = FaceGenerator(
+        models,
+        args.engine,
+        args.dtype,
+        args.batch_sizes,
+        args.fallback,
+        _engine_options(args),
+        log=print,
+    )
+    for r in gen.prepare(args.models_dir):
+        print(f"engine: {r.summary()}", flush=True)
+    compute_s, canvas_s = measure_startup(gen, models.whisper, models.feature_extractor, stream_cfg)
+    lookahead_s = (stream_cfg.lookahead_ms + (stream_cfg.hop_frames - 1) * 40) / 1000
+    delay_s = (
+        args.delay_ms / 1000
+        if args.delay_ms
+        else lookahead_s + 0.02 + canvas_s + 2 * compute_s + 0.1
+    )
+    print(
+        f"playout delay D = {delay_s * 1000:.0f} ms (look-ahead {lookahead_s * 1000:.0f} ms, "
+        f"whisper canvas {canvas_s * 1000:.0f} ms, batch of {max(args.batch_sizes)} "
+        f"{compute_s * 1000:.0f} ms)",
+        flush=True,
+    )
+    vad_net = load_silero_vad()
+    several = len(chans) > 1
+    channels = []
+    for name, a in avatars.items():
+        w, h = a.size
+        outs = [
+            Output(t, w, h)
+            for t in (_targets(args.rtmp, name, several), _targets(args.record, name, several))
+            if t
+        ]
+        channels.append(
+            LiveChannel(
+                name,
+                a,
+                models.whisper,
+                models.feature_extractor,
+                vad_net,
+                stream_cfg,
+                delay_s,
+                outs,
+            )
+        )
+    worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s))
+    server = IngestServer(
+        {ch.name: ch for ch in channels},
+        IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
+    )
+    for ch in channels:
+        ch.start()
+    worker.start()
+    try:
+        asyncio.run(_serve(server, channels, worker, args.duration_s))
+    finally:
+        worker.stop()
+        for ch in channels:
+            ch.stop()
+    print(
+        json.dumps(
+            {
+                "live": [ch.stats_dict() for ch in channels],
+                "delay_ms": round(delay_s * 1000),
+                "gpu_batches": worker.batches,
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from musetalk_rt.cli import (
+        _add_common,
+        _add_compile_options,
+        _add_streaming_options,
+        _csv_ints,
+    )
+    from musetalk_rt.engines import DTYPES
+
+    p = argparse.ArgumentParser(
+        prog="python -m musetalk_rt.live",
+        description="serve live channels: ingest audio, stream video",
+    )
+    p.add_argument("--avatar", help="one channel named after this prepared avatar")
+    p.add_argument(
+        "--channel", action="append", metavar="NAME=AVATAR", help="a channel (repeatable)"
+    )
+    p.add_argument("--rtmp", help="rtmp://host/app/key (use {channel} with several channels)")
+    p.add_argument("--record", help="also record to FILE.mp4 (use {channel} with several)")
+    p.add_argument("--host", default="0.0.0.0", help="ingest address (default: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8765, help="ingest port (default: 8765)")
+    p.add_argument("--token", help="sender token (default: $MUSETALK_RT_TOKEN)")
+    p.add_argument("--cert", help="TLS certificate (PEM) for wss://")
+    p.add_argument("--key", help="TLS private key (PEM), if not inside --cert")
+    p.add_argument("--engine", default="eager", help="engine (default: eager)")
+    p.add_argument(
+        "--dtype", default="fp16", choices=list(DTYPES), help="compute dtype (default: fp16)"
+    )
+    p.add_argument("--fallback", help="engine to use if --engine cannot run here (logged)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_csv_ints,
+        default=[4],
+        help="buckets the GPU worker batches into (default: 4)",
+    )
+    p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
+    p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
+    _add_streaming_options(p)
+    _add_compile_options(p)
+    _add_common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; one clear line on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"musetalk-rt live: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,290 @@
+"""A live channel: its audio timeline, features, voice activity and media clock.
+
+Time is counted in **media frames** since the channel started (25 per second). Output frame
+``m`` is emitted at ``t0 + D + m / 25``: the input audio is the master clock and ``D``, the
+playout delay, is constant, so the output audio (the input delayed by ``D``) and the video stay
+in sync by construction. A sender's first sample is placed at the first frame boundary after
+the moment it connected; its audio then runs contiguously.
+
+Threads and queues (each bounded, each with its overflow policy):
+
+- the ingest (event loop) calls :meth:`push`, which only enqueues (``audio_q``, 30 s; when full
+  the chunk is dropped and counted — the ingest paces senders, so this is a fault counter);
+- the **feature thread** resamples nothing (ingest did), stores audio per frame, runs the
+  incremental whisper extractor and the VAD;
+- the shared GPU worker (:mod:`.worker`) picks frames that are speech, have their window and are
+  due soon, and stores the blended frames;
+- the **clock thread** emits frame ``m`` at its deadline: the generated frame if ready (cross-
+  faded at speech/idle switches), else the idle frame (counted late if it should have talked),
+  with its 640 samples of audio or silence. It never waits for anything but the clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from musetalk_rt.audio.features import FPS
+from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
+from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
+from musetalk_rt.avatar.store import Avatar
+from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
+from musetalk_rt.stages import crossfade
+
+log = logging.getLogger("musetalk_rt.channel")
+
+
+@dataclass
+class _Session:
+    base_frame: int  # media frame of the session's first sample
+    extractor: IncrementalFeatureExtractor
+    vad: VoiceActivity
+    samples: int = 0
+    end_frame: int | None = None
+
+
+@dataclass
+class ChannelStats:
+    frames_out: int = 0
+    speech_frames: int = 0
+    late_frames: int = 0
+    skipped_frames: int = 0  # the clock fell behind by more than a second and jumped
+    dropped_audio_chunks: int = 0
+    sessions: int = 0
+    voice_to_frame_ms: list[float] = field(default_factory=list)  # last 500
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "voice_to_frame_ms"}
+        v = sorted(self.voice_to_frame_ms)
+        d["voice_to_frame_p95_ms"] = round(v[int(0.95 * (len(v) - 1))], 1) if v else None
+        return d
+
+
+class LiveChannel:
+    """One avatar, one ingest, its outputs (an :class:`~.ingest.AudioSink`).
+
+    Args:
+        name: Channel name (``/ingest/<name>``).
+        avatar: Prepared avatar (same weights as the models).
+        whisper: Whisper encoder (shared).
+        feature_extractor: transformers ``WhisperFeatureExtractor``.
+        vad_net: silero-vad network (shared; holds no state).
+        stream_config: Incremental feature settings.
+        delay_s: Playout delay ``D``.
+        outputs: Where frames go.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        avatar: Avatar,
+        whisper,
+        feature_extractor,
+        vad_net,
+        stream_config: StreamingConfig,
+        delay_s: float,
+        outputs: list[Output],
+    ):
+        self.name = name
+        self.avatar = avatar
+        self.whisper, self.fe, self.vad_net = whisper, feature_extractor, vad_net
+        self.stream_config = stream_config
+        self.delay_s = delay_s
+        self.outputs = outputs
+        self.stats = ChannelStats()
+        self.t0 = time.monotonic()
+        self.audio_q: queue.Queue = queue.Queue(maxsize=1500)  # ~30 s of 20 ms chunks
+        self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
+        self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
+        self.arrival: dict[int, float] = {}  # media frame -> monotonic time its audio ended
+        self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
+        self._sessions: list[_Session] = []
+        self._lock = threading.Lock()
+        self.next_out = 0
+        self._gate = SpeechGate()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._feature_loop, name=f"features {name}", daemon=True),
+            threading.Thread(target=self._clock_loop, name=f"clock {name}", daemon=True),
+        ]
+
+    # -- ingest side (event loop): enqueue only -------------------------------------------------
+
+    def _enqueue(self, item) -> None:
+        try:
+            self.audio_q.put_nowait(item)
+        except queue.Full:
+            self.stats.dropped_audio_chunks += 1
+
+    def open_session(self) -> None:
+        self._enqueue(("open", time.monotonic()))
+
+    def push(self, audio_16k: np.ndarray) -> None:
+        if audio_16k.size:
+            self._enqueue(("audio", audio_16k))
+
+    def close_session(self) -> None:
+        self._enqueue(("close", None))
+
+    def stats_dict(self) -> dict:
+        return {
+            "channel": self.name,
+            **self.stats.as_dict(),
+            "outputs": {o.target: dict(o.stats, up=o.up) for o in self.outputs},
+        }
+
+    def sender_stats(self) -> dict:  # the AudioSink interface: sent to the sender every second
+        s = self.stats.as_dict()
+        return {
+            "frames_out": s["frames_out"],
+            "late_frames": s["late_frames"],
+            "voice_to_frame_p95_ms": s["voice_to_frame_p95_ms"],
+        }
+
+    # -- feature thread ---------------------------------------------------------------------------
+
+    def _feature_loop(self) -> None:
+        cur: _Session | None = None
+        while not self._stop.is_set():
+            try:
+                kind, payload = self.audio_q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "open":
+                now_frame = int(np.ceil((payload - self.t0) * FPS))
+                start = max(now_frame, self._session_end_frame())
+                cur = _Session(
+                    start,
+                    IncrementalFeatureExtractor(self.whisper, self.fe, self.stream_config),
+                    VoiceActivity(self.vad_net),
+                )
+                cur.vad.keep_probs = False
+                with self._lock:
+                    self._sessions.append(cur)
+                self.stats.sessions += 1
+            elif kind == "audio" and cur is not None:
+                self._add_audio(cur, payload)
+            elif kind == "close" and cur is not None:
+                self._take(cur, cur.extractor.flush())
+                cur.vad.finish()
+                cur.end_frame = cur.base_frame + cur.samples // AUDIO_PER_FRAME
+                cur = None
+
+    def _session_end_frame(self) -> int:
+        if not self._sessions:
+            return 0
+        s = self._sessions[-1]
+        return s.end_frame if s.end_frame is not None else s.base_frame + s.samples // 640 + 1
+
+    def _add_audio(self, s: _Session, pcm: np.ndarray) -> None:
+        now = time.monotonic()
+        pos = s.samples
+        s.samples += pcm.size
+        first, last = pos // AUDIO_PER_FRAME, (s.samples - 1) // AUDIO_PER_FRAME
+        for f in range(first, last + 1):  # audio per media frame (partial frames accumulate)
+            a, b = max(pos, f * AUDIO_PER_FRAME), min(s.samples, (f + 1) * AUDIO_PER_FRAME)
+            m = s.base_frame + f
+            cur = self._audio.get(m, np.zeros(AUDIO_PER_FRAME, np.float32))
+            cur[a - f * AUDIO_PER_FRAME : b - f * AUDIO_PER_FRAME] = pcm[a - pos : b - pos]
+            self._audio[m] = cur
+            if b == (f + 1) * AUDIO_PER_FRAME:
+                self.arrival[m] = now
+        s.vad.push(pcm)
+        self._take(s, s.extractor.push(pcm))
+
+    def _take(self, s: _Session, chunk) -> None:
+        if chunk is None:
+            return
+        for i in range(len(chunk)):
+            m = s.base_frame + chunk.start_frame + i
+            if m >= self.next_out:
+                self.windows[m] = chunk.windows[i]
+
+    def is_speech(self, m: int) -> bool:
+        """Whether media frame ``m`` is speech, as decided so far."""
+        with self._lock:
+            for s in reversed(self._sessions):
+                if s.base_frame <= m and (s.end_frame is None or m < s.end_frame):
+                    return s.vad.is_speech((m - s.base_frame + 0.5) * 1000.0 / FPS)
+        return False
+
+    # -- for the GPU worker -----------------------------------------------------------------------
+
+    def due_jobs(self, now: float, horizon_s: float) -> list[tuple[float, int]]:
+        """``(deadline, frame)`` of frames that should be generated now."""
+        jobs = []
+        for m in list(self.windows):
+            deadline = self.t0 + self.delay_s + m / FPS
+            if m < self.next_out or m in self.generated or deadline - now > horizon_s:
+                continue
+            if self.is_speech(m):
+                jobs.append((deadline, m))
+        return jobs
+
+    # -- clock thread -----------------------------------------------------------------------------
+
+    def _clock_loop(self) -> None:
+        n = 0
+        silence = np.zeros(AUDIO_PER_FRAME, np.float32)
+        while not self._stop.is_set():
+            due = self.t0 + self.delay_s + n / FPS
+            wait = due - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                break
+            behind = time.monotonic() - due
+            if behind > 1.0:  # stalled (a debugger, a suspended VM): jump, never pile up
+                skip = int(behind * FPS)
+                self.stats.skipped_frames += skip
+                n += skip
+                continue
+            self.next_out = n
+            idle = self.avatar.frames[self.avatar.cycle_frame(n)]
+            weight = self._gate.step(self.is_speech(n))
+            frame = idle
+            if weight > 0:
+                gen = self.generated.pop(n, None)
+                if gen is None:
+                    self.stats.late_frames += 1
+                else:
+                    self.stats.speech_frames += 1
+                    frame = crossfade(idle, gen, weight)
+                    if n in self.arrival:
+                        v2f = (time.monotonic() - self.arrival[n]) * 1000.0
+                        self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
+            audio = self._audio.pop(n, silence)
+            for out in self.outputs:
+                out.offer(frame, audio)
+            self.stats.frames_out += 1
+            self._forget_before(n + 1)
+            n += 1
+
+    def _forget_before(self, m: int) -> None:
+        """Drop everything older than frame ``m`` (keeps every map bounded)."""
+        for d in (self.windows, self.generated, self._audio, self.arrival):
+            for k in [k for k in d if k < m]:
+                del d[k]
+        with self._lock:
+            self._sessions = [
+                s
+                for s in self._sessions
+                if s.end_frame is None or s.end_frame > m or s is self._sessions[-1]
+            ]
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5.0)
+        for o in self.outputs:
+            o.close()

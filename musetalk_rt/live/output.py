@@ -1,0 +1,180 @@
+"""Live outputs: H.264 + AAC to RTMP (FLV) or a recording (MP4), fed frame by frame.
+
+:class:`AVStreamWriter` muxes one video frame and its 40 ms of audio at a time (H.264 with
+``tune=zerolatency`` and no B-frames, AAC through a FIFO that re-cuts 640-sample chunks into the
+encoder's frames). Timestamps come from the frame index, never from the wall clock.
+
+:class:`Output` runs a writer on its own thread behind a bounded queue (overflow policy: drop
+the oldest frame, counted), so a slow or dead server never blocks the channel's clock. When
+writing fails (the RTMP server went away) it closes the writer and reopens it with exponential
+backoff (0.5 s doubling to 8 s), resuming without restarting the process; frames offered while
+it is down are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from musetalk_rt.audio.features import FPS, SAMPLE_RATE
+
+log = logging.getLogger("musetalk_rt.output")
+AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video frame
+
+
+class AVStreamWriter:
+    """Frame-by-frame H.264/AAC muxer to an RTMP URL (FLV) or a file (MP4)."""
+
+    def __init__(
+        self,
+        target: str,
+        width: int,
+        height: int,
+        fps: int = FPS,
+        preset: str = "veryfast",
+        gop_s: float = 2.0,
+    ):
+        self.target = target
+        fmt = "flv" if target.startswith(("rtmp://", "rtmps://")) else None
+        self.container = av.open(target, mode="w", format=fmt, timeout=5.0)
+        self.width, self.height = width + width % 2, height + height % 2
+        v = self.container.add_stream(
+            "libx264",
+            rate=fps,
+            options={
+                "preset": preset,
+                "tune": "zerolatency",
+                "bf": "0",
+                "g": str(int(gop_s * fps)),
+                "crf": "23",
+            },
+        )
+        v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
+        v.time_base = Fraction(1, fps)
+        a = self.container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+        a.time_base = Fraction(1, SAMPLE_RATE)
+        self.video, self.audio = v, a
+        self.container.start_encoding()
+        self.fifo = av.AudioFifo()
+        self.frames = 0
+        self.samples = 0
+
+    def write(self, frame: np.ndarray, audio_16k: np.ndarray) -> None:
+        """Mux one ``[H, W, 3]`` uint8 RGB frame and its 640 samples of mono float audio."""
+        h, w = frame.shape[:2]
+        if (w, h) != (self.width, self.height):
+            frame = np.pad(frame, ((0, self.height - h), (0, self.width - w), (0, 0)), "edge")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        vf.pts, vf.time_base = self.frames, Fraction(1, FPS)
+        self.container.mux(self.video.encode(vf))
+        self.frames += 1
+        af = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(audio_16k, np.float32)[None], format="fltp", layout="mono"
+        )
+        af.sample_rate, af.pts, af.time_base = SAMPLE_RATE, self.samples, Fraction(1, SAMPLE_RATE)
+        self.samples += audio_16k.size
+        self.fifo.write(af)
+        size = self.audio.codec_context.frame_size or 1024
+        while self.fifo.samples >= size:
+            self.container.mux(self.audio.encode(self.fifo.read(size)))
+
+    def close(self) -> None:
+        """Flush the encoders and close (errors while flushing a dead stream are ignored)."""
+        with contextlib.suppress(Exception):
+            rest = self.fifo.read()
+            if rest is not None:
+                self.container.mux(self.audio.encode(rest))
+            self.container.mux(self.audio.encode(None))
+            self.container.mux(self.video.encode(None))
+        with contextlib.suppress(Exception):
+            self.container.close()
+
+
+class Output:
+    """One output (RTMP URL or recording path) on its own thread, reconnecting with backoff.
+
+    Args:
+        target: ``rtmp://…`` or a file path (``.mp4``).
+        width: Frame width.
+        height: Frame height.
+        queue_frames: Queue bound (frames); when full the oldest is dropped and counted.
+    """
+
+    def __init__(self, target: str, width: int, height: int, queue_frames: int = 50):
+        self.target = target
+        self.width, self.height = width, height
+        self.q: queue.Queue = queue.Queue(maxsize=queue_frames)
+        self.stats = {
+            "written": 0,
+            "dropped_full": 0,
+            "dropped_down": 0,
+            "reconnects": 0,
+            "errors": 0,
+        }
+        self.up = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"output {target}", daemon=True)
+        self._thread.start()
+
+    def offer(self, frame: np.ndarray, audio_16k: np.ndarray) -> None:
+        """Queue a frame (never blocks)."""
+        while True:
+            try:
+                self.q.put_nowait((frame, audio_16k))
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.q.get_nowait()
+                    self.stats["dropped_full"] += 1
+
+    def _run(self) -> None:
+        writer, backoff, next_try = None, 0.5, 0.0
+        while not self._stop.is_set():
+            try:
+                item = self.q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if writer is None:
+                if time.monotonic() < next_try:
+                    self.stats["dropped_down"] += 1
+                    continue
+                try:
+                    writer = AVStreamWriter(self.target, self.width, self.height)
+                    if self.stats["written"] or self.stats["errors"]:
+                        self.stats["reconnects"] += 1
+                    log.info("output %s open", self.target)
+                    self.up, backoff = True, 0.5
+                except (av.FFmpegError, OSError) as exc:
+                    self.stats["errors"] += 1
+                    self.stats["dropped_down"] += 1
+                    log.warning(
+                        "output %s cannot open (%s); retry in %.1f s", self.target, exc, backoff
+                    )
+                    next_try, backoff = time.monotonic() + backoff, min(backoff * 2, 8.0)
+                    continue
+            try:
+                writer.write(*item)
+                self.stats["written"] += 1
+            except (av.FFmpegError, OSError, ValueError) as exc:
+                self.stats["errors"] += 1
+                log.warning("output %s failed (%s); reconnecting", self.target, exc)
+                writer.close()
+                writer, self.up = None, False
+                next_try = time.monotonic() + backoff
+        if writer is not None:
+            while not self.q.empty():  # a recording keeps its last frames
+                with contextlib.suppress(Exception):
+                    writer.write(*self.q.get_nowait())
+            writer.close()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread and finish the output (a recording gets its trailer)."""
+        self._stop.set()
+        self._thread.join(timeout_s)

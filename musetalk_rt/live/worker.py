@@ -1,0 +1,87 @@
+"""The one GPU worker: batches the frames that are due across all channels into a bucket.
+
+Every pass it asks each channel for frames that are speech, have their audio window and are due
+within ``horizon_s``; it takes the earliest deadlines first, up to the largest bucket (the
+runner pads a smaller batch to the nearest bucket), runs ``unet -> vae_decode -> to_host``, and
+blends each face into its own channel's avatar frame. With nothing due it waits a few ms on an
+event, so a stop is immediate. Work for one channel never waits for another's audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from musetalk_rt.avatar.geometry import blend
+from musetalk_rt.pipeline import FaceGenerator
+from musetalk_rt.stages import FrameBatch, StageClock
+
+log = logging.getLogger("musetalk_rt.worker")
+
+
+class GpuWorker:
+    """Generates speech frames for every channel (see the module docstring).
+
+    Args:
+        generator: Prepared :class:`~musetalk_rt.pipeline.FaceGenerator`.
+        channels: The :class:`~.channel.LiveChannel` objects it serves.
+        horizon_s: Generate frames whose deadline is at most this far ahead.
+    """
+
+    def __init__(self, generator: FaceGenerator, channels: list, horizon_s: float):
+        self.gen = generator
+        self.channels = channels
+        self.horizon_s = horizon_s
+        self.max_batch = max(generator.batch_sizes)
+        self.clock = StageClock(generator.device)
+        self.batches = 0
+        self.frames = 0
+        self._latents = {ch.name: ch.avatar.latents.to(generator.device) for ch in channels}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            jobs = [
+                (d, i, m)
+                for i, ch in enumerate(self.channels)
+                for d, m in ch.due_jobs(now, self.horizon_s)
+            ]
+            if not jobs:
+                self._stop.wait(0.005)
+                continue
+            jobs.sort()
+            take = jobs[: self.max_batch]
+            try:
+                self._generate([(self.channels[i], m) for _, i, m in take])
+            except Exception:  # never take the show down: log, count, go on with idle frames
+                log.exception("GPU batch failed; those frames will show idle")
+                time.sleep(0.05)
+
+    def _generate(self, work: list) -> None:
+        cyc = [ch.avatar.cycle_frame(m) for ch, m in work]
+        latents = torch.stack(
+            [self._latents[ch.name][c] for (ch, _), c in zip(work, cyc, strict=True)]
+        )
+        audio = torch.stack([ch.windows[m] for ch, m in work]).to(self.gen.device)
+        batch = FrameBatch(list(range(len(work))), cyc, latents=latents, audio=audio)
+        self.gen(batch, self.clock)
+        for (ch, m), c, face in zip(work, cyc, batch.faces, strict=True):
+            a = ch.avatar
+            ch.generated[m] = blend(
+                a.frames[c], np.asarray(face), a.boxes[c], a.crops[c], a.masks[c]
+            )
+        self.batches += 1
+        self.frames += len(work)

@@ -1,0 +1,174 @@
+"""The live process end to end on the CPU: a real nginx-rtmp, the real sender, PyAV reading back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import wave
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from musetalk_rt.avatar import prepare_avatar
+from musetalk_rt.media import load_audio
+from musetalk_rt.testing.rtmp import RtmpServer, free_port, rtmp_available
+
+pytestmark = pytest.mark.skipif(rtmp_available() is not None, reason=str(rtmp_available()))
+
+
+class _Reader(threading.Thread):
+    """Plays an RTMP URL with PyAV and keeps every packet's (stream type, time)."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.packets, self.codecs = url, [], {}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with av.open(self.url, options={"rtmp_live": "live"}, timeout=5) as c:
+                    self.codecs = {s.type: s.codec_context.name for s in c.streams}
+                    for p in c.demux():
+                        if p.pts is not None:
+                            self.packets.append((p.stream.type, float(p.pts * p.time_base)))
+                        if self.stop.is_set():
+                            return
+            except (av.FFmpegError, OSError):
+                time.sleep(0.3)  # not published yet, or the server restarted
+
+
+def _speech_wav(path, fixture_file, seconds=6.0):
+    x = load_audio(fixture_file("eng.wav")).to_mono_16k()[: int(16000 * seconds)]
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.rint(x * 32767).astype("<i2").tobytes())
+    return x
+
+
+@pytest.mark.slow
+def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, tmp_path):
+    img = tmp_path / "astro.png"
+    cv2.imwrite(str(img), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    avatars = tmp_path / "avatars"
+    prepare_avatar(img, "astro", tiny_models, avatars, log=lambda _: None)
+    wav = tmp_path / "speech.wav"
+    _speech_wav(wav, fixture_file)
+    record = tmp_path / "rec.mp4"
+    port = free_port()
+    with RtmpServer() as rtmp:
+        live = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "musetalk_rt.live",
+                "--avatar",
+                "astro",
+                "--avatars-dir",
+                str(avatars),
+                "--weights",
+                "tiny",
+                "--device",
+                "cpu",
+                "--dtype",
+                "fp32",
+                "--batch-sizes",
+                "4",
+                "--stream-hop",
+                "25",
+                "--delay-ms",
+                "4000",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--token",
+                "t0ken",
+                "--rtmp",
+                rtmp.url("astro"),
+                "--record",
+                str(record),
+                "--duration-s",
+                "36",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        threading.Thread(
+            target=lambda: lines.extend(iter(live.stdout.readline, "")), daemon=True
+        ).start()
+        deadline = time.monotonic() + 240
+        while not any("ingest listening" in ln for ln in lines):
+            assert live.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        reader = _Reader(rtmp.url("astro"))
+        reader.start()
+        sent = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "musetalk_rt",
+                "send",
+                "--url",
+                f"ws://127.0.0.1:{port}/ingest/astro",
+                "--wav",
+                str(wav),
+                "--token",
+                "t0ken",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        time.sleep(8)  # the sender has left: the stream goes on with idle frames
+        before_restart = len(reader.packets)
+        assert before_restart > 0, "".join(lines)[-3000:]
+        rtmp.restart(down_s=1.0)
+        time.sleep(8)
+        after_restart = len(reader.packets) - before_restart
+        reader.stop.set()
+        out, _ = live.communicate(timeout=120)
+        lines.append(out or "")
+    log = "".join(lines)
+    assert live.returncode == 0, log[-3000:]
+    summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
+    ch = summary["live"][0]
+    rtmp_stats = ch["outputs"][rtmp.url("astro")]
+
+    # read back over RTMP: H.264 + AAC, 25 fps, frames match the span, audio keeps up
+    assert reader.codecs == {"video": "h264", "audio": "aac"}
+    video = [t for kind, t in reader.packets[:before_restart] if kind == "video"]
+    audio = [t for kind, t in reader.packets[:before_restart] if kind == "audio"]
+    span = video[-1] - video[0]
+    assert abs(len(video) - (span * 25 + 1)) <= max(1, 0.01 * len(video))
+    assert abs(audio[-1] - video[-1]) <= 0.04 + 1024 / 16000  # one frame + one AAC packet
+    # the server went away and came back: the live process reconnected by itself
+    assert after_restart > 25 and rtmp_stats["reconnects"] >= 1
+
+    # the recording: all frames at 25 fps, audio as long as video, lips follow the speech
+    with av.open(str(record)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    with av.open(str(record)) as c:
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert abs(len(frames) - ch["frames_out"]) <= 1
+    assert abs(len(pcm) / 16000 - len(frames) / 25) <= 0.04 + 1024 / 16000
+    idle = frames[0].astype(np.float32)
+    moving = np.array([np.abs(f.astype(np.float32) - idle).mean() > 3.0 for f in frames])
+    rms = np.array(
+        [np.sqrt(np.mean(pcm[i * 640 : (i + 1) * 640] ** 2)) for i in range(len(frames))]
+    )
+    speech = rms > 0.02
+    first_voice, first_face = np.argmax(speech), np.argmax(moving)
+    assert speech.any() and moving.any(), log[-2000:]
+    print(f"voice onset frame {first_voice}, face onset frame {first_face}, channel {ch}")
+    assert abs(int(first_face) - int(first_voice)) <= 4  # within VAD and cross-fade (160 ms)
+    assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
