@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import wave
 
 import av
@@ -130,6 +131,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         )
         assert sent.returncode == 0, sent.stderr
         time.sleep(8)  # the sender has left: the stream goes on with idle frames
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         before_restart = len(reader.packets)
         assert before_restart > 0, "".join(lines)[-3000:]
         rtmp.restart(down_s=1.0)
@@ -172,3 +174,13 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     print(f"voice onset frame {first_voice}, face onset frame {first_face}, channel {ch}")
     assert abs(int(first_face) - int(first_voice)) <= 4  # within VAD and cross-fade (160 ms)
     assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
+    text = metrics.decode()
+    for name in (
+        'musetalk_frames_out_total{channel="astro"}',
+        "musetalk_late_frames_total",
+        "musetalk_voice_to_frame_p95_ms",
+        "musetalk_output_reconnects_total",
+        "musetalk_audio_queue_depth",
+        'musetalk_stage_ms_total{stage="unet"}',
+    ):
+        assert name in text, name

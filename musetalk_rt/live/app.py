@@ -105,6 +105,7 @@ def run(args) -> int:
     from musetalk_rt.cli import _device, _engine_options
     from musetalk_rt.live.channel import LiveChannel
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
+    from musetalk_rt.live.metrics import metrics_text
     from musetalk_rt.live.output import Output
     from musetalk_rt.live.worker import GpuWorker
     from musetalk_rt.pipeline import FaceGenerator
@@ -190,6 +191,7 @@ def run(args) -> int:
     server = IngestServer(
         {ch.name: ch for ch in channels},
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
+        metrics=lambda: metrics_text(channels, worker),
     )
     for ch in channels:
         ch.start()

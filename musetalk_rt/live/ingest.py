@@ -8,7 +8,11 @@ whose ``push`` must return at once (the heavy work runs elsewhere). A sender tha
 real time by more than ``max_ahead_s`` is paced: the server stops reading until the wall clock
 catches up, so TCP back-pressure slows the sender and nothing piles up. Every second the sender
 receives ``stats``. Any bad message gets an error and a close for that connection only.
-``/healthz`` answers plain HTTP.
+
+The same port answers plain HTTP: ``/healthz``, ``/metrics`` (Prometheus text, when the owner
+provides it), ``/channels.json`` and the browser ingest page (``/``: microphone -> AudioWorklet
+-> PCM16 16 kHz -> this WebSocket, with a level meter, connection state and live latency, in
+Traditional Chinese and English).
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Response
 
 from musetalk_rt.audio.features import SAMPLE_RATE
 from musetalk_rt.audio.stream import AudioInput
@@ -39,6 +47,24 @@ from musetalk_rt.live.protocol import (
 )
 
 log = logging.getLogger("musetalk_rt.ingest")
+WEB = Path(__file__).parent / "web"
+_PAGES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/worklet.js": ("worklet.js", "text/javascript; charset=utf-8"),
+}
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
 
 
 class AudioSink(Protocol):
@@ -75,9 +101,15 @@ class IngestServer:
         config: Address, token, limits.
     """
 
-    def __init__(self, sinks: dict[str, AudioSink], config: IngestConfig | None = None):
+    def __init__(
+        self,
+        sinks: dict[str, AudioSink],
+        config: IngestConfig | None = None,
+        metrics: Callable[[], str] | None = None,
+    ):
         self.sinks = sinks
         self.config = config or IngestConfig()
+        self.metrics = metrics
         self._busy: dict[str, float] = {}  # channel -> connect time
         self._server = None
         self.refused: dict[int, int] = {}  # close code -> count
@@ -111,9 +143,22 @@ class IngestServer:
         await self.stop()
 
     def _http(self, connection: ServerConnection, request):
-        if request.path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        return None  # go on with the WebSocket handshake
+        path = request.path.split("?", 1)[0]
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None  # go on with the WebSocket handshake
+        if path == "/healthz":
+            return _response(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+        if path == "/metrics" and self.metrics is not None:
+            return _response(
+                HTTPStatus.OK, self.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
+            )
+        if path == "/channels.json":
+            body = json.dumps({"channels": sorted(self.sinks)}).encode()
+            return _response(HTTPStatus.OK, body, "application/json")
+        if path in _PAGES:
+            name, ctype = _PAGES[path]
+            return _response(HTTPStatus.OK, (WEB / name).read_bytes(), ctype)
+        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 
     async def _refuse(self, conn: ServerConnection, err: ProtocolError) -> None:
         self.refused[err.code] = self.refused.get(err.code, 0) + 1

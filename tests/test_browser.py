@@ -1,0 +1,109 @@
+"""The browser ingest page in headless Chromium with a fake microphone fed from a WAV."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+import wave
+
+import numpy as np
+import pytest
+import soxr
+
+from musetalk_rt.live.ingest import IngestConfig, IngestServer, RecordingSink
+from musetalk_rt.media import load_audio
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (CI installs it)")
+
+
+class _ServerThread(threading.Thread):
+    def __init__(self, sinks, token):
+        super().__init__(daemon=True)
+        self.sinks, self.token = sinks, token
+        self.ready = threading.Event()
+        self.port = None
+
+    def run(self):
+        async def main():
+            async with IngestServer(self.sinks, IngestConfig(port=0, token=self.token)) as srv:
+                self.port = srv.port
+                self.ready.set()
+                while not self.done:
+                    await asyncio.sleep(0.1)
+
+        self.done = False
+        asyncio.run(main())
+
+
+def _envelope(x: np.ndarray, hop: int = 1600) -> np.ndarray:
+    n = len(x) // hop
+    return np.sqrt((x[: n * hop].reshape(n, hop) ** 2).mean(axis=1))
+
+
+def test_page_is_served_in_both_languages():
+    server = _ServerThread({"stage": RecordingSink()}, "k")
+    server.start()
+    assert server.ready.wait(10)
+    base = f"http://127.0.0.1:{server.port}"
+    page = urllib.request.urlopen(base + "/", timeout=5).read().decode()
+    assert "即時收音" in page and "Live ingest" in page and 'lang="zh-Hant"' in page
+    js = urllib.request.urlopen(base + "/worklet.js", timeout=5)
+    assert js.headers["Content-Type"].startswith("text/javascript")
+    assert b"registerProcessor" in js.read()
+    chans = urllib.request.urlopen(base + "/channels.json", timeout=5).read()
+    assert chans == b'{"channels": ["stage"]}'
+    server.done = True
+
+
+@pytest.mark.slow
+def test_headless_chromium_fake_microphone_streams_the_wav(fixture_file, tmp_path):
+    speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
+    mic48 = soxr.resample(speech, 16000, 48000)
+    wav = tmp_path / "mic.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
+        w.writeframes(np.rint(np.clip(mic48, -1, 1) * 32767).astype("<i2").tobytes())
+    sink = RecordingSink()
+    server = _ServerThread({"stage": sink}, "s3cret")
+    server.start()
+    assert server.ready.wait(10)
+    url = f"http://127.0.0.1:{server.port}/?channel=stage&token=s3cret&autostart=1"
+    browser = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            "--autoplay-policy=no-user-gesture-required",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while sink.audio.size < 16000 * 7 and time.monotonic() < deadline:
+            assert browser.poll() is None, "chromium exited"
+            time.sleep(0.5)
+    finally:
+        browser.terminate()
+        browser.wait(10)
+        server.done = True
+    got = sink.audio
+    assert sink.sessions == 1 and got.size >= 16000 * 7, got.size
+    # the page sent the file's speech: its loudness envelope lines up with the WAV's
+    ref, env = _envelope(speech), _envelope(got)
+    best = max(
+        np.corrcoef(ref, env[lag : lag + len(ref)])[0, 1]
+        for lag in range(0, len(env) - len(ref) + 1)
+    )
+    assert best > 0.8, best
