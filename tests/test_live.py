@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -53,63 +54,26 @@ def _speech_wav(path, fixture_file, seconds=6.0):
     return x
 
 
-@pytest.mark.slow
-def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, tmp_path):
+def _materials(tiny_models, fixture_file, tmp_path):
+    """An avatar from skimage's astronaut (tiny weights) and 6 s of speech as a WAV."""
     img = tmp_path / "astro.png"
     cv2.imwrite(str(img), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     avatars = tmp_path / "avatars"
     prepare_avatar(img, "astro", tiny_models, avatars, log=lambda _: None)
     wav = tmp_path / "speech.wav"
     _speech_wav(wav, fixture_file)
+    return avatars, wav
+
+
+@pytest.mark.slow
+def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, tmp_path):
+    avatars, wav = _materials(tiny_models, fixture_file, tmp_path)
     record = tmp_path / "rec.mp4"
     port = free_port()
     with RtmpServer() as rtmp:
-        live = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "musetalk_rt.live",
-                "--avatar",
-                "astro",
-                "--avatars-dir",
-                str(avatars),
-                "--weights",
-                "tiny",
-                "--device",
-                "cpu",
-                "--dtype",
-                "fp32",
-                "--batch-sizes",
-                "4",
-                "--stream-hop",
-                "25",
-                "--delay-ms",
-                "4000",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--token",
-                "t0ken",
-                "--rtmp",
-                rtmp.url("astro"),
-                "--record",
-                str(record),
-                "--duration-s",
-                "36",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        live, lines = _start_live(
+            avatars, port, "--avatar", "astro", "--rtmp", rtmp.url("astro"), "--record", str(record)
         )
-        lines: list[str] = []
-        threading.Thread(
-            target=lambda: lines.extend(iter(live.stdout.readline, "")), daemon=True
-        ).start()
-        deadline = time.monotonic() + 240
-        while not any("ingest listening" in ln for ln in lines):
-            assert live.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.2)
         reader = _Reader(rtmp.url("astro"))
         reader.start()
         sent = subprocess.run(
@@ -138,6 +102,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         time.sleep(8)
         after_restart = len(reader.packets) - before_restart
         reader.stop.set()
+        live.send_signal(signal.SIGTERM)  # graceful: the recording must get its trailer
         out, _ = live.communicate(timeout=120)
         lines.append(out or "")
     log = "".join(lines)
@@ -173,6 +138,9 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     assert speech.any() and moving.any(), log[-2000:]
     print(f"voice onset frame {first_voice}, face onset frame {first_face}, channel {ch}")
     assert abs(int(first_face) - int(first_voice)) <= 4  # within VAD and cross-fade (160 ms)
+    last_face = len(moving) - 1 - int(np.argmax(moving[::-1]))
+    assert len(frames) - last_face > 250  # after the sender left: idle frames, not a freeze
+    assert not speech[last_face + 10 :].any()  # ... with silent audio
     assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
     text = metrics.decode()
     for name in (
@@ -184,3 +152,151 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         'musetalk_stage_ms_total{stage="unet"}',
     ):
         assert name in text, name
+
+
+def _start_live(avatars, port, *extra):
+    live = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "musetalk_rt.live",
+            "--avatars-dir",
+            str(avatars),
+            "--weights",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--batch-sizes",
+            "4",
+            "--stream-hop",
+            "25",
+            "--delay-ms",
+            "4000",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--token",
+            "t0ken",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(
+        target=lambda: lines.extend(iter(live.stdout.readline, "")), daemon=True
+    ).start()
+    deadline = time.monotonic() + 240
+    while not any("ingest listening" in ln for ln in lines):
+        assert live.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    return live, lines
+
+
+@pytest.mark.slow
+def test_bad_senders_on_one_channel_never_disturb_the_other(tiny_models, fixture_file, tmp_path):
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    avatars, wav = _materials(tiny_models, fixture_file, tmp_path)
+    port = free_port()
+    live, lines = _start_live(
+        avatars,
+        port,
+        "--channel",
+        "a=astro",
+        "--channel",
+        "b=astro",
+        "--record",
+        str(tmp_path / "{channel}.mp4"),
+    )
+    good = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "musetalk_rt",
+            "send",
+            "--url",
+            f"ws://127.0.0.1:{port}/ingest/b",
+            "--wav",
+            str(wav),
+            "--token",
+            "t0ken",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"ws://127.0.0.1:{port}/ingest/a"
+    hello = json.dumps(
+        {
+            "type": "hello",
+            "token": "t0ken",
+            "format": "pcm_s16le",
+            "sample_rate": 16000,
+            "channels": 1,
+        }
+    )
+
+    async def attack():
+        codes = {}
+        for name, first, then in (
+            ("wrong token", hello.replace("t0ken", "nope"), None),
+            ("random bytes", np.random.default_rng(1).bytes(4000), None),
+            ("200 kHz", hello.replace("16000", "200000"), None),
+            ("torn pcm", hello, b"\x01\x02\x03"),
+            ("10 MB", hello, b"\x00" * (10 * 2**20)),
+        ):
+            async with connect(base, max_size=2**25) as ws:
+                try:
+                    await ws.send(first)
+                    if then is not None:
+                        await ws.recv()  # ready
+                        await ws.send(then)
+                    while True:
+                        await ws.recv()
+                except ConnectionClosed:
+                    codes[name] = ws.close_code
+        async with connect(base) as flood:  # holds channel a and floods it
+            await flood.send(hello)
+            await flood.recv()
+            async with connect(base) as second:
+                await second.send(hello)
+                try:
+                    while True:
+                        await second.recv()
+                except ConnectionClosed:
+                    codes["second sender"] = second.close_code
+            noise = (np.random.default_rng(2).standard_normal(16000 * 8) * 3000).astype("<i2")
+            for i in range(0, noise.size, 1600):
+                await flood.send(noise[i : i + 1600].tobytes())
+        return codes
+
+    codes = asyncio.run(attack())
+    assert good.wait(120) == 0, good.stderr.read()
+    time.sleep(6)
+    live.send_signal(signal.SIGTERM)
+    out, _ = live.communicate(timeout=120)
+    lines.append(out or "")
+    log = "".join(lines)
+    assert live.returncode == 0, log[-3000:]
+    assert codes == {
+        "wrong token": 4401,
+        "random bytes": 4400,
+        "200 kHz": 4415,
+        "torn pcm": 4422,
+        "10 MB": 1009,
+        "second sender": 4409,
+    }
+    summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
+    a, b = (next(c for c in summary["live"] if c["channel"] == n) for n in "ab")
+    assert abs(a["frames_out"] - b["frames_out"]) <= 2  # both clocks ran all along
+    assert b["speech_frames"] > 40 and b["late_frames"] <= 0.1 * b["speech_frames"]
+    with av.open(str(tmp_path / "b.mp4")) as c:
+        assert c.streams.video[0].frames == 0 or c.streams.video[0].frames >= b["frames_out"] - 1
