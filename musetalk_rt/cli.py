@@ -431,7 +431,15 @@ def cmd_send(args) -> int:
                 print(f"  server: received {message['received_s']} s, ahead {message['ahead_s']} s")
 
         rep = asyncio.run(
-            send_clip(args.url, clip, token, args.chunk_ms, args.realtime, on_message=show)
+            send_clip(
+                args.url,
+                clip,
+                token,
+                args.chunk_ms,
+                args.realtime,
+                on_message=show,
+                cafile=args.cafile,
+            )
         )
     else:
         rep = asyncio.run(send_microphone(args.url, token, args.chunk_ms))
@@ -623,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--wav", type=Path, help="audio file (any rate, mono or stereo)")
     src.add_argument("--mic", action="store_true", help="the default microphone (sounddevice)")
     p.add_argument("--token", help="ingest token (default: $MUSETALK_RT_TOKEN)")
+    p.add_argument("--cafile", help="trust this CA or self-signed certificate (PEM) for wss://")
     p.add_argument("--chunk-ms", type=_positive_int, default=20, help="chunk size (default: 20)")
     p.add_argument(
         "--no-realtime",

@@ -248,3 +248,50 @@ def test_send_command_and_its_errors(fixture_file, tmp_path, capsys):
         from musetalk_rt.live.send import send_microphone
 
         asyncio.run(send_microphone("ws://127.0.0.1:9/ingest/a"))
+
+
+def test_tls_ingest_with_a_self_signed_certificate(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    clip = _clip(1.0, seed=9)
+    sinks = {"a": RecordingSink()}
+
+    async def go():
+        async with IngestServer(sinks, IngestConfig(port=0, token=TOKEN, ssl_context=ctx)) as srv:
+            url = f"wss://127.0.0.1:{srv.port}/ingest/a"
+            with pytest.raises(UserError, match="cannot connect"):  # untrusted certificate
+                await send_clip(url, clip, TOKEN, realtime=False)
+            return await send_clip(url, clip, TOKEN, realtime=False, cafile=str(cert))
+
+    rep = asyncio.run(go())
+    assert rep.chunks == 50
+    np.testing.assert_allclose(sinks["a"].audio, clip.samples[0], atol=1e-4)

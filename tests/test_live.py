@@ -96,6 +96,8 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         assert sent.returncode == 0, sent.stderr
         time.sleep(8)  # the sender has left: the stream goes on with idle frames
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        jpeg = urllib.request.urlopen(f"http://127.0.0.1:{port}/preview/astro.jpg", timeout=5)
+        preview = (jpeg.headers["Content-Type"], jpeg.read())
         before_restart = len(reader.packets)
         assert before_restart > 0, "".join(lines)[-3000:]
         rtmp.restart(down_s=1.0)
@@ -142,6 +144,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     assert len(frames) - last_face > 250  # after the sender left: idle frames, not a freeze
     assert not speech[last_face + 10 :].any()  # ... with silent audio
     assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
+    assert preview[0] == "image/jpeg" and preview[1][:2] == b"\xff\xd8"  # operator preview
     text = metrics.decode()
     for name in (
         'musetalk_frames_out_total{channel="astro"}',
@@ -209,6 +212,7 @@ def test_bad_senders_on_one_channel_never_disturb_the_other(tiny_models, fixture
     live, lines = _start_live(
         avatars,
         port,
+        "--log-json",
         "--channel",
         "a=astro",
         "--channel",
@@ -295,8 +299,47 @@ def test_bad_senders_on_one_channel_never_disturb_the_other(tiny_models, fixture
         "second sender": 4409,
     }
     summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
+    records = [json.loads(ln) for ln in log.splitlines() if ln.startswith('{"time"')]
+    assert any("refused a sender" in r["message"] for r in records)  # structured logs
+    assert "t0ken" not in log  # the token never appears in the logs
     a, b = (next(c for c in summary["live"] if c["channel"] == n) for n in "ab")
     assert abs(a["frames_out"] - b["frames_out"]) <= 2  # both clocks ran all along
     assert b["speech_frames"] > 40 and b["late_frames"] <= 0.1 * b["speech_frames"]
     with av.open(str(tmp_path / "b.mp4")) as c:
         assert c.streams.video[0].frames == 0 or c.streams.video[0].frames >= b["frames_out"] - 1
+
+
+def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
+    from musetalk_rt.live.app import main as live_main
+
+    cases = {
+        "no output": (["--avatar", "a"], "nowhere to send video"),
+        "bad channel": (["--channel", "=x", "--record", "r.mp4"], "NAME=AVATAR"),
+        "no channel": (["--record", "r.mp4"], "give --avatar"),
+        "unknown avatar": (
+            ["--avatar", "ghost", "--record", "r.mp4", "--avatars-dir", str(tmp_path)],
+            "not prepared",
+        ),
+        "several channels, one URL": (
+            [
+                "--channel",
+                "a=x",
+                "--channel",
+                "b=x",
+                "--rtmp",
+                "rtmp://127.0.0.1/live/k",
+                "--avatars-dir",
+                str(tmp_path),
+            ],
+            "{channel}",
+        ),
+        "bad look-ahead": (
+            ["--avatar", "a", "--record", "r.mp4", "--stream-lookahead-ms", "7"],
+            "multiple of 20",
+        ),
+    }
+    for name, (argv, expect) in cases.items():
+        code = live_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (name, err)
+        assert len(err.splitlines()) == 1 and expect in err, (name, err)

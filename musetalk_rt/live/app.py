@@ -114,6 +114,9 @@ def run(args) -> int:
     chans = _parse_channels(args)
     if not args.rtmp and not args.record:
         raise UserError("give --rtmp URL and/or --record FILE.mp4: there is nowhere to send video")
+    several = len(chans) > 1
+    for name in chans:  # check the output templates before loading anything
+        _targets(args.rtmp, name, several), _targets(args.record, name, several)
     token = args.token or os.environ.get("MUSETALK_RT_TOKEN")
     if token is None:
         print("warning: no --token or MUSETALK_RT_TOKEN: any sender can connect", flush=True)
@@ -166,7 +169,6 @@ def run(args) -> int:
         flush=True,
     )
     vad_net = load_silero_vad()
-    several = len(chans) > 1
     channels = []
     for name, a in avatars.items():
         w, h = a.size
@@ -192,6 +194,7 @@ def run(args) -> int:
         {ch.name: ch for ch in channels},
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
         metrics=lambda: metrics_text(channels, worker),
+        preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
     for ch in channels:
         ch.start()
@@ -252,18 +255,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
+    p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")
     _add_streaming_options(p)
     _add_compile_options(p)
     _add_common(p)
     return p
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (for log shippers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; one clear line on bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    plain = logging.Formatter("%(asctime)s %(name)s %(message)s")
+    handler.setFormatter(JsonLogFormatter() if args.log_json else plain)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         return run(args)
     except UserError as exc:
         print(f"musetalk-rt live: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        if os.environ.get("MUSETALK_RT_DEBUG"):
+            raise
+        print(
+            f"musetalk-rt live: internal error: {type(exc).__name__}: {str(exc)[:300]} "
+            "(set MUSETALK_RT_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1

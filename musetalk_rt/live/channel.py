@@ -106,6 +106,7 @@ class LiveChannel:
         self._sessions: list[_Session] = []
         self._lock = threading.Lock()
         self.next_out = 0
+        self.last_frame: np.ndarray | None = None  # for the operator preview
         self._gate = SpeechGate()
         self._stop = threading.Event()
         self._threads = [
@@ -137,6 +138,22 @@ class LiveChannel:
             **self.stats.as_dict(),
             "outputs": {o.target: dict(o.stats, up=o.up) for o in self.outputs},
         }
+
+    def preview_jpeg(self, max_side: int = 640) -> bytes | None:
+        """The latest emitted frame as a JPEG (None before the first frame)."""
+        import cv2
+
+        frame = self.last_frame
+        if frame is None:
+            return None
+        h, w = frame.shape[:2]
+        scale = min(1.0, max_side / max(h, w))
+        if scale < 1.0:
+            frame = cv2.resize(frame, (round(w * scale), round(h * scale)), cv2.INTER_AREA)
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80]
+        )
+        return buf.tobytes() if ok else None
 
     def sender_stats(self) -> dict:  # the AudioSink interface: sent to the sender every second
         s = self.stats.as_dict()
@@ -257,6 +274,7 @@ class LiveChannel:
                         v2f = (time.monotonic() - self.arrival[n]) * 1000.0
                         self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
             audio = self._audio.pop(n, silence)
+            self.last_frame = frame
             for out in self.outputs:
                 out.offer(frame, audio)
             self.stats.frames_out += 1

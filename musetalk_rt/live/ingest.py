@@ -10,7 +10,8 @@ catches up, so TCP back-pressure slows the sender and nothing piles up. Every se
 receives ``stats``. Any bad message gets an error and a close for that connection only.
 
 The same port answers plain HTTP: ``/healthz``, ``/metrics`` (Prometheus text, when the owner
-provides it), ``/channels.json`` and the browser ingest page (``/``: microphone -> AudioWorklet
+provides it), ``/channels.json``, the operator preview (``/preview``: each channel's latest
+frame, polled as JPEG) and the browser ingest page (``/``: microphone -> AudioWorklet
 -> PCM16 16 kHz -> this WebSocket, with a level meter, connection state and live latency, in
 Traditional Chinese and English).
 """
@@ -53,6 +54,7 @@ _PAGES = {
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/worklet.js": ("worklet.js", "text/javascript; charset=utf-8"),
+    "/preview": ("preview.html", "text/html; charset=utf-8"),
 }
 
 
@@ -106,10 +108,12 @@ class IngestServer:
         sinks: dict[str, AudioSink],
         config: IngestConfig | None = None,
         metrics: Callable[[], str] | None = None,
+        preview: Callable[[str], bytes | None] | None = None,
     ):
         self.sinks = sinks
         self.config = config or IngestConfig()
         self.metrics = metrics
+        self.preview = preview  # channel name -> JPEG of its latest frame
         self._busy: dict[str, float] = {}  # channel -> connect time
         self._server = None
         self.refused: dict[int, int] = {}  # close code -> count
@@ -155,6 +159,10 @@ class IngestServer:
         if path == "/channels.json":
             body = json.dumps({"channels": sorted(self.sinks)}).encode()
             return _response(HTTPStatus.OK, body, "application/json")
+        if path.startswith("/preview/") and path.endswith(".jpg") and self.preview:
+            jpeg = self.preview(path[len("/preview/") : -len(".jpg")])
+            if jpeg is not None:
+                return _response(HTTPStatus.OK, jpeg, "image/jpeg")
         if path in _PAGES:
             name, ctype = _PAGES[path]
             return _response(HTTPStatus.OK, (WEB / name).read_bytes(), ctype)

@@ -31,6 +31,21 @@ class SendReport:
     close_code: int | None = None
 
 
+async def _connect(url: str, open_timeout_s: float, cafile: str | None):
+    import ssl
+
+    kwargs = {}
+    if url.startswith("wss://"):
+        try:
+            kwargs["ssl"] = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(f"cannot read the CA file {cafile}: {exc}") from None
+    try:
+        return await connect(url, open_timeout=open_timeout_s, max_size=2**20, **kwargs)
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+        raise UserError(f"cannot connect to {url}: {exc}") from None
+
+
 def _int16_chunks(clip: AudioClip, chunk_ms: int) -> tuple[list[bytes], float]:
     pcm = np.clip(np.rint(clip.samples.T * 32767.0), -32768, 32767).astype("<i2")  # [N, C]
     step = max(1, clip.sample_rate * chunk_ms // 1000)
@@ -45,8 +60,11 @@ async def send_clip(
     realtime: bool = True,
     on_message: Callable[[dict], None] | None = None,
     open_timeout_s: float = 10.0,
+    cafile: str | None = None,
 ) -> SendReport:
     """Send ``clip`` as ``pcm_s16le`` at its own rate and channel count.
+
+    ``cafile`` trusts a certificate authority (or a self-signed certificate) for ``wss://``.
 
     Raises:
         UserError: The server cannot be reached, or refuses the hello (its message is given).
@@ -60,10 +78,7 @@ async def send_clip(
         "sample_rate": clip.sample_rate,
         "channels": clip.channels,
     }
-    try:
-        ws = await connect(url, open_timeout=open_timeout_s, max_size=2**20)
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-        raise UserError(f"cannot connect to {url}: {exc}") from None
+    ws = await _connect(url, open_timeout_s, cafile)
     async with ws:
         await ws.send(json.dumps(hello))
         first = json.loads(await ws.recv())
@@ -123,10 +138,7 @@ async def send_microphone(url: str, token: str | None = None, chunk_ms: int = 20
         data = bytes(indata)
         loop.call_soon_threadsafe(lambda: queue.full() or queue.put_nowait(data))
 
-    try:
-        ws = await connect(url, open_timeout=10, max_size=2**20)
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-        raise UserError(f"cannot connect to {url}: {exc}") from None
+    ws = await _connect(url, 10.0, None)
     async with ws:
         hello = {
             "type": "hello",
