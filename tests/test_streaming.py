@@ -388,3 +388,39 @@ def test_streaming_and_offline_errors_are_measured_per_frame():
     b = a.clone()
     b[1] *= 1.1
     np.testing.assert_allclose(frame_errors(b, a), [0, 0.1, 0], atol=1e-6)
+
+
+def test_batched_encoder_serves_many_streams_in_one_call(tiny_models):
+    import threading
+
+    from musetalk_rt.audio.incremental import BatchedEncoder, encode_canvases
+
+    whisper, fe = tiny_models.whisper, tiny_models.feature_extractor
+    rng = np.random.default_rng(0)
+    canvases = [rng.standard_normal(16000 * (i + 1)).astype(np.float32) * 0.1 for i in range(4)]
+    shared = BatchedEncoder(whisper, fe, max_batch=8, gather_ms=300)
+    results = {}
+
+    def call(i):
+        results[i] = shared.encode([canvases[i]])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shared.close()
+    ref = encode_canvases(whisper, fe, canvases, torch.float32)
+    for i in range(4):
+        torch.testing.assert_close(results[i][0], ref[i], rtol=1e-4, atol=1e-4)
+    assert shared.canvases == 4 and shared.calls < 4  # gathered into fewer calls
+    # an extractor given the shared encoder gives the same windows as one on its own
+    audio = rng.standard_normal(16000 * 2).astype(np.float32) * 0.1
+    cfg = StreamingConfig(hop_frames=25)
+    alone, _ = stream_windows(whisper, fe, audio, cfg, 3200)
+    shared = BatchedEncoder(whisper, fe)
+    ex = IncrementalFeatureExtractor(whisper, fe, cfg, shared=shared)
+    parts = [ex.push(audio[i : i + 3200]) for i in range(0, len(audio), 3200)] + [ex.flush()]
+    shared.close()
+    together = torch.cat([p.windows for p in parts if p is not None])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)

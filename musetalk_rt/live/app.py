@@ -99,7 +99,7 @@ async def _serve(server, channels, worker, duration_s: float | None) -> None:
 
 def run(args) -> int:
     """Start everything, serve, stop; returns the exit status."""
-    from musetalk_rt.audio.incremental import StreamingConfig
+    from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig
     from musetalk_rt.audio.vad import load_silero_vad
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.cli import _device, _engine_options
@@ -169,6 +169,7 @@ def run(args) -> int:
         flush=True,
     )
     vad_net = load_silero_vad()
+    encoder = BatchedEncoder(models.whisper, models.feature_extractor, max_batch=16)
     channels = []
     for name, a in avatars.items():
         w, h = a.size
@@ -187,6 +188,7 @@ def run(args) -> int:
                 stream_cfg,
                 delay_s,
                 outs,
+                encoder,
             )
         )
     worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s))

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from musetalk_rt.audio.features import FPS
-from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
+from musetalk_rt.audio.incremental import (
+    BatchedEncoder,
+    IncrementalFeatureExtractor,
+    StreamingConfig,
+)
 from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
 from musetalk_rt.avatar.store import Avatar
 from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
@@ -77,6 +81,7 @@ class LiveChannel:
         stream_config: Incremental feature settings.
         delay_s: Playout delay ``D``.
         outputs: Where frames go.
+        encoder: Shared batched whisper encoder (one batched call for all channels' canvases).
     """
 
     def __init__(
@@ -89,9 +94,11 @@ class LiveChannel:
         stream_config: StreamingConfig,
         delay_s: float,
         outputs: list[Output],
+        encoder: BatchedEncoder | None = None,
     ):
         self.name = name
         self.avatar = avatar
+        self.encoder = encoder
         self.whisper, self.fe, self.vad_net = whisper, feature_extractor, vad_net
         self.stream_config = stream_config
         self.delay_s = delay_s
@@ -177,7 +184,9 @@ class LiveChannel:
                 start = max(now_frame, self._session_end_frame())
                 cur = _Session(
                     start,
-                    IncrementalFeatureExtractor(self.whisper, self.fe, self.stream_config),
+                    IncrementalFeatureExtractor(
+                        self.whisper, self.fe, self.stream_config, shared=self.encoder
+                    ),
                     VoiceActivity(self.vad_net),
                 )
                 cur.vad.keep_probs = False
