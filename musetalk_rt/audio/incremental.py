@@ -297,7 +297,10 @@ class IncrementalFeatureExtractor:
         self.stats = ExtractorStats()
         self.received = 0  # 16 kHz samples pushed so far
         self.next_frame = 0  # first frame not yet emitted
-        self._buf = np.zeros(0, np.float32)  # audio from sample self._buf_start on
+        # audio from stream sample self._buf_start on lives in self._arr[self._off : self._end];
+        # appending and dropping old audio are amortised O(chunk), never a copy of the buffer
+        self._arr = np.zeros(1 << 16, np.float32)
+        self._off = self._end = 0
         self._buf_start = 0
         self._exact: dict[int, torch.Tensor] = {}  # complete segment k -> [1500, 5, 384]
         self._final: int | None = None  # total samples, once flushed
@@ -332,9 +335,10 @@ class IncrementalFeatureExtractor:
 
     def _audio(self, start: int, end: int) -> np.ndarray:
         """Samples ``[start, end)`` of the stream (all arrived and kept)."""
-        a, b = start - self._buf_start, end - self._buf_start
+        a = self._off + start - self._buf_start
+        b = self._off + end - self._buf_start
         assert a >= 0 and end <= self.received, "audio requested that was dropped or not sent"
-        return self._buf[a:b]
+        return self._arr[a:b]
 
     # -- encoder ---------------------------------------------------------------------------------
 
@@ -435,7 +439,7 @@ class IncrementalFeatureExtractor:
     def _trim(self) -> None:
         keep = min(self._keep_from(), self.received)
         if keep > self._buf_start:
-            self._buf = self._buf[keep - self._buf_start :]
+            self._off += keep - self._buf_start
             self._buf_start = keep
         first_seg = max(0, 2 * self.next_frame - 4) // SEGMENT_STEPS
         for k in [k for k in self._exact if k < first_seg]:
@@ -453,7 +457,7 @@ class IncrementalFeatureExtractor:
             raise RuntimeError("push() after flush(): this stream has ended")
         audio_16k = np.asarray(audio_16k, dtype=np.float32).reshape(-1)
         if audio_16k.size:
-            self._buf = np.concatenate([self._buf, audio_16k])
+            self._append(audio_16k)
             self.received += audio_16k.size
         last = self.next_frame - 1
         while self.frame_ready_at(last + 1) <= self.received:
@@ -468,4 +472,17 @@ class IncrementalFeatureExtractor:
 
     def pending_samples(self) -> int:
         """Audio held in memory (samples)."""
-        return int(self._buf.size)
+        return int(self._end - self._off)
+
+    def _append(self, audio: np.ndarray) -> None:
+        n = audio.size
+        if self._end + n > self._arr.size:  # compact, and grow when more than half is live
+            live = self._end - self._off
+            size = self._arr.size * 2 if live + n > self._arr.size // 2 else self._arr.size
+            while live + n > size:
+                size *= 2
+            arr = np.zeros(size, np.float32) if size != self._arr.size else self._arr
+            arr[:live] = self._arr[self._off : self._end]
+            self._arr, self._off, self._end = arr, 0, live
+        self._arr[self._end : self._end + n] = audio
+        self._end += n

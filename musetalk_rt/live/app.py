@@ -207,16 +207,16 @@ def run(args) -> int:
         worker.stop()
         for ch in channels:
             ch.stop()
-    print(
-        json.dumps(
-            {
-                "live": [ch.stats_dict() for ch in channels],
-                "delay_ms": round(delay_s * 1000),
-                "gpu_batches": worker.batches,
-            }
-        ),
-        flush=True,
+    summary = json.dumps(
+        {
+            "live": [ch.stats_dict() for ch in channels],
+            "delay_ms": round(delay_s * 1000),
+            "gpu_batches": worker.batches,
+        }
     )
+    # one write, on a line of its own: log lines from other threads share the terminal or pipe
+    sys.stdout.write(f"\n{summary}\n")
+    sys.stdout.flush()
     return 0
 
 
