@@ -243,22 +243,19 @@ def _streamed_features(
     models: Models, clip, config: StreamingConfig
 ) -> tuple[torch.Tensor, list[float], dict]:
     """The live audio path over a whole clip: windows ``[F, 50, 384]``, talk weights, stats."""
-    from musetalk_rt.audio.check import stream_clip
-    from musetalk_rt.audio.parity import stream_windows
-    from musetalk_rt.audio.vad import SpeechGate, VoiceActivity, load_silero_vad
+    from musetalk_rt.audio.check import run_streaming_path
+    from musetalk_rt.audio.vad import SpeechGate
 
-    audio, input_stats = stream_clip(clip, chunk_ms=20)
-    windows, ex = stream_windows(models.whisper, models.feature_extractor, audio, config, 320)
-    vad = VoiceActivity(load_silero_vad())
-    vad.push(audio)
-    vad.finish()
+    run = run_streaming_path(clip, models.whisper, models.feature_extractor, config)
     gate = SpeechGate()
-    weights = [gate.step(vad.is_speech((f + 0.5) * 1000.0 / FPS)) for f in range(len(windows))]
+    weights = [
+        gate.step(run.vad.is_speech((f + 0.5) * 1000.0 / FPS)) for f in range(len(run.windows))
+    ]
     extra = {
         "streaming": config.describe(),
         "speech_frames": sum(w > 0 for w in weights),
         "idle_frames": sum(w == 0 for w in weights),
-        "extractor": ex.stats.as_dict(),
-        "input": input_stats,
+        "extractor": run.extractor.stats.as_dict(),
+        "input": run.input_stats,
     }
-    return windows, weights, extra
+    return run.windows, weights, extra

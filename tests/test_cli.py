@@ -145,25 +145,18 @@ def _bad_cases(tmp_path, avatars, fixtures):
     zero_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     img = tmp_path / "img.png"
     cv2.imwrite(str(img), np.full((64, 64, 3), 128, np.uint8))
-    render = [
-        "render",
-        "--weights",
-        "tiny",
-        "--avatars-dir",
-        str(avatars),
-        "--avatar",
-        "yongen",
-        "--out",
-        str(tmp_path / "o.mp4"),
-    ]
+
+    def render(audio, *extra):
+        return _render_argv(avatars, audio, tmp_path / "o.mp4", *extra)
+
     prep = ["avatar", "prepare", "--weights", "tiny", "--avatars-dir", str(tmp_path / "av")]
     return {
-        "missing audio": (render + ["--audio", str(tmp_path / "nope.wav")], "does not exist"),
-        "not audio": (render + ["--audio", str(text)], "not an audio file"),
-        "empty wav": (render + ["--audio", str(empty)], "no audio samples"),
-        "too short": (render + ["--audio", str(short)], "shorter than one video frame"),
+        "missing audio": (render(str(tmp_path / "nope.wav")), "does not exist"),
+        "not audio": (render(str(text)), "not an audio file"),
+        "empty wav": (render(str(empty)), "no audio samples"),
+        "too short": (render(str(short)), "shorter than one video frame"),
         "unknown engine": (
-            render + ["--audio", str(fixtures / "yongen.wav"), "--engine", "warp"],
+            render(str(fixtures / "yongen.wav"), "--engine", "warp"),
             "unknown engine 'warp'",
         ),
         "unknown avatar": (
@@ -208,7 +201,7 @@ def _bad_cases(tmp_path, avatars, fixtures):
             "weights download",
         ),
         "cuda without gpu": (
-            render + ["--audio", str(fixtures / "yongen.wav"), "--device", "cuda:7"],
+            render(str(fixtures / "yongen.wav"), "--device", "cuda:7"),
             "cuda",
         ),
     }

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from musetalk_rt.audio.features import SAMPLE_RATE, AudioFeatureExtractor
-from musetalk_rt.audio.incremental import StreamingConfig
+from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
 from musetalk_rt.audio.parity import frame_errors, stream_windows, summarize
 from musetalk_rt.audio.stream import AudioInput
 from musetalk_rt.audio.vad import WINDOW_MS, Segment, VadConfig, VoiceActivity, load_silero_vad
@@ -65,6 +65,35 @@ def stream_clip(clip: AudioClip, chunk_ms: int = 20) -> tuple[np.ndarray, dict]:
     return np.concatenate(parts), ai.stats.as_dict()
 
 
+@dataclass
+class StreamedClip:
+    """A clip after the live audio path: 16 kHz audio, windows, voice activity, counters."""
+
+    audio_16k: np.ndarray
+    input_stats: dict
+    windows: torch.Tensor  # [F, 50, 384]
+    extractor: IncrementalFeatureExtractor
+    vad: VoiceActivity
+
+
+def run_streaming_path(
+    clip: AudioClip,
+    whisper: torch.nn.Module,
+    feature_extractor,
+    config: StreamingConfig,
+    vad_config: VadConfig | None = None,
+    chunk_ms: int = 20,
+) -> StreamedClip:
+    """Send a clip through resampler, incremental features and VAD in ``chunk_ms`` chunks."""
+    audio, input_stats = stream_clip(clip, chunk_ms)
+    vad = VoiceActivity(load_silero_vad(), vad_config or VadConfig())
+    vad.push(audio)
+    vad.finish()
+    chunk = SAMPLE_RATE * chunk_ms // 1000
+    windows, ex = stream_windows(whisper, feature_extractor, audio, config, chunk)
+    return StreamedClip(audio, input_stats, windows, ex, vad)
+
+
 def check_audio(
     clip: AudioClip,
     whisper: torch.nn.Module,
@@ -75,23 +104,19 @@ def check_audio(
 ) -> AudioReport:
     """Stream ``clip`` and measure VAD, features, error against offline and cost."""
     vad_config = vad_config or VadConfig()
-    audio, input_stats = stream_clip(clip, chunk_ms)
-    vad = VoiceActivity(load_silero_vad(), vad_config)
-    vad.push(audio)
-    segments = vad.finish()
-    chunk = SAMPLE_RATE * chunk_ms // 1000
-    got, ex = stream_windows(whisper, feature_extractor, audio, config, chunk)
+    run = run_streaming_path(clip, whisper, feature_extractor, config, vad_config, chunk_ms)
+    audio = run.audio_16k
     ref = AudioFeatureExtractor(whisper, feature_extractor).windows(audio)
     return AudioReport(
         duration_s=audio.size / SAMPLE_RATE,
-        frames=int(got.shape[0]),
-        segments=segments,
-        vad_probs=np.asarray(vad.probs, np.float32),
-        errors=frame_errors(got, ref),
+        frames=int(run.windows.shape[0]),
+        segments=run.vad.segments,
+        vad_probs=np.asarray(run.vad.probs, np.float32),
+        errors=frame_errors(run.windows, ref),
         config=config,
         vad_config=vad_config,
-        cost=ex.stats.as_dict(),
-        input_stats=input_stats,
+        cost=run.extractor.stats.as_dict(),
+        input_stats=run.input_stats,
         audio_16k=audio,
     )
 

@@ -16,6 +16,7 @@ Gaussian so boxes do not jitter. A source with no face at all is an error.
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,15 +49,15 @@ class Face:
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
 
-class LandmarkDetector:
+class LandmarkDetector(ABC):
     """Interface of a 68-point (iBUG layout) face landmark detector."""
 
     name = ""
     licence = ""
 
+    @abstractmethod
     def detect(self, frame: np.ndarray) -> list[Face]:
         """All faces in an ``[H, W, 3]`` uint8 RGB frame."""
-        raise NotImplementedError  # abstract: each detector implements it
 
 
 def _models_folder() -> Path:

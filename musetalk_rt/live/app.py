@@ -48,11 +48,11 @@ def _targets(template: str | None, name: str, several: bool) -> str | None:
     return template.replace("{channel}", name)
 
 
-def measure_startup(gen, whisper, fe, stream_cfg) -> tuple[float, float]:
+def measure_startup(gen, whisper, fe) -> tuple[float, float]:
     """Seconds for one batch of the largest bucket (incl. blend-size copy) and one canvas."""
     import torch
 
-    from musetalk_rt.audio.incremental import IncrementalFeatureExtractor
+    from musetalk_rt.audio.incremental import encode_canvases
     from musetalk_rt.stages import FrameBatch, StageClock
 
     b = max(gen.batch_sizes)
@@ -68,10 +68,10 @@ def measure_startup(gen, whisper, fe, stream_cfg) -> tuple[float, float]:
     t = time.perf_counter()
     gen(batch, clock)
     compute = time.perf_counter() - t
-    ex = IncrementalFeatureExtractor(whisper, fe, stream_cfg)
-    ex._encode([np.zeros(16000, np.float32)])
+    canvas = [np.zeros(16000, np.float32)]
+    encode_canvases(whisper, fe, canvas, torch.float32)  # warm
     t = time.perf_counter()
-    ex._encode([np.zeros(16000, np.float32)])
+    encode_canvases(whisper, fe, canvas, torch.float32)
     return compute, time.perf_counter() - t
 
 
@@ -155,7 +155,7 @@ def run(args) -> int:
     )
     for r in gen.prepare(args.models_dir):
         print(f"engine: {r.summary()}", flush=True)
-    compute_s, canvas_s = measure_startup(gen, models.whisper, models.feature_extractor, stream_cfg)
+    compute_s, canvas_s = measure_startup(gen, models.whisper, models.feature_extractor)
     lookahead_s = (stream_cfg.lookahead_ms + (stream_cfg.hop_frames - 1) * 40) / 1000
     delay_s = (
         args.delay_ms / 1000

@@ -205,7 +205,9 @@ class LiveChannel:
         if not self._sessions:
             return 0
         s = self._sessions[-1]
-        return s.end_frame if s.end_frame is not None else s.base_frame + s.samples // 640 + 1
+        if s.end_frame is not None:
+            return s.end_frame
+        return s.base_frame + s.samples // AUDIO_PER_FRAME + 1
 
     def _add_audio(self, s: _Session, pcm: np.ndarray) -> None:
         now = time.monotonic()
