@@ -5,10 +5,20 @@ against fp32 eager on fresh inputs, then times the steady state: CUDA events on 
 ``perf_counter`` on the CPU, median and p95 over many iterations. Rows are JSONL under
 ``experiments/results/<date>_<gpu>_<sha>/``; the command prints a table for people and ends
 with one JSON line for scripts.
+
+``p50_ms`` (and ``fps``) time one step from an idle GPU: the host's work before the first kernel
+(casts, guards, graph launch) is inside it. ``gpu_p50_ms`` times the same step queued behind a
+GPU sleep, so the host has issued it before the GPU reaches it: the GPU's own time. Their
+difference is the launch latency a pipelined caller could hide.
+
+``fuse_stages``: UNet and VAE decode built as one module (one graph, one replay per step); the
+row then has no per-stage times. ``GpuTurns``: several bench processes on one GPU build at the
+same time and take turns for the timing, each after all have built (or a deadline passed).
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -25,6 +35,7 @@ import torch
 import musetalk_rt
 from musetalk_rt.engines import parse_dtype, select_engine
 from musetalk_rt.engines.parity import check_parity
+from musetalk_rt.modeling import UNetStep, VaeDecodeStep
 from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 from musetalk_rt.weights import Models
 
@@ -108,9 +119,17 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+GPU_SLEEP_CYCLES = 10_000_000  # ~5 ms at H100 clocks: longer than any step's host-side issue
+
+
 def _time_step(
-    step: Callable[[], None], device: torch.device, warmup: int, iters: int
+    step: Callable[[], None],
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    gpu_bound: bool = False,
 ) -> list[float]:
+    """Milliseconds per ``step``; ``gpu_bound`` queues a GPU sleep first (CUDA only)."""
     for _ in range(warmup):
         step()
     times = []
@@ -118,6 +137,8 @@ def _time_step(
         torch.cuda.synchronize(device)
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if gpu_bound:
+                torch.cuda._sleep(GPU_SLEEP_CYCLES)
             start.record()
             step()
             end.record()
@@ -132,20 +153,121 @@ def _time_step(
 
 
 def _measure(
-    unet, vae, batch: int, device: torch.device, warmup: int, iters: int
-) -> tuple[dict[str, list[float]], list[float]]:
-    """Time the UNet alone, the VAE decode alone, and both chained (ms per call)."""
+    unet, vae, batch: int, device: torch.device, warmup: int, iters: int, fused=None
+) -> tuple[dict[str, list[float]], list[float], list[float] | None]:
+    """Time the UNet alone, the VAE decode alone, both chained, and the chain GPU-bound (ms).
+
+    With ``fused`` (a runner of both stages as one module), only the chain is timed.
+    """
     g = torch.Generator().manual_seed(batch)
     latents = torch.randn(batch, 8, 32, 32, generator=g).to(device)  # [B, 8, 32, 32]
     audio = torch.randn(batch, 50, 384, generator=g).to(device)  # [B, 50, 384]
     with torch.inference_mode():
-        pred = unet.run(latents, audio).clone()  # [B, 4, 32, 32]
-        per_stage = {
-            "unet": _time_step(lambda: unet.run(latents, audio), device, warmup, iters),
-            "vae_decode": _time_step(lambda: vae.run(pred), device, warmup, iters),
-        }
-        total = _time_step(lambda: vae.run(unet.run(latents, audio)), device, warmup, iters)
-    return per_stage, total
+        if fused is not None:
+            per_stage = {}
+
+            def chain():
+                return fused(latents, audio)
+
+        else:
+            pred = unet.run(latents, audio).clone()  # [B, 4, 32, 32]
+            per_stage = {
+                "unet": _time_step(lambda: unet.run(latents, audio), device, warmup, iters),
+                "vae_decode": _time_step(lambda: vae.run(pred), device, warmup, iters),
+            }
+
+            def chain():
+                return vae.run(unet.run(latents, audio))
+
+        total = _time_step(chain, device, warmup, iters)
+        gpu = _time_step(chain, device, 1, iters, gpu_bound=True) if device.type == "cuda" else None
+    return per_stage, total, gpu
+
+
+class _FusedStep(torch.nn.Module):
+    """UNet step then VAE decode as one module: ``(latents, audio) -> (pred_latents, images)``."""
+
+    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module):
+        super().__init__()
+        self.unet = UNetStep(unet)
+        self.decode = VaeDecodeStep(vae)
+
+    def forward(self, latents: torch.Tensor, audio: torch.Tensor):
+        pred = self.unet(latents, audio)
+        return pred, self.decode(pred)
+
+
+def _fused_parity_runners(fused):
+    """``(unet, vae)`` callables for ``check_parity`` from one fused runner (same call)."""
+    last = {}
+
+    def unet(latents, audio):
+        last["pred"], last["images"] = fused(latents, audio)
+        return last["pred"]
+
+    def vae(pred):
+        return last["images"]
+
+    return unet, vae
+
+
+class GpuTurns:
+    """Concurrent bench processes on one GPU: build together, time one at a time.
+
+    Each process marks itself ready in ``folder`` once built (or failed), waits until ``peers``
+    are ready or ``deadline_s`` after its start have passed, then times under an exclusive
+    file lock. Each process also caps its GPU memory at ``0.9 / peers`` of the card (at least
+    15%: a B=4 build of UNet + VAE peaks near 7 GB of 80) so that concurrent builds, and cuDNN's
+    autotuning workspaces above all, cannot starve each other.
+    """
+
+    def __init__(self, folder: Path, peers: int, deadline_s: float = 420.0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.peers = peers
+        self.deadline = time.monotonic() + deadline_s
+        self.ready_peers: int | None = None
+        self._marked = False
+
+    def limit_memory(self, device: torch.device) -> None:
+        if device.type == "cuda" and self.peers > 1:
+            torch.cuda.set_per_process_memory_fraction(max(0.9 / self.peers, 0.15), device)
+
+    def _count(self) -> int:
+        return len(list(self.folder.glob("ready.*")))
+
+    def mark_ready(self) -> None:
+        if not self._marked:
+            (self.folder / f"ready.{os.getpid()}").touch()
+            self._marked = True
+
+    def wait(self, log: Callable[[str], None] = print) -> None:
+        """Mark ready and wait for the peers (once; later calls return at once)."""
+        if self.ready_peers is not None:
+            return
+        self.mark_ready()
+        while self._count() < self.peers and time.monotonic() < self.deadline:
+            time.sleep(1.0)
+        self.ready_peers = self._count()
+        log(f"gpu turns: {self.ready_peers}/{self.peers} peers ready")
+
+    def turn(self):
+        """Context manager: the exclusive lock for timing."""
+        folder = self.folder
+
+        class _Lock:
+            def __enter__(self):
+                self.f = (folder / "lock").open("w")
+                fcntl.flock(self.f, fcntl.LOCK_EX)
+
+            def __exit__(self, *exc):
+                fcntl.flock(self.f, fcntl.LOCK_UN)
+                self.f.close()
+
+        return _Lock()
+
+    def as_dict(self) -> dict:
+        return {"peers": self.peers, "ready_peers": self.ready_peers}
 
 
 def run_bench(
@@ -159,6 +281,8 @@ def run_bench(
     log: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
     cache_root: Path | None = None,
+    fuse_stages: bool = False,
+    turns: GpuTurns | None = None,
 ) -> list[dict]:
     """Run every engine x dtype x batch scenario; return one row per scenario.
 
@@ -173,9 +297,13 @@ def run_bench(
         log: Progress lines.
         on_row: Called with each row as soon as it is measured (so a crash keeps the rows).
         cache_root: ``models_dir`` whose engine cache primes builds (build_s then shows it).
+        fuse_stages: Build UNet + VAE decode as one module (no engine cache, no per-stage times).
+        turns: Share the GPU with concurrent bench processes (see :class:`GpuTurns`).
     """
     device = models.device
     env = environment(device)
+    if turns is not None:
+        turns.limit_memory(device)
     ref_unet, ref_vae = reference_stages(models, batch_sizes)
     rows = []
     for engine_name in engines:
@@ -188,15 +316,41 @@ def run_bench(
             log(f"building {engine_name}/{dtype_name} for batches {batch_sizes} …")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rep_u = unet.prepare(batch_sizes, cache_root, models.fingerprint)
-            rep_v = vae.prepare(batch_sizes, cache_root, models.fingerprint)
+            fused = None
+            try:
+                if fuse_stages:
+                    fused = engine.build(
+                        _FusedStep(models.unet, models.vae),
+                        unet.example_inputs,
+                        batch_sizes,
+                        dtype,
+                        device,
+                    )
+                    rep_u = rep_v = fused.report
+                    parity_u, parity_v = _fused_parity_runners(fused)
+                else:
+                    rep_u = unet.prepare(batch_sizes, cache_root, models.fingerprint)
+                    rep_v = vae.prepare(batch_sizes, cache_root, models.fingerprint)
+                    parity_u, parity_v = unet.run, vae.run
+            except BaseException:
+                if turns is not None:
+                    turns.mark_ready()  # peers need not wait for a build that failed
+                raise
+            if turns is not None:
+                turns.wait(log)
             for b in batch_sizes:
-                quality = check_parity(ref_unet.run, ref_vae.run, unet.run, vae.run, b, device)
-                per_stage, total = _measure(unet, vae, b, device, warmup, iters)
+                with turns.turn() if turns is not None else _no_lock():
+                    quality = check_parity(ref_unet.run, ref_vae.run, parity_u, parity_v, b, device)
+                    per_stage, total, gpu = _measure(unet, vae, b, device, warmup, iters, fused)
                 p50 = statistics.median(total)
+                build_s = (
+                    rep_u.build_s.get(b, 0.0)
+                    if fuse_stages
+                    else rep_u.build_s.get(b, 0.0) + rep_v.build_s.get(b, 0.0)
+                )
                 row = {
                     "scenario": f"{engine_name}-{dtype_name}-b{b}",
-                    "stages": "unet+vae_decode",
+                    "stages": "unet+vae_decode (fused)" if fuse_stages else "unet+vae_decode",
                     "engine": engine_name,
                     "engine_reason": f"{reason}; {rep_u.reason}",
                     "dtype": dtype_name,
@@ -204,20 +358,24 @@ def run_bench(
                     "p50_ms": round(p50, 3),
                     "p95_ms": round(_percentile(total, 0.95), 3),
                     "fps": round(b * 1000.0 / p50, 1),
-                    "unet_p50_ms": round(statistics.median(per_stage["unet"]), 3),
-                    "vae_decode_p50_ms": round(statistics.median(per_stage["vae_decode"]), 3),
+                    "gpu_p50_ms": round(statistics.median(gpu), 3) if gpu else None,
+                    "gpu_fps": round(b * 1000.0 / statistics.median(gpu), 1) if gpu else None,
+                    "unet_p50_ms": _p50(per_stage.get("unet")),
+                    "vae_decode_p50_ms": _p50(per_stage.get("vae_decode")),
                     "peak_mem_mb": (
                         round(torch.cuda.max_memory_allocated(device) / 2**20)
                         if device.type == "cuda"
                         else None
                     ),
-                    "build_s": round(rep_u.build_s.get(b, 0.0) + rep_v.build_s.get(b, 0.0), 2),
+                    "build_s": round(build_s, 2),
                     "engine_cache": rep_u.cache,
+                    "engine_options": engine.cache_options(),
                     "quality": quality.as_dict(),
                     "weights": models.kind,
                     "weights_fingerprint": models.fingerprint,
                     "iters": iters,
                     "device": str(device),
+                    **({"gpu_turns": turns.as_dict()} if turns is not None else {}),
                     **env,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
@@ -228,11 +386,23 @@ def run_bench(
                     f"  {row['scenario']}: {row['p50_ms']} ms, {row['fps']} fps, "
                     f"PSNR {quality.psnr_db} dB"
                 )
-            unet = vae = None  # free this engine's copies before the next one
+            unet = vae = fused = parity_u = parity_v = None  # free this engine's copies
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+class _no_lock:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _p50(times: list[float] | None) -> float | None:
+    return round(statistics.median(times), 3) if times else None
 
 
 def write_rows(rows: list[dict], out_dir: Path, name: str = "bench.jsonl") -> Path:
@@ -248,15 +418,20 @@ def write_rows(rows: list[dict], out_dir: Path, name: str = "bench.jsonl") -> Pa
 def table(rows: list[dict]) -> str:
     """A human-readable table of bench rows."""
     head = (
-        f"{'scenario':<24}{'p50 ms':>9}{'p95 ms':>9}{'fps':>8}{'unet':>8}{'vae':>8}"
+        f"{'scenario':<24}{'p50 ms':>9}{'p95 ms':>9}{'fps':>8}{'gpu ms':>8}{'unet':>8}{'vae':>8}"
         f"{'build s':>9}{'PSNR dB':>9}{'lat err':>10}{'mem MB':>8}"
     )
+
+    def ms(v) -> str:
+        return f"{v:>8.2f}" if v is not None else f"{'-':>8}"
+
     lines = [head, "-" * len(head)]
     for r in rows:
         q = r["quality"]
         lines.append(
             f"{r['scenario']:<24}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['fps']:>8.1f}"
-            f"{r['unet_p50_ms']:>8.2f}{r['vae_decode_p50_ms']:>8.2f}{r['build_s']:>9.1f}"
+            f"{ms(r.get('gpu_p50_ms'))}{ms(r['unet_p50_ms'])}{ms(r['vae_decode_p50_ms'])}"
+            f"{r['build_s']:>9.1f}"
             f"{q['psnr_db']:>9.2f}{q['latent_rel_err']:>10.2e}{r['peak_mem_mb'] or 0:>8}"
         )
     if rows:

@@ -117,6 +117,12 @@ def _engine_options(args) -> dict:
         opts["freezing"] = True
     if getattr(args, "compile_cd_tuning", False):
         opts["coordinate_descent"] = True
+    if getattr(args, "compile_fuse_qkv", False):
+        opts["fuse_qkv"] = True
+    if getattr(args, "compile_cudnn_benchmark", False):
+        opts["cudnn_benchmark"] = True
+    if getattr(args, "compile_graph_capture", None) not in (None, "trees"):
+        opts["graph_capture"] = args.compile_graph_capture
     return opts
 
 
@@ -146,6 +152,22 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         "--compile-cd-tuning",
         action="store_true",
         help="inductor coordinate-descent tuning of kernels (longer compile)",
+    )
+    g.add_argument(
+        "--compile-fuse-qkv",
+        action="store_true",
+        help="fuse each attention's q/k/v projections into one linear layer (engine's copy)",
+    )
+    g.add_argument(
+        "--compile-cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its convolution algorithms during the build (process-wide)",
+    )
+    g.add_argument(
+        "--compile-graph-capture",
+        choices=["trees", "manual"],
+        help="CUDA graphs by inductor's cudagraph trees (default) or one manual "
+        "torch.cuda.CUDAGraph capture per bucket around the compiled call",
     )
 
 
@@ -429,6 +451,8 @@ def cmd_send(args) -> int:
         def show(message: dict) -> None:
             if message.get("type") == "stats":
                 print(f"  server: received {message['received_s']} s, ahead {message['ahead_s']} s")
+            elif message.get("type") == "caption":
+                print(f"  caption {message.get('start_s')} s: {message.get('text')}")
 
         rep = asyncio.run(
             send_clip(
@@ -450,6 +474,7 @@ def cmd_send(args) -> int:
                 "chunks": rep.chunks,
                 "seconds": rep.seconds,
                 "stats_messages": len(rep.stats),
+                "captions": len(rep.captions),
                 "close_code": rep.close_code,
             }
         )
@@ -458,10 +483,15 @@ def cmd_send(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from musetalk_rt.bench import environment, results_dir, run_bench, table, write_rows
+    from musetalk_rt.bench import GpuTurns, environment, results_dir, run_bench, table, write_rows
 
     models = _models(args)
     opts = {"compile": _engine_options(args)}
+    turns = (
+        GpuTurns(args.gpu_turns, args.gpu_peers, args.gpu_peers_deadline_s)
+        if args.gpu_turns
+        else None
+    )
     rows = run_bench(
         models,
         args.engine,
@@ -471,6 +501,8 @@ def cmd_bench(args) -> int:
         iters=args.iters,
         engine_options=opts,
         cache_root=args.models_dir,
+        fuse_stages=args.fuse_stages,
+        turns=turns,
     )
     out_dir = args.out or results_dir(Path("experiments/results"), environment(models.device))
     path = write_rows(rows, out_dir)
@@ -664,6 +696,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations (default 3)")
     p.add_argument(
         "--out", type=Path, help="results folder (default: experiments/results/<date>_<gpu>_<sha>)"
+    )
+    p.add_argument(
+        "--fuse-stages",
+        action="store_true",
+        help="build UNet + VAE decode as one module: one graph per step (no per-stage times, "
+        "no engine cache)",
+    )
+    p.add_argument(
+        "--gpu-turns",
+        type=Path,
+        metavar="DIR",
+        help="share the GPU with concurrent bench processes using the same DIR: build together, "
+        "time one at a time after all have built",
+    )
+    p.add_argument(
+        "--gpu-peers",
+        type=_positive_int,
+        default=1,
+        help="bench processes sharing --gpu-turns (default 1)",
+    )
+    p.add_argument(
+        "--gpu-peers-deadline-s",
+        type=float,
+        default=420.0,
+        help="stop waiting for peers this many seconds after start (default 420)",
     )
     _add_compile_options(p)
     _add_common(p)

@@ -80,3 +80,67 @@ def test_psnr():
     a = torch.zeros(4, 4, dtype=torch.uint8)
     assert psnr_u8(a, a) == 100.0
     assert 48 < psnr_u8(a, a + 1) < 49
+
+
+def test_compile_options_from_cli_reach_the_engine_and_its_cache_key():
+    from musetalk_rt.cli import _engine_options, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--compile-fuse-qkv",
+            "--compile-cudnn-benchmark",
+            "--compile-graph-capture",
+            "manual",
+            "--fuse-stages",
+        ]
+    )
+    opts = _engine_options(args)
+    assert opts == {"fuse_qkv": True, "cudnn_benchmark": True, "graph_capture": "manual"}
+    assert args.fuse_stages
+    engine, _ = select_engine("compile", "cpu", torch.float32, **opts)
+    key = engine.cache_options()
+    assert key["fuse_qkv"] and key["cudnn_benchmark"] and key["graph_capture"] == "manual"
+    assert key != get_engine("compile").cache_options()
+    assert _engine_options(build_parser().parse_args(["bench"])) == {}
+    with pytest.raises(UserError, match="graph capture 'cuda'"):
+        get_engine("compile", graph_capture="cuda")
+
+
+def test_compile_fuse_qkv_fuses_the_engine_copy_only(tiny_models):
+    ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
+    engine = get_engine("compile", backend="aot_eager", fuse_qkv=True, cudnn_benchmark=True)
+    u, v = _stages(tiny_models, engine, torch.float32, [2])
+    for stage in (u, v):
+        assert "fused qkv (" in stage.runner.report.reason
+        assert "fused qkv (0 " not in stage.runner.report.reason
+    res = check_parity(ref_u.run, ref_v.run, u.run, v.run, 2, CPU)
+    assert res.passed and res.latent_rel_err < 1e-4, res
+    # the reference modules are untouched
+    for model in (tiny_models.unet, tiny_models.vae):
+        assert not any(getattr(m, "fused_projections", False) for m in model.modules())
+
+
+def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
+    from musetalk_rt.bench import GpuTurns, run_bench, table
+
+    turns = GpuTurns(tmp_path / "turns", peers=2, deadline_s=0.0)  # the peer never comes
+    rows = run_bench(
+        tiny_models,
+        ["compile"],
+        ["fp32"],
+        [2],
+        warmup=1,
+        iters=2,
+        engine_options={"compile": {"backend": "aot_eager", "fuse_qkv": True}},
+        log=lambda line: None,
+        fuse_stages=True,
+        turns=turns,
+    )
+    (row,) = rows
+    assert row["stages"] == "unet+vae_decode (fused)"
+    assert row["unet_p50_ms"] is None and row["vae_decode_p50_ms"] is None
+    assert row["quality"]["passed"] and row["quality"]["latent_rel_err"] < 1e-4
+    assert row["engine_options"]["fuse_qkv"] and row["gpu_p50_ms"] is None
+    assert row["gpu_turns"] == {"peers": 2, "ready_peers": 1}
+    assert "compile-fp32-b2" in table(rows)

@@ -7,6 +7,12 @@ graphs (mode ``reduce-overhead``) make each bucket's step one graph replay. A ha
 replay (torch 2.11, an H100), and cuDNN autotuning made it slower: see experiments/LOG.md.
 Compile time is measured per bucket and reported apart from run time.
 
+Options that only transform the engine's own copy of the module (the reference is never touched):
+``fuse_qkv`` concatenates each diffusers attention's q/k/v (or k/v) projections into one linear
+layer. ``graph_capture="manual"`` compiles without inductor's CUDA graphs and captures one
+``torch.cuda.CUDAGraph`` per bucket around the compiled call (less Python per replay than
+cudagraph trees; it crashed once on replay in an early version, see experiments/LOG.md).
+
 Engine cache: after a build, ``torch.compiler.save_cache_artifacts()`` serialises what inductor
 produced (FX graphs, AOTAutograd graphs, Triton kernels, autotuning results); a later process
 with the same key loads them with ``load_cache_artifacts`` before compiling, which then skips
@@ -24,6 +30,14 @@ import torch
 from torch import nn
 
 from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
+from musetalk_rt.errors import UserError
+
+GRAPH_CAPTURES = ("trees", "manual")
+
+
+def _clone(out):
+    """Clone a tensor or tuple of tensors (a graph's outputs are overwritten by the next replay)."""
+    return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
 
 def _tree_step(compiled):
@@ -32,11 +46,55 @@ def _tree_step(compiled):
     The output is cloned: the tree's output buffer is overwritten by the next replay.
     """
 
-    def step(*inputs: torch.Tensor) -> torch.Tensor:
+    def step(*inputs: torch.Tensor):
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*inputs).clone()
+        return _clone(compiled(*inputs))
 
     return step
+
+
+class _ManualGraphStep:
+    """Replay one ``torch.cuda.CUDAGraph`` captured around ``fn`` on static input buffers.
+
+    Inputs are copied into the static buffers; the output is cloned (the next replay overwrites
+    the static output).
+    """
+
+    def __init__(self, fn, inputs: Sequence[torch.Tensor], warmup: int = 3):
+        self.static_inputs = [x.clone() for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # compiles/autotunes outside the capture
+                fn(*self.static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = fn(*self.static_inputs)
+        torch.cuda.synchronize()
+
+    def __call__(self, *inputs: torch.Tensor):
+        for dst, src in zip(self.static_inputs, inputs, strict=True):
+            dst.copy_(src)
+        self.graph.replay()
+        return _clone(self.static_output)
+
+
+def fuse_qkv_projections(module: nn.Module) -> int:
+    """Fuse the q/k/v projections of every diffusers model inside ``module``, in place.
+
+    Returns:
+        The number of attention modules fused (0 when the module has no diffusers attention).
+    """
+    fused = 0
+    with torch.no_grad():
+        for sub in list(module.modules()):
+            if hasattr(sub, "fuse_qkv_projections") and hasattr(sub, "attn_processors"):
+                sub.fuse_qkv_projections()  # diffusers: projections + FusedAttnProcessor2_0
+                fused += sum(1 for m in sub.modules() if getattr(m, "fused_projections", False))
+    module.requires_grad_(False)
+    return fused
 
 
 @register
@@ -50,6 +108,11 @@ class CompileEngine(Engine):
         freezing: Inductor freezing (weights as constants, folded and re-laid out).
         coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
+        fuse_qkv: Fuse each attention's q/k/v projections into one linear (engine's copy).
+        cudnn_benchmark: ``torch.backends.cudnn.benchmark`` (process-wide): cuDNN times its
+            convolution algorithms on the first call of each shape (during the build).
+        graph_capture: ``trees`` (inductor's cudagraph trees, mode reduce-overhead) or
+            ``manual`` (one ``torch.cuda.CUDAGraph`` per bucket around the compiled call).
     """
 
     name = "compile"
@@ -63,13 +126,22 @@ class CompileEngine(Engine):
         freezing: bool = False,
         coordinate_descent: bool = False,
         channels_last: bool = True,
+        fuse_qkv: bool = False,
+        cudnn_benchmark: bool = False,
+        graph_capture: str = "trees",
     ):
+        if graph_capture not in GRAPH_CAPTURES:
+            choices = ", ".join(GRAPH_CAPTURES)
+            raise UserError(f"unknown graph capture {graph_capture!r}; choose one of {choices}")
         self.backend = backend
         self.mode = mode
         self.cuda_graphs = cuda_graphs
         self.freezing = freezing
         self.coordinate_descent = coordinate_descent
         self.channels_last = channels_last
+        self.fuse_qkv = fuse_qkv
+        self.cudnn_benchmark = cudnn_benchmark
+        self.graph_capture = graph_capture
 
     CACHE_FILE = "compile_cache.bin"
 
@@ -81,6 +153,9 @@ class CompileEngine(Engine):
             "freezing": self.freezing,
             "coordinate_descent": self.coordinate_descent,
             "channels_last": self.channels_last,
+            "fuse_qkv": self.fuse_qkv,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "graph_capture": self.graph_capture,
         }
 
     def load_cache(self, folder: Path) -> bool:
@@ -116,7 +191,9 @@ class CompileEngine(Engine):
         on_cuda = device.type == "cuda"
         channels_last = self.channels_last and on_cuda
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        m = copy.deepcopy(module).to(dtype=dtype)
+        m = copy.deepcopy(module)
+        n_fused = fuse_qkv_projections(m) if self.fuse_qkv else 0
+        m = m.to(dtype=dtype)
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
         if self.backend == "inductor" and on_cuda:
@@ -127,9 +204,16 @@ class CompileEngine(Engine):
 
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * len(batch_sizes))
         mode = self.mode
-        if on_cuda and self.cuda_graphs and mode in (None, "default"):
+        manual_graphs = on_cuda and self.cuda_graphs and self.graph_capture == "manual"
+        if manual_graphs:  # the capture is ours: compile without inductor's CUDA graphs
+            mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
+                mode, mode
+            )
+        elif on_cuda and self.cuda_graphs and mode in (None, "default"):
             mode = "reduce-overhead"  # inductor's cudagraph trees: one graph replay per call
         tree_graphs = on_cuda and mode in ("reduce-overhead", "max-autotune")
+        if self.cudnn_benchmark and on_cuda:
+            torch.backends.cudnn.benchmark = True
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = self.freezing
@@ -142,7 +226,11 @@ class CompileEngine(Engine):
             sorted(set(batch_sizes)),
             reason=f"backend={self.backend}, mode={mode or 'default'}"
             + (", channels_last" if channels_last else "")
-            + (", CUDA graphs (inductor cudagraph trees)" if tree_graphs else ""),
+            + (", CUDA graphs (inductor cudagraph trees)" if tree_graphs else "")
+            + (", CUDA graphs (manual capture)" if manual_graphs else "")
+            + (", freezing" if self.freezing else "")
+            + (f", fused qkv ({n_fused} attentions)" if self.fuse_qkv else "")
+            + (", cudnn.benchmark" if self.cudnn_benchmark and on_cuda else ""),
         )
         fns = {}
         for b in sorted(set(batch_sizes)):
@@ -156,6 +244,8 @@ class CompileEngine(Engine):
                 if tree_graphs:
                     fns[b] = _tree_step(compiled)
                     fns[b](*inputs)  # records the graph
+                elif manual_graphs:
+                    fns[b] = _ManualGraphStep(compiled, inputs)
                 else:
                     fns[b] = compiled
             if on_cuda:
