@@ -231,7 +231,8 @@ class GpuTurns:
 
     def limit_memory(self, device: torch.device) -> None:
         if device.type == "cuda" and self.peers > 1:
-            torch.cuda.set_per_process_memory_fraction(max(0.9 / self.peers, 0.15), device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(max(0.9 / self.peers, 0.15), index)
 
     def _count(self) -> int:
         return len(list(self.folder.glob("ready.*")))
