@@ -48,6 +48,42 @@ def _targets(template: str | None, name: str, several: bool) -> str | None:
     return template.replace("{channel}", name)
 
 
+def _speech_setup(args):
+    """Check the Groq options before anything heavy loads; returns (speech, config, font)."""
+    from musetalk_rt.speech.config import load_config
+
+    cfg = load_config(args.config)
+    cfg.validate(args.groq)
+    if args.captions and not args.captions.lower().endswith((".srt", ".vtt")):
+        raise UserError(f"--captions {args.captions}: use a .srt or .vtt file")
+    if args.groq == "off":
+        if args.captions or args.burn_captions:
+            raise UserError("captions come from Groq: add --groq captions (or --groq voice)")
+        return None, cfg, None
+    from musetalk_rt.speech.captions import find_cjk_font
+    from musetalk_rt.speech.groq_client import GroqSpeech
+
+    font = find_cjk_font(cfg.caption_font) if args.burn_captions else None
+    return GroqSpeech(cfg), cfg, font
+
+
+def _speech_sinks(args, speech, cfg, font, channels, vad_net, several: bool) -> list:
+    """One captions or voice sink in front of each channel (with its caption outputs)."""
+    from musetalk_rt.speech.captions import CaptionOverlay, CaptionWriter
+    from musetalk_rt.speech.live import make_sink
+
+    out = []
+    for ch in channels:
+        target = _targets(args.captions, ch.name, several)
+        writer = CaptionWriter(target) if target else None
+        overlay = None
+        if font is not None:
+            overlay = CaptionOverlay(font, ch.avatar.size)
+            ch.overlay = overlay.apply
+        out.append(make_sink(args.groq, ch, speech, cfg, vad_net, writer, overlay))
+    return out
+
+
 def measure_startup(gen, whisper, fe) -> tuple[float, float]:
     """Seconds for one batch of the largest bucket (incl. blend-size copy) and one canvas."""
     import torch
@@ -117,6 +153,8 @@ def run(args) -> int:
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
         _targets(args.rtmp, name, several), _targets(args.record, name, several)
+        _targets(args.captions, name, several)
+    speech, groq_cfg, font = _speech_setup(args)
     token = args.token or os.environ.get("MUSETALK_RT_TOKEN")
     if token is None:
         print("warning: no --token or MUSETALK_RT_TOKEN: any sender can connect", flush=True)
@@ -192,28 +230,47 @@ def run(args) -> int:
             )
         )
     worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s))
+    sinks = {ch.name: ch for ch in channels}
+    speech_sinks = []
+    if speech is not None:
+        speech_sinks = _speech_sinks(args, speech, groq_cfg, font, channels, vad_net, several)
+        sinks.update({s.channel.name: s for s in speech_sinks})
+        budget_s = groq_cfg.min_pause_ms / 1000 + groq_cfg.utterance_deadline_s + delay_s
+        print(
+            f"groq {args.groq}: {groq_cfg.utterance_deadline_s:g} s per utterance (timeouts "
+            f"stt {groq_cfg.stt_timeout_s:g} / chat {groq_cfg.chat_timeout_s:g} / tts "
+            f"{groq_cfg.tts_timeout_s:g} s, {groq_cfg.max_retries} retry); after a speaker "
+            f"stops, the pause ({groq_cfg.min_pause_ms} ms) + that budget + D = at most "
+            f"{budget_s:.1f} s before the fallback speaks",
+            flush=True,
+        )
     server = IngestServer(
-        {ch.name: ch for ch in channels},
+        sinks,
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
-        metrics=lambda: metrics_text(channels, worker),
+        metrics=lambda: metrics_text(channels, worker, speech_sinks),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
     for ch in channels:
         ch.start()
+    for sp in speech_sinks:
+        sp.start()
     worker.start()
     try:
         asyncio.run(_serve(server, channels, worker, args.duration_s))
     finally:
+        for sp in speech_sinks:
+            sp.stop()
         worker.stop()
         for ch in channels:
             ch.stop()
-    summary = json.dumps(
-        {
-            "live": [ch.stats_dict() for ch in channels],
-            "delay_ms": round(delay_s * 1000),
-            "gpu_batches": worker.batches,
-        }
-    )
+    result = {
+        "live": [ch.stats_dict() for ch in channels],
+        "delay_ms": round(delay_s * 1000),
+        "gpu_batches": worker.batches,
+    }
+    if speech_sinks:
+        result["speech"] = [{"channel": sp.channel.name, **sp.stats_dict()} for sp in speech_sinks]
+    summary = json.dumps(result)
     # one write, on a line of its own: log lines from other threads share the terminal or pipe
     sys.stdout.write(f"\n{summary}\n")
     sys.stdout.flush()
@@ -258,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")
+    g = p.add_argument_group("Groq speech (key from $GROQ_API_KEY; settings in --config [groq])")
+    g.add_argument(
+        "--groq",
+        default="off",
+        choices=("off", "captions", "voice"),
+        help="captions: live transcripts; voice: the avatar speaks Groq's speech of the MC's "
+        "words (default: off)",
+    )
+    g.add_argument("--captions", help="write captions to FILE.srt or FILE.vtt ({channel} ok)")
+    g.add_argument(
+        "--burn-captions", action="store_true", help="draw captions into the video (CJK font)"
+    )
+    g.add_argument("--config", help="TOML file; its [groq] table sets models, voice, timeouts")
     _add_streaming_options(p)
     _add_compile_options(p)
     _add_common(p)

@@ -58,6 +58,7 @@ class ChannelStats:
     speech_frames: int = 0
     late_frames: int = 0
     skipped_frames: int = 0  # the clock fell behind by more than a second and jumped
+    overlay_errors: int = 0
     dropped_audio_chunks: int = 0
     sessions: int = 0
     voice_to_frame_ms: list[float] = field(default_factory=list)  # last 500
@@ -114,6 +115,8 @@ class LiveChannel:
         self._lock = threading.Lock()
         self.next_out = 0
         self.last_frame: np.ndarray | None = None  # for the operator preview
+        # (frame, output time in s) -> frame: burned-in captions; set before start()
+        self.overlay = None
         self._gate = SpeechGate()
         self._stop = threading.Event()
         self._threads = [
@@ -129,8 +132,13 @@ class LiveChannel:
         except queue.Full:
             self.stats.dropped_audio_chunks += 1
 
-    def open_session(self) -> None:
-        self._enqueue(("open", time.monotonic()))
+    def open_session(self, on_start=None) -> None:
+        """A sender (or a voice-mode utterance) starts.
+
+        Args:
+            on_start: Called from the feature thread with the session's first media frame.
+        """
+        self._enqueue(("open", (time.monotonic(), on_start)))
 
     def push(self, audio_16k: np.ndarray) -> None:
         if audio_16k.size:
@@ -179,8 +187,12 @@ class LiveChannel:
                 kind, payload = self.audio_q.get(timeout=0.1)
             except queue.Empty:
                 continue
+            if kind == "open" and cur is not None:  # never two open sessions: end the first
+                self._close(cur)
+                cur = None
             if kind == "open":
-                now_frame = int(np.ceil((payload - self.t0) * FPS))
+                opened_at, on_start = payload
+                now_frame = int(np.ceil((opened_at - self.t0) * FPS))
                 start = max(now_frame, self._session_end_frame())
                 cur = _Session(
                     start,
@@ -193,13 +205,21 @@ class LiveChannel:
                 with self._lock:
                     self._sessions.append(cur)
                 self.stats.sessions += 1
+                if on_start is not None:
+                    try:
+                        on_start(start)
+                    except Exception:  # a listener's bug must not stop the audio path
+                        log.exception("channel %s: session listener failed", self.name)
             elif kind == "audio" and cur is not None:
                 self._add_audio(cur, payload)
             elif kind == "close" and cur is not None:
-                self._take(cur, cur.extractor.flush())
-                cur.vad.finish()
-                cur.end_frame = cur.base_frame + cur.samples // AUDIO_PER_FRAME
+                self._close(cur)
                 cur = None
+
+    def _close(self, s: _Session) -> None:
+        self._take(s, s.extractor.flush())
+        s.vad.finish()
+        s.end_frame = s.base_frame + -(-s.samples // AUDIO_PER_FRAME)
 
     def _session_end_frame(self) -> int:
         if not self._sessions:
@@ -285,6 +305,13 @@ class LiveChannel:
                         v2f = (time.monotonic() - self.arrival[n]) * 1000.0
                         self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
             audio = self._audio.pop(n, silence)
+            if self.overlay is not None:
+                try:
+                    frame = self.overlay(frame, n / FPS)
+                except Exception:  # captions are extras: the frame goes out without them
+                    self.stats.overlay_errors += 1
+                    if self.stats.overlay_errors == 1:
+                        log.exception("channel %s: caption overlay failed", self.name)
             self.last_frame = frame
             for out in self.outputs:
                 out.offer(frame, audio)

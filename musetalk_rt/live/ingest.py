@@ -223,6 +223,8 @@ class IngestServer:
         )
         log.info("sender on %s: %s", name, hello)
         stats_task = asyncio.create_task(self._stats_loop(conn, sink, audio_in, state, t0))
+        take = getattr(sink, "take_messages", None)  # e.g. captions, for the sender to show
+        msg_task = asyncio.create_task(self._message_loop(conn, take)) if take else None
         try:
             async for msg in conn:
                 if isinstance(msg, bytes):
@@ -260,8 +262,21 @@ class IngestServer:
             pass
         finally:
             stats_task.cancel()
+            if msg_task is not None:
+                msg_task.cancel()
             sink.close_session()
             log.info("sender on %s left after %.1f s of audio", name, state["received_s"])
+
+    async def _message_loop(self, conn, take: Callable[[], list[dict]]) -> None:
+        try:
+            while True:
+                await asyncio.sleep(0.1)
+                for m in take():
+                    await conn.send(json.dumps(m, ensure_ascii=False))
+        except (ConnectionClosed, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("messages for a sender failed")
 
     async def _stats_loop(self, conn, sink, audio_in, state, t0) -> None:
         try:

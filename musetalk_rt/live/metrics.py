@@ -7,8 +7,8 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def metrics_text(channels: list, worker) -> str:
-    """Counters and gauges of every channel, output and the GPU worker."""
+def metrics_text(channels: list, worker, speech: list | tuple = ()) -> str:
+    """Counters and gauges of every channel, output, the GPU worker and the Groq speech path."""
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
@@ -81,5 +81,56 @@ def metrics_text(channels: list, worker) -> str:
         "counter",
         "time per stage in the GPU worker",
         [({"stage": k}, round(v, 1)) for k, v in worker.clock.totals_ms().items()],
+    )
+    sp = [(x, x.stats_dict()) for x in speech]
+    for key, text in (
+        ("utterances", "utterances cut from the input"),
+        ("captions", "captions published"),
+        ("spoken", "voice mode: utterances spoken by Groq's text-to-speech"),
+        ("fallbacks", "voice mode: utterances played in the MC's own voice"),
+        ("failures", "utterances whose Groq calls failed within the budget"),
+        ("dropped_utterances", "utterances dropped on a full queue"),
+        ("breaker_opens", "times the Groq circuit opened"),
+    ):
+        metric(
+            f"groq_{key}_total",
+            "counter",
+            text,
+            [({"channel": x.channel.name}, d[key]) for x, d in sp],
+        )
+    metric(
+        "groq_passthrough_seconds_total",
+        "counter",
+        "voice mode: seconds of the MC's live voice sent while Groq was failing",
+        [({"channel": x.channel.name}, round(d["passthrough_s"], 2)) for x, d in sp],
+    )
+    metric(
+        "groq_up",
+        "gauge",
+        "1 while the Groq circuit is closed (0 open, 0.5 trying again)",
+        [
+            (
+                {"channel": x.channel.name},
+                {"closed": 1, "half-open": 0.5}.get(d["breaker_state"], 0),
+            )
+            for x, d in sp
+        ],
+    )
+    metric(
+        "groq_utterance_to_speech_p95_ms",
+        "gauge",
+        "voice mode: end of an utterance to its synthesized speech on the output clock, p95",
+        [({"channel": x.channel.name}, d["utterance_to_speech_ms"]["p95"] or 0) for x, d in sp],
+    )
+    calls: dict[tuple[str, str], int] = {}
+    for _, d in sp:
+        for what, n in d["calls"].items():
+            endpoint, _, outcome = what.partition(" ")
+            calls[(endpoint, outcome)] = n  # the client is shared: same counts per channel
+    metric(
+        "groq_calls_total",
+        "counter",
+        "Groq calls by endpoint and outcome",
+        [({"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(calls.items())],
     )
     return "\n".join(out) + "\n"

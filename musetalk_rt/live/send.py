@@ -27,6 +27,7 @@ class SendReport:
     chunks: int = 0
     seconds: float = 0.0
     stats: list[dict] = field(default_factory=list)
+    captions: list[dict] = field(default_factory=list)
     error: dict | None = None
     close_code: int | None = None
 
@@ -91,6 +92,8 @@ async def send_clip(
                     m = json.loads(msg)
                     if m.get("type") == "stats":
                         report.stats.append(m)
+                    elif m.get("type") == "caption":
+                        report.captions.append(m)
                     elif m.get("type") == "error":
                         report.error = m
                     if on_message:
