@@ -2,16 +2,18 @@
 
 Only the hot region (one stage's module) is compiled, with ``fullgraph=True`` and static shapes:
 one graph per bucket. On CUDA the module is converted to channels-last and inductor's own CUDA
-graphs (mode ``reduce-overhead``) make each bucket's step one graph replay. A hand-made
-``torch.cuda.CUDAGraph`` capture of the compiled call crashed with an illegal memory access on
-replay (torch 2.11, an H100), and cuDNN autotuning made it slower: see experiments/LOG.md.
+graphs (mode ``reduce-overhead``) make each bucket's step one graph replay by default.
 Compile time is measured per bucket and reported apart from run time.
 
 Options that only transform the engine's own copy of the module (the reference is never touched):
 ``fuse_qkv`` concatenates each diffusers attention's q/k/v (or k/v) projections into one linear
 layer. ``graph_capture="manual"`` compiles without inductor's CUDA graphs and captures one
-``torch.cuda.CUDAGraph`` per bucket around the compiled call (less Python per replay than
-cudagraph trees; it crashed once on replay in an early version, see experiments/LOG.md).
+``torch.cuda.CUDAGraph`` per bucket around the compiled call: a replay then skips Dynamo's guards
+and the cudagraph-tree bookkeeping (host latency before a B=4 step's GPU work on an H100:
+1.1-1.8 ms with cudagraph trees, 0.36 ms with the manual capture). The first manual capture (an
+early version, no freezing) crashed with an illegal memory access on replay; this one (warm-up on
+a side stream, synchronised capture) ran with freezing and both stages fused. See
+experiments/LOG.md.
 
 Engine cache: after a build, ``torch.compiler.save_cache_artifacts()`` serialises what inductor
 produced (FX graphs, AOTAutograd graphs, Triton kernels, autotuning results); a later process
