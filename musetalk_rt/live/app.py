@@ -250,6 +250,11 @@ def run(args) -> int:
         metrics=lambda: metrics_text(channels, worker, speech_sinks),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
+    sampler = None
+    if args.profile:
+        from musetalk_rt.live.sampler import StackSampler
+
+        sampler = StackSampler().start()
     for ch in channels:
         ch.start()
     for sp in speech_sinks:
@@ -258,6 +263,10 @@ def run(args) -> int:
     try:
         asyncio.run(_serve(server, channels, worker, args.duration_s))
     finally:
+        if sampler is not None:
+            sampler.stop()
+            sampler.write(args.profile)
+            print(f"thread profile written to {args.profile}", flush=True)
         for sp in speech_sinks:
             sp.stop()
         worker.stop()
@@ -315,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")
+    p.add_argument(
+        "--profile", metavar="FILE.json", help="sample every thread's stack; write where time goes"
+    )
     g = p.add_argument_group("Groq speech (key from $GROQ_API_KEY; settings in --config [groq])")
     g.add_argument(
         "--groq",

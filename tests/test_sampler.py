@@ -1,0 +1,41 @@
+"""The live process's stack sampler names the place where a thread spends its time."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from musetalk_rt.live.sampler import StackSampler
+
+
+def _busy_loop(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(i * i for i in range(2000))
+
+
+def _waiting(stop: threading.Event) -> None:
+    stop.wait()
+
+
+def test_sampler_reports_each_threads_hot_place(tmp_path):
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_busy_loop, args=(stop,), name="busy"),
+        threading.Thread(target=_waiting, args=(stop,), name="idle"),
+    ]
+    for t in threads:
+        t.start()
+    sampler = StackSampler(interval_s=0.005).start()
+    time.sleep(0.5)
+    sampler.stop()
+    stop.set()
+    for t in threads:
+        t.join()
+    sampler.write(tmp_path / "p.json")
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert rep["samples"] > 20
+    busy = rep["threads"]["busy"]["top"]
+    assert any("_busy_loop" in where for where, share in busy if share > 0.5)
+    idle = rep["threads"]["idle"]["top"][0][0]
+    assert idle.startswith("threading:wait") and "_waiting" in idle
