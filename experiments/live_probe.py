@@ -55,7 +55,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
         args.batch_sizes,
         "--record",
         str(Path(args.work) / f"n{n}_{{channel}}.mp4"),
-        *extra,
+        *(x.replace("{n}", str(n)) for x in extra),
     ]
     for name in names:
         cmd += ["--channel", f"{name}={args.avatar}"]
@@ -114,6 +114,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
         "frames_out": sum(c["frames_out"] for c in chans),
         "voice_to_frame_p95_ms_max": max((c["voice_to_frame_p95_ms"] or 0) for c in chans),
         "gpu_batches": summary["gpu_batches"],
+        "gpu_shed_frames": summary.get("gpu_shed_frames"),
         "sender_failures": failed,
         "extra_args": extra,
     }
@@ -143,7 +144,7 @@ def main() -> int:
         print(
             f"{n:>3} channels: D {r['delay_ms']} ms, speech {r['speech_frames']}, late "
             f"{r['late_frames']}, voice-to-frame p95 {r['voice_to_frame_p95_ms_max']} ms, "
-            f"batches {r['gpu_batches']}",
+            f"batches {r['gpu_batches']}, shed {r.get('gpu_shed_frames')}",
             flush=True,
         )
         with (args.out / "live_probe.jsonl").open("a") as f:

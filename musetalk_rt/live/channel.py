@@ -108,7 +108,8 @@ class LiveChannel:
         self.t0 = time.monotonic()
         self.audio_q: queue.Queue = queue.Queue(maxsize=1500)  # ~30 s of 20 ms chunks
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
-        self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
+        # media frame -> blended RGB frame (None: shed by the worker, it could not be in time)
+        self.generated: dict[int, np.ndarray | None] = {}
         self.arrival: dict[int, float] = {}  # media frame -> monotonic time its audio ended
         self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
         self._sessions: list[_Session] = []
