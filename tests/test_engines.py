@@ -144,3 +144,32 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
     assert row["engine_options"]["fuse_qkv"] and row["gpu_p50_ms"] is None
     assert row["gpu_turns"] == {"peers": 2, "ready_peers": 1}
     assert "compile-fp32-b2" in table(rows)
+
+
+def test_compiled_runner_never_recompiles_for_inference_tensors_or_another_thread(tiny_models):
+    """Live feeds windows made under inference_mode from a worker thread: no second compile."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    u, _ = _stages(tiny_models, get_engine("compile", backend="aot_eager"), torch.float32, [2])
+    graphs = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(3)
+    lat, aud = torch.randn(2, 8, 32, 32, generator=g), torch.randn(2, 50, 384, generator=g)
+    with torch.inference_mode():
+        lat_inf, aud_inf = lat.clone(), aud.clone()
+    outs, errors = [], []
+
+    def call():
+        try:
+            outs.append(u.run(lat_inf, aud_inf))
+        except Exception as exc:  # a recompile raises here
+            errors.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    outs.append(u.run(lat, aud))
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled again
+    assert torch.equal(outs[0], outs[1])

@@ -85,6 +85,10 @@ class Runner:
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
+        if not x.is_inference():
+            # compiled engines guard on the tensor kind: builds see inference tensors, so every
+            # call must too (an ordinary tensor here cost a full re-compile at the first call)
+            x = x.clone()
         if x.dim() == 4 and self.memory_format is not torch.contiguous_format:
             x = x.contiguous(memory_format=self.memory_format)
         return x

@@ -237,9 +237,10 @@ class CompileEngine(Engine):
         fns = {}
         for b in sorted(set(batch_sizes)):
             inputs = []
-            for x in example_inputs(b):
-                x = x.to(device=device, dtype=dtype)
-                inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+            with torch.inference_mode():  # inference tensors, as the runner passes at run time
+                for x in example_inputs(b):
+                    x = x.to(device=device, dtype=dtype).clone()
+                    inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 compiled(*inputs)  # compiles this bucket
