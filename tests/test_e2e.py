@@ -23,6 +23,7 @@ from musetalk_rt.e2e.analysis import (
     evaluate_marker,
     find_gpu_figures,
     gpu_substitute,
+    soak_figures,
     stats,
     summarize,
     verdict,
@@ -163,6 +164,7 @@ def test_summary_substitution_and_verdict():
             "status": "ok",
             "voice_to_server_ms": 20.0,
             "server_to_encoded_ms": 2000.0 + i,
+            "voice_to_encoded_ms": 2020.0 + i,
             "encoded_to_received_ms": 200.0,
             "voice_to_received_ms": 2220.0 + i,
             "voice_to_heard_ms": 2150.0,
@@ -181,6 +183,34 @@ def test_summary_substitution_and_verdict():
     assert len(fails) == 4
     assert stats([]) == {"n": 0, "p50": None, "p95": None, "max": None, "min": None}
     assert drift([{"x": 1.0}, {"x": None}, {"x": 3.5}], "x") == 2.5
+
+
+def test_soak_figures_and_their_verdict():
+    def window(t, av, rss):
+        return {
+            "t_end_s": t,
+            "av_offset_median_ms": av,
+            "voice_to_received_p50_ms": 3000.0 + t / 100,
+            "rss_mb": rss,
+            "late_frames": 3,
+            "late_speech_frames": 1,
+            "skipped_frames": 0,
+            "output_drops": 0,
+            "frames": 1500,
+        }
+
+    windows = [window(60 * (i + 1), -1.0, 700.0 + min(i, 4) * 30 + (i == 9)) for i in range(10)]
+    soak = soak_figures(windows, warmup_s=300)
+    assert soak["rss_growth_mb"] == 121.0 and soak["rss_growth_after_warmup_mb"] == 1.0
+    assert soak["av_offset_drift_ms"] == 0.0 and soak["delay_drift_ms"] == 5.4
+    assert soak["late_frames"] == 30 and soak["frames"] == 15000
+    summary = {"markers": 1, "found": 1, "voice_to_received_ms": {"p95": 3000.0}}
+    summary["av_offset_abs_max_ms"] = 1.0
+    assert verdict(summary, None, 5000, 80, soak, rss_bound_mb=16) == []
+    windows[-1]["av_offset_median_ms"] = 45.0
+    windows[-1]["rss_mb"] = 900.0
+    fails = verdict(summary, None, 5000, 80, soak_figures(windows, 300), rss_bound_mb=16)
+    assert len(fails) == 2 and "drifted 46 ms" in fails[0] and "grew 80 MB" in fails[1]
 
 
 def test_gpu_figures_newest_usable_rows(tmp_path):

@@ -13,7 +13,8 @@ onset, ``v`` the first received frame whose mouth left the idle frame):
   delay ``D`` is most of it; features, voice activity, the worker and the clock run inside);
 - ``encoded_to_received_ms``: → the receiver demuxed frame ``v`` (muxer interleaving, RTMP
   server, network, the player's demuxer);
-- ``voice_to_received_ms``: their sum, voice to lips on the receiver;
+- ``voice_to_encoded_ms``: the first two together, the server-side part;
+- ``voice_to_received_ms``: all three, voice to lips on the receiver;
 - ``voice_to_heard_ms``: voice to the onset's audio packet at the receiver;
 - ``av_offset_ms``: presentation time of frame ``v`` minus that of the audio onset, as a player
   shows them (positive: the lips come after the voice).
@@ -35,6 +36,7 @@ from musetalk_rt.live.output import AUDIO_PER_FRAME
 DELAY_KEYS = (
     "voice_to_server_ms",
     "server_to_encoded_ms",
+    "voice_to_encoded_ms",
     "encoded_to_received_ms",
     "voice_to_received_ms",
     "voice_to_heard_ms",
@@ -131,8 +133,10 @@ def evaluate_marker(
     m = base_frame + marker.onset_sample // AUDIO_PER_FRAME
     row: dict = {"marker": marker.index, "frame": m, "t_voice": round(marker.t_voice, 6)}
     rec = frames.get(m)
-    if rec is None or rec.get("arrival") is None:
-        return {**row, "status": "no frame record"}
+    if rec is None:
+        return {**row, "status": "no frame record (output down, or the log fell behind)"}
+    if rec.get("arrival") is None:  # the feature thread stored the audio after the frame left
+        return {**row, "status": "voice missing: its audio came after the frame was emitted"}
     found = _audio_onset(audio, rec["written"] - 1.0, rec["written"] + min(5.0, period_s - 0.5))
     if found is None:
         return {**row, "status": "no audio onset received"}
@@ -164,6 +168,7 @@ def evaluate_marker(
         lips_kind=rec_v.get("kind"),
         voice_to_server_ms=round((rec["arrival"] - marker.t_voice) * ms, 1),
         server_to_encoded_ms=round((rec_v["written"] - rec["arrival"]) * ms, 1),
+        voice_to_encoded_ms=round((rec_v["written"] - marker.t_voice) * ms, 1),
         encoded_to_received_ms=round((p.t_arrival - rec_v["written"]) * ms, 1),
         voice_to_received_ms=round((p.t_arrival - marker.t_voice) * ms, 1),
         voice_to_heard_ms=round((t_heard - marker.t_voice) * ms, 1),
@@ -271,16 +276,61 @@ def gpu_substitute(rows: list[dict], cpu_delay_ms: float, gpu_delay_ms: float) -
     ]
 
 
+def soak_figures(windows: list[dict], warmup_s: float) -> dict:
+    """Drift and memory over the windows of a run.
+
+    ``rss_growth_after_warmup_mb`` is the live process's resident memory at the last window
+    minus that at the first window ending at or after ``warmup_s`` (None without two such
+    windows): allocator arenas, caches and the encoder settle during the first minutes.
+    """
+    rss = [w["rss_mb"] for w in windows if w.get("rss_mb") is not None]
+    settled = [w["rss_mb"] for w in windows if w["t_end_s"] >= warmup_s and w.get("rss_mb")]
+    return {
+        "windows": len(windows),
+        "av_offset_drift_ms": drift(windows, "av_offset_median_ms"),
+        "delay_drift_ms": drift(windows, "voice_to_received_p50_ms"),
+        "rss_first_mb": rss[0] if rss else None,
+        "rss_last_mb": rss[-1] if rss else None,
+        "rss_max_mb": max(rss) if rss else None,
+        "rss_growth_mb": round(rss[-1] - rss[0], 1) if len(rss) >= 2 else None,
+        "rss_warmup_s": warmup_s,
+        "rss_growth_after_warmup_mb": (
+            round(settled[-1] - settled[0], 1) if len(settled) >= 2 else None
+        ),
+        "late_frames": sum(w["late_frames"] for w in windows),
+        "late_speech_frames": sum(w["late_speech_frames"] for w in windows),
+        "skipped_frames": sum(w["skipped_frames"] for w in windows),
+        "output_drops": sum(w["output_drops"] for w in windows),
+        "frames": sum(w["frames"] for w in windows),
+    }
+
+
 def verdict(
     summary: dict,
     gpu_p95_ms: float | None,
     budget_ms: float,
     av_limit_ms: float,
+    soak: dict | None = None,
+    rss_bound_mb: float | None = None,
+    drift_limit_ms: float = 40.0,
 ) -> list[str]:
-    """Why the run breaks the budget (an empty list: it holds)."""
+    """Why the run breaks the budget (an empty list: it holds).
+
+    With ``soak`` figures, also an A/V offset drift over ``drift_limit_ms`` (one frame) and a
+    memory growth after the warm-up over ``rss_bound_mb``.
+    """
     fails = []
+    if soak:
+        d = soak.get("av_offset_drift_ms")
+        if d is not None and abs(d) > drift_limit_ms:
+            fails.append(f"A/V offset drifted {d:.0f} ms (limit {drift_limit_ms:.0f})")
+        g = soak.get("rss_growth_after_warmup_mb")
+        if rss_bound_mb is not None and g is not None and g > rss_bound_mb:
+            fails.append(
+                f"the live process grew {g:.0f} MB after its warm-up (bound {rss_bound_mb:g} MB)"
+            )
     if summary["found"] == 0:
-        return ["no marker was found in the received stream"]
+        return [*fails, "no marker was found in the received stream"]
     if summary["found"] < summary["markers"]:
         fails.append(
             f"{summary['markers'] - summary['found']} of {summary['markers']} markers lost"
@@ -305,6 +355,7 @@ def verdict(
 _SHORT = {
     "voice_to_server_ms": "voice→server",
     "server_to_encoded_ms": "server→encoded",
+    "voice_to_encoded_ms": "voice→encoded",
     "encoded_to_received_ms": "encoded→received",
     "voice_to_received_ms": "voice→received",
     "voice_to_heard_ms": "voice→heard",
@@ -313,19 +364,20 @@ _SHORT = {
 
 
 def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0f}"
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(round(v)))
 
 
 def marker_table(rows: list[dict]) -> str:
     """One line per marker (ms)."""
-    head = f"{'marker':>6} {'frame':>7}" + "".join(f"{_SHORT[k]:>17}" for k in DELAY_KEYS)
+    keys = [k for k in DELAY_KEYS if k != "voice_to_encoded_ms"]
+    head = f"{'marker':>6} {'frame':>7}" + "".join(f"{_SHORT[k]:>17}" for k in keys)
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"{r['marker']:>6} {r['frame']:>7}  {r['status']}")
             continue
         lines.append(
-            f"{r['marker']:>6} {r['frame']:>7}" + "".join(f"{_fmt(r[k]):>17}" for k in DELAY_KEYS)
+            f"{r['marker']:>6} {r['frame']:>7}" + "".join(f"{_fmt(r[k]):>17}" for k in keys)
         )
     return "\n".join(lines)
 

@@ -39,12 +39,12 @@ from musetalk_rt.e2e.analysis import (
     AudioPiece,
     SentMarker,
     VideoPiece,
-    drift,
     evaluate_marker,
     find_gpu_figures,
     gpu_substitute,
     marker_table,
     percentile,
+    soak_figures,
     stats,
     summarize,
     summary_table,
@@ -499,6 +499,27 @@ def _check_args(args) -> None:
         )
 
 
+def _marker_plan(args, work: Path) -> tuple[MarkerPlan, str]:
+    from musetalk_rt.media import load_audio
+
+    if args.speech:
+        speech, source = load_audio(args.speech).to_mono_16k(), str(args.speech)
+    else:
+        speech, source = default_speech(work)
+    try:
+        plan = MarkerPlan(
+            marker_snippet(speech, args.marker_s), args.period_s, 2.0, args.duration_s
+        )
+    except ValueError as exc:
+        raise UserError(f"markers: {exc}") from None
+    if plan.count == 0:
+        raise UserError(
+            f"--duration-s {args.duration_s:g} holds no marker (the first starts 2 s in and "
+            f"lasts {len(plan.snippet) / 16000:.1f} s)"
+        )
+    return plan, source
+
+
 def _window(state: dict, t_start: float, t_end: float, rows: list[dict]) -> dict:
     mine = [r for r in rows if t_start <= r["t_voice"] < t_end]
     ok = [r for r in mine if r.get("status") == "ok"]
@@ -536,12 +557,9 @@ def _window(state: dict, t_start: float, t_end: float, rows: list[dict]) -> dict
 
 def run_probe(args) -> int:
     """Run the probe (see the module docstring); returns the exit status."""
-    from musetalk_rt.audio.incremental import DEFAULT_CONFIG
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.bench import environment, results_dir
     from musetalk_rt.cli import _device
-    from musetalk_rt.live.app import derive_delay_s
-    from musetalk_rt.media import load_audio
     from musetalk_rt.testing.rtmp import RtmpServer, free_port, rtmp_available
 
     _check_args(args)
@@ -550,21 +568,7 @@ def run_probe(args) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="e2e-probe-"))
     work.mkdir(parents=True, exist_ok=True)
     env = environment(_device(args.device))
-    if args.speech:
-        speech, source = load_audio(args.speech).to_mono_16k(), str(args.speech)
-    else:
-        speech, source = default_speech(work)
-    try:
-        plan = MarkerPlan(
-            marker_snippet(speech, args.marker_s), args.period_s, 2.0, args.duration_s
-        )
-    except ValueError as exc:
-        raise UserError(f"markers: {exc}") from None
-    if plan.count == 0:
-        raise UserError(
-            f"--duration-s {args.duration_s:g} holds no marker (the first starts 2 s in and "
-            f"lasts {len(plan.snippet) / 16000:.1f} s)"
-        )
+    plan, source = _marker_plan(args, work)
     print(
         f"markers: {plan.count} × {len(plan.snippet) / 16000:.2f} s of speech ({source}) every "
         f"{args.period_s:g} s over {args.duration_s:g} s",
@@ -671,8 +675,7 @@ def run_probe(args) -> int:
                     "counts": dict(tail.counts),
                     "rss_mb": rss_mb(live.proc.pid),
                 }
-                w_start = pending_windows[-1][1] if pending_windows else (windows_end or t0)
-                pending_windows.append((w_start, next_window, cur))
+                pending_windows.append((windows_end or t0, next_window, cur))
                 windows_end = next_window
                 next_window = (
                     None
@@ -705,46 +708,67 @@ def run_probe(args) -> int:
         if server is not None:
             server.close()
 
-    # -- the report ------------------------------------------------------------------------------
+    return _report(
+        args,
+        {
+            "env": env,
+            "delay": delay,
+            "markers": marker_rows,
+            "windows": windows,
+            "live_summary": live_summary,
+            "receiver": {"opens": receiver.opens, "codecs": receiver.codecs},
+            "source": source,
+            "startup_s": startup_s,
+            "rows_path": rows_path,
+            "work": work,
+        },
+        write_row,
+    )
+
+
+def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
+    """Voice-to-received with the recorded GPU figures in the playout delay (None: not asked).
+
+    The event preset's streaming settings are the live defaults (MuseTalk's 80 ms plus 80 ms of
+    look-ahead, one canvas per frame); batch and canvas times come from the recorded rows, or
+    stay the measured ones when none is recorded (and the report says so).
+    """
+    from musetalk_rt.audio.incremental import DEFAULT_CONFIG
+    from musetalk_rt.bench import REPO_ROOT
+    from musetalk_rt.live.app import derive_delay_s
+
+    if args.gpu_figures == "none":
+        return None
+    figs = find_gpu_figures(
+        args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures
+    )
+    batch_ms = figs["batch"]["p95_ms"] if figs["batch"] else delay.get("batch_ms")
+    canvas_ms = figs["canvas"]["ms"] if figs["canvas"] else delay.get("canvas_ms")
+    look_ms = DEFAULT_CONFIG.lookahead_ms + (DEFAULT_CONFIG.hop_frames - 1) * 40
+    gpu_delay_ms = 1000 * derive_delay_s(look_ms / 1000, canvas_ms / 1000, batch_ms / 1000)
+    subst = gpu_substitute(marker_rows, float(delay.get("delay_ms") or 0), gpu_delay_ms)
+    return {
+        **figs,
+        "lookahead_ms": look_ms,
+        "delay_ms": round(gpu_delay_ms, 1),
+        "cpu_delay_ms": delay.get("delay_ms"),
+        "voice_to_received_ms": stats(subst),
+    }
+
+
+def _mb(v: float | None) -> str:
+    return "n/a (run shorter)" if v is None else f"{v:+.1f} MB"
+
+
+def _report(args, run: dict, write_row) -> int:
+    """Print the tables and verdict, write the summary row, end with one JSON line."""
+    env, delay, windows, marker_rows = run["env"], run["delay"], run["windows"], run["markers"]
     summary = summarize(marker_rows)
     cpu_delay_ms = float(delay.get("delay_ms") or 0)
-    gpu = None
-    gpu_p95 = None
-    if args.gpu_figures != "none":
-        from musetalk_rt.bench import REPO_ROOT
-
-        figs = find_gpu_figures(
-            args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures
-        )
-        batch_ms = figs["batch"]["p95_ms"] if figs["batch"] else delay.get("batch_ms")
-        canvas_ms = figs["canvas"]["ms"] if figs["canvas"] else delay.get("canvas_ms")
-        look_ms = DEFAULT_CONFIG.lookahead_ms + (DEFAULT_CONFIG.hop_frames - 1) * 40
-        gpu_delay_ms = 1000 * derive_delay_s(look_ms / 1000, canvas_ms / 1000, batch_ms / 1000)
-        subst = gpu_substitute(marker_rows, cpu_delay_ms, gpu_delay_ms)
-        gpu_p95 = percentile(subst, 0.95)
-        gpu = {
-            **figs,
-            "lookahead_ms": look_ms,
-            "delay_ms": round(gpu_delay_ms, 1),
-            "cpu_delay_ms": cpu_delay_ms,
-            "voice_to_received_ms": stats(subst),
-        }
-    failures = verdict(summary, gpu_p95, args.budget_ms, args.av_limit_ms)
-    rss = [w["rss_mb"] for w in windows if w.get("rss_mb") is not None]
-    soak = {
-        "windows": len(windows),
-        "av_offset_drift_ms": drift(windows, "av_offset_median_ms"),
-        "delay_drift_ms": drift(windows, "voice_to_received_p50_ms"),
-        "rss_first_mb": rss[0] if rss else None,
-        "rss_last_mb": rss[-1] if rss else None,
-        "rss_growth_mb": round(rss[-1] - rss[0], 1) if len(rss) >= 2 else None,
-        "rss_max_mb": max(rss) if rss else None,
-        "late_frames": sum(w["late_frames"] for w in windows),
-        "late_speech_frames": sum(w["late_speech_frames"] for w in windows),
-        "skipped_frames": sum(w["skipped_frames"] for w in windows),
-        "output_drops": sum(w["output_drops"] for w in windows),
-        "frames": sum(w["frames"] for w in windows),
-    }
+    gpu = _gpu_estimate(args, delay, marker_rows)
+    gpu_p95 = gpu["voice_to_received_ms"]["p95"] if gpu else None
+    soak = soak_figures(windows, args.rss_warmup_s)
+    failures = verdict(summary, gpu_p95, args.budget_ms, args.av_limit_ms, soak, args.rss_bound_mb)
     print()
     if len(marker_rows) <= 120:
         print(marker_table(marker_rows))
@@ -761,7 +785,9 @@ def run_probe(args) -> int:
         print(
             f"soak: {soak['windows']} windows, A/V offset drift {soak['av_offset_drift_ms']} ms, "
             f"delay drift {soak['delay_drift_ms']} ms, RSS {soak['rss_first_mb']} -> "
-            f"{soak['rss_last_mb']} MB (max {soak['rss_max_mb']}), late frames "
+            f"{soak['rss_last_mb']} MB (max {soak['rss_max_mb']}; growth after "
+            f"{args.rss_warmup_s:g} s: {_mb(soak['rss_growth_after_warmup_mb'])}, bound "
+            f"{args.rss_bound_mb:g} MB), late frames "
             f"{soak['late_frames']} (while speech {soak['late_speech_frames']}), skipped "
             f"{soak['skipped_frames']}, output drops {soak['output_drops']}"
         )
@@ -806,17 +832,14 @@ def run_probe(args) -> int:
         "duration_s": args.duration_s,
         "period_s": args.period_s,
         "rtmp": "external" if args.rtmp else "nginx-rtmp on loopback",
-        "marker_speech": source,
-        "startup_s": round(startup_s, 1),
+        "marker_speech": run["source"],
+        "startup_s": round(run["startup_s"], 1),
         "delay": delay,
         **summary,
         "gpu_estimate": gpu,
         "soak": soak,
-        "live_summary": live_summary,
-        "receiver": {
-            "opens": receiver.opens if receiver else 0,
-            "codecs": receiver.codecs if receiver else {},
-        },
+        "live_summary": run["live_summary"],
+        "receiver": run["receiver"],
         "budget_ms": args.budget_ms,
         "av_limit_ms": args.av_limit_ms,
         "passed": not failures,
@@ -825,11 +848,11 @@ def run_probe(args) -> int:
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_row(result)
-    print(f"rows: {rows_path}; live log: {work / 'live.log'}")
+    print(f"rows: {run['rows_path']}; live log: {run['work'] / 'live.log'}")
     print(
         json.dumps(
             {
-                "bench_e2e": str(rows_path),
+                "bench_e2e": str(run["rows_path"]),
                 "markers": summary["markers"],
                 "found": summary["found"],
                 "voice_to_received_ms": summary["voice_to_received_ms"],
@@ -841,11 +864,19 @@ def run_probe(args) -> int:
                         "encoded_to_received_ms",
                     )
                 },
+                "voice_to_encoded_ms": summary["voice_to_encoded_ms"],
                 "av_offset_abs_max_ms": summary["av_offset_abs_max_ms"],
                 "delay_ms": cpu_delay_ms,
                 "gpu_voice_to_received_p95_ms": gpu_p95,
                 "soak": {
-                    k: soak[k] for k in ("av_offset_drift_ms", "rss_growth_mb", "late_frames")
+                    k: soak[k]
+                    for k in (
+                        "av_offset_drift_ms",
+                        "delay_drift_ms",
+                        "rss_growth_after_warmup_mb",
+                        "late_frames",
+                        "late_speech_frames",
+                    )
                 },
                 "passed": not failures,
                 "failures": failures,
@@ -926,6 +957,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     b.add_argument(
         "--av-limit-ms", type=float, default=80.0, help="|A/V offset| limit (default: 80)"
+    )
+    b.add_argument(
+        "--rss-warmup-s",
+        type=float,
+        default=300.0,
+        help="soak: memory growth is counted from the first window ending after this "
+        "(default: 300)",
+    )
+    b.add_argument(
+        "--rss-bound-mb",
+        type=float,
+        default=16.0,
+        help="soak: the live process may grow this much after the warm-up (default: 16)",
     )
     b.add_argument(
         "--gpu-figures",
