@@ -673,7 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("bench", help="time engine x dtype x batch scenarios of UNet + VAE decode")
+    p = sub.add_parser(
+        "bench",
+        help="time engine x dtype x batch scenarios of UNet + VAE decode; bench e2e: the "
+        "voice-to-screen probe",
+    )
     p.add_argument(
         "--engine",
         type=_csv,
@@ -725,6 +729,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_bench)
+    from musetalk_rt.e2e.probe import add_arguments as add_e2e_arguments
+    from musetalk_rt.e2e.probe import cmd_bench_e2e
+
+    bsub = p.add_subparsers(dest="scenario", metavar="[e2e]")
+    pe = bsub.add_parser(
+        "e2e",
+        help="voice-to-screen probe through a real RTMP server: delays per speech marker, A/V "
+        "offset, soak drift; the budget guard (see bench e2e --help)",
+        description="Stream speech markers to a live process, read its output back from an RTMP "
+        "server like a hall player, and report per marker: voice->server, server->encoded, "
+        "encoded->received, A/V offset; p50/p95/max, rows in experiments/results, one JSON "
+        "line last.",
+    )
+    add_e2e_arguments(pe)
+    pe.set_defaults(func=cmd_bench_e2e)
     return parser
 
 

@@ -246,6 +246,7 @@ def test_help_documents_every_command():
         ["render", "--help"],
         ["audio", "check", "--help"],
         ["bench", "--help"],
+        ["bench", "e2e", "--help"],
     ):
         res = _run(*cmd)
         assert res.returncode == 0 and "usage: musetalk-rt" in res.stdout

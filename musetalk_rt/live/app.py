@@ -111,6 +111,22 @@ def measure_startup(gen, whisper, fe) -> tuple[float, float]:
     return compute, time.perf_counter() - t
 
 
+def derive_delay_s(lookahead_s: float, canvas_s: float, compute_s: float) -> float:
+    """The playout delay ``D`` the process picks when ``--delay-ms`` is not given.
+
+    The look-ahead (the audio a frame's window needs after its end, hop included), one 20 ms
+    chunk, one whisper canvas, two batches (the one running when the frame's window arrives and
+    its own) and 100 ms of margin. The end-to-end probe uses it to put recorded GPU figures in
+    place of measured ones.
+
+    Args:
+        lookahead_s: Audio needed after a frame's end before its window exists, seconds.
+        canvas_s: One whisper canvas, seconds.
+        compute_s: One batch of the largest bucket (UNet + VAE decode + copy), seconds.
+    """
+    return lookahead_s + 0.02 + canvas_s + 2 * compute_s + 0.1
+
+
 async def _serve(server, channels, worker, duration_s: float | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -140,6 +156,7 @@ def run(args) -> int:
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.cli import _device, _engine_options
     from musetalk_rt.live.channel import LiveChannel
+    from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
     from musetalk_rt.live.metrics import metrics_text
     from musetalk_rt.live.output import Output
@@ -174,6 +191,7 @@ def run(args) -> int:
         except (OSError, ssl.SSLError) as exc:
             raise UserError(f"cannot load the TLS certificate {args.cert}: {exc}") from None
     avatars = {name: load_avatar(av, args.avatars_dir) for name, av in chans.items()}
+    frame_log = FrameLog(args.frame_log) if args.frame_log else None
     models = load_models(args.weights, args.models_dir, _device(args.device))
     print(models.describe(), flush=True)
     for name, a in avatars.items():
@@ -196,10 +214,18 @@ def run(args) -> int:
     compute_s, canvas_s = measure_startup(gen, models.whisper, models.feature_extractor)
     lookahead_s = (stream_cfg.lookahead_ms + (stream_cfg.hop_frames - 1) * 40) / 1000
     delay_s = (
-        args.delay_ms / 1000
-        if args.delay_ms
-        else lookahead_s + 0.02 + canvas_s + 2 * compute_s + 0.1
+        args.delay_ms / 1000 if args.delay_ms else derive_delay_s(lookahead_s, canvas_s, compute_s)
     )
+    if frame_log:
+        frame_log.write(
+            ev="delay",
+            delay_ms=round(delay_s * 1000, 3),
+            derived=not args.delay_ms,
+            lookahead_ms=round(lookahead_s * 1000, 3),
+            canvas_ms=round(canvas_s * 1000, 3),
+            batch_ms=round(compute_s * 1000, 3),
+            batch=max(args.batch_sizes),
+        )
     print(
         f"playout delay D = {delay_s * 1000:.0f} ms (look-ahead {lookahead_s * 1000:.0f} ms, "
         f"whisper canvas {canvas_s * 1000:.0f} ms, batch of {max(args.batch_sizes)} "
@@ -212,7 +238,7 @@ def run(args) -> int:
     for name, a in avatars.items():
         w, h = a.size
         outs = [
-            Output(t, w, h)
+            Output(t, w, h, frame_log=frame_log)
             for t in (_targets(args.rtmp, name, several), _targets(args.record, name, several))
             if t
         ]
@@ -227,6 +253,7 @@ def run(args) -> int:
                 delay_s,
                 outs,
                 encoder,
+                frame_log,
             )
         )
     worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s), batch_s=compute_s)
@@ -272,6 +299,8 @@ def run(args) -> int:
         worker.stop()
         for ch in channels:
             ch.stop()
+        if frame_log:
+            frame_log.close()
     result = {
         "live": [ch.stats_dict() for ch in channels],
         "delay_ms": round(delay_s * 1000),
@@ -325,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")
+    p.add_argument(
+        "--frame-log",
+        help="append per-frame timestamps (audio arrival, emission, encoding) to this JSONL "
+        "file, for the end-to-end probe (default: off)",
+    )
     p.add_argument(
         "--profile", metavar="FILE.json", help="sample every thread's stack; write where time goes"
     )

@@ -37,6 +37,7 @@ from musetalk_rt.audio.incremental import (
 )
 from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
 from musetalk_rt.avatar.store import Avatar
+from musetalk_rt.live.framelog import FrameLog
 from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
 from musetalk_rt.stages import crossfade
 
@@ -83,6 +84,8 @@ class LiveChannel:
         delay_s: Playout delay ``D``.
         outputs: Where frames go.
         encoder: Shared batched whisper encoder (one batched call for all channels' canvases).
+        frame_log: Where to record the clock start, sessions and per-frame timestamps (the
+            outputs write the frame records; see :mod:`.framelog`).
     """
 
     def __init__(
@@ -96,8 +99,10 @@ class LiveChannel:
         delay_s: float,
         outputs: list[Output],
         encoder: BatchedEncoder | None = None,
+        frame_log: FrameLog | None = None,
     ):
         self.name = name
+        self.frame_log = frame_log
         self.avatar = avatar
         self.encoder = encoder
         self.whisper, self.fe, self.vad_net = whisper, feature_extractor, vad_net
@@ -110,7 +115,7 @@ class LiveChannel:
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
         # media frame -> blended RGB frame (None: shed by the worker, it could not be in time)
         self.generated: dict[int, np.ndarray | None] = {}
-        self.arrival: dict[int, float] = {}  # media frame -> monotonic time its audio ended
+        self.arrival: dict[int, float] = {}  # media frame -> when its last sample was pushed
         self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
         self._sessions: list[_Session] = []
         self._lock = threading.Lock()
@@ -143,7 +148,7 @@ class LiveChannel:
 
     def push(self, audio_16k: np.ndarray) -> None:
         if audio_16k.size:
-            self._enqueue(("audio", audio_16k))
+            self._enqueue(("audio", (audio_16k, time.monotonic())))
 
     def close_session(self) -> None:
         self._enqueue(("close", None))
@@ -206,13 +211,17 @@ class LiveChannel:
                 with self._lock:
                     self._sessions.append(cur)
                 self.stats.sessions += 1
+                if self.frame_log:
+                    self.frame_log.write(
+                        ev="session", ch=self.name, base_frame=start, opened=opened_at
+                    )
                 if on_start is not None:
                     try:
                         on_start(start)
                     except Exception:  # a listener's bug must not stop the audio path
                         log.exception("channel %s: session listener failed", self.name)
             elif kind == "audio" and cur is not None:
-                self._add_audio(cur, payload)
+                self._add_audio(cur, *payload)
             elif kind == "close" and cur is not None:
                 self._close(cur)
                 cur = None
@@ -230,8 +239,7 @@ class LiveChannel:
             return s.end_frame
         return s.base_frame + s.samples // AUDIO_PER_FRAME + 1
 
-    def _add_audio(self, s: _Session, pcm: np.ndarray) -> None:
-        now = time.monotonic()
+    def _add_audio(self, s: _Session, pcm: np.ndarray, arrived: float) -> None:
         pos = s.samples
         s.samples += pcm.size
         first, last = pos // AUDIO_PER_FRAME, (s.samples - 1) // AUDIO_PER_FRAME
@@ -242,7 +250,7 @@ class LiveChannel:
             cur[a - f * AUDIO_PER_FRAME : b - f * AUDIO_PER_FRAME] = pcm[a - pos : b - pos]
             self._audio[m] = cur
             if b == (f + 1) * AUDIO_PER_FRAME:
-                self.arrival[m] = now
+                self.arrival[m] = arrived  # when the ingest handed over its last sample
         s.vad.push(pcm)
         self._take(s, s.extractor.push(pcm))
 
@@ -293,8 +301,9 @@ class LiveChannel:
                 continue
             self.next_out = n
             idle = self.avatar.frames[self.avatar.cycle_frame(n)]
-            weight = self._gate.step(self.is_speech(n))
-            frame = idle
+            speech = self.is_speech(n)
+            weight = self._gate.step(speech)
+            frame, gen = idle, None
             if weight > 0:
                 gen = self.generated.pop(n, None)
                 if gen is None:
@@ -314,8 +323,19 @@ class LiveChannel:
                     if self.stats.overlay_errors == 1:
                         log.exception("channel %s: caption overlay failed", self.name)
             self.last_frame = frame
+            meta = None
+            if self.frame_log:
+                kind = "idle" if weight <= 0 else ("late" if gen is None else "speech")
+                meta = {
+                    "ch": self.name,
+                    "frame": n,
+                    "kind": kind,
+                    "speech": speech,
+                    "arrival": self.arrival.get(n),
+                    "emitted": time.monotonic(),
+                }
             for out in self.outputs:
-                out.offer(frame, audio)
+                out.offer(frame, audio, meta)
             self.stats.frames_out += 1
             self._forget_before(n + 1)
             n += 1
@@ -336,6 +356,10 @@ class LiveChannel:
 
     def start(self) -> None:
         self.t0 = time.monotonic()
+        if self.frame_log:
+            self.frame_log.write(
+                ev="start", ch=self.name, t0=self.t0, delay_ms=round(self.delay_s * 1000, 3)
+            )
         for t in self._threads:
             t.start()
 

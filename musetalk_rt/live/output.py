@@ -8,7 +8,8 @@ encoder's frames). Timestamps come from the frame index, never from the wall clo
 the oldest frame, counted), so a slow or dead server never blocks the channel's clock. When
 writing fails (the RTMP server went away) it closes the writer and reopens it with exponential
 backoff (0.5 s doubling to 8 s), resuming without restarting the process; frames offered while
-it is down are dropped and counted.
+it is down are dropped and counted. With a frame log (:mod:`.framelog`) it records, for every
+frame written, when the encoder and muxer returned and the frame's index in the stream.
 """
 
 from __future__ import annotations
@@ -105,10 +106,15 @@ class Output:
         width: Frame width.
         height: Frame height.
         queue_frames: Queue bound (frames); when full the oldest is dropped and counted.
+        frame_log: A :class:`~.framelog.FrameLog` for the frames offered with metadata.
     """
 
-    def __init__(self, target: str, width: int, height: int, queue_frames: int = 50):
+    def __init__(
+        self, target: str, width: int, height: int, queue_frames: int = 50, frame_log=None
+    ):
         self.target = target
+        self.frame_log = frame_log
+        self._writers = 0  # connections opened so far (the frame log's ``writer``)
         self.width, self.height = width, height
         self.q: queue.Queue = queue.Queue(maxsize=queue_frames)
         self.stats = {
@@ -123,11 +129,11 @@ class Output:
         self._thread = threading.Thread(target=self._run, name=f"output {target}", daemon=True)
         self._thread.start()
 
-    def offer(self, frame: np.ndarray, audio_16k: np.ndarray) -> None:
-        """Queue a frame (never blocks)."""
+    def offer(self, frame: np.ndarray, audio_16k: np.ndarray, meta: dict | None = None) -> None:
+        """Queue a frame (never blocks); ``meta`` goes to the frame log once it is written."""
         while True:
             try:
-                self.q.put_nowait((frame, audio_16k))
+                self.q.put_nowait((frame, audio_16k, meta))
                 return
             except queue.Full:
                 with contextlib.suppress(queue.Empty):
@@ -147,6 +153,7 @@ class Output:
                     continue
                 try:
                     writer = AVStreamWriter(self.target, self.width, self.height)
+                    self._writers += 1
                     if self.stats["written"] or self.stats["errors"]:
                         self.stats["reconnects"] += 1
                     log.info("output %s open", self.target)
@@ -160,8 +167,17 @@ class Output:
                     next_try, backoff = time.monotonic() + backoff, min(backoff * 2, 8.0)
                     continue
             try:
-                writer.write(*item)
+                writer.write(item[0], item[1])
                 self.stats["written"] += 1
+                if item[2] is not None and self.frame_log is not None:
+                    self.frame_log.write(
+                        ev="frame",
+                        out=self.target,
+                        writer=self._writers,
+                        index=writer.frames - 1,
+                        written=time.monotonic(),
+                        **item[2],
+                    )
             except (av.FFmpegError, OSError, ValueError) as exc:
                 self.stats["errors"] += 1
                 log.warning("output %s failed (%s); reconnecting", self.target, exc)
@@ -171,7 +187,7 @@ class Output:
         if writer is not None:
             while not self.q.empty():  # a recording keeps its last frames
                 with contextlib.suppress(Exception):
-                    writer.write(*self.q.get_nowait())
+                    writer.write(*self.q.get_nowait()[:2])
             writer.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
