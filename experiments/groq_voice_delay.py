@@ -53,6 +53,7 @@ def main() -> int:
     p.add_argument(
         "--stream-hop", type=int, default=1, help="whisper hop in frames (CPU hosts: 25)"
     )
+    p.add_argument("--chat-model", help="also rewrite each transcript with this chat model")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="groq-delay-"))
     from musetalk_rt.weights import load_models
@@ -71,6 +72,7 @@ def main() -> int:
     with GroqStandin(config=cfg) as standin:
         (tmp / "groq.toml").write_text(
             f'[groq]\nbase_url = "{standin.base_url}"\ntts_model = "tts"\ntts_voice = "v"\n'
+            + (f'chat_model = "{args.chat_model}"\n' if args.chat_model else "")
         )
         port = free_port()
         cmd = [
@@ -121,6 +123,7 @@ def main() -> int:
         "latency_model": {k: vars(v) for k, v in TYPICAL_LATENCY.items()},
         "delay_ms": summary["delay_ms"],
         "stream_hop": args.stream_hop,
+        "chat_rewrite": bool(args.chat_model),
         "utterances": sp["utterances"],
         "spoken": sp["spoken"],
         "fallbacks": sp["fallbacks"],

@@ -39,7 +39,7 @@ class StackSampler:
         depth: Frames kept per sample (innermost first).
     """
 
-    def __init__(self, interval_s: float = 0.01, depth: int = 3):
+    def __init__(self, interval_s: float = 0.01, depth: int = 8):
         self.interval_s, self.depth = interval_s, depth
         self.counts: dict[str, Counter] = {}
         self.samples = 0
