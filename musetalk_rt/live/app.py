@@ -256,7 +256,7 @@ def run(args) -> int:
                 frame_log,
             )
         )
-    worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s), batch_s=compute_s)
+    worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s))
     sinks = {ch.name: ch for ch in channels}
     speech_sinks = []
     if speech is not None:
@@ -305,7 +305,6 @@ def run(args) -> int:
         "live": [ch.stats_dict() for ch in channels],
         "delay_ms": round(delay_s * 1000),
         "gpu_batches": worker.batches,
-        "gpu_shed_frames": worker.shed,
     }
     if speech_sinks:
         result["speech"] = [{"channel": sp.channel.name, **sp.stats_dict()} for sp in speech_sinks]

@@ -113,8 +113,7 @@ class LiveChannel:
         self.t0 = time.monotonic()
         self.audio_q: queue.Queue = queue.Queue(maxsize=1500)  # ~30 s of 20 ms chunks
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
-        # media frame -> blended RGB frame (None: shed by the worker, it could not be in time)
-        self.generated: dict[int, np.ndarray | None] = {}
+        self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
         self.arrival: dict[int, float] = {}  # media frame -> when its last sample was pushed
         self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
         self._sessions: list[_Session] = []
@@ -288,6 +287,7 @@ class LiveChannel:
     def _clock_loop(self) -> None:
         n = 0
         silence = np.zeros(AUDIO_PER_FRAME, np.float32)
+        last_gen = None  # the last generated (talking) frame, for the fade-out
         while not self._stop.is_set():
             due = self.t0 + self.delay_s + n / FPS
             wait = due - time.monotonic()
@@ -303,12 +303,19 @@ class LiveChannel:
             idle = self.avatar.frames[self.avatar.cycle_frame(n)]
             speech = self.is_speech(n)
             weight = self._gate.step(speech)
-            frame, gen = idle, None
-            if weight > 0:
+            frame, gen, fade = idle, None, False
+            if weight <= 0:
+                last_gen = None
+            else:
                 gen = self.generated.pop(n, None)
-                if gen is None:
+                if gen is None and not speech and last_gen is not None:
+                    # fading out after speech: those frames are not generated (not speech);
+                    # fade the last talking frame out instead of a hard cut to idle
+                    frame, fade = crossfade(idle, last_gen, weight), True
+                elif gen is None:
                     self.stats.late_frames += 1
                 else:
+                    last_gen = gen
                     self.stats.speech_frames += 1
                     frame = crossfade(idle, gen, weight)
                     if n in self.arrival:
@@ -325,7 +332,15 @@ class LiveChannel:
             self.last_frame = frame
             meta = None
             if self.frame_log:
-                kind = "idle" if weight <= 0 else ("late" if gen is None else "speech")
+                kind = (
+                    "idle"
+                    if weight <= 0
+                    else "fade"
+                    if fade
+                    else "late"
+                    if gen is None
+                    else "speech"
+                )
                 meta = {
                     "ch": self.name,
                     "frame": n,

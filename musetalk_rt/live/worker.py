@@ -6,10 +6,9 @@ runner pads a smaller batch to the nearest bucket), runs ``unet -> vae_decode ->
 blends each face into its own channel's avatar frame. With nothing due it waits a few ms on an
 event, so a stop is immediate. Work for one channel never waits for another's audio.
 
-Load shedding: a frame whose deadline comes before a batch could finish (the running estimate of
-a batch's time, with a margin) is not generated — it would be shown late anyway — and is marked
-so the clock shows the idle frame. Under overload the worker keeps serving frames that can still
-make it, instead of spending every batch on frames that are already lost.
+No load shedding: skipping frames whose deadline looked too close (by a batch-time estimate)
+was tried and removed — a pessimistic estimate (the start-up measurement on a busy CPU) shed
+every frame, and on the H100 it saved nothing (experiments/LOG.md).
 """
 
 from __future__ import annotations
@@ -37,20 +36,10 @@ class GpuWorker:
         horizon_s: Generate frames whose deadline is at most this far ahead.
     """
 
-    def __init__(
-        self,
-        generator: FaceGenerator,
-        channels: list,
-        horizon_s: float,
-        batch_s: float = 0.05,
-        margin: float = 1.5,
-    ):
+    def __init__(self, generator: FaceGenerator, channels: list, horizon_s: float):
         self.gen = generator
         self.channels = channels
         self.horizon_s = horizon_s
-        self.batch_s = batch_s  # running estimate of one batch (generate + blend), seconds
-        self.margin = margin
-        self.shed = 0  # frames not generated because they could not make their deadline
         self.max_batch = max(generator.batch_sizes)
         self.clock = StageClock(generator.device)
         self.batches = 0
@@ -78,18 +67,9 @@ class GpuWorker:
                 self._stop.wait(0.005)
                 continue
             jobs.sort()
-            cutoff = now + self.batch_s * self.margin
-            lost = [(i, m) for d, i, m in jobs if d < cutoff]
-            for i, m in lost:  # shown idle (and counted late) by the clock
-                self.channels[i].generated.setdefault(m, None)
-            self.shed += len(lost)
-            take = [j for j in jobs if j[0] >= cutoff][: self.max_batch]
-            if not take:
-                continue
-            t = time.monotonic()
+            take = jobs[: self.max_batch]
             try:
                 self._generate([(self.channels[i], m) for _, i, m in take])
-                self.batch_s = 0.8 * self.batch_s + 0.2 * (time.monotonic() - t)
             except Exception:  # never take the show down: log, count, go on with idle frames
                 log.exception("GPU batch failed; those frames will show idle")
                 time.sleep(0.05)
