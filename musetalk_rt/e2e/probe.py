@@ -593,6 +593,7 @@ def run_probe(args) -> int:
 
     server = None if args.rtmp else RtmpServer().start()
     url = args.rtmp or server.url("e2e")
+    print(f"RTMP: {url} ({'external' if args.rtmp else f'{server.nginx} on loopback'})", flush=True)
     port = free_port()
     frame_log = work / "frames.jsonl"
     live = tail = receiver = sender = None
