@@ -794,16 +794,18 @@ def _report(args, run: dict, write_row) -> int:
         )
     if gpu is not None:
         b, c = gpu["batch"], gpu["canvas"]
+        where = (args.results_dir or Path("experiments/results")).as_posix()
         print(
             f"GPU figures for {args.gpu_figures}: batch "
             + (
-                f"p95 {b['p95_ms']} ms from {b['file']} ({b['gpu']}, {b['commit']}, {b['time']})"
+                f"p95 {b['p95_ms']} ms from {where}/{b['file']} ({b['gpu']}, {b['commit']}, "
+                f"{b['time']})"
                 if b
                 else f"not recorded: the measured {delay.get('batch_ms')} ms kept"
             )
             + "; whisper canvas "
             + (
-                f"{c['ms']} ms from {c['file']} ({c['gpu']}, {c['commit']})"
+                f"{c['ms']} ms from {where}/{c['file']} ({c['gpu']}, {c['commit']})"
                 if c
                 else f"not recorded: the measured {delay.get('canvas_ms')} ms kept"
             )
