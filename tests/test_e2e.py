@@ -30,6 +30,7 @@ from musetalk_rt.e2e.analysis import (
 )
 from musetalk_rt.e2e.markers import (
     MarkerPlan,
+    default_speech,
     detect_onsets,
     marker_snippet,
 )
@@ -70,6 +71,22 @@ def test_marker_snippet_starts_loud_and_is_bounded():
     assert snip[-1] == 0.0  # faded out
     with pytest.raises(ValueError):
         marker_snippet(np.zeros(1000, np.float32))
+
+
+def test_bundled_marker_is_heard_as_speech_from_its_first_frame():
+    from musetalk_rt.audio.vad import VoiceActivity, load_silero_vad
+
+    speech, _ = default_speech()
+    snip = marker_snippet(speech)
+    assert len(snip) == 24000
+    x = np.concatenate([np.zeros(32000, np.float32), snip, np.zeros(32000, np.float32)])
+    vad = VoiceActivity(load_silero_vad())
+    for i in range(0, len(x), 320):
+        vad.push(x[i : i + 320])
+    vad.finish()
+    talk = [vad.is_speech((f + 0.5) * 40.0) for f in range(len(x) // 640)]
+    assert talk.index(True) == 50  # the onset's own frame (2 s of silence = 50 frames)
+    assert sum(talk) >= 30  # most of the 1.5 s (37 frames) is speech
 
 
 def test_marker_plan_chunks_equal_the_whole_and_sit_on_frames():
@@ -243,7 +260,7 @@ def test_gpu_figures_newest_usable_rows(tmp_path):
         [{"kind": "encoder_cost", "dtype": "float32", "batch": 1, "ms_per_canvas": 4.6}],
     )
     figs = find_gpu_figures(tmp_path, "compile-fp16-b4")
-    assert figs["batch"]["p95_ms"] == 14.0 and figs["batch"]["file"].endswith("b/bench.jsonl")
+    assert figs["batch"]["p95_ms"] == 14.0 and figs["batch"]["file"] == "b/bench.jsonl"
     assert figs["canvas"]["ms"] == 4.6
     assert find_gpu_figures(tmp_path, "trt-fp16-b4")["batch"] is None
 

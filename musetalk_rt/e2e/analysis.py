@@ -217,7 +217,8 @@ def find_gpu_figures(results_dir: str | Path, scenario: str) -> dict:
     float32, batch 1 (what the live process times at start). Missing figures are None.
 
     Returns:
-        ``{"batch": {...} | None, "canvas": {...} | None}``, each with its value, file and row.
+        ``{"batch": {...} | None, "canvas": {...} | None}``, each with its value and file
+        (relative to ``results_dir``).
     """
     root = Path(results_dir)
     batch, canvas = [], []
@@ -229,7 +230,7 @@ def find_gpu_figures(results_dir: str | Path, scenario: str) -> dict:
                 and "errata" not in r
                 and r.get("quality", {}).get("passed", False)
             ):
-                batch.append((str(r.get("time", "")), str(path), r))
+                batch.append((str(r.get("time", "")), path.relative_to(root).as_posix(), r))
     for path in sorted(root.glob("*/stream_parity.jsonl")):
         for r in _rows(path):
             if (
@@ -237,7 +238,7 @@ def find_gpu_figures(results_dir: str | Path, scenario: str) -> dict:
                 and r.get("dtype") == "float32"
                 and r.get("batch") == 1
             ):
-                canvas.append((str(r.get("time", "")), str(path), r))
+                canvas.append((str(r.get("time", "")), path.relative_to(root).as_posix(), r))
     out: dict = {"scenario": scenario, "batch": None, "canvas": None}
     if batch:
         t, path, r = max(batch, key=lambda x: (x[0], x[1]))

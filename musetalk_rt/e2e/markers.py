@@ -1,11 +1,14 @@
 """Markers for the end-to-end probe: speech bursts after silence, at known samples.
 
-A marker is a short stretch of speech (a sentence spoken by espeak-ng, or any speech clip) cut
-so that it starts on its first loud 2.5 ms block, placed after seconds of silence with that
-first block on a video frame boundary of the sender's stream. The same detector
-(:func:`detect_onsets`) finds the onset in the received audio, so codec effects on the shape
-of the onset largely cancel. Speech rather than tone bursts: the live process shows lips only
-where its voice activity detector hears speech.
+A marker is a short stretch of speech cut so that it starts on its first loud 2.5 ms block,
+placed after seconds of silence with that first block on a video frame boundary of the sender's
+stream. The same detector (:func:`detect_onsets`) finds the onset in the received audio, so
+codec effects on the shape of the onset largely cancel. Speech rather than tone bursts: the live
+process shows lips only where its voice activity detector hears speech.
+
+The default speech is ``marker_speech.wav`` next to this module: "Hello, and welcome to the
+show." spoken by espeak-ng 1.51, cut by :func:`marker_snippet` to 1.5 s, stored as 16 kHz 16-bit
+PCM, so every host probes with the same signal whether or not it has espeak-ng.
 """
 
 from __future__ import annotations
@@ -79,13 +82,17 @@ def marker_snippet(speech: np.ndarray, max_s: float = 1.5, fade_ms: float = 10.0
     return x
 
 
-def default_speech(work: Path) -> tuple[np.ndarray, str]:
-    """16 kHz speech for markers: espeak-ng when installed, else a synthetic voice."""
-    from musetalk_rt.media import load_audio
-    from musetalk_rt.testing import speech_wav
+BUNDLED_SPEECH = Path(__file__).with_name("marker_speech.wav")
 
-    path, source = speech_wav(work / "marker_speech.wav", "Hello, and welcome to the show.")
-    return load_audio(path).to_mono_16k(), source
+
+def default_speech() -> tuple[np.ndarray, str]:
+    """The bundled marker speech (16 kHz mono float) and its name.
+
+    A synthetic voice will not do: the voice activity detector hears only a few frames of it.
+    """
+    from musetalk_rt.media import load_audio
+
+    return load_audio(BUNDLED_SPEECH).to_mono_16k(), "espeak-ng sentence (bundled)"
 
 
 @dataclass

@@ -499,13 +499,13 @@ def _check_args(args) -> None:
         )
 
 
-def _marker_plan(args, work: Path) -> tuple[MarkerPlan, str]:
+def _marker_plan(args) -> tuple[MarkerPlan, str]:
     from musetalk_rt.media import load_audio
 
     if args.speech:
         speech, source = load_audio(args.speech).to_mono_16k(), str(args.speech)
     else:
-        speech, source = default_speech(work)
+        speech, source = default_speech()
     try:
         plan = MarkerPlan(
             marker_snippet(speech, args.marker_s), args.period_s, 2.0, args.duration_s
@@ -568,7 +568,7 @@ def run_probe(args) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="e2e-probe-"))
     work.mkdir(parents=True, exist_ok=True)
     env = environment(_device(args.device))
-    plan, source = _marker_plan(args, work)
+    plan, source = _marker_plan(args)
     print(
         f"markers: {plan.count} × {len(plan.snippet) / 16000:.2f} s of speech ({source}) every "
         f"{args.period_s:g} s over {args.duration_s:g} s",
@@ -593,6 +593,7 @@ def run_probe(args) -> int:
 
     server = None if args.rtmp else RtmpServer().start()
     url = args.rtmp or server.url("e2e")
+    print(f"RTMP: {url} ({'external' if args.rtmp else f'{server.nginx} on loopback'})", flush=True)
     port = free_port()
     frame_log = work / "frames.jsonl"
     live = tail = receiver = sender = None
@@ -793,16 +794,18 @@ def _report(args, run: dict, write_row) -> int:
         )
     if gpu is not None:
         b, c = gpu["batch"], gpu["canvas"]
+        where = (args.results_dir or Path("experiments/results")).as_posix()
         print(
             f"GPU figures for {args.gpu_figures}: batch "
             + (
-                f"p95 {b['p95_ms']} ms from {b['file']} ({b['gpu']}, {b['commit']}, {b['time']})"
+                f"p95 {b['p95_ms']} ms from {where}/{b['file']} ({b['gpu']}, {b['commit']}, "
+                f"{b['time']})"
                 if b
                 else f"not recorded: the measured {delay.get('batch_ms')} ms kept"
             )
             + "; whisper canvas "
             + (
-                f"{c['ms']} ms from {c['file']} ({c['gpu']}, {c['commit']})"
+                f"{c['ms']} ms from {where}/{c['file']} ({c['gpu']}, {c['commit']})"
                 if c
                 else f"not recorded: the measured {delay.get('canvas_ms')} ms kept"
             )
@@ -913,7 +916,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speech",
         type=Path,
-        help="speech for the markers (default: an espeak-ng sentence, else a synthetic voice)",
+        help="speech for the markers (default: a bundled espeak-ng sentence)",
     )
     g.add_argument(
         "--period-s", type=float, default=4.0, help="seconds between markers (default: 4)"
