@@ -144,6 +144,14 @@ def test_engines_build_aoti_round_trip_through_the_cache(tmp_path, capsys, monke
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["passed"] and second["cache"] == {"unet": "hit", "vae_decode": "hit"}
     print("build seconds, cold vs from the cache:", first["build_s"], second["build_s"])
+    # render, bench and live build through FaceGenerator: the same cached packages
+    from musetalk_rt.pipeline import FaceGenerator
+    from musetalk_rt.weights import load_models
+
+    gen = FaceGenerator(load_models("tiny", device="cpu"), "aoti", "fp32", [2], log=print)
+    reports = gen.prepare(root)
+    assert [r.cache for r in reports] == ["hit", "hit"]
+    assert all("1 loaded from the engine cache, 0 exported" in r.reason for r in reports)
 
 
 @pytest.mark.trt
