@@ -8,9 +8,14 @@ did and why. Every engine is checked against fp32 eager by :mod:`musetalk_rt.eng
 ``eager``  the module itself (fp32) or a cast copy (fp16/bf16); any batch size
 ``compile`` ``torch.compile`` (inductor, fullgraph, one static graph per batch bucket),
            channels-last and CUDA-graph replay on CUDA
+``aoti``   ``torch.export`` + AOTInductor: one ``.pt2`` package per module and bucket, loaded
+           from the engine cache without export or compilation; CUDA-graph replay on CUDA
+``trt``    torch-tensorrt (dynamo path): one static TensorRT program per module and bucket,
+           fp16 by casting; needs ``musetalk-rt[trt]`` and a CUDA GPU
 =========  ========================================================================
 """
 
+from musetalk_rt.engines.aoti import AotiEngine
 from musetalk_rt.engines.base import (
     DTYPES,
     Engine,
@@ -24,14 +29,17 @@ from musetalk_rt.engines.base import (
 )
 from musetalk_rt.engines.compile import CompileEngine
 from musetalk_rt.engines.eager import EagerEngine
+from musetalk_rt.engines.trt import TrtEngine
 
 __all__ = [
     "DTYPES",
+    "AotiEngine",
     "CompileEngine",
     "EagerEngine",
     "Engine",
     "EngineReport",
     "Runner",
+    "TrtEngine",
     "available_engines",
     "get_engine",
     "parse_dtype",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class Runner:
         dtype: Compute dtype of the inputs.
         report: The engine's report.
         memory_format: Memory format the inputs are converted to (4-D inputs only).
+        artifacts: Files this build wrote (cache file name -> path), for the engine cache.
     """
 
     def __init__(
@@ -76,11 +78,13 @@ class Runner:
         dtype: torch.dtype,
         report: EngineReport,
         memory_format: torch.memory_format = torch.contiguous_format,
+        artifacts: dict[str, Path] | None = None,
     ):
         self.fns = fns
         self.dtype = dtype
         self.report = report
         self.memory_format = memory_format
+        self.artifacts = artifacts or {}
         self.buckets = None if 0 in fns else sorted(fns)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,9 +143,16 @@ class Engine(ABC):
         """Prime the next ``build`` from a cached engine folder; False if this engine cannot."""
         return False
 
-    def cache_files(self) -> dict[str, bytes]:
-        """Files to store in the engine cache after a successful build ({} = nothing)."""
-        return {}
+    def cache_files(self, runner: Runner | None = None) -> dict[str, bytes]:
+        """Files to store in the engine cache after a successful build ({} = nothing).
+
+        Args:
+            runner: The runner whose files to store (one engine may build several stages);
+                the default stores the files the runner's build wrote (``runner.artifacts``).
+        """
+        if runner is None:
+            return {}
+        return {name: Path(path).read_bytes() for name, path in sorted(runner.artifacts.items())}
 
 
 _REGISTRY: dict[str, type[Engine]] = {}
@@ -161,7 +172,13 @@ def get_engine(name: str, **options) -> Engine:
     """Instantiate a registered engine by name."""
     if name not in _REGISTRY:
         raise UserError(f"unknown engine {name!r}; choose one of {', '.join(available_engines())}")
-    return _REGISTRY[name](**options)
+    cls = _REGISTRY[name]
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError:
+        given = ", ".join(sorted(options))
+        raise UserError(f"engine {name!r} does not take the options {given}") from None
+    return cls(**options)
 
 
 def select_engine(

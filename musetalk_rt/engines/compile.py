@@ -166,7 +166,7 @@ class CompileEngine(Engine):
             return False
         return torch.compiler.load_cache_artifacts(path.read_bytes()) is not None
 
-    def cache_files(self) -> dict[str, bytes]:
+    def cache_files(self, runner: Runner | None = None) -> dict[str, bytes]:
         if self.backend != "inductor":
             return {}
         saved = torch.compiler.save_cache_artifacts()

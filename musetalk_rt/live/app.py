@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_streaming_options,
         _csv_ints,
     )
-    from musetalk_rt.engines import DTYPES
+    from musetalk_rt.engines import DTYPES, available_engines
 
     p = argparse.ArgumentParser(
         prog="python -m musetalk_rt.live",
@@ -339,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="sender token (default: $MUSETALK_RT_TOKEN)")
     p.add_argument("--cert", help="TLS certificate (PEM) for wss://")
     p.add_argument("--key", help="TLS private key (PEM), if not inside --cert")
-    p.add_argument("--engine", default="eager", help="engine (default: eager)")
+    p.add_argument(
+        "--engine",
+        default="eager",
+        help=f"engine: {', '.join(available_engines())} (default: eager; the engine cache "
+        "under --models-dir is used when it holds a matching build)",
+    )
     p.add_argument(
         "--dtype", default="fp16", choices=list(DTYPES), help="compute dtype (default: fp16)"
     )

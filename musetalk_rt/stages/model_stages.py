@@ -75,7 +75,7 @@ class _ModelStage(Stage):
         self, cache_root: Path, batch_sizes: list[int], weights_fingerprint: str, report: dict
     ) -> Path | None:
         """Save the built engine to the cache (call only after it passed the quality gate)."""
-        files = self.engine.cache_files()
+        files = self.engine.cache_files(self.runner)
         if not files:
             return None
         key = self.cache_key(batch_sizes, weights_fingerprint)

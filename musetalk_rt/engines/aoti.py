@@ -1,0 +1,171 @@
+"""The aoti engine: ``torch.export`` + AOTInductor, one ``.pt2`` package per module and bucket.
+
+Each batch bucket of a stage's module is exported with static shapes (``torch.export.export``,
+inputs made under ``torch.inference_mode()`` exactly as the runner passes them), compiled ahead
+of time with ``torch._inductor.aoti_compile_and_package`` and loaded with
+``torch._inductor.aoti_load_package``. A later process loads the packages from the engine cache
+without exporting or compiling anything: no Dynamo, no inductor at run time.
+
+Packaging choice: one package per stage module and bucket, weights inside the package (the API's
+default, ``package_constants_in_so``). Packages are never shared between the UNet and the VAE: a
+single 1.7 GB package holding both segfaulted when loaded on an H100 (torch 2.11). The cost is
+one copy of the stage's weights per bucket on disk and in memory; keep the bucket list short
+(one or two). Keeping the weights outside the package (``package_constants_in_so=False`` and
+``load_constants`` from the module) would share them between buckets but has not been tried.
+Weights inside make each package one self-contained file: the engine cache stores and renames it
+atomically under a key that covers the weights fingerprint, and loading is a single call.
+
+The engine's copy of the module has its 0-dim buffers reshaped to ``[1]`` before export (see
+:func:`export_friendly`): AOTInductor could not lower the UNet step's 0-dim timestep.
+
+On CUDA each loaded package's call is captured in one ``torch.cuda.CUDAGraph`` per bucket
+(static input buffers: copy in, replay, clone out). That path has not been run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch._inductor
+from torch import nn
+
+from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
+from musetalk_rt.engines.compile import _ManualGraphStep
+
+
+def package_name(batch: int) -> str:
+    """File name of the package of bucket ``batch`` (inside the engine-cache folder)."""
+    return f"b{batch}.pt2"
+
+
+def export_friendly(module: nn.Module) -> nn.Module:
+    """Reshape 0-dim buffers to ``[1]`` in place (``module`` must be the engine's own copy).
+
+    Inductor's AOT lowering of an exported graph fails on ``unsqueeze`` of a lifted 0-dim
+    constant (``UNetStep.timestep``; diffusers turns it into ``[1]`` and expands it to the batch
+    itself, so the result is the same).
+    """
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and buf.dim() == 0:
+                persistent = name not in sub._non_persistent_buffers_set
+                sub.register_buffer(name, buf.reshape(1), persistent=persistent)
+    return module
+
+
+def bucket_inputs(
+    example_inputs, batch: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The inputs of one bucket as the runner passes them: cast, on the device, inference."""
+    with torch.inference_mode():
+        return tuple(x.to(device=device, dtype=dtype).clone() for x in example_inputs(batch))
+
+
+def export_bucket(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` for one bucket's inputs (static shapes, strict=False)."""
+    with torch.inference_mode():
+        return torch.export.export(module, inputs, strict=False)
+
+
+def prepare_module(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The engine's copy of ``module``: cast, on the device, gradient-free, export-friendly."""
+    m = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return export_friendly(m)
+
+
+@register
+class AotiEngine(Engine):
+    """``torch.export`` + AOTInductor per static bucket (CUDA graphs on CUDA).
+
+    Args:
+        cuda_graphs: Capture each loaded package's call in a ``torch.cuda.CUDAGraph`` (CUDA).
+    """
+
+    name = "aoti"
+    description = "torch.export + AOTInductor, one .pt2 package per module and bucket"
+
+    def __init__(self, cuda_graphs: bool = True):
+        self.cuda_graphs = cuda_graphs
+        self._cached: Path | None = None  # engine-cache folder to load packages from
+
+    def cache_options(self) -> dict:
+        return {"cuda_graphs": self.cuda_graphs}
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type == "cpu" and dtype == torch.float16:
+            return "fp16 convolutions are not supported well on CPU; use --dtype fp32 or bf16"
+        if not hasattr(torch._inductor, "aoti_compile_and_package"):
+            return (
+                "needs torch>=2.6 (torch._inductor.aoti_compile_and_package); or --engine compile"
+            )
+        if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+            return "AOTInductor needs a C++ compiler (apt-get install g++); or --engine eager"
+        return None
+
+    def load_cache(self, folder: Path) -> bool:
+        folder = Path(folder)
+        if not any(folder.glob("b*.pt2")):
+            return False
+        self._cached = folder
+        return True
+
+    def build(
+        self,
+        module: nn.Module,
+        example_inputs,
+        batch_sizes: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Runner:
+        device = torch.device(device)
+        on_cuda = device.type == "cuda"
+        graphs = on_cuda and self.cuda_graphs
+        cached, self._cached = self._cached, None
+        built: dict[str, Path] = {}  # cache file name -> package written by this build
+        buckets = sorted(set(batch_sizes))
+        m = None
+        work = Path(tempfile.mkdtemp(prefix="musetalk-aoti-"))
+        loaded = 0
+        report = EngineReport(self.name, dtype_name(dtype), str(device), buckets)
+        fns = {}
+        for b in buckets:
+            inputs = bucket_inputs(example_inputs, b, dtype, device)  # [B, ...] per input
+            t0 = time.perf_counter()
+            path = cached / package_name(b) if cached is not None else None
+            if path is not None and path.is_file():
+                loaded += 1
+            else:
+                if m is None:
+                    m = prepare_module(module, dtype, device)
+                program = export_bucket(m, inputs)
+                path = Path(
+                    torch._inductor.aoti_compile_and_package(
+                        program, package_path=str(work / package_name(b))
+                    )
+                )
+                built[path.name] = path
+            compiled = torch._inductor.aoti_load_package(str(path))
+            with torch.inference_mode():
+                fns[b] = _ManualGraphStep(compiled, inputs) if graphs else compiled
+                if not graphs:
+                    compiled(*inputs)  # first call: loads the kernels
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            report.build_s[b] = round(time.perf_counter() - t0, 2)
+        report.reason = (
+            f"AOTInductor packages ({loaded} loaded from the engine cache, "
+            f"{len(built)} exported and compiled)"
+            + (", CUDA graphs (manual capture)" if graphs else "")
+        )
+        runner = Runner(fns, dtype, report, artifacts=built)
+        weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
+        return runner

@@ -1,0 +1,171 @@
+"""The trt engine: torch-tensorrt's dynamo path, one static TensorRT program per module and bucket.
+
+Each bucket of a stage's module is exported with static shapes (the same export as the ``aoti``
+engine: the engine's own copy of the module, cast to the dtype, inputs made under
+``torch.inference_mode()``) and compiled with ``torch_tensorrt.dynamo.compile``. The dynamo path
+does not make an fp32 graph fp16 through ``enabled_precisions``, so fp16 comes from casting the
+engine's copy of the module (and the inputs) to half and compiling with
+``use_explicit_typing=True``: TensorRT keeps the graph's own types. The module is never
+modified. The result is saved with ``torch_tensorrt.save`` (format
+``exported_program``) and reloaded with ``torch.export.load(...).module()``; the engine cache
+holds those files, so a later process skips TensorRT's build.
+
+Needs the optional dependency ``torch-tensorrt`` (``pip install 'musetalk-rt[trt]'``) and a CUDA
+GPU. Nothing of this module that needs TensorRT has been run yet: the CPU tests cover the export,
+the input specs, the cache keys and the messages.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from musetalk_rt.engines.aoti import bucket_inputs, export_bucket, prepare_module
+from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
+from musetalk_rt.engines.compile import _ManualGraphStep
+
+INSTALL_HINT = (
+    "torch-tensorrt is not installed: pip install 'musetalk-rt[trt]', "
+    "or use --engine compile or --engine aoti"
+)
+
+
+def trt_available() -> bool:
+    """Whether ``torch_tensorrt`` imports."""
+    try:
+        import torch_tensorrt  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing libnvinfer)
+        return False
+    return True
+
+
+def program_name(batch: int) -> str:
+    """File name of bucket ``batch``'s saved program (inside the engine-cache folder)."""
+    return f"b{batch}.ep"
+
+
+def input_specs(
+    example_inputs, batch_sizes: Sequence[int], dtype: torch.dtype
+) -> dict[int, list[tuple[tuple[int, ...], torch.dtype]]]:
+    """Bucket -> ``[(shape, dtype), ...]`` of the static inputs TensorRT is built for."""
+    out = {}
+    for b in sorted(set(batch_sizes)):
+        out[b] = [(tuple(x.shape), dtype) for x in example_inputs(b)]
+    return out
+
+
+@register
+class TrtEngine(Engine):
+    """torch-tensorrt (dynamo) per static bucket, fp16 by casting; CUDA graphs on top.
+
+    Args:
+        cuda_graphs: Capture each bucket's call in a ``torch.cuda.CUDAGraph``.
+        workspace_gb: TensorRT builder workspace limit (None = TensorRT's default).
+    """
+
+    name = "trt"
+    description = "torch-tensorrt dynamo path, one static engine per module and bucket (CUDA)"
+
+    def __init__(self, cuda_graphs: bool = True, workspace_gb: float | None = None):
+        self.cuda_graphs = cuda_graphs
+        self.workspace_gb = workspace_gb
+        self._cached: Path | None = None
+
+    def cache_options(self) -> dict:
+        version = None
+        if trt_available():
+            import torch_tensorrt
+
+            version = torch_tensorrt.__version__
+        return {
+            "cuda_graphs": self.cuda_graphs,
+            "workspace_gb": self.workspace_gb,
+            "torch_tensorrt": version,
+        }
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if not trt_available():
+            return INSTALL_HINT
+        if torch.device(device).type != "cuda":
+            return "TensorRT needs a CUDA GPU; on this host use --engine compile or --engine aoti"
+        return None
+
+    def load_cache(self, folder: Path) -> bool:
+        folder = Path(folder)
+        if not any(folder.glob("b*.ep")):
+            return False
+        self._cached = folder
+        return True
+
+    def _compile(self, program, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+        import torch_tensorrt
+
+        settings = {
+            "use_explicit_typing": True,  # the cast module's types are kept (fp16 stays fp16)
+            "min_block_size": 1,
+        }
+        if self.workspace_gb:
+            settings["workspace_size"] = int(self.workspace_gb * (1 << 30))
+        try:
+            trt_gm = torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), **settings)
+        except TypeError:  # torch-tensorrt < 2.5 names it inputs
+            trt_gm = torch_tensorrt.dynamo.compile(program, inputs=list(inputs), **settings)
+        try:
+            torch_tensorrt.save(
+                trt_gm, str(path), output_format="exported_program", arg_inputs=list(inputs)
+            )
+        except TypeError:  # torch-tensorrt < 2.6 names it inputs
+            torch_tensorrt.save(
+                trt_gm, str(path), output_format="exported_program", inputs=list(inputs)
+            )
+
+    def build(
+        self,
+        module: nn.Module,
+        example_inputs,
+        batch_sizes: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Runner:
+        import torch_tensorrt  # noqa: F401  (registers TensorRT's ops before torch.export.load)
+
+        device = torch.device(device)
+        cached, self._cached = self._cached, None
+        built: dict[str, Path] = {}  # cache file name -> program written by this build
+        buckets = sorted(set(batch_sizes))
+        work = Path(tempfile.mkdtemp(prefix="musetalk-trt-"))
+        m = None
+        loaded = 0
+        report = EngineReport(self.name, dtype_name(dtype), str(device), buckets)
+        fns = {}
+        for b in buckets:
+            inputs = bucket_inputs(example_inputs, b, dtype, device)  # [B, ...] per input
+            t0 = time.perf_counter()
+            path = cached / program_name(b) if cached is not None else None
+            if path is not None and path.is_file():
+                loaded += 1
+            else:
+                if m is None:
+                    m = prepare_module(module, dtype, device)  # cast copy: fp16 comes from here
+                path = work / program_name(b)
+                self._compile(export_bucket(m, inputs), inputs, path)
+                built[path.name] = path
+            run = torch.export.load(str(path)).module()
+            with torch.inference_mode():
+                fns[b] = _ManualGraphStep(run, inputs) if self.cuda_graphs else run
+            torch.cuda.synchronize(device)
+            report.build_s[b] = round(time.perf_counter() - t0, 2)
+        report.reason = (
+            f"TensorRT programs ({loaded} loaded from the engine cache, {len(built)} built)"
+            + (", CUDA graphs (manual capture)" if self.cuda_graphs else "")
+        )
+        runner = Runner(fns, dtype, report, artifacts=built)
+        weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
+        return runner
