@@ -296,6 +296,8 @@ def run(args) -> int:
             print(f"thread profile written to {args.profile}", flush=True)
         for sp in speech_sinks:
             sp.stop()
+        for ch in channels:  # every clock stops at the same moment, then outputs finish
+            ch.halt()
         worker.stop()
         for ch in channels:
             ch.stop()

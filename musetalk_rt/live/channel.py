@@ -378,6 +378,10 @@ class LiveChannel:
         for t in self._threads:
             t.start()
 
+    def halt(self) -> None:
+        """Stop the clock now (no more frames); :meth:`stop` then finishes the outputs."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:

@@ -132,9 +132,6 @@ class IngestServer:
             max_size=cfg.max_message_bytes,
             process_request=self._http,
             ssl=cfg.ssl_context,
-            # PCM barely compresses, and inflating it cost the event loop a quarter of its time
-            # with four senders (H100 profile): no permessage-deflate
-            compression=None,
         )
         return self
 
