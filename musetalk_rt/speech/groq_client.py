@@ -23,6 +23,7 @@ import numpy as np
 
 from musetalk_rt.errors import UserError
 from musetalk_rt.speech.config import GroqConfig
+from musetalk_rt.speech.utterances import wav_bytes
 
 log = logging.getLogger("musetalk_rt.groq")
 SAMPLE_RATE = 16000
@@ -85,19 +86,6 @@ def install_redaction(secret: str) -> None:
 
     logging.setLogRecordFactory(factory)
     _factory_installed = True
-
-
-def _wav(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    import wave
-
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 def _read_wav(data: bytes) -> np.ndarray:
@@ -192,7 +180,7 @@ class GroqSpeech:
         """Text of an utterance (or its English translation with ``task = "translate"``)."""
         cfg = self.config
         t = time.monotonic()
-        wav = _wav(audio_16k)
+        wav = wav_bytes(audio_16k, SAMPLE_RATE)
 
         def call(c):
             kwargs = {"file": ("utterance.wav", wav), "model": cfg.stt_model}

@@ -13,6 +13,8 @@ open utterance (at most ``max_utterance_s`` plus the pad) is kept.
 
 from __future__ import annotations
 
+import io
+import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,18 @@ import numpy as np
 from musetalk_rt.audio.vad import VoiceActivity
 
 SR = 16000
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int = SR) -> bytes:
+    """Mono float audio as a 16-bit PCM WAV file (how an utterance is uploaded)."""
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
 
 
 @dataclass

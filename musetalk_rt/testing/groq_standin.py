@@ -45,6 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from musetalk_rt.speech.utterances import wav_bytes
+
 log = logging.getLogger("musetalk_rt.groq_standin")
 
 ENDPOINTS = ("transcriptions", "translations", "speech", "chat")
@@ -198,18 +200,6 @@ def speak(text: str, sample_rate: int = 24000) -> np.ndarray:
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
     return audio
-
-
-def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    """Mono float audio as a 16-bit PCM WAV file."""
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 def _decode_audio_file(data: bytes) -> np.ndarray:
