@@ -379,8 +379,8 @@ class GroqStandin:
         def error(status, message, kind="invalid_request_error", headers=(), fault=None):
             if leaky:
                 message += f" (request credentials: {auth})"
+            finish(status, fault)  # recorded before the answer: a client that has it sees it
             h._error(status, message, kind, headers)
-            finish(status, fault)
 
         if endpoint is None:
             return error(404, f"Unknown request URL: POST {path}", "not_found")
@@ -415,10 +415,10 @@ class GroqStandin:
             if remaining > 0:
                 time.sleep(remaining)
         if fault is not None and fault.malformed:
-            h._send(200, b'{"this is": not json', "application/json")
-            return finish(200, "malformed")
-        h._send(status, payload, ctype)
+            finish(200, "malformed")
+            return h._send(200, b'{"this is": not json', "application/json")
         finish(status, "slow" if fault is not None and fault.hang_s else None)
+        h._send(status, payload, ctype)
 
     def _answer(self, endpoint: str, headers, body: bytes):
         if endpoint in ("transcriptions", "translations"):
