@@ -171,6 +171,29 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def compile_argv(args) -> list[str]:
+    """The compile-engine options of ``args`` as command-line words (for a child process).
+
+    The inverse of :func:`_add_compile_options`: every option it defines that is set in
+    ``args`` comes back, so a tool that starts ``musetalk_rt.live`` forwards all of them.
+    """
+    argv: list[str] = []
+    for flag in ("compile_backend", "compile_mode", "compile_graph_capture"):
+        if getattr(args, flag, None):
+            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    for flag in (
+        "no_cuda_graphs",
+        "no_channels_last",
+        "compile_freezing",
+        "compile_cd_tuning",
+        "compile_fuse_qkv",
+        "compile_cudnn_benchmark",
+    ):
+        if getattr(args, flag, False):
+            argv.append(f"--{flag.replace('_', '-')}")
+    return argv
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 

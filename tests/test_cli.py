@@ -250,3 +250,24 @@ def test_help_documents_every_command():
     ):
         res = _run(*cmd)
         assert res.returncode == 0 and "usage: musetalk-rt" in res.stdout
+
+
+def test_compile_options_forwarded_to_a_child_process_whole():
+    """`compile_argv` gives back every compile option, so `bench e2e` passes all to `live`."""
+    import argparse
+
+    from musetalk_rt.cli import _add_compile_options, _engine_options, compile_argv
+
+    p = argparse.ArgumentParser()
+    _add_compile_options(p)
+    given = [
+        "--compile-backend", "inductor", "--compile-mode", "max-autotune",
+        "--compile-graph-capture", "manual", "--no-cuda-graphs", "--no-channels-last",
+        "--compile-freezing", "--compile-cd-tuning", "--compile-fuse-qkv",
+        "--compile-cudnn-benchmark",
+    ]  # fmt: skip
+    args = p.parse_args(given)
+    argv = compile_argv(args)
+    assert sorted(argv) == sorted(given)
+    assert _engine_options(p.parse_args(argv)) == _engine_options(args)
+    assert compile_argv(p.parse_args([])) == []

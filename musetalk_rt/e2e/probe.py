@@ -400,6 +400,8 @@ class _Live:
 
 
 def _live_cmd(args, avatars_dir: Path, url: str, port: int, frame_log: Path) -> list[str]:
+    from musetalk_rt.cli import compile_argv
+
     cmd = [
         sys.executable,
         "-m",
@@ -442,13 +444,7 @@ def _live_cmd(args, avatars_dir: Path, url: str, port: int, frame_log: Path) -> 
         cmd += ["--delay-ms", str(args.delay_ms)]
     if args.fallback:
         cmd += ["--fallback", args.fallback]
-    for flag in ("compile_backend", "compile_mode"):
-        if getattr(args, flag, None):
-            cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-    for flag in ("no_cuda_graphs", "no_channels_last", "compile_freezing", "compile_cd_tuning"):
-        if getattr(args, flag, False):
-            cmd.append(f"--{flag.replace('_', '-')}")
-    return cmd
+    return cmd + compile_argv(args)
 
 
 def _prepare_probe_avatar(args, work: Path) -> Path:
