@@ -342,6 +342,17 @@ def test_rtmp_server_takes_nginx_from_the_environment(tmp_path, monkeypatch):
     assert MODULE_ENV in rtmp_available()
 
 
+@pytest.mark.skipif(rtmp_available() is not None, reason="needs nginx + libnginx-mod-rtmp")
+def test_rtmp_server_start_failure_says_what_nginx_said(tmp_path):
+    """nginx's own start-up complaint (on stderr, before its error log opens) reaches the user."""
+    from musetalk_rt.testing.rtmp import RtmpServer
+
+    server = RtmpServer(module=str(tmp_path / "no_such_module.so"))
+    with pytest.raises(RuntimeError, match=r"exited with status 1: .*no_such_module\.so"):
+        server.start()
+    server.close()
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 

@@ -587,7 +587,10 @@ def run_probe(args) -> int:
         with rows_path.open("a") as f:
             f.write(json.dumps({"run": run_id, **row}) + "\n")
 
-    server = None if args.rtmp else RtmpServer().start()
+    try:
+        server = None if args.rtmp else RtmpServer().start()
+    except RuntimeError as e:  # nginx missing or refusing to start: say what it said
+        raise UserError(f"the probe's RTMP server did not start: {e}", 3) from None
     url = args.rtmp or server.url("e2e")
     print(f"RTMP: {url} ({'external' if args.rtmp else f'{server.nginx} on loopback'})", flush=True)
     port = free_port()

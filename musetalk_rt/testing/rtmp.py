@@ -37,6 +37,9 @@ error_log {prefix}/error.log info;
 load_module {module};
 events {{ worker_connections 64; }}
 rtmp {{
+    # the rtmp module's default access log is /var/log/nginx/access.log, absent where nginx
+    # is unpacked privately (a GPU host): keep it in the prefix
+    access_log {prefix}/rtmp_access.log;
     server {{
         listen 127.0.0.1:{port};
         chunk_size 4096;
@@ -197,11 +200,13 @@ class RtmpServer:
         return f"rtmp://127.0.0.1:{self.port}/live/{key}"
 
     def start(self, timeout_s: float = 10.0) -> RtmpServer:
-        self.proc = subprocess.Popen(
-            [self.nginx, "-p", str(self.prefix), "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # nginx reports start-up errors (before its error_log is open) on stderr: keep them
+        with open(self.prefix / "stderr.log", "ab") as err:
+            self.proc = subprocess.Popen(
+                [self.nginx, "-p", str(self.prefix), "-c", str(self.conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -209,9 +214,14 @@ class RtmpServer:
                     return self
             except OSError:
                 if self.proc.poll() is not None:
-                    log = self.prefix / "error.log"
+                    said = " ".join(
+                        (self.prefix / name).read_text(errors="replace").strip()[-500:]
+                        for name in ("stderr.log", "error.log")
+                        if (self.prefix / name).exists()
+                    )
                     raise RuntimeError(
-                        f"nginx exited: {log.read_text()[-500:] if log.exists() else ''}"
+                        f"nginx exited with status {self.proc.returncode}: "
+                        f"{said or 'no message'} ({self.nginx} -c {self.conf})"
                     ) from None
                 time.sleep(0.1)
         raise RuntimeError(f"nginx did not listen on port {self.port}")
