@@ -166,7 +166,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compile-graph-capture",
         choices=["trees", "manual"],
-        help="CUDA graphs by inductor's cudagraph trees (default) or one manual "
+        help="CUDA graphs by inductor's cudagraph trees (default; the live process defaults to "
+        "manual: its GPU worker is its own thread and the trees are per thread) or one manual "
         "torch.cuda.CUDAGraph capture per bucket around the compiled call",
     )
 

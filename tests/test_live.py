@@ -344,3 +344,17 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2, (name, err)
         assert len(err.splitlines()) == 1 and expect in err, (name, err)
+
+
+def test_live_compile_engine_defaults_to_the_manual_graph_capture():
+    """Cudagraph trees are per thread and the GPU worker is its own thread: manual by default."""
+    from musetalk_rt.live.app import build_parser, live_engine_options
+
+    base = ["--avatar", "a", "--weights", "tiny"]
+    p = build_parser()
+    assert live_engine_options(p.parse_args([*base, "--engine", "compile"])) == {
+        "graph_capture": "manual"
+    }
+    explicit = [*base, "--engine", "compile", "--compile-graph-capture", "trees"]
+    assert "graph_capture" not in live_engine_options(p.parse_args(explicit))
+    assert live_engine_options(p.parse_args([*base, "--engine", "eager"])) == {}

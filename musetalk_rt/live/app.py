@@ -84,6 +84,25 @@ def _speech_sinks(args, speech, cfg, font, channels, vad_net, several: bool) -> 
     return out
 
 
+def live_engine_options(args) -> dict:
+    """The engine options for the live process: the command line's, with the live default.
+
+    The live GPU worker runs the models in its own thread. The compile engine's default CUDA
+    graphs (inductor's cudagraph trees) keep their tree managers in thread-local storage, so
+    what start-up recorded in the main thread was not the worker's: on an H100 the worker
+    started over and served no batch. The compile engine therefore defaults to the manual
+    capture here (one ``torch.cuda.CUDAGraph`` per bucket, replayable from any thread);
+    measured on an H200: 0 late frames, no recompilation (experiments/LOG.md, 2026-12-01).
+    ``--compile-graph-capture trees`` still asks for the other.
+    """
+    from musetalk_rt.cli import _engine_options
+
+    opts = _engine_options(args)
+    if args.engine == "compile" and getattr(args, "compile_graph_capture", None) is None:
+        opts["graph_capture"] = "manual"
+    return opts
+
+
 def measure_startup(gen, whisper, fe) -> tuple[float, float]:
     """Seconds for one batch of the largest bucket (incl. blend-size copy) and one canvas."""
     import torch
@@ -154,7 +173,7 @@ def run(args) -> int:
     from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig
     from musetalk_rt.audio.vad import load_silero_vad
     from musetalk_rt.avatar import load_avatar
-    from musetalk_rt.cli import _device, _engine_options
+    from musetalk_rt.cli import _device
     from musetalk_rt.live.channel import LiveChannel
     from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
@@ -206,7 +225,7 @@ def run(args) -> int:
         args.dtype,
         args.batch_sizes,
         args.fallback,
-        _engine_options(args),
+        live_engine_options(args),
         log=print,
     )
     for r in gen.prepare(args.models_dir):
