@@ -338,6 +338,11 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             ["--avatar", "a", "--record", "r.mp4", "--stream-lookahead-ms", "7"],
             "multiple of 20",
         ),
+        "zero delay": (["--avatar", "a", "--record", "r.mp4", "--delay-ms", "-5"], "positive"),
+        "negative margin": (
+            ["--avatar", "a", "--record", "r.mp4", "--delay-margin-ms", "-1"],
+            "0 or more",
+        ),
     }
     for name, (argv, expect) in cases.items():
         code = live_main(argv)

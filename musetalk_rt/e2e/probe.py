@@ -442,6 +442,8 @@ def _live_cmd(args, avatars_dir: Path, url: str, port: int, frame_log: Path) -> 
         cmd += ["--stream-context-ms", str(args.stream_context_ms)]
     if args.delay_ms:
         cmd += ["--delay-ms", str(args.delay_ms)]
+    if args.delay_margin_ms is not None:
+        cmd += ["--delay-margin-ms", str(args.delay_margin_ms)]
     if args.fallback:
         cmd += ["--fallback", args.fallback]
     return cmd + compile_argv(args)
@@ -992,6 +994,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--fallback", help="engine to use if --engine cannot run here (logged)")
     e.add_argument("--batch-sizes", type=_csv_ints, default=[4], help="worker buckets (default: 4)")
     e.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
+    e.add_argument(
+        "--delay-margin-ms",
+        type=int,
+        help="spare time in the derived D (default: the live process's, 100 ms)",
+    )
     _add_streaming_options(p)
     _add_compile_options(p)
     _add_common(p)

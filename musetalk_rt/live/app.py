@@ -130,20 +130,29 @@ def measure_startup(gen, whisper, fe) -> tuple[float, float]:
     return compute, time.perf_counter() - t
 
 
-def derive_delay_s(lookahead_s: float, canvas_s: float, compute_s: float) -> float:
+DEFAULT_DELAY_MARGIN_MS = 100
+
+
+def derive_delay_s(
+    lookahead_s: float,
+    canvas_s: float,
+    compute_s: float,
+    margin_s: float = DEFAULT_DELAY_MARGIN_MS / 1000,
+) -> float:
     """The playout delay ``D`` the process picks when ``--delay-ms`` is not given.
 
     The look-ahead (the audio a frame's window needs after its end, hop included), one 20 ms
     chunk, one whisper canvas, two batches (the one running when the frame's window arrives and
-    its own) and 100 ms of margin. The end-to-end probe uses it to put recorded GPU figures in
-    place of measured ones.
+    its own) and a margin (``--delay-margin-ms``, 100 ms by default) for thread scheduling and
+    jitter. The end-to-end probe uses it to put recorded GPU figures in place of measured ones.
 
     Args:
         lookahead_s: Audio needed after a frame's end before its window exists, seconds.
         canvas_s: One whisper canvas, seconds.
         compute_s: One batch of the largest bucket (UNet + VAE decode + copy), seconds.
+        margin_s: Spare time for scheduling and jitter, seconds.
     """
-    return lookahead_s + 0.02 + canvas_s + 2 * compute_s + 0.1
+    return lookahead_s + 0.02 + canvas_s + 2 * compute_s + margin_s
 
 
 async def _serve(server, channels, worker, duration_s: float | None) -> None:
@@ -186,6 +195,10 @@ def run(args) -> int:
     chans = _parse_channels(args)
     if not args.rtmp and not args.record:
         raise UserError("give --rtmp URL and/or --record FILE.mp4: there is nowhere to send video")
+    if args.delay_ms is not None and args.delay_ms <= 0:
+        raise UserError(f"--delay-ms {args.delay_ms}: the playout delay must be positive")
+    if args.delay_margin_ms < 0:
+        raise UserError(f"--delay-margin-ms {args.delay_margin_ms}: must be 0 or more")
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
         _targets(args.rtmp, name, several), _targets(args.record, name, several)
@@ -232,8 +245,11 @@ def run(args) -> int:
         print(f"engine: {r.summary()}", flush=True)
     compute_s, canvas_s = measure_startup(gen, models.whisper, models.feature_extractor)
     lookahead_s = (stream_cfg.lookahead_ms + (stream_cfg.hop_frames - 1) * 40) / 1000
+    margin_s = args.delay_margin_ms / 1000
     delay_s = (
-        args.delay_ms / 1000 if args.delay_ms else derive_delay_s(lookahead_s, canvas_s, compute_s)
+        args.delay_ms / 1000
+        if args.delay_ms
+        else derive_delay_s(lookahead_s, canvas_s, compute_s, margin_s)
     )
     if frame_log:
         frame_log.write(
@@ -244,11 +260,13 @@ def run(args) -> int:
             canvas_ms=round(canvas_s * 1000, 3),
             batch_ms=round(compute_s * 1000, 3),
             batch=max(args.batch_sizes),
+            margin_ms=args.delay_margin_ms,
         )
     print(
         f"playout delay D = {delay_s * 1000:.0f} ms (look-ahead {lookahead_s * 1000:.0f} ms, "
         f"whisper canvas {canvas_s * 1000:.0f} ms, batch of {max(args.batch_sizes)} "
-        f"{compute_s * 1000:.0f} ms)",
+        f"{compute_s * 1000:.0f} ms"
+        + (f", margin {args.delay_margin_ms} ms)" if not args.delay_ms else "; fixed)"),
         flush=True,
     )
     vad_net = load_silero_vad()
@@ -377,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="buckets the GPU worker batches into (default: 4)",
     )
     p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
+    p.add_argument(
+        "--delay-margin-ms",
+        type=int,
+        default=DEFAULT_DELAY_MARGIN_MS,
+        help="spare time in the derived D for scheduling and jitter (default: "
+        f"{DEFAULT_DELAY_MARGIN_MS}; less lowers the delay and risks late frames)",
+    )
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")
     p.add_argument(
