@@ -30,8 +30,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 lint: setup
-	$(VENV)/bin/ruff check musetalk_rt tests
-	$(VENV)/bin/ruff format --check musetalk_rt tests
+	$(VENV)/bin/ruff check musetalk_rt tests notebooks
+	$(VENV)/bin/ruff format --check musetalk_rt tests notebooks
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)

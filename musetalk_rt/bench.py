@@ -284,6 +284,7 @@ def run_bench(
     cache_root: Path | None = None,
     fuse_stages: bool = False,
     turns: GpuTurns | None = None,
+    on_built: Callable[[str, str, Callable, Callable], None] | None = None,
 ) -> list[dict]:
     """Run every engine x dtype x batch scenario; return one row per scenario.
 
@@ -300,6 +301,8 @@ def run_bench(
         cache_root: ``models_dir`` whose engine cache primes builds (build_s then shows it).
         fuse_stages: Build UNet + VAE decode as one module (no engine cache, no per-stage times).
         turns: Share the GPU with concurrent bench processes (see :class:`GpuTurns`).
+        on_built: Called as ``on_built(engine, dtype, unet_run, vae_run)`` once an engine is
+            built and measured, before it is freed (the workbench compares its faces).
     """
     device = models.device
     env = environment(device)
@@ -387,6 +390,8 @@ def run_bench(
                     f"  {row['scenario']}: {row['p50_ms']} ms, {row['fps']} fps, "
                     f"PSNR {quality.psnr_db} dB"
                 )
+            if on_built is not None:
+                on_built(engine_name, dtype_name, parity_u, parity_v)
             unet = vae = fused = parity_u = parity_v = None  # free this engine's copies
             gc.collect()
             if device.type == "cuda":

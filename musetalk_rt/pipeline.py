@@ -65,6 +65,7 @@ class FaceGenerator:
         eng, self.reason = select_engine(
             engine, self.device, torch_dtype, fallback=fallback, log=log, **(engine_options or {})
         )
+        self.engine_name, self.dtype_name = eng.name, dtype  # the engine in use (after fallback)
         self.unet = UNetStage(models.unet, eng, torch_dtype, self.device)
         self.vae = VaeDecodeStage(models.vae, eng, torch_dtype, self.device)
         self.to_host = ToHostStage(self.device)

@@ -113,17 +113,37 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     ch = summary["live"][0]
     rtmp_stats = ch["outputs"][rtmp.url("astro")]
 
-    # read back over RTMP: H.264 + AAC, 25 fps, frames match the span, audio keeps up
-    assert reader.codecs == {"video": "h264", "audio": "aac"}
-    video = [t for kind, t in reader.packets[:before_restart] if kind == "video"]
-    audio = [t for kind, t in reader.packets[:before_restart] if kind == "audio"]
-    span = video[-1] - video[0]
-    assert abs(len(video) - (span * 25 + 1)) <= max(1, 0.01 * len(video))
-    assert abs(audio[-1] - video[-1]) <= 0.04 + 1024 / 16000  # one frame + one AAC packet
+    _assert_rtmp_stream(reader.codecs, reader.packets[:before_restart])
     # the server went away and came back: the live process reconnected by itself
     assert after_restart > 25 and rtmp_stats["reconnects"] >= 1
 
-    # the recording: all frames at 25 fps, audio as long as video, lips follow the speech
+    _assert_recording(record, ch, log, idle_after=250)
+    assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
+    assert preview[0] == "image/jpeg" and preview[1][:2] == b"\xff\xd8"  # operator preview
+    text = metrics.decode()
+    for name in (
+        'musetalk_frames_out_total{channel="astro"}',
+        "musetalk_late_frames_total",
+        "musetalk_voice_to_frame_p95_ms",
+        "musetalk_output_reconnects_total",
+        "musetalk_audio_queue_depth",
+        'musetalk_stage_ms_total{stage="unet"}',
+    ):
+        assert name in text, name
+
+
+def _assert_rtmp_stream(codecs: dict, packets: list) -> None:
+    """Read back over RTMP: H.264 + AAC, 25 fps (frames match the span), audio keeps up."""
+    assert codecs == {"video": "h264", "audio": "aac"}
+    video = [t for kind, t in packets if kind == "video"]
+    audio = [t for kind, t in packets if kind == "audio"]
+    span = video[-1] - video[0]
+    assert abs(len(video) - (span * 25 + 1)) <= max(1, 0.01 * len(video))
+    assert abs(audio[-1] - video[-1]) <= 0.04 + 1024 / 16000  # one frame + one AAC packet
+
+
+def _assert_recording(record, ch: dict, log: str, idle_after: int) -> None:
+    """All frames at 25 fps, audio as long as video, lips follow the speech, then idle."""
     with av.open(str(record)) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     with av.open(str(record)) as c:
@@ -141,20 +161,8 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     print(f"voice onset frame {first_voice}, face onset frame {first_face}, channel {ch}")
     assert abs(int(first_face) - int(first_voice)) <= 4  # within VAD and cross-fade (160 ms)
     last_face = len(moving) - 1 - int(np.argmax(moving[::-1]))
-    assert len(frames) - last_face > 250  # after the sender left: idle frames, not a freeze
+    assert len(frames) - last_face > idle_after  # the sender left: idle frames, not a freeze
     assert not speech[last_face + 10 :].any()  # ... with silent audio
-    assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
-    assert preview[0] == "image/jpeg" and preview[1][:2] == b"\xff\xd8"  # operator preview
-    text = metrics.decode()
-    for name in (
-        'musetalk_frames_out_total{channel="astro"}',
-        "musetalk_late_frames_total",
-        "musetalk_voice_to_frame_p95_ms",
-        "musetalk_output_reconnects_total",
-        "musetalk_audio_queue_depth",
-        'musetalk_stage_ms_total{stage="unet"}',
-    ):
-        assert name in text, name
 
 
 def _start_live(avatars, port, *extra):
@@ -363,3 +371,73 @@ def test_live_compile_engine_defaults_to_the_manual_graph_capture():
     explicit = [*base, "--engine", "compile", "--compile-graph-capture", "trees"]
     assert "graph_capture" not in live_engine_options(p.parse_args(explicit))
     assert live_engine_options(p.parse_args([*base, "--engine", "eager"])) == {}
+
+
+@pytest.mark.slow
+def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file, tmp_path):
+    """The event-day browser sender: Chromium's fake microphone plays speech into the page,
+    the live process serves it, and the RTMP stream read back is checked like the CLI's."""
+    import shutil
+
+    import soxr
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs chromium (CI installs it)")
+    avatars, _ = _materials(tiny_models, fixture_file, tmp_path)
+    speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
+    mic = tmp_path / "mic48k.wav"
+    with wave.open(str(mic), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
+        x48 = np.clip(soxr.resample(speech, 16000, 48000), -1, 1)
+        w.writeframes(np.rint(x48 * 32767).astype("<i2").tobytes())
+    record = tmp_path / "rec.mp4"
+    port = free_port()
+    with RtmpServer() as rtmp:
+        live, lines = _start_live(
+            avatars, port, "--avatar", "astro", "--rtmp", rtmp.url("astro"), "--record", str(record)
+        )
+        reader = _Reader(rtmp.url("astro"))
+        reader.start()
+        page = f"http://127.0.0.1:{port}/?channel=astro&token=t0ken&autostart=1"
+        browser = subprocess.Popen(
+            [
+                chromium,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={mic}%noloop",
+                "--autoplay-policy=no-user-gesture-required",
+                page,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            sessions = 0
+            while time.monotonic() < deadline and sessions < 1:
+                assert browser.poll() is None, "chromium exited"
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                m = [ln for ln in text.decode().splitlines() if ln.startswith("musetalk_sessions")]
+                sessions = int(float(m[0].rsplit(" ", 1)[1])) if m else 0
+                time.sleep(0.5)
+            assert sessions == 1, "the page never connected"
+            time.sleep(10)  # 6 s of speech, then the page's silence
+        finally:
+            browser.terminate()  # the sender leaves
+            browser.wait(10)
+        time.sleep(8)  # the stream goes on with idle frames
+        reader.stop.set()
+        live.send_signal(signal.SIGTERM)
+        out, _ = live.communicate(timeout=120)
+        lines.append(out or "")
+    log = "".join(lines)
+    assert live.returncode == 0, log[-3000:]
+    ch = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])["live"][0]
+    assert ch["sessions"] == 1 and ch["speech_frames"] > 40, ch
+    _assert_rtmp_stream(reader.codecs, reader.packets)
+    _assert_recording(record, ch, log, idle_after=150)

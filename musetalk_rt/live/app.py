@@ -17,6 +17,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 import time
 
 import numpy as np
@@ -158,8 +159,9 @@ def derive_delay_s(
 async def _serve(server, channels, worker, duration_s: float | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     await server.start()
     print(
         f"ingest listening on port {server.port}: "

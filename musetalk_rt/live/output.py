@@ -41,9 +41,12 @@ class AVStreamWriter:
         fps: int = FPS,
         preset: str = "veryfast",
         gop_s: float = 2.0,
+        container_format: str | None = None,
     ):
         self.target = target
-        fmt = "flv" if target.startswith(("rtmp://", "rtmps://")) else None
+        fmt = container_format or (
+            "flv" if target.startswith(("rtmp://", "rtmps://")) else None
+        )  # "null": FFmpeg's null muxer (encode, write nothing: the workbench's profile)
         self.container = av.open(target, mode="w", format=fmt, timeout=5.0)
         self.width, self.height = width + width % 2, height + height % 2
         v = self.container.add_stream(
