@@ -43,7 +43,7 @@ class DryRunResult:
     sends: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        """Per channel: frames recorded, then the last ``/metrics`` read (a second before the end)."""
+        """Per channel: frames recorded, then the last ``/metrics`` read (~1 s before the end)."""
         last = self.metrics[-1][1] if self.metrics else {}
         lines = [f"live exit status {self.exit_code}"]
         for ch in sorted(self.recordings):
