@@ -65,7 +65,6 @@ def stage_profile(
     """
     from musetalk_rt.audio.incremental import encode_canvases
     from musetalk_rt.bench import environment
-    from musetalk_rt.engines.base import parse_dtype
     from musetalk_rt.stages.blend import BlendStage
 
     models, device = gen.models, gen.device
@@ -74,7 +73,6 @@ def stage_profile(
     blend = BlendStage(avatar)
     w, h = avatar.size
     writer = _null_writer(w, h)
-    whisper_dtype = parse_dtype(dtype)
     n_cycle = len(avatar.frames)
     latents_all = avatar.latents.to(device)  # [N, 8, 32, 32]
     g = torch.Generator().manual_seed(0)
@@ -87,7 +85,8 @@ def stage_profile(
         for it in range(warmup + iters):
             t0 = time.perf_counter()
             with torch.inference_mode():
-                encode_canvases(models.whisper, models.feature_extractor, canvases, whisper_dtype)
+                # fp32, as the live process's shared encoder runs it
+                encode_canvases(models.whisper, models.feature_extractor, canvases, torch.float32)
             feat_ms = (time.perf_counter() - t0) * 1000  # ends with a device sync
             batch = FrameBatch(
                 list(range(b)),
