@@ -17,10 +17,11 @@
 # against offline ones for several look-aheads: what each 40 ms of extra delay buys. The
 # error needs a trained whisper encoder: the dev extra's tiny.en stands in for MuseTalk's.
 
-# %% tags=["parameters"] nbmake={"mock": {"clip": "../../shared/fixtures/eng.wav", "max_s": 6.0, "lookaheads_ms": [0, 80]}}
+# %% tags=["parameters"] nbmake={"mock": {"clip": "../../shared/fixtures/eng.wav", "max_s": 6.0, "lookaheads_ms": [0, 80], "hop_frames": 25}}
 clip = "../../shared/fixtures/eng.wav"
 max_s = 30.0
 lookaheads_ms = [0, 40, 80, 160, 400]
+hop_frames = 1  # frames per whisper canvas (1 as the live default)
 device = "cpu"
 
 # %%
@@ -38,7 +39,7 @@ whisper, fe = audio.trained_whisper(device)
 
 # %%
 curve = audio.lookahead_tradeoff(
-    whisper, fe, samples, tuple(lookaheads_ms), encoder="whisper tiny.en"
+    whisper, fe, samples, tuple(lookaheads_ms), encoder="whisper tiny.en", hop_frames=hop_frames
 )
 
 # %%

@@ -426,7 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--burn-captions", action="store_true", help="draw captions into the video (CJK font)"
     )
-    g.add_argument("--config", help="TOML file; its [groq] table sets models, voice, timeouts")
+    g.add_argument(
+        "--config",
+        help="TOML file: its [live] table is an event preset (defaults for these options; "
+        "configs/event.toml), its [groq] table sets models, voice, timeouts",
+    )
     _add_streaming_options(p)
     _add_compile_options(p)
     _add_common(p)
@@ -450,7 +454,13 @@ class JsonLogFormatter(logging.Formatter):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; one clear line on bad input."""
-    args = build_parser().parse_args(argv)
+    from musetalk_rt.live.preset import parse_with_preset
+
+    try:
+        args = parse_with_preset(build_parser(), argv)
+    except UserError as exc:
+        print(f"musetalk-rt live: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     handler = logging.StreamHandler()
     plain = logging.Formatter("%(asctime)s %(name)s %(message)s")
     handler.setFormatter(JsonLogFormatter() if args.log_json else plain)

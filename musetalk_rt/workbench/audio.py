@@ -66,6 +66,7 @@ def lookahead_tradeoff(
     audio_16k: np.ndarray,
     extra_lookaheads_ms: tuple[int, ...] = (0, 40, 80, 160),
     encoder: str = "",
+    hop_frames: int = 1,
     log=print,
 ) -> list[dict]:
     """Streaming-vs-offline feature error for each extra look-ahead (rows, one per setting).
@@ -76,12 +77,16 @@ def lookahead_tradeoff(
         audio_16k: The clip.
         extra_lookaheads_ms: Extra look-ahead settings (multiples of 20).
         encoder: What ``whisper`` is (recorded in the rows).
+        hop_frames: Frames per canvas (1 as live; more makes a quick look cheaper and the
+            errors larger).
         log: Progress lines.
     """
     from musetalk_rt.audio.incremental import StreamingConfig
     from musetalk_rt.audio.parity import parity_curve
 
-    cfgs = [StreamingConfig(extra_lookahead_ms=ms) for ms in extra_lookaheads_ms]
+    cfgs = [
+        StreamingConfig(extra_lookahead_ms=ms, hop_frames=hop_frames) for ms in extra_lookaheads_ms
+    ]
     rows = parity_curve(whisper, feature_extractor, {"clip": audio_16k}, cfgs, log=log)
     out = []
     for r in rows:
@@ -92,6 +97,7 @@ def lookahead_tradeoff(
                 "kind": "lookahead_tradeoff",
                 "encoder": encoder,
                 "extra_lookahead_ms": r["extra_lookahead_ms"],
+                "hop_frames": r["hop_frames"],
                 "added_delay_ms": r["added_delay_ms"],
                 "lookahead_ms": 80 + r["extra_lookahead_ms"],
                 "error": r["error"],

@@ -1,0 +1,90 @@
+"""The event preset: `--config FILE` `[live]` values as defaults, and the rows it cites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from musetalk_rt.errors import UserError
+from musetalk_rt.live.app import build_parser
+from musetalk_rt.live.app import main as live_main
+from musetalk_rt.live.preset import parse_with_preset, preset_argv
+
+REPO = Path(__file__).resolve().parents[1]
+EVENT = REPO / "configs" / "event.toml"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_event_preset_cites_rows_that_exist_and_agree():
+    import tomllib
+
+    live = tomllib.loads(EVENT.read_text())["live"]
+    sources = live.pop("sources")
+    assert set(sources) == set(live), "every value cites its rows"
+    for key, cited in sources.items():
+        for src in cited:
+            file, _, sel = src.partition("#")
+            field, _, want = sel.partition("=")
+            rows = _rows(REPO / file)
+            hits = [r for r in rows if str(r.get(field)) == want]
+            assert hits, f"{key}: no row with {field}={want} in {file}"
+    # the live run it cites ran these very settings
+    run = sources["engine"][0].split("#run=")[1]
+    e2e = _rows(REPO / sources["engine"][0].split("#")[0])
+    summary = next(r for r in e2e if r.get("kind") == "summary" and r["run"] == run)
+    assert (summary["engine"], summary["dtype"]) == (live["engine"], live["dtype"])
+    assert summary["batch_sizes"] == live["batch_sizes"]
+    assert summary["live_summary"]["live"][0]["late_frames"] == 0
+    assert summary["delay"]["lookahead_ms"] == live["stream_lookahead_ms"] + 80
+    bench = _rows(REPO / sources["compile_freezing"][0].split("#")[0])
+    assert any(
+        r["scenario"] == "compile-fp16-b4" and (r.get("engine_options") or {}).get("freezing")
+        for r in bench
+    )
+
+
+def test_preset_values_are_defaults_and_the_command_line_wins():
+    p = build_parser()
+    argv = preset_argv(EVENT, p)
+    assert argv[:2] == ["--engine", "compile"] and "--compile-freezing" in argv
+    args = parse_with_preset(p, ["--config", str(EVENT), "--avatar", "a", "--record", "r.mp4"])
+    assert (args.engine, args.dtype, args.batch_sizes) == ("compile", "fp16", [4])
+    assert args.compile_freezing and args.compile_graph_capture == "manual"
+    assert (args.stream_lookahead_ms, args.delay_margin_ms) == (80, 100)
+    args = parse_with_preset(
+        p, ["--config", str(EVENT), "--avatar", "a", "--engine", "eager", "--batch-sizes", "8"]
+    )
+    assert (args.engine, args.batch_sizes) == ("eager", [8])
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("[live]\nengine = ", "not valid TOML"),
+        ("[live]\nwarp_speed = 9\n", "unknown [live] key 'warp_speed'"),
+        ("[live]\ntoken = 's3cret'\n", "token cannot be set in a file"),
+        ("[live]\ncompile_freezing = 'yes'\n", "must be true or false"),
+        ("[live]\nengine = {a = 1}\n", "expected a value or a list"),
+        ("live = 3\n", "[live] must be a table"),
+    ],
+)
+def test_bad_presets_one_line(tmp_path, text, expect):
+    f = tmp_path / "p.toml"
+    f.write_text(text)
+    with pytest.raises(UserError, match=None) as err:
+        preset_argv(f, build_parser())
+    assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_live_with_a_bad_preset_exits_2_in_one_line(tmp_path, capsys):
+    assert live_main(["--config", str(tmp_path / "missing.toml"), "--avatar", "a"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot read it" in err
+    (tmp_path / "bad.toml").write_text("[live]\nsecret = 1\n")
+    assert live_main(["--config", str(tmp_path / "bad.toml"), "--avatar", "a"]) == 2
+    assert "unknown [live] key" in capsys.readouterr().err
