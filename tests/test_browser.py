@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import threading
 import time
@@ -16,8 +15,9 @@ import soxr
 
 from musetalk_rt.live.ingest import IngestConfig, IngestServer, RecordingSink
 from musetalk_rt.media import load_audio
+from musetalk_rt.testing.browser import fake_mic_command, find_chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (CI installs it)")
 
 
@@ -74,18 +74,7 @@ def test_headless_chromium_fake_microphone_streams_the_wav(fixture_file, tmp_pat
     assert server.ready.wait(10)
     url = f"http://127.0.0.1:{server.port}/?channel=stage&token=s3cret&autostart=1"
     browser = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}",
-            "--autoplay-policy=no-user-gesture-required",
-            url,
-        ],
+        fake_mic_command(CHROMIUM, tmp_path / "profile", wav, url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

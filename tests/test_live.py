@@ -381,11 +381,11 @@ def test_live_compile_engine_defaults_to_the_manual_graph_capture():
 def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file, tmp_path):
     """The event-day browser sender: Chromium's fake microphone plays speech into the page,
     the live process serves it, and the RTMP stream read back is checked like the CLI's."""
-    import shutil
-
     import soxr
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    from musetalk_rt.testing.browser import fake_mic_command, find_chromium
+
+    chromium = find_chromium()
     if chromium is None:
         pytest.skip("needs chromium (CI installs it)")
     avatars, _ = _materials(tiny_models, fixture_file, tmp_path)
@@ -405,18 +405,7 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
         reader.start()
         page = f"http://127.0.0.1:{port}/?channel=astro&token=t0ken&autostart=1"
         browser = subprocess.Popen(
-            [
-                chromium,
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                f"--user-data-dir={tmp_path / 'profile'}",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={mic}%noloop",
-                "--autoplay-policy=no-user-gesture-required",
-                page,
-            ],
+            fake_mic_command(chromium, tmp_path / "profile", mic, page),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

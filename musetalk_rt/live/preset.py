@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import tomllib
-
+from musetalk_rt.config_file import read_table
 from musetalk_rt.errors import UserError
 
 NOT_IN_PRESETS = {"token", "config", "help"}
@@ -28,15 +27,7 @@ def preset_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[str]:
             wrong kind.
     """
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"--config {p}: cannot read it ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"--config {p}: not valid TOML ({exc})") from None
-    table = data.get("live", {})
-    if not isinstance(table, dict):
-        raise UserError(f"--config {p}: [live] must be a table")
+    table = read_table(p, "live")
     options = {a.dest: a for a in parser._actions if a.option_strings}
     argv: list[str] = []
     for key, value in table.items():

@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import tomllib
-
+from musetalk_rt.config_file import read_table
 from musetalk_rt.errors import UserError
 
 MODES = ("off", "captions", "voice")
@@ -73,17 +72,7 @@ def load_config(path: str | Path | None) -> GroqConfig:
     if path is None:
         return GroqConfig()
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--config {p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config {p}: cannot read it ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"--config {p}: not valid TOML ({exc})") from None
-    table = data.get("groq", {})
-    if not isinstance(table, dict):
-        raise UserError(f"--config {p}: [groq] must be a table")
+    table = read_table(p, "groq")
     known = {f.name: f for f in fields(GroqConfig)}
     unknown = sorted(set(table) - set(known))
     if unknown:

@@ -38,22 +38,27 @@ def stage_bars(rows: list[dict], title: str = "time per batch by stage"):
     return fig
 
 
+def _per_config(ax, rows: list[dict], field: str) -> None:
+    """One line per engine/dtype: ``field`` against batch size (log2 axis)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if field in r:
+            groups[f"{r['engine']}/{r['dtype']}"].append(r)
+    for name, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in rs], [r[field] for r in rs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+
+
 def fps_vs_batch(rows: list[dict], channels: tuple[int, ...] = (1, 4, 8, 16), title: str = ""):
     """Throughput per engine/dtype against batch size, with the 25 fps x N channels lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        if "fps" in r:
-            groups[f"{r['engine']}/{r['dtype']}"].append(r)
-    for name, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["batch"])
-        ax.plot([r["batch"] for r in rs], [r["fps"] for r in rs], marker="o", label=name)
+    _per_config(ax, rows, "fps")
     for n in channels:
         ax.axhline(n * FPS, ls=":", lw=1, color="grey")
         ax.annotate(f"{n} ch", (1, n * FPS), fontsize=7, color="grey", va="bottom")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
     ax.set_ylabel("frames/s (UNet + VAE decode)")
     ax.set_title(title or "throughput by batch size")
     ax.legend(fontsize=8)
@@ -65,15 +70,7 @@ def latency_vs_batch(rows: list[dict], title: str = "latency of one batch"):
     """p50 milliseconds of one batch per engine/dtype against batch size."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        if "p50_ms" in r:
-            groups[f"{r['engine']}/{r['dtype']}"].append(r)
-    for name, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["batch"])
-        ax.plot([r["batch"] for r in rs], [r["p50_ms"] for r in rs], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
+    _per_config(ax, rows, "p50_ms")
     ax.set_ylabel("ms per batch (p50)")
     ax.set_title(title)
     ax.legend(fontsize=8)
