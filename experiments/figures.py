@@ -57,21 +57,34 @@ def main(argv: list[str] | None = None) -> int:
     stages = [r for r in results.load(args.results, "stage_profile") if r.get("driver")]
     for gpu in sorted({r["gpu"] for r in stages}):
         mine = [r for r in stages if r["gpu"] == gpu]
-        newest_file = max(mine, key=lambda r: r.get("time", ""))["_file"]
-        run = [r for r in mine if r["_file"] == newest_file]
+        last = max(mine, key=lambda r: r.get("time", ""))
+        run = {  # the newest run of that engine/dtype: one bar per batch, the newest row
+            r["batch"]: r
+            for r in sorted(mine, key=lambda r: r.get("time", ""))
+            if (r["_file"], r["engine"], r["dtype"])
+            == (last["_file"], last["engine"], last["dtype"])
+        }
+        run = [run[b] for b in sorted(run)]
         fig = plots.stage_bars(run, f"{run[0]['engine']}/{run[0]['dtype']} stages, {gpu}")
         path = args.out / f"stages_{_slug(gpu)}.png"
         fig.savefig(path, dpi=110)
         written.append(path)
 
     e2e = results.load(args.results, "e2e")
+    import tomllib
+
+    sources = tomllib.loads((ROOT / "configs" / "event.toml").read_text())["live"]["sources"]
+    preset_run = sources["engine"][0].partition("#run=")[2]
     for gpu in sorted({r.get("gpu", "") for r in e2e if r.get("kind") == "summary"}):
         if not gpu or gpu.startswith("cpu"):
             continue
-        try:
-            summary = budget.find_e2e_summary(e2e, engine="compile", gpu=gpu)
+        try:  # the event preset's run where it is on this GPU, else the newest compile run
+            summary = budget.find_e2e_summary(e2e, engine="compile", gpu=gpu, run=preset_run)
         except ValueError:
-            continue
+            try:
+                summary = budget.find_e2e_summary(e2e, engine="compile", gpu=gpu)
+            except ValueError:
+                continue
         fig = plots.waterfall_plot(budget.waterfall(summary), title=f"voice to screen, {gpu}")
         path = args.out / f"budget_{_slug(gpu)}.png"
         fig.savefig(path, dpi=110)

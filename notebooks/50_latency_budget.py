@@ -21,12 +21,13 @@
 results_root = "../experiments/results"
 engine = "compile"
 gpu = "H200"
+run = "20261201T140322Z"  # the event preset's run (configs/event.toml); None: the newest
 player_buffer_ms = 100.0
 
 # %%
 from musetalk_rt.workbench import budget, plots, results
 
-summary = budget.find_e2e_summary(results.load(results_root, "e2e"), engine, gpu)
+summary = budget.find_e2e_summary(results.load(results_root, "e2e"), engine, gpu, run)
 
 # %%
 parts = budget.waterfall(summary, player_buffer_ms)

@@ -111,7 +111,8 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     assert live.returncode == 0, log[-3000:]
     summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
     ch = summary["live"][0]
-    rtmp_stats = ch["outputs"][rtmp.url("astro")]
+    rtmp_stats = ch["outputs"][rtmp.url("***")]  # the stream key is never shown
+    assert rtmp.url("astro") not in log and rtmp.url("astro") not in metrics.decode()
 
     _assert_rtmp_stream(reader.codecs, reader.packets[:before_restart])
     # the server went away and came back: the live process reconnected by itself
@@ -419,7 +420,7 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
                 sessions = int(float(m[0].rsplit(" ", 1)[1])) if m else 0
                 time.sleep(0.5)
             assert sessions == 1, "the page never connected"
-            time.sleep(10)  # 6 s of speech, then the page's silence
+            time.sleep(10)  # the page plays the WAV (Chromium loops it) for 10 s
         finally:
             browser.terminate()  # the sender leaves
             browser.wait(10)
@@ -436,3 +437,12 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
     # Chromium shares the 2 CPU cores with the live process here, so its first talking frames
     # can be late (idle shown); the CLI test above holds the 4-frame bound (VAD + cross-fade)
     _assert_recording(record, ch, log, idle_after=120, onset_frames=25)
+
+
+def test_stream_keys_and_passwords_are_redacted_for_logs_and_metrics():
+    from musetalk_rt.live.output import redact_url
+
+    assert redact_url("rtmp://h:1935/live/s3cretKey") == "rtmp://h:1935/live/***"
+    assert redact_url("rtmps://u:pw@h/app/key?x=1") == "rtmps://***@h/app/***"
+    assert redact_url("rtmp://h/live/") == "rtmp://h/live/"
+    assert redact_url("/rec/show.mp4") == "/rec/show.mp4"

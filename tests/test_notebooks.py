@@ -120,7 +120,8 @@ def test_waterfall_adds_up_to_the_measured_delay():
     from musetalk_rt.workbench import budget, results
 
     rows = results.load(REPO / "experiments" / "results", "e2e")
-    summary = budget.find_e2e_summary(rows, engine="compile", gpu="H200")
+    summary = budget.find_e2e_summary(rows, engine="compile", gpu="H200", run="20261201T140322Z")
+    assert summary["run"] == "20261201T140322Z" and summary["engine"] == "compile"
     parts = budget.waterfall(summary, player_buffer_ms=100)
     by = {p["part"]: p["ms"] for p in parts}
     d = summary["delay"]["delay_ms"]

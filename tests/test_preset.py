@@ -10,7 +10,7 @@ import pytest
 from musetalk_rt.errors import UserError
 from musetalk_rt.live.app import build_parser
 from musetalk_rt.live.app import main as live_main
-from musetalk_rt.live.preset import parse_with_preset, preset_argv
+from musetalk_rt.live.preset import parse_with_preset, preset_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 EVENT = REPO / "configs" / "event.toml"
@@ -41,7 +41,7 @@ def test_event_preset_cites_rows_that_exist_and_agree():
     assert summary["batch_sizes"] == live["batch_sizes"]
     assert summary["live_summary"]["live"][0]["late_frames"] == 0
     assert summary["delay"]["lookahead_ms"] == live["stream_lookahead_ms"] + 80
-    bench = _rows(REPO / sources["compile_freezing"][0].split("#")[0])
+    bench = _rows(REPO / sources["compile_freezing"][1].split("#")[0])
     assert any(
         r["scenario"] == "compile-fp16-b4" and (r.get("engine_options") or {}).get("freezing")
         for r in bench
@@ -50,14 +50,16 @@ def test_event_preset_cites_rows_that_exist_and_agree():
 
 def test_preset_values_are_defaults_and_the_command_line_wins():
     p = build_parser()
-    argv = preset_argv(EVENT, p)
-    assert argv[:2] == ["--engine", "compile"] and "--compile-freezing" in argv
+    d = preset_defaults(EVENT, p)
+    assert d["engine"] == "compile" and d["batch_sizes"] == [4] and d["compile_freezing"] is True
+    p = build_parser()
     args = parse_with_preset(p, ["--config", str(EVENT), "--avatar", "a", "--record", "r.mp4"])
     assert (args.engine, args.dtype, args.batch_sizes) == ("compile", "fp16", [4])
     assert args.compile_freezing and args.compile_graph_capture == "manual"
     assert (args.stream_lookahead_ms, args.delay_margin_ms) == (80, 100)
     args = parse_with_preset(
-        p, ["--config", str(EVENT), "--avatar", "a", "--engine", "eager", "--batch-sizes", "8"]
+        build_parser(),
+        ["--config", str(EVENT), "--avatar", "a", "--engine", "eager", "--batch-sizes", "8"],
     )
     assert (args.engine, args.batch_sizes) == ("eager", [8])
 
@@ -71,13 +73,16 @@ def test_preset_values_are_defaults_and_the_command_line_wins():
         ("[live]\ncompile_freezing = 'yes'\n", "must be true or false"),
         ("[live]\nengine = {a = 1}\n", "expected a value or a list"),
         ("live = 3\n", "[live] must be a table"),
+        ("[live]\ndelay_margin_ms = 1.5\n", "delay_margin_ms = 1.5"),
+        ("[live]\ndtype = 'fp8'\n", "choose one of"),
+        ("[live]\nchannel = ['a=b']\n", "repeatable"),
     ],
 )
 def test_bad_presets_one_line(tmp_path, text, expect):
     f = tmp_path / "p.toml"
     f.write_text(text)
     with pytest.raises(UserError, match=None) as err:
-        preset_argv(f, build_parser())
+        preset_defaults(f, build_parser())
     assert expect in str(err.value) and "\n" not in str(err.value)
 
 

@@ -220,7 +220,10 @@ class FrameLogTail(threading.Thread):
 
     def __init__(self, path: Path, target: str, keep_frames: int = 2000):
         super().__init__(name="e2e frame log", daemon=True)
-        self.path, self.target, self.keep = path, target, keep_frames
+        from musetalk_rt.live.output import redact_url
+
+        # the live process writes outputs under their redacted names (no stream key)
+        self.path, self.target, self.keep = path, redact_url(target), keep_frames
         self.frames: dict[int, dict] = {}
         self.delay: dict | None = None
         self.start_rec: dict | None = None
@@ -731,13 +734,14 @@ def run_probe(args) -> int:
 def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
     """Voice-to-received with the recorded GPU figures in the playout delay (None: not asked).
 
-    The event preset's streaming settings are the live defaults (MuseTalk's 80 ms plus 80 ms of
-    look-ahead, one canvas per frame); batch and canvas times come from the recorded rows, or
-    stay the measured ones when none is recorded (and the report says so).
+    The look-ahead and margin are this run's (``--stream-lookahead-ms``, ``--delay-margin-ms``;
+    the live defaults otherwise) with one canvas per frame, as on a GPU; batch and canvas times
+    come from the recorded rows, or stay the measured ones when none is recorded (and the
+    report says so).
     """
-    from musetalk_rt.audio.incremental import DEFAULT_CONFIG
+    from musetalk_rt.audio.incremental import DEFAULT_CONFIG, MUSETALK_LOOKAHEAD_MS
     from musetalk_rt.bench import REPO_ROOT
-    from musetalk_rt.live.app import derive_delay_s
+    from musetalk_rt.live.app import DEFAULT_DELAY_MARGIN_MS, derive_delay_s
 
     if args.gpu_figures == "none":
         return None
@@ -746,12 +750,18 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
     )
     batch_ms = figs["batch"]["p95_ms"] if figs["batch"] else delay.get("batch_ms")
     canvas_ms = figs["canvas"]["ms"] if figs["canvas"] else delay.get("canvas_ms")
-    look_ms = DEFAULT_CONFIG.lookahead_ms + (DEFAULT_CONFIG.hop_frames - 1) * 40
-    gpu_delay_ms = 1000 * derive_delay_s(look_ms / 1000, canvas_ms / 1000, batch_ms / 1000)
+    extra = getattr(args, "stream_lookahead_ms", None)
+    look_ms = MUSETALK_LOOKAHEAD_MS + extra if extra is not None else DEFAULT_CONFIG.lookahead_ms
+    margin_ms = getattr(args, "delay_margin_ms", None)
+    margin_ms = DEFAULT_DELAY_MARGIN_MS if margin_ms is None else margin_ms
+    gpu_delay_ms = 1000 * derive_delay_s(
+        look_ms / 1000, canvas_ms / 1000, batch_ms / 1000, margin_ms / 1000
+    )
     subst = gpu_substitute(marker_rows, float(delay.get("delay_ms") or 0), gpu_delay_ms)
     return {
         **figs,
         "lookahead_ms": look_ms,
+        "margin_ms": margin_ms,
         "delay_ms": round(gpu_delay_ms, 1),
         "cpu_delay_ms": delay.get("delay_ms"),
         "voice_to_received_ms": stats(subst),
@@ -813,7 +823,8 @@ def _report(args, run: dict, write_row) -> int:
         )
         gs = gpu["voice_to_received_ms"]
         print(
-            f"with them: D = {gpu['lookahead_ms']} look-ahead + 20 + canvas + 2 × batch + 100 = "
+            f"with them: D = {gpu['lookahead_ms']} look-ahead + 20 + canvas + 2 × batch + "
+            f"{gpu.get('margin_ms', 100)} = "
             f"{gpu['delay_ms']:.0f} ms instead of {cpu_delay_ms:.0f}; voice-to-received p50 "
             f"{gs['p50']} ms, p95 {gs['p95']} ms, max {gs['max']} ms (estimate: CPU-measured "
             "sender, ingest, encoding and RTMP around the GPU's playout delay)"

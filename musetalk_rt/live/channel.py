@@ -156,7 +156,7 @@ class LiveChannel:
         return {
             "channel": self.name,
             **self.stats.as_dict(),
-            "outputs": {o.target: dict(o.stats, up=o.up) for o in self.outputs},
+            "outputs": {o.label: dict(o.stats, up=o.up) for o in self.outputs},
         }
 
     def preview_jpeg(self, max_side: int = 640) -> bytes | None:

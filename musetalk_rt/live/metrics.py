@@ -58,19 +58,19 @@ def metrics_text(channels: list, worker, speech: list | tuple = ()) -> str:
             f"output_{key}_total",
             "counter",
             text,
-            [({"channel": ch.name, "output": o.target}, o.stats[key]) for ch, o in outs],
+            [({"channel": ch.name, "output": o.label}, o.stats[key]) for ch, o in outs],
         )
     metric(
         "output_up",
         "gauge",
         "1 while the output is open",
-        [({"channel": ch.name, "output": o.target}, int(o.up)) for ch, o in outs],
+        [({"channel": ch.name, "output": o.label}, int(o.up)) for ch, o in outs],
     )
     metric(
         "output_queue_depth",
         "gauge",
         "frames waiting for the output thread",
-        [({"channel": ch.name, "output": o.target}, o.q.qsize()) for ch, o in outs],
+        [({"channel": ch.name, "output": o.label}, o.q.qsize()) for ch, o in outs],
     )
     metric("gpu_batches_total", "counter", "GPU worker batches", [({}, worker.batches)])
     metric(

@@ -30,6 +30,24 @@ log = logging.getLogger("musetalk_rt.output")
 AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video frame
 
 
+def redact_url(target: str) -> str:
+    """``target`` fit for logs and metrics: an RTMP URL's stream key and password hidden.
+
+    The stream key (the last path segment) and any ``user:password@`` become ``***``; file
+    paths come back unchanged. ``/metrics`` and the logs are read by more people than the key.
+    """
+    if not target.startswith(("rtmp://", "rtmps://")):
+        return target
+    scheme, rest = target.split("://", 1)
+    host, _, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    parts = path.split("/")
+    if len(parts) >= 2 and parts[-1]:
+        parts[-1] = "***"
+    return f"{scheme}://{host}/{'/'.join(parts)}"
+
+
 class AVStreamWriter:
     """Frame-by-frame H.264/AAC muxer to an RTMP URL (FLV) or a file (MP4)."""
 
@@ -116,6 +134,7 @@ class Output:
         self, target: str, width: int, height: int, queue_frames: int = 50, frame_log=None
     ):
         self.target = target
+        self.label = redact_url(target)  # what logs, metrics, summaries and the frame log show
         self.frame_log = frame_log
         self._writers = 0  # connections opened so far (the frame log's ``writer``)
         self.width, self.height = width, height
@@ -129,7 +148,7 @@ class Output:
         }
         self.up = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"output {target}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"output {self.label}", daemon=True)
         self._thread.start()
 
     def offer(self, frame: np.ndarray, audio_16k: np.ndarray, meta: dict | None = None) -> None:
@@ -159,13 +178,13 @@ class Output:
                     self._writers += 1
                     if self.stats["written"] or self.stats["errors"]:
                         self.stats["reconnects"] += 1
-                    log.info("output %s open", self.target)
+                    log.info("output %s open", self.label)
                     self.up, backoff = True, 0.5
                 except (av.FFmpegError, OSError) as exc:
                     self.stats["errors"] += 1
                     self.stats["dropped_down"] += 1
                     log.warning(
-                        "output %s cannot open (%s); retry in %.1f s", self.target, exc, backoff
+                        "output %s cannot open (%s); retry in %.1f s", self.label, exc, backoff
                     )
                     next_try, backoff = time.monotonic() + backoff, min(backoff * 2, 8.0)
                     continue
@@ -175,7 +194,7 @@ class Output:
                 if item[2] is not None and self.frame_log is not None:
                     self.frame_log.write(
                         ev="frame",
-                        out=self.target,
+                        out=self.label,
                         writer=self._writers,
                         index=writer.frames - 1,
                         written=time.monotonic(),
@@ -183,7 +202,7 @@ class Output:
                     )
             except (av.FFmpegError, OSError, ValueError) as exc:
                 self.stats["errors"] += 1
-                log.warning("output %s failed (%s); reconnecting", self.target, exc)
+                log.warning("output %s failed (%s); reconnecting", self.label, exc)
                 writer.close()
                 writer, self.up = None, False
                 next_try = time.monotonic() + backoff

@@ -19,17 +19,20 @@ from musetalk_rt.errors import UserError
 NOT_IN_PRESETS = {"token", "config", "help"}
 
 
-def preset_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[str]:
-    """The ``[live]`` table of ``path`` as command-line words for ``parser``.
+def preset_defaults(path: str | Path, parser: argparse.ArgumentParser) -> dict:
+    """The ``[live]`` table of ``path`` as parser defaults (``{dest: value}``), each checked.
+
+    Values go through the option's own type and choices, so a wrong one is an error naming the
+    file, never argparse's usage text. Repeatable options (``--channel``) are refused: the
+    command line would add to them instead of replacing them.
 
     Raises:
-        UserError: Unreadable file, bad TOML, an unknown or forbidden key, a value of the
-            wrong kind.
+        UserError: Unreadable file, bad TOML, an unknown or forbidden key, a bad value.
     """
     p = Path(path)
     table = read_table(p, "live")
     options = {a.dest: a for a in parser._actions if a.option_strings}
-    argv: list[str] = []
+    out: dict = {}
     for key, value in table.items():
         if key == "sources":
             continue  # the citations, for people and tests
@@ -38,24 +41,40 @@ def preset_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[str]:
         action = options.get(key)
         if action is None:
             raise UserError(f"--config {p}: unknown [live] key {key!r} (live options, e.g. engine)")
-        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._AppendAction):
+            raise UserError(
+                f"--config {p}: [live] {key} is repeatable: give it on the command line"
+            )
         if action.nargs == 0:  # store_true
             if not isinstance(value, bool):
                 raise UserError(f"--config {p}: [live] {key} must be true or false")
-            argv += [flag] if value else []
-        elif isinstance(value, list):
-            argv += [flag, ",".join(str(v) for v in value)]
+            out[key] = value
+            continue
+        if isinstance(value, list):
+            text = ",".join(str(v) for v in value)
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            argv += [flag, str(value)]
+            text = str(value)
         else:
             raise UserError(f"--config {p}: [live] {key} = {value!r}: expected a value or a list")
-    return argv
+        try:
+            converted = action.type(text) if action.type else text
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"--config {p}: [live] {key} = {value!r}: {exc}") from None
+        if action.choices is not None and converted not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise UserError(f"--config {p}: [live] {key} = {value!r}: choose one of {choices}")
+        out[key] = converted
+    return out
 
 
 def parse_with_preset(
     parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> argparse.Namespace:
-    """Parse ``argv``; a ``--config`` file's ``[live]`` values go first, so the command wins."""
+    """Parse ``argv`` with a ``--config`` file's ``[live]`` values as the defaults.
+
+    Options on the command line win; a preset's ``true`` flag cannot be switched off there
+    (those flags have no ``--no-`` form): leave it out of the preset instead.
+    """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -63,5 +82,5 @@ def parse_with_preset(
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        argv = preset_argv(known.config, parser) + argv
+        parser.set_defaults(**preset_defaults(known.config, parser))
     return parser.parse_args(argv)

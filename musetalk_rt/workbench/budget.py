@@ -14,8 +14,14 @@ from __future__ import annotations
 BUDGET_MS = 5000.0
 
 
-def find_e2e_summary(rows: list[dict], engine: str | None = None, gpu: str | None = None):
-    """The newest ``bench e2e`` summary row, optionally of one engine and a GPU name part."""
+def find_e2e_summary(
+    rows: list[dict], engine: str | None = None, gpu: str | None = None, run: str | None = None
+):
+    """The newest ``bench e2e`` summary row with a derived delay.
+
+    Optionally of one engine, a GPU name part and one run id (the event preset's run is cited
+    in ``configs/event.toml``).
+    """
     found = [
         r
         for r in rows
@@ -23,9 +29,12 @@ def find_e2e_summary(rows: list[dict], engine: str | None = None, gpu: str | Non
         and r.get("delay", {}).get("derived")
         and (engine is None or r.get("engine") == engine)
         and (gpu is None or gpu.lower() in str(r.get("gpu", "")).lower())
+        and (run is None or r.get("run") == run)
     ]
     if not found:
-        raise ValueError(f"no e2e summary with a derived delay (engine={engine}, gpu={gpu})")
+        raise ValueError(
+            f"no e2e summary with a derived delay (engine={engine}, gpu={gpu}, run={run})"
+        )
     return max(found, key=lambda r: r.get("time", ""))
 
 

@@ -194,11 +194,14 @@ def _read_back(path: Path, keep: int) -> tuple[int, list[np.ndarray]]:
     if not path.exists():
         return 0, []
     with av.open(str(path)) as c:
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    if not frames:
-        return 0, []
-    idx = np.linspace(0, len(frames) - 1, num=min(keep, len(frames))).round().astype(int)
-    return len(frames), [frames[i] for i in idx]
+        total = c.streams.video[0].frames  # from the MP4 index; frames are not all kept
+    want = set(np.linspace(0, max(total - 1, 0), num=min(keep, total)).round().astype(int))
+    kept, n = [], 0
+    with av.open(str(path)) as c:
+        for n, f in enumerate(c.decode(video=0), 1):
+            if n - 1 in want:
+                kept.append(f.to_ndarray(format="rgb24"))
+    return n, kept
 
 
 def controls(run, engine: str = "eager", batch_size: int = 4, channels: int = 1):

@@ -28,7 +28,10 @@ DEFAULT_OPTIONS = {
 
 def config_label(row: dict) -> str:
     """``engine dtype`` plus the non-default engine options and ``fused`` stages."""
-    opts = row.get("engine_options") or {}
+    opts = row.get("engine_options")
+    if opts is None and row.get("engine") != "eager":  # rows from before options were recorded
+        return f"{row['engine']} {row['dtype']} (options not recorded)"
+    opts = opts or {}
     extra = [
         k.replace("_", "-") if v is True else f"{k.replace('_', '-')}={v}"
         for k, v in opts.items()

@@ -48,9 +48,9 @@ def load(root: str | Path = DEFAULT_ROOT, name: str = "bench") -> list[dict]:
 
 
 def newest(rows: list[dict], key: str) -> dict[str, dict]:
-    """The newest row per value of ``key`` (rows without ``errata``; later files win)."""
+    """The newest row (by its ``time``) per value of ``key``, rows with ``errata`` left out."""
     out: dict[str, dict] = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.get("time", "")):
         if not r.get("errata") and key in r:
             out[r[key]] = r
     return out
