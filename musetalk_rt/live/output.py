@@ -151,6 +151,10 @@ class Output:
         self._thread = threading.Thread(target=self._run, name=f"output {self.label}", daemon=True)
         self._thread.start()
 
+    def _redact(self, exc: Exception) -> str:
+        """An error's text with the target's stream key hidden (FFmpeg quotes the URL)."""
+        return str(exc).replace(self.target, self.label)
+
     def offer(self, frame: np.ndarray, audio_16k: np.ndarray, meta: dict | None = None) -> None:
         """Queue a frame (never blocks); ``meta`` goes to the frame log once it is written."""
         while True:
@@ -184,7 +188,10 @@ class Output:
                     self.stats["errors"] += 1
                     self.stats["dropped_down"] += 1
                     log.warning(
-                        "output %s cannot open (%s); retry in %.1f s", self.label, exc, backoff
+                        "output %s cannot open (%s); retry in %.1f s",
+                        self.label,
+                        self._redact(exc),
+                        backoff,
                     )
                     next_try, backoff = time.monotonic() + backoff, min(backoff * 2, 8.0)
                     continue
@@ -202,7 +209,7 @@ class Output:
                     )
             except (av.FFmpegError, OSError, ValueError) as exc:
                 self.stats["errors"] += 1
-                log.warning("output %s failed (%s); reconnecting", self.label, exc)
+                log.warning("output %s failed (%s); reconnecting", self.label, self._redact(exc))
                 writer.close()
                 writer, self.up = None, False
                 next_try = time.monotonic() + backoff
