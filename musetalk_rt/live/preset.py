@@ -4,7 +4,8 @@ A preset holds the tuned settings (engine, dtype, buckets, compile options, stre
 settings) so the crew types only the show's parts (avatar, RTMP URL). Each key is a live option
 name with ``_`` for ``-`` (``batch_sizes = [4]``, ``compile_freezing = true``); options given on
 the command line win. ``[live.sources]`` says which result rows each value comes from
-(``configs/event.toml``; the tests check that every cited row exists and agrees). The token is
+(``configs/event.toml``; the tests check that every cited row exists and that the cited live
+run used these settings). The token is
 never read from a file: ``--token`` or ``MUSETALK_RT_TOKEN``.
 """
 
