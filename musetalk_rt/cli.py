@@ -178,20 +178,15 @@ def compile_argv(args) -> list[str]:
     The inverse of :func:`_add_compile_options`: every option it defines that is set in
     ``args`` comes back, so a tool that starts ``musetalk_rt.live`` forwards all of them.
     """
+    options = argparse.ArgumentParser(add_help=False)
+    _add_compile_options(options)
     argv: list[str] = []
-    for flag in ("compile_backend", "compile_mode", "compile_graph_capture"):
-        if getattr(args, flag, None):
-            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-    for flag in (
-        "no_cuda_graphs",
-        "no_channels_last",
-        "compile_freezing",
-        "compile_cd_tuning",
-        "compile_fuse_qkv",
-        "compile_cudnn_benchmark",
-    ):
-        if getattr(args, flag, False):
-            argv.append(f"--{flag.replace('_', '-')}")
+    for action in options._actions:
+        value = getattr(args, action.dest, None)
+        if action.nargs == 0:  # a flag
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
     return argv
 
 

@@ -487,9 +487,11 @@ def _prepare_probe_avatar(args, work: Path) -> Path:
 
 
 def _check_args(args) -> None:
+    from musetalk_rt.live.output import RTMP_SCHEMES
+
     if args.duration_s <= 0 or args.period_s <= 0 or args.window_s <= 0:
         raise UserError("--duration-s, --period-s and --window-s must be positive")
-    if args.rtmp and not args.rtmp.startswith(("rtmp://", "rtmps://")):
+    if args.rtmp and not args.rtmp.startswith(RTMP_SCHEMES):
         raise UserError(f"--rtmp {args.rtmp!r}: expected rtmp://HOST[:PORT]/APP/KEY")
     if args.speech and not Path(args.speech).is_file():
         raise UserError(f"--speech {args.speech}: no such file")

@@ -30,13 +30,16 @@ log = logging.getLogger("musetalk_rt.output")
 AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video frame
 
 
+RTMP_SCHEMES = ("rtmp://", "rtmps://")
+
+
 def redact_url(target: str) -> str:
     """``target`` fit for logs and metrics: an RTMP URL's stream key and password hidden.
 
     The stream key (the last path segment) and any ``user:password@`` become ``***``; file
     paths come back unchanged. ``/metrics`` and the logs are read by more people than the key.
     """
-    if not target.startswith(("rtmp://", "rtmps://")):
+    if not target.startswith(RTMP_SCHEMES):
         return target
     scheme, rest = target.split("://", 1)
     host, _, path = rest.partition("/")
@@ -63,7 +66,7 @@ class AVStreamWriter:
     ):
         self.target = target
         fmt = container_format or (
-            "flv" if target.startswith(("rtmp://", "rtmps://")) else None
+            "flv" if target.startswith(RTMP_SCHEMES) else None
         )  # "null": FFmpeg's null muxer (encode, write nothing: the workbench's profile)
         self.container = av.open(target, mode="w", format=fmt, timeout=5.0)
         self.width, self.height = width + width % 2, height + height % 2

@@ -50,15 +50,16 @@ def engine_sweep(
         log: Progress lines.
         on_built: Passed to ``run_bench`` (called with each built engine's runners).
     """
-    from musetalk_rt.bench import run_bench
-    from musetalk_rt.workbench.results import save
+    from musetalk_rt.bench import run_bench, write_rows
+    from musetalk_rt.workbench.results import run_folder
 
     rows: list[dict] = []
+    folder = run_folder(out_root, models.device) if out_root is not None else None
 
     def keep(row: dict) -> None:
         rows.append(row)
-        if out_root is not None:
-            save([row], out_root, models.device, "bench")
+        if folder is not None:
+            write_rows([row], folder)
 
     for engine, dtype in parse_scenarios(scenarios):
         try:
