@@ -9,6 +9,11 @@ last.
 
     python experiments/live_probe.py --avatar astro --avatars-dir avatars --wav speech.wav
         --channels 1,8 --weights synthetic --engine eager --dtype fp16 --batch-sizes 8
+
+``--avatar probe`` prepares the end-to-end probe's drawn 512x512 face for the weights first (no
+image needed on the host); ``--repeat N`` sends the WAV N times back to back (a 60 s clip five
+times for a 5-minute run). Extra options go to the live process; ``{n}`` in them becomes the
+channel count.
 """
 
 from __future__ import annotations
@@ -28,6 +33,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _prepare(args) -> None:
+    """The probe avatar for ``--avatar probe``; the looped WAV for ``--repeat``."""
+    import wave
+
+    work = Path(args.work)
+    if args.avatar == "probe":
+        from musetalk_rt.e2e.probe import PROBE_AVATAR, PROBE_BBOX, probe_face_image
+
+        args.avatar, args.avatars_dir = PROBE_AVATAR, str(work / "avatars")
+        img = probe_face_image(work / "probe_face.png")
+        cmd = [sys.executable, "-m", "musetalk_rt", "avatar", "prepare", "--source", str(img)]
+        cmd += ["--id", PROBE_AVATAR, "--bbox", PROBE_BBOX, "--avatars-dir", args.avatars_dir]
+        cmd += ["--weights", args.weights, "--device", args.device, "--force"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if args.repeat > 1:
+        with wave.open(args.wav, "rb") as w:
+            params, pcm = w.getparams(), w.readframes(w.getnframes())
+        looped = work / f"speech_x{args.repeat}.wav"
+        with wave.open(str(looped), "wb") as w:
+            w.setparams(params)
+            w.writeframes(pcm * args.repeat)
+        args.wav = str(looped)
 
 
 def probe(n: int, args, extra: list[str]) -> dict:
@@ -53,6 +82,8 @@ def probe(n: int, args, extra: list[str]) -> dict:
         args.dtype,
         "--batch-sizes",
         args.batch_sizes,
+        "--device",
+        args.device,
         "--record",
         str(Path(args.work) / f"n{n}_{{channel}}.mp4"),
         *(x.replace("{n}", str(n)) for x in extra),
@@ -98,6 +129,8 @@ def probe(n: int, args, extra: list[str]) -> dict:
     log = "".join(lines)
     summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
     delay = [ln for ln in log.splitlines() if ln.startswith("playout delay")]
+    canvas = [ln for ln in log.splitlines() if ln.startswith("whisper canvases")]
+    (Path(args.work) / f"live_n{n}.log").write_text(log)
     chans = summary["live"]
     return {
         "channels": n,
@@ -107,6 +140,9 @@ def probe(n: int, args, extra: list[str]) -> dict:
         "weights": args.weights,
         "delay_ms": summary["delay_ms"],
         "delay_line": delay[0] if delay else None,
+        "canvas_line": canvas[0] if canvas else None,
+        "speech_s": round(args.speech_s, 1),
+        "per_channel_late": [c["late_frames"] for c in chans],
         "startup_s": round(start_s, 1),
         "speech_frames": sum(c["speech_frames"] for c in chans),
         "late_frames": sum(c["late_frames"] for c in chans),
@@ -122,7 +158,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--avatar", required=True)
+    ap.add_argument("--avatar", required=True, help="avatar id, or 'probe' (prepared here)")
     ap.add_argument("--avatars-dir", default="avatars")
     ap.add_argument("--wav", required=True)
     ap.add_argument("--channels", default="1", help="comma-separated channel counts")
@@ -130,6 +166,8 @@ def main() -> int:
     ap.add_argument("--engine", default="eager")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeat", type=int, default=1, help="send the WAV this many times")
     ap.add_argument("--tail-s", type=float, default=2.0)
     ap.add_argument("--start-timeout-s", type=float, default=300)
     ap.add_argument("--work", default="/tmp/live_probe")
@@ -137,6 +175,11 @@ def main() -> int:
     args, extra = ap.parse_known_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    _prepare(args)
+    import wave
+
+    with wave.open(args.wav, "rb") as w:
+        args.speech_s = w.getnframes() / w.getframerate()
     rows = []
     for n in (int(x) for x in args.channels.split(",")):
         rows.append(probe(n, args, extra))

@@ -172,6 +172,20 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def engines_build_command(args, batch_sizes: list[int]) -> str:
+    """The ``engines build`` command that makes the engine ``args`` asks for.
+
+    ``render`` and ``live`` print it when an ahead-of-time engine (``aoti``, ``trt``) is missing
+    from the engine cache: same engine, dtype, buckets, weights, models folder and options.
+    """
+    words = ["musetalk-rt", "engines", "build", "--engine", args.engine, "--dtype", args.dtype]
+    words += ["--batch-sizes", ",".join(map(str, sorted(set(batch_sizes))))]
+    words += ["--weights", args.weights, "--models-dir", str(args.models_dir)]
+    if getattr(args, "device", None) not in (None, "auto"):
+        words += ["--device", args.device]
+    return " ".join(words + compile_argv(args))
+
+
 def compile_argv(args) -> list[str]:
     """The compile-engine options of ``args`` as command-line words (for a child process).
 
@@ -305,6 +319,7 @@ def cmd_render(args) -> int:
         engine_options=_engine_options(args),
         streaming=_streaming_config(args) if args.streaming else None,
         engine_cache=args.models_dir,
+        build_command=engines_build_command(args, [args.batch_size]),
     )
     print(report.table())
     print(

@@ -22,7 +22,7 @@ import torch
 from musetalk_rt.audio import FPS, AudioFeatureExtractor, num_frames_for
 from musetalk_rt.audio.incremental import StreamingConfig
 from musetalk_rt.avatar.store import Avatar
-from musetalk_rt.engines import EngineReport, parse_dtype, select_engine
+from musetalk_rt.engines import EngineReport, cache, parse_dtype, select_engine
 from musetalk_rt.errors import UserError
 from musetalk_rt.stages import (
     BlendStage,
@@ -72,13 +72,44 @@ class FaceGenerator:
         self.batch_sizes = sorted(set(batch_sizes))
         self.reports: list[EngineReport] = []
 
-    def prepare(self, cache_root: Path | None = None) -> list[EngineReport]:
+    def missing_prebuilt(self, cache_root: Path | None) -> list[str]:
+        """Stages whose ahead-of-time engine (``aoti``, ``trt``) is not in the cache.
+
+        The cache must match these buckets, dtype, weights and GPU; engines that build at start
+        (``eager``, ``compile``) never miss anything.
+        """
+        if not self.unet.engine.prebuilt:
+            return []
+        fp = self.models.fingerprint
+        keys = {st.name: st.cache_key(self.batch_sizes, fp) for st in (self.unet, self.vae)}
+        return [
+            name
+            for name, key in keys.items()
+            if cache_root is None or cache.find(cache_root, key) is None
+        ]
+
+    def prepare(
+        self, cache_root: Path | None = None, build_command: str | None = None
+    ) -> list[EngineReport]:
         """Build both model stages for the buckets; returns their engine reports.
 
         Args:
             cache_root: ``models_dir`` whose engine cache primes the build when it holds a
                 matching engine (None: no cache).
+            build_command: When given, an ahead-of-time engine missing from the cache is an
+                error that prints this command, instead of a build of minutes here.
+
+        Raises:
+            UserError: ``build_command`` was given and the prebuilt engine is missing.
         """
+        missing = self.missing_prebuilt(cache_root) if build_command else []
+        if missing:
+            raise UserError(
+                f"no prebuilt {self.engine_name}/{self.dtype_name} engine for "
+                f"{' and '.join(missing)} at batch sizes "
+                f"{','.join(map(str, self.batch_sizes))} in {Path(cache_root or '.') / 'engines'} "
+                f"(for these weights and this GPU); build it first: {build_command}"
+            )
         fp = self.models.fingerprint
         self.reports = [
             self.unet.prepare(self.batch_sizes, cache_root, fp),
@@ -148,6 +179,7 @@ def render(
     log: Callable[[str], None] = print,
     streaming: StreamingConfig | None = None,
     engine_cache: Path | None = None,
+    build_command: str | None = None,
 ) -> RenderReport:
     """Render ``audio_path`` spoken by ``avatar`` into ``out_path`` (H.264 + AAC MP4).
 
@@ -165,9 +197,12 @@ def render(
         streaming: Run the audio through the streaming path with this configuration (None:
             the offline extractor, no voice-activity gate).
         engine_cache: ``models_dir`` whose ``engines/`` may hold prebuilt engines.
+        build_command: Refuse an ahead-of-time engine missing from ``engine_cache`` and print
+            this command (see :meth:`FaceGenerator.prepare`).
 
     Raises:
-        UserError: Bad audio, an avatar prepared with other weights, a bad batch size.
+        UserError: Bad audio, an avatar prepared with other weights, a bad batch size, a
+            missing prebuilt engine.
     """
     from musetalk_rt.media import Mp4Writer, load_audio
 
@@ -190,7 +225,7 @@ def render(
     clock = StageClock(models.device)
     gen = FaceGenerator(models, engine, dtype, [batch_size], fallback, engine_options, log)
     t0 = time.perf_counter()
-    reports = gen.prepare(engine_cache)
+    reports = gen.prepare(engine_cache, build_command)
     prepare_s = time.perf_counter() - t0
 
     weights = None  # per-frame talk weight (streaming only)

@@ -149,7 +149,7 @@ def test_engines_build_aoti_round_trip_through_the_cache(tmp_path, capsys, monke
     from musetalk_rt.weights import load_models
 
     gen = FaceGenerator(load_models("tiny", device="cpu"), "aoti", "fp32", [2], log=print)
-    reports = gen.prepare(root)
+    reports = gen.prepare(root, build_command="(not printed: the engines are in the cache)")
     assert [r.cache for r in reports] == ["hit", "hit"]
     assert all("1 loaded from the engine cache, 0 exported" in r.reason for r in reports)
 
@@ -167,3 +167,34 @@ def test_trt_builds_caches_and_passes_the_gate_on_a_gpu(tmp_path):
     assert first.passed and all(first.stored.values())
     second = build_engines(models, "trt", "fp16", [2], cache_root=tmp_path, log=lambda _: None)
     assert second.passed and second.cache == {"unet": "hit", "vae_decode": "hit"}
+
+
+def test_render_and_live_refuse_a_missing_prebuilt_engine(
+    yongen_avatar, fixture_file, tmp_path, capsys
+):
+    """``aoti`` is built ahead by ``engines build``: without it, one line naming that command."""
+    from musetalk_rt.live.app import main as live_main
+
+    models_dir = tmp_path / "models"
+    common = ["--engine", "aoti", "--dtype", "fp32", "--weights", "tiny", "--device", "cpu"]
+    common += ["--models-dir", str(models_dir), "--avatars-dir", str(yongen_avatar)]
+    render = ["render", "--avatar", "yongen", "--audio", str(fixture_file("eng.wav"))]
+    render += ["--out", str(tmp_path / "o.mp4"), "--batch-size", "2"]
+    live = ["--avatar", "yongen", "--record", str(tmp_path / "r.mp4"), "--batch-sizes", "4,2"]
+    live += ["--no-cuda-graphs"]  # engine options are part of the command too
+    for run, argv, buckets in (
+        (main, render + common, "2"),
+        (live_main, live + common + ["--token", "t"], "2,4"),
+    ):
+        code = run(argv)
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert "no prebuilt aoti/fp32 engine for unet and vae_decode" in err, err
+        want = (
+            f"musetalk-rt engines build --engine aoti --dtype fp32 --batch-sizes {buckets} "
+            f"--weights tiny --models-dir {models_dir} --device cpu"
+        )
+        assert want in err, err
+    assert err.endswith("--no-cuda-graphs")  # live's last: its engine options carried over
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "r.mp4").exists()
+    assert not models_dir.exists() or not any(models_dir.rglob("*.pt2"))  # nothing was built

@@ -8,7 +8,7 @@ import pytest
 from skimage import data
 
 from musetalk_rt.avatar import load_avatar, parse_bbox, prepare_avatar
-from musetalk_rt.avatar.geometry import blend, crop_box_for, extend_v15
+from musetalk_rt.avatar.geometry import Box, blend, crop_box_for, extend_v15
 from musetalk_rt.avatar.store import cycle_index
 from musetalk_rt.engines.parity import psnr_u8
 from musetalk_rt.errors import UserError
@@ -111,3 +111,27 @@ def test_ping_pong_cycle_and_geometry():
     assert box.y2 == 95  # +10 px clipped to the frame
     crop = crop_box_for(box)
     assert crop.width == crop.height == 2 * int(100 // 2 * 1.5)
+
+
+def test_blend_is_the_mask_weighted_mix_within_one_level():
+    """OpenCV's blendLinear against the formula: ``face * m/255 + frame * (1 - m/255)``."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (300, 280, 3), np.uint8)
+    face = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    box, crop = Box(60, 50, 220, 250), Box(20, 10, 260, 290)
+    mask = rng.integers(0, 256, (crop.height, crop.width), np.uint8)
+    mask[:40] = 0  # untouched rows
+    mask[-30:] = 255  # the face alone
+    out = blend(frame, face, box, crop, mask)
+    resized = cv2.resize(face, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
+    pasted = frame[crop.y1 : crop.y2, crop.x1 : crop.x2].astype(np.float64)
+    pasted[box.y1 - crop.y1 : box.y2 - crop.y1, box.x1 - crop.x1 : box.x2 - crop.x1] = resized
+    a = mask[..., None] / 255.0
+    want = pasted * a + frame[crop.y1 : crop.y2, crop.x1 : crop.x2] * (1 - a)
+    got = out[crop.y1 : crop.y2, crop.x1 : crop.x2].astype(np.float64)
+    assert np.abs(got - want).max() <= 1.0
+    assert np.array_equal(out[crop.y1 : crop.y1 + 40], frame[crop.y1 : crop.y1 + 40])
+    bottom = slice(crop.y2 - 30, crop.y2)
+    assert np.array_equal(out[bottom, crop.x1 : crop.x2], np.rint(want[-30:]).astype(np.uint8))
+    assert np.array_equal(out[: crop.y1], frame[: crop.y1])  # outside the crop: the frame
+    assert not np.shares_memory(out, frame)

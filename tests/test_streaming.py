@@ -14,6 +14,7 @@ import torch
 from musetalk_rt.audio.features import AudioFeatureExtractor, whisper_hidden_states
 from musetalk_rt.audio.incremental import (
     FRAME_SAMPLES,
+    BatchedEncoder,
     IncrementalFeatureExtractor,
     StreamingConfig,
 )
@@ -393,7 +394,7 @@ def test_streaming_and_offline_errors_are_measured_per_frame():
 def test_batched_encoder_serves_many_streams_in_one_call(tiny_models):
     import threading
 
-    from musetalk_rt.audio.incremental import BatchedEncoder, encode_canvases
+    from musetalk_rt.audio.incremental import encode_canvases
 
     whisper, fe = tiny_models.whisper, tiny_models.feature_extractor
     rng = np.random.default_rng(0)
@@ -424,3 +425,33 @@ def test_batched_encoder_serves_many_streams_in_one_call(tiny_models):
     shared.close()
     together = torch.cat([p.windows for p in parts if p is not None])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_canvas_encoder_equals_the_reference_path(tiny_models, tiny_en):
+    """The live canvas engine (device log-mel, buckets, fp16) against ``encode_canvases``."""
+    from musetalk_rt.audio.canvas_engine import CanvasEncoder
+    from musetalk_rt.audio.incremental import encode_canvases
+
+    whisper, fe = tiny_models.whisper, tiny_models.feature_extractor
+    rng = np.random.default_rng(3)
+    # a short canvas, a long one, one past 30 s (cut, as the feature extractor cuts it)
+    canvases = [
+        (rng.standard_normal(n) * 0.1).astype(np.float32) for n in (3_200, 160_000, 500_000)
+    ]
+    ref = encode_canvases(whisper, fe, canvases, torch.float32)
+    enc = CanvasEncoder(whisper, fe, buckets=(1, 2))  # 3 canvases: two calls, one padded
+    torch.testing.assert_close(enc(canvases), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enc(canvases[:1]), ref[:1], rtol=1e-5, atol=1e-5)
+    assert enc.bucket(2) == 2 and enc.describe().startswith("whisper canvases: float32 on cpu")
+    with pytest.raises(ValueError, match="at most 2"):
+        enc.bucket(3)
+    # fp16 on the trained tiny.en: the error the live process prints at start
+    en, en_fe = tiny_en
+    err = CanvasEncoder(en, en_fe, dtype=torch.float16).check(
+        lambda c: encode_canvases(en, en_fe, c, torch.float32)
+    )
+    assert 0 < err < 1e-2
+    # through the shared batcher, as the live process runs it
+    shared = BatchedEncoder(whisper, fe, max_batch=2, engine=enc)
+    torch.testing.assert_close(shared.encode(canvases), ref, rtol=1e-5, atol=1e-5)
+    shared.close()

@@ -200,6 +200,9 @@ class BatchedEncoder:
         dtype: Compute dtype.
         max_batch: Most canvases per call.
         gather_ms: How long the first request waits for company.
+        engine: ``canvases -> [B, 1500, 5, 384]`` to run instead of :func:`encode_canvases`
+            (the live process passes a :class:`~.canvas_engine.CanvasEncoder`); it must take
+            ``max_batch`` canvases in one call.
     """
 
     def __init__(
@@ -209,11 +212,13 @@ class BatchedEncoder:
         dtype: torch.dtype = torch.float32,
         max_batch: int = 16,
         gather_ms: float = 2.0,
+        engine=None,
     ):
         import queue
         import threading
 
         self.whisper, self.fe, self.dtype = whisper, feature_extractor, dtype
+        self.engine = engine
         self.max_batch, self.gather_s = max_batch, gather_ms / 1000.0
         self.calls = 0
         self.canvases = 0
@@ -249,9 +254,11 @@ class BatchedEncoder:
                 batch.append(item)
                 n += len(item[0])
             try:
-                hidden = encode_canvases(
-                    self.whisper, self.fe, [c for cs, _ in batch for c in cs], self.dtype
-                )
+                canvases = [c for cs, _ in batch for c in cs]
+                if self.engine is not None:
+                    hidden = self.engine(canvases)
+                else:
+                    hidden = encode_canvases(self.whisper, self.fe, canvases, self.dtype)
             except Exception as exc:  # hand the error to every waiting caller
                 for _, fut in batch:
                     fut.set_exception(exc)

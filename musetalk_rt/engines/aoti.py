@@ -40,11 +40,6 @@ from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, r
 from musetalk_rt.engines.compile import _ManualGraphStep
 
 
-def package_name(batch: int) -> str:
-    """File name of the package of bucket ``batch`` (inside the engine-cache folder)."""
-    return f"b{batch}.pt2"
-
-
 def export_friendly(module: nn.Module) -> nn.Module:
     """Reshape 0-dim buffers to ``[1]`` in place (``module`` must be the engine's own copy).
 
@@ -82,8 +77,95 @@ def prepare_module(module: nn.Module, dtype: torch.dtype, device: torch.device) 
     return export_friendly(m)
 
 
+class ExportedEngine(Engine):
+    """The shared build loop of the ahead-of-time engines (``aoti``, ``trt``).
+
+    Per bucket: load the file from the engine cache when there is one, else export the engine's
+    copy of the module (:func:`export_bucket`) and compile it to a file (:meth:`_compile`); then
+    load it (:meth:`_load`) and, on CUDA, capture its call in a CUDA graph. Their files are
+    built ahead of time by ``engines build``, so ``render`` and ``live`` refuse to start
+    without them (``prebuilt``) instead of compiling for minutes on event day.
+
+    Args:
+        cuda_graphs: Capture each loaded bucket's call in a ``torch.cuda.CUDAGraph`` (CUDA).
+    """
+
+    prebuilt = True
+    suffix = ""  # file suffix of one bucket's file in the engine cache
+    what = ""  # what the files are, for the report
+
+    def __init__(self, cuda_graphs: bool = True):
+        self.cuda_graphs = cuda_graphs
+        self._cached: Path | None = None  # engine-cache folder to load files from
+
+    def file_name(self, batch: int) -> str:
+        """File name of bucket ``batch`` inside the engine-cache folder."""
+        return f"b{batch}{self.suffix}"
+
+    def load_cache(self, folder: Path) -> bool:
+        folder = Path(folder)
+        if not any(folder.glob(f"b*{self.suffix}")):
+            return False
+        self._cached = folder
+        return True
+
+    def _compile(self, program, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
+        """Compile one exported bucket to ``path``; returns the file written."""
+        raise NotImplementedError
+
+    def _load(self, path: Path):
+        """The callable of one bucket's file."""
+        raise NotImplementedError
+
+    def build(
+        self,
+        module: nn.Module,
+        example_inputs,
+        batch_sizes: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Runner:
+        device = torch.device(device)
+        on_cuda = device.type == "cuda"
+        graphs = on_cuda and self.cuda_graphs
+        cached, self._cached = self._cached, None
+        built: dict[str, Path] = {}  # cache file name -> file written by this build
+        buckets = sorted(set(batch_sizes))
+        m = None
+        work = Path(tempfile.mkdtemp(prefix=f"musetalk-{self.name}-"))
+        loaded = 0
+        report = EngineReport(self.name, dtype_name(dtype), str(device), buckets)
+        fns = {}
+        for b in buckets:
+            inputs = bucket_inputs(example_inputs, b, dtype, device)  # [B, ...] per input
+            t0 = time.perf_counter()
+            path = cached / self.file_name(b) if cached is not None else None
+            if path is not None and path.is_file():
+                loaded += 1
+            else:
+                if m is None:
+                    m = prepare_module(module, dtype, device)  # cast copy: fp16 comes from here
+                path = self._compile(export_bucket(m, inputs), inputs, work / self.file_name(b))
+                built[path.name] = path
+            run = self._load(path)
+            with torch.inference_mode():
+                fns[b] = _ManualGraphStep(run, inputs) if graphs else run
+                if not graphs:
+                    run(*inputs)  # first call: loads the kernels
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            report.build_s[b] = round(time.perf_counter() - t0, 2)
+        report.reason = (
+            f"{self.what} ({loaded} loaded from the engine cache, {len(built)} built)"
+            + (", CUDA graphs (manual capture)" if graphs else "")
+        )
+        runner = Runner(fns, dtype, report, artifacts=built)
+        weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
+        return runner
+
+
 @register
-class AotiEngine(Engine):
+class AotiEngine(ExportedEngine):
     """``torch.export`` + AOTInductor per static bucket (CUDA graphs on CUDA).
 
     Args:
@@ -92,10 +174,8 @@ class AotiEngine(Engine):
 
     name = "aoti"
     description = "torch.export + AOTInductor, one .pt2 package per module and bucket"
-
-    def __init__(self, cuda_graphs: bool = True):
-        self.cuda_graphs = cuda_graphs
-        self._cached: Path | None = None  # engine-cache folder to load packages from
+    suffix = ".pt2"
+    what = "AOTInductor packages"
 
     def cache_options(self) -> dict:
         return {"cuda_graphs": self.cuda_graphs}
@@ -111,61 +191,8 @@ class AotiEngine(Engine):
             return "AOTInductor needs a C++ compiler (apt-get install g++); or --engine eager"
         return None
 
-    def load_cache(self, folder: Path) -> bool:
-        folder = Path(folder)
-        if not any(folder.glob("b*.pt2")):
-            return False
-        self._cached = folder
-        return True
+    def _compile(self, program, inputs, path: Path) -> Path:
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
 
-    def build(
-        self,
-        module: nn.Module,
-        example_inputs,
-        batch_sizes: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> Runner:
-        device = torch.device(device)
-        on_cuda = device.type == "cuda"
-        graphs = on_cuda and self.cuda_graphs
-        cached, self._cached = self._cached, None
-        built: dict[str, Path] = {}  # cache file name -> package written by this build
-        buckets = sorted(set(batch_sizes))
-        m = None
-        work = Path(tempfile.mkdtemp(prefix="musetalk-aoti-"))
-        loaded = 0
-        report = EngineReport(self.name, dtype_name(dtype), str(device), buckets)
-        fns = {}
-        for b in buckets:
-            inputs = bucket_inputs(example_inputs, b, dtype, device)  # [B, ...] per input
-            t0 = time.perf_counter()
-            path = cached / package_name(b) if cached is not None else None
-            if path is not None and path.is_file():
-                loaded += 1
-            else:
-                if m is None:
-                    m = prepare_module(module, dtype, device)
-                program = export_bucket(m, inputs)
-                path = Path(
-                    torch._inductor.aoti_compile_and_package(
-                        program, package_path=str(work / package_name(b))
-                    )
-                )
-                built[path.name] = path
-            compiled = torch._inductor.aoti_load_package(str(path))
-            with torch.inference_mode():
-                fns[b] = _ManualGraphStep(compiled, inputs) if graphs else compiled
-                if not graphs:
-                    compiled(*inputs)  # first call: loads the kernels
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            report.build_s[b] = round(time.perf_counter() - t0, 2)
-        report.reason = (
-            f"AOTInductor packages ({loaded} loaded from the engine cache, "
-            f"{len(built)} exported and compiled)"
-            + (", CUDA graphs (manual capture)" if graphs else "")
-        )
-        runner = Runner(fns, dtype, report, artifacts=built)
-        weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
-        return runner
+    def _load(self, path: Path):
+        return torch._inductor.aoti_load_package(str(path))

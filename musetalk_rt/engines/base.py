@@ -119,6 +119,7 @@ class Engine(ABC):
 
     name: str = ""
     description: str = ""
+    prebuilt: bool = False  # built ahead by ``engines build``; render and live only load it
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when the engine can run here, else why not and what fixes it."""

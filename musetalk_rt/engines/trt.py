@@ -17,19 +17,13 @@ the input specs, the cache keys and the messages.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from musetalk_rt.engines.aoti import bucket_inputs, export_bucket, prepare_module
-from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
-from musetalk_rt.engines.compile import _ManualGraphStep
+from musetalk_rt.engines.aoti import ExportedEngine
+from musetalk_rt.engines.base import register
 
 INSTALL_HINT = (
     "torch-tensorrt is not installed: pip install 'musetalk-rt[trt]', "
@@ -46,11 +40,6 @@ def trt_available() -> bool:
     return True
 
 
-def program_name(batch: int) -> str:
-    """File name of bucket ``batch``'s saved program (inside the engine-cache folder)."""
-    return f"b{batch}.ep"
-
-
 def input_specs(
     example_inputs, batch_sizes: Sequence[int], dtype: torch.dtype
 ) -> dict[int, list[tuple[tuple[int, ...], torch.dtype]]]:
@@ -62,7 +51,7 @@ def input_specs(
 
 
 @register
-class TrtEngine(Engine):
+class TrtEngine(ExportedEngine):
     """torch-tensorrt (dynamo) per static bucket, fp16 by casting; CUDA graphs on top.
 
     Args:
@@ -72,11 +61,12 @@ class TrtEngine(Engine):
 
     name = "trt"
     description = "torch-tensorrt dynamo path, one static engine per module and bucket (CUDA)"
+    suffix = ".ep"
+    what = "TensorRT programs"
 
     def __init__(self, cuda_graphs: bool = True, workspace_gb: float | None = None):
-        self.cuda_graphs = cuda_graphs
+        super().__init__(cuda_graphs)
         self.workspace_gb = workspace_gb
-        self._cached: Path | None = None
 
     def cache_options(self) -> dict:
         version = None
@@ -97,14 +87,7 @@ class TrtEngine(Engine):
             return "TensorRT needs a CUDA GPU; on this host use --engine compile or --engine aoti"
         return None
 
-    def load_cache(self, folder: Path) -> bool:
-        folder = Path(folder)
-        if not any(folder.glob("b*.ep")):
-            return False
-        self._cached = folder
-        return True
-
-    def _compile(self, program, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    def _compile(self, program, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
         import torch_tensorrt
 
         settings = {
@@ -125,47 +108,9 @@ class TrtEngine(Engine):
             torch_tensorrt.save(
                 trt_gm, str(path), output_format="exported_program", inputs=list(inputs)
             )
+        return path
 
-    def build(
-        self,
-        module: nn.Module,
-        example_inputs,
-        batch_sizes: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> Runner:
+    def _load(self, path: Path):
         import torch_tensorrt  # noqa: F401  (registers TensorRT's ops before torch.export.load)
 
-        device = torch.device(device)
-        cached, self._cached = self._cached, None
-        built: dict[str, Path] = {}  # cache file name -> program written by this build
-        buckets = sorted(set(batch_sizes))
-        work = Path(tempfile.mkdtemp(prefix="musetalk-trt-"))
-        m = None
-        loaded = 0
-        report = EngineReport(self.name, dtype_name(dtype), str(device), buckets)
-        fns = {}
-        for b in buckets:
-            inputs = bucket_inputs(example_inputs, b, dtype, device)  # [B, ...] per input
-            t0 = time.perf_counter()
-            path = cached / program_name(b) if cached is not None else None
-            if path is not None and path.is_file():
-                loaded += 1
-            else:
-                if m is None:
-                    m = prepare_module(module, dtype, device)  # cast copy: fp16 comes from here
-                path = work / program_name(b)
-                self._compile(export_bucket(m, inputs), inputs, path)
-                built[path.name] = path
-            run = torch.export.load(str(path)).module()
-            with torch.inference_mode():
-                fns[b] = _ManualGraphStep(run, inputs) if self.cuda_graphs else run
-            torch.cuda.synchronize(device)
-            report.build_s[b] = round(time.perf_counter() - t0, 2)
-        report.reason = (
-            f"TensorRT programs ({loaded} loaded from the engine cache, {len(built)} built)"
-            + (", CUDA graphs (manual capture)" if self.cuda_graphs else "")
-        )
-        runner = Runner(fns, dtype, report, artifacts=built)
-        weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
-        return runner
+        return torch.export.load(str(path)).module()

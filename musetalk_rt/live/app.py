@@ -2,7 +2,7 @@
 
 One process, one or more channels (each an avatar, an ingest path and outputs), one shared set
 of models and one GPU worker. At start it builds (or loads from the engine cache) the engine for
-the buckets, measures one batch and one whisper canvas, derives the playout delay ``D`` and
+the buckets, measures one batch and one whisper encoder call, derives the playout delay ``D`` and
 prints it, then serves ``/ingest/<channel>`` until SIGINT/SIGTERM (or ``--duration-s``), and
 shuts down gracefully: senders are closed, the clock stops, recordings get their trailer.
 """
@@ -104,11 +104,16 @@ def live_engine_options(args) -> dict:
     return opts
 
 
-def measure_startup(gen, whisper, fe) -> tuple[float, float]:
-    """Seconds for one batch of the largest bucket (incl. blend-size copy) and one canvas."""
+def measure_startup(gen, canvas_encoder, canvases: int = 1) -> tuple[float, float]:
+    """Seconds for one batch of the largest bucket (incl. blend-size copy) and one encoder call.
+
+    Args:
+        gen: The prepared face generator.
+        canvas_encoder: ``canvases -> hidden states`` as the live process runs it.
+        canvases: Canvases in that call (one per channel that speaks at once, at most 16).
+    """
     import torch
 
-    from musetalk_rt.audio.incremental import encode_canvases
     from musetalk_rt.stages import FrameBatch, StageClock
 
     b = max(gen.batch_sizes)
@@ -124,11 +129,22 @@ def measure_startup(gen, whisper, fe) -> tuple[float, float]:
     t = time.perf_counter()
     gen(batch, clock)
     compute = time.perf_counter() - t
-    canvas = [np.zeros(16000, np.float32)]
-    encode_canvases(whisper, fe, canvas, torch.float32)  # warm
+    canvas = [np.zeros(16000, np.float32)] * canvases
+    canvas_encoder(canvas)  # warm
     t = time.perf_counter()
-    encode_canvases(whisper, fe, canvas, torch.float32)
+    canvas_encoder(canvas)
     return compute, time.perf_counter() - t
+
+
+def whisper_dtype(serving_dtype: str):
+    """The live whisper encoder's dtype: fp32 when serving fp32, otherwise fp16.
+
+    bf16 serving still encodes canvases in fp16: whisper's features have a wide range and
+    bf16's 8-bit mantissa is the larger error; fp16 measured 6e-4 relative on the tiny model.
+    """
+    import torch
+
+    return torch.float32 if serving_dtype == "fp32" else torch.float16
 
 
 DEFAULT_DELAY_MARGIN_MS = 100
@@ -143,13 +159,14 @@ def derive_delay_s(
     """The playout delay ``D`` the process picks when ``--delay-ms`` is not given.
 
     The look-ahead (the audio a frame's window needs after its end, hop included), one 20 ms
-    chunk, one whisper canvas, two batches (the one running when the frame's window arrives and
-    its own) and a margin (``--delay-margin-ms``, 100 ms by default) for thread scheduling and
-    jitter. The end-to-end probe uses it to put recorded GPU figures in place of measured ones.
+    chunk, one whisper encoder call, two batches (the one running when the frame's window
+    arrives and its own) and a margin (``--delay-margin-ms``, 100 ms by default) for thread
+    scheduling and jitter. The end-to-end probe uses it to put recorded GPU figures in place
+    of measured ones.
 
     Args:
         lookahead_s: Audio needed after a frame's end before its window exists, seconds.
-        canvas_s: One whisper canvas, seconds.
+        canvas_s: One whisper encoder call (a canvas from every channel), seconds.
         compute_s: One batch of the largest bucket (UNet + VAE decode + copy), seconds.
         margin_s: Spare time for scheduling and jitter, seconds.
     """
@@ -181,10 +198,13 @@ async def _serve(server, channels, worker, duration_s: float | None) -> None:
 
 def run(args) -> int:
     """Start everything, serve, stop; returns the exit status."""
-    from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig
+    import torch
+
+    from musetalk_rt.audio.canvas_engine import CanvasEncoder
+    from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig, encode_canvases
     from musetalk_rt.audio.vad import load_silero_vad
     from musetalk_rt.avatar import load_avatar
-    from musetalk_rt.cli import _device
+    from musetalk_rt.cli import _device, engines_build_command
     from musetalk_rt.live.channel import LiveChannel
     from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
@@ -243,9 +263,15 @@ def run(args) -> int:
         live_engine_options(args),
         log=print,
     )
-    for r in gen.prepare(args.models_dir):
+    for r in gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes)):
         print(f"engine: {r.summary()}", flush=True)
-    compute_s, canvas_s = measure_startup(gen, models.whisper, models.feature_extractor)
+    canvas_enc = CanvasEncoder(models.whisper, models.feature_extractor, whisper_dtype(args.dtype))
+    canvas_err = canvas_enc.check(
+        lambda c: encode_canvases(models.whisper, models.feature_extractor, c, torch.float32)
+    )
+    print(f"{canvas_enc.describe()}; relative error vs fp32 reference {canvas_err:.1e}", flush=True)
+    per_call = min(len(chans), canvas_enc.max_batch)
+    compute_s, canvas_s = measure_startup(gen, canvas_enc, per_call)
     lookahead_s = (stream_cfg.lookahead_ms + (stream_cfg.hop_frames - 1) * 40) / 1000
     margin_s = args.delay_margin_ms / 1000
     delay_s = (
@@ -260,19 +286,23 @@ def run(args) -> int:
             derived=not args.delay_ms,
             lookahead_ms=round(lookahead_s * 1000, 3),
             canvas_ms=round(canvas_s * 1000, 3),
+            canvases=per_call,
             batch_ms=round(compute_s * 1000, 3),
             batch=max(args.batch_sizes),
             margin_ms=args.delay_margin_ms,
         )
     print(
         f"playout delay D = {delay_s * 1000:.0f} ms (look-ahead {lookahead_s * 1000:.0f} ms, "
-        f"whisper canvas {canvas_s * 1000:.0f} ms, batch of {max(args.batch_sizes)} "
+        f"whisper call of {per_call} canvas(es) {canvas_s * 1000:.0f} ms, batch of "
+        f"{max(args.batch_sizes)} "
         f"{compute_s * 1000:.0f} ms"
         + (f", margin {args.delay_margin_ms} ms)" if not args.delay_ms else "; fixed)"),
         flush=True,
     )
     vad_net = load_silero_vad()
-    encoder = BatchedEncoder(models.whisper, models.feature_extractor, max_batch=16)
+    encoder = BatchedEncoder(
+        models.whisper, models.feature_extractor, max_batch=canvas_enc.max_batch, engine=canvas_enc
+    )
     channels = []
     for name, a in avatars.items():
         w, h = a.size

@@ -114,6 +114,7 @@ class LiveChannel:
         self.audio_q: queue.Queue = queue.Queue(maxsize=1500)  # ~30 s of 20 ms chunks
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
         self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
+        self.pending: set[int] = set()  # frames taken by the GPU worker, not yet blended
         self.arrival: dict[int, float] = {}  # media frame -> when its last sample was pushed
         self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
         self._sessions: list[_Session] = []
@@ -276,7 +277,12 @@ class LiveChannel:
         jobs = []
         for m in list(self.windows):
             deadline = self.t0 + self.delay_s + m / FPS
-            if m < self.next_out or m in self.generated or deadline - now > horizon_s:
+            if (
+                m < self.next_out
+                or m in self.generated
+                or m in self.pending
+                or deadline - now > horizon_s
+            ):
                 continue
             if self.is_speech(m):
                 jobs.append((deadline, m))
