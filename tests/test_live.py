@@ -446,3 +446,26 @@ def test_stream_keys_and_passwords_are_redacted_for_logs_and_metrics():
     assert redact_url("rtmps://u:pw@h/app/key?x=1") == "rtmps://***@h/app/***"
     assert redact_url("rtmp://h/live/") == "rtmp://h/live/"
     assert redact_url("/rec/show.mp4") == "/rec/show.mp4"
+
+
+def test_gpu_worker_skips_frames_whose_window_the_clock_dropped():
+    """A frame taken for a batch whose window the clock forgot meanwhile (its deadline passed)
+    is skipped; the batch does not fail for it (on the GPU host it failed with a KeyError)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from musetalk_rt.live.worker import GpuWorker
+
+    calls = []
+    gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))  # never called
+    ch = SimpleNamespace(
+        name="a",
+        windows={},
+        pending=set(),
+        avatar=SimpleNamespace(latents=torch.zeros(3, 8, 32, 32), cycle_frame=calls.append),
+    )
+    worker = GpuWorker(gen, [ch], horizon_s=0.2, blend_threads=1)
+    worker._generate([(ch, 5), (ch, 6)])
+    assert worker.batches == 0 and not ch.pending and not calls
+    worker.stop()

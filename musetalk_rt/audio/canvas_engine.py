@@ -13,7 +13,12 @@ than the GPU's second (experiments/LOG.md). This engine computes the same thing:
   returned as float32, as the reference's;
 * on CUDA, one graph per batch bucket (1, 2, 4, 8, 16 canvases) is captured at start-up and
   replayed — no per-op launches from Python under the interpreter lock the other live threads
-  need. A batch is padded with silent canvases to its bucket.
+  need. A batch is padded with silent canvases to its bucket;
+* on CUDA all of it runs on the engine's own high-priority stream (:attr:`CanvasEncoder.stream`)
+  and a call waits for that stream alone: on the shared default stream every copy and sync of
+  the audio path queued behind the GPU worker's UNet/VAE batch (33 ms at batch 16), which made
+  the windows of many channels late (experiments/LOG.md). The feature extractors cut their
+  windows on the same stream.
 
 The reference stays the definition: :meth:`CanvasEncoder.check` measures the engine against it
 and the live process prints the figure at start. If capturing a graph fails, that bucket runs
@@ -22,6 +27,7 @@ eagerly and the reason is kept in :attr:`CanvasEncoder.notes` (the show goes on)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -87,6 +93,10 @@ class CanvasEncoder:
         )  # [201, 80]
         self.window = torch.hann_window(N_FFT, device=self.device)
         self.notes: list[str] = []
+        # the audio path's own stream; None on the CPU
+        self.stream = (
+            torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        )
         self._audio = torch.zeros(self.max_batch, CANVAS_SAMPLES, device=self.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
@@ -98,18 +108,16 @@ class CanvasEncoder:
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
+        torch.cuda.synchronize(self.device)  # the buffers above are ready
         for b in self.buckets:
             x = self._audio[:b]
             try:
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side), torch.inference_mode():
+                with torch.cuda.stream(self.stream), torch.inference_mode():
                     for _ in range(2):  # warm: cuFFT plans and kernels chosen before capture
                         self._forward(x)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                    out = self._forward(x)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                        out = self._forward(x)
                 self._graphs[b] = (graph, out)
             except Exception as exc:  # eager for this bucket; say why
                 self.notes.append(f"batch {b}: no CUDA graph ({type(exc).__name__}: {exc})")
@@ -135,7 +143,8 @@ class CanvasEncoder:
             return torch.cat([self(canvases[i : i + m]) for i in range(0, len(canvases), m)])
         n = len(canvases)
         b = self.bucket(n)
-        with torch.inference_mode():
+        on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
+        with on_stream, torch.inference_mode():
             for i, c in enumerate(canvases):
                 c = np.asarray(c, np.float32)[:CANVAS_SAMPLES]
                 self._audio[i, : len(c)].copy_(torch.from_numpy(c))
@@ -147,8 +156,8 @@ class CanvasEncoder:
             else:
                 out = self._forward(self._audio[:b])
             hidden = out[:n].float() if out.dtype != torch.float32 else out[:n].clone()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.stream is not None:
+            self.stream.synchronize()  # this stream only: never waits for the GPU worker
         return hidden
 
     def check(self, reference) -> float:

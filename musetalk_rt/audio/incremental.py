@@ -219,6 +219,8 @@ class BatchedEncoder:
 
         self.whisper, self.fe, self.dtype = whisper, feature_extractor, dtype
         self.engine = engine
+        # the CUDA stream the hidden states are made on (the engine's own), None = current
+        self.stream = getattr(engine, "stream", None)
         self.max_batch, self.gather_s = max_batch, gather_ms / 1000.0
         self.calls = 0
         self.canvases = 0
@@ -273,6 +275,17 @@ class BatchedEncoder:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(5.0)
+
+
+_PE_ON: dict[str, torch.Tensor] = {}
+
+
+def _pe_on(device: torch.device, steps: int) -> torch.Tensor:
+    """MuseTalk's positional encoding ``[steps, 384]`` kept on ``device`` (one copy, ever)."""
+    key = f"{device}:{steps}"
+    if key not in _PE_ON:
+        _PE_ON[key] = _PE.pe[:steps].to(device)
+    return _PE_ON[key]
 
 
 class IncrementalFeatureExtractor:
@@ -393,18 +406,39 @@ class IncrementalFeatureExtractor:
         offline pads them.
         """
         dev = next(iter(parts.values())).device if parts else self.device
-        f = torch.tensor(list(frames), device=dev)
-        steps = 2 * f[:, None] - 4 + torch.arange(WINDOW_STEPS, device=dev)  # [n, 10]
-        out = torch.zeros(len(frames), WINDOW_STEPS, HIDDEN_STATES, _PE.pe.shape[1], device=dev)
+        n = len(frames)
+        # the step of every window row, decided on the host: no device sync in this function
+        steps = 2 * np.asarray(frames)[:, None] - 4 + np.arange(WINDOW_STEPS)  # [n, 10]
+        out = torch.zeros(n * WINDOW_STEPS, HIDDEN_STATES, _PE.pe.shape[1], device=dev)
+        flat = steps.reshape(-1)
         for k, hidden in parts.items():  # hidden [1500, 5, 384]
-            local = steps - k * SEGMENT_STEPS
+            local = flat - k * SEGMENT_STEPS
             sel = (local >= 0) & (local < SEGMENT_STEPS)
             if total_steps is not None:
-                sel &= steps < total_steps
-            out[sel] = hidden[local[sel]]
-        return _PE(out.reshape(len(frames), WINDOW_STEPS * HIDDEN_STATES, -1))  # [n, 50, 384]
+                sel &= flat < total_steps
+            rows = np.flatnonzero(sel)
+            if rows.size:
+                dst = torch.from_numpy(rows).to(dev, non_blocking=True)
+                src = torch.from_numpy(local[rows]).to(dev, non_blocking=True)
+                out.index_copy_(0, dst, hidden.index_select(0, src))
+        windows = out.reshape(n, WINDOW_STEPS * HIDDEN_STATES, -1)  # [n, 50, 384]
+        return windows + _pe_on(dev, windows.shape[1])
 
     def _emit(self, last_frame: int, total_steps: int | None) -> FeatureChunk | None:
+        """Windows of frames up to ``last_frame``; on the shared encoder's CUDA stream if any.
+
+        That stream is synchronised before the windows are returned: another thread (the GPU
+        worker, on its own stream) reads them next.
+        """
+        stream = getattr(self.shared, "stream", None)
+        if stream is None:
+            return self._emit_windows(last_frame, total_steps)
+        with torch.cuda.stream(stream):
+            chunk = self._emit_windows(last_frame, total_steps)
+        stream.synchronize()
+        return chunk
+
+    def _emit_windows(self, last_frame: int, total_steps: int | None) -> FeatureChunk | None:
         if last_frame < self.next_frame:
             return None
         first = self.next_frame

@@ -73,7 +73,8 @@ class GpuWorker:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10.0)
+        if self._thread.ident is not None:  # started
+            self._thread.join(10.0)
         self._blend_pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> None:
@@ -96,11 +97,21 @@ class GpuWorker:
                 time.sleep(0.05)
 
     def _generate(self, work: list) -> None:
+        # a window the channel's clock has dropped meanwhile: its deadline passed, skip it
+        wins = [(ch, m, ch.windows.get(m)) for ch, m in work]
+        work = [(ch, m) for ch, m, w in wins if w is not None]
+        wins = [w for _, _, w in wins if w is not None]
+        if not work:
+            return
+        if self.gen.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.gen.device)
+            for w in wins:  # made on the audio path's stream, read here: keep them alive
+                w.record_stream(stream)
         cyc = [ch.avatar.cycle_frame(m) for ch, m in work]
         latents = torch.stack(
             [self._latents[ch.name][c] for (ch, _), c in zip(work, cyc, strict=True)]
         )
-        audio = torch.stack([ch.windows[m] for ch, m in work]).to(self.gen.device)
+        audio = torch.stack(wins).to(self.gen.device)
         batch = FrameBatch(list(range(len(work))), cyc, latents=latents, audio=audio)
         for ch, m in work:
             ch.pending.add(m)
