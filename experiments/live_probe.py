@@ -149,6 +149,11 @@ def probe(n: int, args, extra: list[str]) -> dict:
         "skipped_frames": sum(c["skipped_frames"] for c in chans),
         "frames_out": sum(c["frames_out"] for c in chans),
         "voice_to_frame_p95_ms_max": max((c["voice_to_frame_p95_ms"] or 0) for c in chans),
+        "late_windows": sum(c.get("late_windows", 0) for c in chans),
+        "window_lead_p05_ms_min": min(
+            (c["window_lead_p05_ms"] for c in chans if c.get("window_lead_p05_ms") is not None),
+            default=None,
+        ),
         "gpu_batches": summary["gpu_batches"],
         "gpu_shed_frames": summary.get("gpu_shed_frames"),
         "sender_failures": failed,
@@ -187,7 +192,8 @@ def main() -> int:
         print(
             f"{n:>3} channels: D {r['delay_ms']} ms, speech {r['speech_frames']}, late "
             f"{r['late_frames']}, voice-to-frame p95 {r['voice_to_frame_p95_ms_max']} ms, "
-            f"batches {r['gpu_batches']}, shed {r.get('gpu_shed_frames')}",
+            f"batches {r['gpu_batches']}, window lead p05 {r['window_lead_p05_ms_min']} ms, "
+            f"late windows {r['late_windows']}",
             flush=True,
         )
         with (args.out / "live_probe.jsonl").open("a") as f:

@@ -120,12 +120,17 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
 
     _assert_recording(record, ch, log, idle_after=250)
     assert ch["speech_frames"] > 40 and ch["late_frames"] <= 0.1 * ch["speech_frames"]
+    # the audio path's slack: most windows came before their frame was due
+    assert ch["window_lead_p05_ms"] is not None and ch["late_windows"] < ch["speech_frames"]
     assert preview[0] == "image/jpeg" and preview[1][:2] == b"\xff\xd8"  # operator preview
     text = metrics.decode()
     for name in (
         'musetalk_frames_out_total{channel="astro"}',
         "musetalk_late_frames_total",
         "musetalk_voice_to_frame_p95_ms",
+        'musetalk_window_lead_p05_ms{channel="astro"}',
+        "musetalk_late_windows_total",
+        "musetalk_blend_pending",
         "musetalk_output_reconnects_total",
         "musetalk_audio_queue_depth",
         'musetalk_stage_ms_total{stage="unet"}',
@@ -469,3 +474,12 @@ def test_gpu_worker_skips_frames_whose_window_the_clock_dropped():
     worker._generate([(ch, 5), (ch, 6)])
     assert worker.batches == 0 and not ch.pending and not calls
     worker.stop()
+
+
+def test_channel_stats_report_the_window_lead_percentile():
+    from musetalk_rt.live.channel import ChannelStats
+
+    st = ChannelStats(window_lead_ms=[float(x) for x in range(100, 0, -1)], late_windows=2)
+    d = st.as_dict()
+    assert d["window_lead_p05_ms"] == 5.0 and d["late_windows"] == 2
+    assert "window_lead_ms" not in d and d["voice_to_frame_p95_ms"] is None

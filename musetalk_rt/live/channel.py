@@ -62,12 +62,18 @@ class ChannelStats:
     overlay_errors: int = 0
     dropped_audio_chunks: int = 0
     sessions: int = 0
+    late_windows: int = 0  # audio windows that reached the channel after their frame left
     voice_to_frame_ms: list[float] = field(default_factory=list)  # last 500
+    # how long before its frame's deadline each window reached the channel (last 500): the
+    # slack left for the GPU batch and the blend; near zero or negative = the audio path lags
+    window_lead_ms: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "voice_to_frame_ms"}
+        d = {k: v for k, v in self.__dict__.items() if not k.endswith("_ms")}
         v = sorted(self.voice_to_frame_ms)
         d["voice_to_frame_p95_ms"] = round(v[int(0.95 * (len(v) - 1))], 1) if v else None
+        w = sorted(self.window_lead_ms)
+        d["window_lead_p05_ms"] = round(w[int(0.05 * (len(w) - 1))], 1) if w else None
         return d
 
 
@@ -257,10 +263,16 @@ class LiveChannel:
     def _take(self, s: _Session, chunk) -> None:
         if chunk is None:
             return
+        now = time.monotonic()
+        leads = []
         for i in range(len(chunk)):
             m = s.base_frame + chunk.start_frame + i
+            leads.append((self.t0 + self.delay_s + m / FPS - now) * 1000.0)
             if m >= self.next_out:
                 self.windows[m] = chunk.windows[i]
+            else:
+                self.stats.late_windows += 1
+        self.stats.window_lead_ms = (self.stats.window_lead_ms + leads)[-500:]
 
     def is_speech(self, m: int) -> bool:
         """Whether media frame ``m`` is speech, as decided so far."""

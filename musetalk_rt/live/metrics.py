@@ -26,6 +26,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = ()) -> str:
         ("skipped_frames", "counter", "frames skipped after the clock fell behind by > 1 s"),
         ("dropped_audio_chunks", "counter", "ingest chunks dropped on a full audio queue"),
         ("sessions", "counter", "sender sessions"),
+        ("late_windows", "counter", "audio windows that came after their frame was shown"),
     ):
         metric(f"{key}_total", kind, text, [({"channel": ch.name}, s[key]) for ch, s in st])
     metric(
@@ -33,6 +34,13 @@ def metrics_text(channels: list, worker, speech: list | tuple = ()) -> str:
         "gauge",
         "input audio arrival to frame emission, p95",
         [({"channel": ch.name}, s["voice_to_frame_p95_ms"] or 0) for ch, s in st],
+    )
+    metric(
+        "window_lead_p05_ms",
+        "gauge",
+        "time from an audio window's arrival to its frame's deadline, 5th percentile "
+        "(the slack for the GPU batch and the blend; near 0 = the audio path lags)",
+        [({"channel": ch.name}, s["window_lead_p05_ms"] or 0) for ch, s in st],
     )
     metric(
         "playout_delay_ms",
