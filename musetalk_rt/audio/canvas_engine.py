@@ -6,9 +6,10 @@ feature extractor, which pads every canvas to 30 s in NumPy on the host, then th
 launched op by op) cost 2.4-7 ms per canvas — at 16 channels × 25 canvases/s that alone is more
 than the GPU's second (experiments/LOG.md). This engine computes the same thing:
 
-* the canvas audio goes to a static device buffer (the silence after it is a device fill, not
-  host padding), and the log-mel spectrogram is the feature extractor's torch formula on the
-  device (same window, filters, clamp and scaling);
+* the canvases' audio is written into one (pinned) host buffer and goes to the device in one
+  asynchronous copy per call; the silence after each canvas's audio is a mask on the device
+  from its length, not host padding; the log-mel spectrogram is the feature extractor's torch
+  formula on the device (same window, filters, clamp and scaling);
 * the encoder runs in the serving dtype (fp16 unless the process serves fp32); its output is
   returned as float32, as the reference's;
 * on CUDA, one graph per batch bucket (1, 2, 4, 8, 16 canvases) is captured at start-up and
@@ -97,12 +98,22 @@ class CanvasEncoder:
         self.stream = (
             torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         )
-        self._audio = torch.zeros(self.max_batch, CANVAS_SAMPLES, device=self.device)
+        # host side: each canvas's audio is written into one buffer (pinned on CUDA) and the
+        # whole batch goes over in one asynchronous copy; the silence after each canvas's audio
+        # is made on the device from its length (stale samples there are masked, never read)
+        on_cuda = self.device.type == "cuda"
+        self._host = torch.zeros(self.max_batch, CANVAS_SAMPLES, pin_memory=on_cuda)
+        self._host_len = torch.zeros(self.max_batch, dtype=torch.int64, pin_memory=on_cuda)
+        self._audio = self._host if not on_cuda else self._host.to(self.device)
+        self._lengths = self._host_len if not on_cuda else self._host_len.to(self.device)
+        self._positions = torch.arange(CANVAS_SAMPLES, device=self.device)  # [480000]
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture()
 
-    def _forward(self, audio: torch.Tensor) -> torch.Tensor:
+    def _forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        silence = self._positions >= lengths[:, None]  # [B, 480000]: after each canvas's audio
+        audio = audio.masked_fill(silence, 0.0)
         mel = log_mel(audio, self.mel_filters, self.window)  # [B, 80, 3000]
         return whisper_hidden_states(self.model, mel.to(self.dtype))  # [B, 1500, 5, 384]
 
@@ -110,14 +121,14 @@ class CanvasEncoder:
         pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize(self.device)  # the buffers above are ready
         for b in self.buckets:
-            x = self._audio[:b]
+            x, lengths = self._audio[:b], self._lengths[:b]
             try:
                 with torch.cuda.stream(self.stream), torch.inference_mode():
                     for _ in range(2):  # warm: cuFFT plans and kernels chosen before capture
-                        self._forward(x)
+                        self._forward(x, lengths)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                        out = self._forward(x)
+                        out = self._forward(x, lengths)
                 self._graphs[b] = (graph, out)
             except Exception as exc:  # eager for this bucket; say why
                 self.notes.append(f"batch {b}: no CUDA graph ({type(exc).__name__}: {exc})")
@@ -144,17 +155,21 @@ class CanvasEncoder:
         n = len(canvases)
         b = self.bucket(n)
         on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
+        host, host_len = self._host.numpy(), self._host_len.numpy()
+        host_len[:b] = 0  # padding canvases: all silence
+        for i, c in enumerate(canvases):
+            c = np.asarray(c, np.float32)[:CANVAS_SAMPLES]
+            host[i, : len(c)] = c
+            host_len[i] = len(c)
         with on_stream, torch.inference_mode():
-            for i, c in enumerate(canvases):
-                c = np.asarray(c, np.float32)[:CANVAS_SAMPLES]
-                self._audio[i, : len(c)].copy_(torch.from_numpy(c))
-                self._audio[i, len(c) :].zero_()  # the silence after the audio
-            self._audio[n:b].zero_()  # padding canvases
+            if self._audio is not self._host:  # one asynchronous copy for the whole batch
+                self._audio[:b].copy_(self._host[:b], non_blocking=True)
+                self._lengths[:b].copy_(self._host_len[:b], non_blocking=True)
             if b in self._graphs:
                 graph, out = self._graphs[b]
                 graph.replay()
             else:
-                out = self._forward(self._audio[:b])
+                out = self._forward(self._audio[:b], self._lengths[:b])
             hidden = out[:n].float() if out.dtype != torch.float32 else out[:n].clone()
         if self.stream is not None:
             self.stream.synchronize()  # this stream only: never waits for the GPU worker
