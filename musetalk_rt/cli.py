@@ -123,6 +123,8 @@ def _engine_options(args) -> dict:
         opts["cudnn_benchmark"] = True
     if getattr(args, "compile_graph_capture", None) not in (None, "trees"):
         opts["graph_capture"] = args.compile_graph_capture
+    if getattr(args, "aoti_weights", None):
+        opts["weights"] = args.aoti_weights
     return opts
 
 
@@ -139,6 +141,12 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         "--no-cuda-graphs",
         action="store_true",
         help="do not capture the compiled step in a CUDA graph",
+    )
+    g.add_argument(
+        "--aoti-weights",
+        choices=["blob", "so"],
+        help="aoti only: where a package keeps the weights — blob: one file beside a small "
+        "shared object (default), so: inside the shared object",
     )
     g.add_argument(
         "--no-channels-last", action="store_true", help="keep the contiguous memory format on CUDA"

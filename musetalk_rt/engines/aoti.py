@@ -6,14 +6,17 @@ of time with ``torch._inductor.aoti_compile_and_package`` and loaded with
 ``torch._inductor.aoti_load_package``. A later process loads the packages from the engine cache
 without exporting or compiling anything: no Dynamo, no inductor at run time.
 
-Packaging choice: one package per stage module and bucket, weights inside the package (the API's
-default, ``package_constants_in_so``). Packages are never shared between the UNet and the VAE: a
-single 1.7 GB package holding both segfaulted when loaded on an H100 (torch 2.11). The cost is
-one copy of the stage's weights per bucket on disk and in memory; keep the bucket list short
-(one or two). Keeping the weights outside the package (``package_constants_in_so=False`` and
-``load_constants`` from the module) would share them between buckets but has not been tried.
-Weights inside make each package one self-contained file: the engine cache stores and renames it
-atomically under a key that covers the weights fingerprint, and loading is a single call.
+Packaging choice: one package per stage module and bucket. Packages are never shared between
+the UNet and the VAE: a single 1.7 GB package holding both segfaulted when loaded on an H100
+(torch 2.11); so did the UNet's package alone (1.7 GB, weights inside the shared object) on an
+H200, in ``aoti_load_package`` of a fresh process (experiments/LOG.md). Hence the default
+``weights="blob"``: the weights go to one binary file beside a small shared object, still inside
+the one ``.pt2`` (``aot_inductor.package_constants_in_so=False`` with the ``binary_blob`` on-disk
+format; it round-trips on the CPU; not yet run on a GPU). ``weights="so"`` keeps the API's
+default. Each package is one self-contained file either way: the engine cache stores and renames
+it atomically under a key that covers the weights fingerprint (and this choice), and loading is
+a single call. The cost is one copy of the stage's weights per bucket on disk and in memory;
+keep the bucket list short (one or two).
 
 The engine's copy of the module has its 0-dim buffers reshaped to ``[1]`` before export (see
 :func:`export_friendly`): AOTInductor could not lower the UNet step's 0-dim timestep.
@@ -38,6 +41,7 @@ from torch import nn
 
 from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
 from musetalk_rt.engines.compile import _ManualGraphStep
+from musetalk_rt.errors import UserError
 
 
 def export_friendly(module: nn.Module) -> nn.Module:
@@ -75,6 +79,11 @@ def prepare_module(module: nn.Module, dtype: torch.dtype, device: torch.device) 
     """The engine's copy of ``module``: cast, on the device, gradient-free, export-friendly."""
     m = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
     return export_friendly(m)
+
+
+# where an aoti package keeps the weights: "blob" = one binary file beside the compiled
+# shared object (inside the .pt2), "so" = inside the shared object (the API's default)
+AOTI_WEIGHTS = ("blob", "so")
 
 
 class ExportedEngine(Engine):
@@ -177,8 +186,14 @@ class AotiEngine(ExportedEngine):
     suffix = ".pt2"
     what = "AOTInductor packages"
 
+    def __init__(self, cuda_graphs: bool = True, weights: str = "blob"):
+        super().__init__(cuda_graphs)
+        if weights not in AOTI_WEIGHTS:
+            raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
+        self.weights = weights
+
     def cache_options(self) -> dict:
-        return {"cuda_graphs": self.cuda_graphs}
+        return {"cuda_graphs": self.cuda_graphs, "weights": self.weights}
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "cpu" and dtype == torch.float16:
@@ -192,7 +207,17 @@ class AotiEngine(ExportedEngine):
         return None
 
     def _compile(self, program, inputs, path: Path) -> Path:
-        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+        configs = {}
+        if self.weights == "blob":  # weights beside the shared object, inside the package
+            configs = {
+                "aot_inductor.package_constants_in_so": False,
+                "aot_inductor.package_constants_on_disk_format": "binary_blob",
+            }
+        return Path(
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs=configs
+            )
+        )
 
     def _load(self, path: Path):
         return torch._inductor.aoti_load_package(str(path))
