@@ -361,6 +361,14 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             ["--avatar", "a", "--record", "r.mp4", "--delay-margin-ms", "-1"],
             "0 or more",
         ),
+        "no encoder threads": (
+            ["--avatar", "a", "--record", "r.mp4", "--encoder-threads", "0"],
+            "--encoder-threads 0: must be 1 or more",
+        ),
+        "no cpu threads": (
+            ["--avatar", "a", "--record", "r.mp4", "--cpu-threads", "-2"],
+            "--cpu-threads -2: must be 1 or more",
+        ),
     }
     for name, (argv, expect) in cases.items():
         code = live_main(argv)
@@ -483,3 +491,21 @@ def test_channel_stats_report_the_window_lead_percentile():
     d = st.as_dict()
     assert d["window_lead_p05_ms"] == 5.0 and d["late_windows"] == 2
     assert "window_lead_ms" not in d and d["voice_to_frame_p95_ms"] is None
+
+
+def test_writer_with_few_encoder_threads_makes_a_playable_file(tmp_path):
+    """``--encoder-threads`` reaches x264: one thread still gives H.264 + AAC at 25 fps."""
+    from musetalk_rt.live.output import AVStreamWriter
+
+    out = tmp_path / "t.mp4"
+    w = AVStreamWriter(str(out), 64, 48, threads=1)
+    assert w.video.codec_context.thread_count == 1  # 0 = the encoder's automatic choice
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        w.write(rng.integers(0, 256, (48, 64, 3), np.uint8), np.zeros(640, np.float32))
+    w.close()
+    with av.open(str(out)) as c:
+        v = c.streams.video[0]
+        frames = sum(1 for _ in c.decode(v))
+        assert v.codec_context.name == "h264" and c.streams.audio[0].codec_context.name == "aac"
+    assert frames == 25

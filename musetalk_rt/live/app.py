@@ -221,6 +221,12 @@ def run(args) -> int:
         raise UserError(f"--delay-ms {args.delay_ms}: the playout delay must be positive")
     if args.delay_margin_ms < 0:
         raise UserError(f"--delay-margin-ms {args.delay_margin_ms}: must be 0 or more")
+    for flag, value in (
+        ("--encoder-threads", args.encoder_threads),
+        ("--cpu-threads", args.cpu_threads),
+    ):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be 1 or more")
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
         _targets(args.rtmp, name, several), _targets(args.record, name, several)
@@ -244,6 +250,8 @@ def run(args) -> int:
             ssl_ctx.load_cert_chain(args.cert, args.key)
         except (OSError, ssl.SSLError) as exc:
             raise UserError(f"cannot load the TLS certificate {args.cert}: {exc}") from None
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     avatars = {name: load_avatar(av, args.avatars_dir) for name, av in chans.items()}
     frame_log = FrameLog(args.frame_log) if args.frame_log else None
     models = load_models(args.weights, args.models_dir, _device(args.device))
@@ -307,7 +315,7 @@ def run(args) -> int:
     for name, a in avatars.items():
         w, h = a.size
         outs = [
-            Output(t, w, h, frame_log=frame_log)
+            Output(t, w, h, frame_log=frame_log, encoder_threads=args.encoder_threads)
             for t in (_targets(args.rtmp, name, several), _targets(args.record, name, several))
             if t
         ]
@@ -433,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DELAY_MARGIN_MS,
         help="spare time in the derived D for scheduling and jitter (default: "
         f"{DEFAULT_DELAY_MARGIN_MS}; less lowers the delay and risks late frames)",
+    )
+    p.add_argument(
+        "--encoder-threads",
+        type=int,
+        help="x264 threads per output (default: x264's own, 1.5 per core; with many channels "
+        "the outputs together oversubscribe the host)",
+    )
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="torch's CPU thread pool (default: torch's, one per core; on a GPU host only the "
+        "voice activity runs there, entered by every channel's thread at once)",
     )
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")

@@ -63,6 +63,7 @@ class AVStreamWriter:
         preset: str = "veryfast",
         gop_s: float = 2.0,
         container_format: str | None = None,
+        threads: int | None = None,
     ):
         self.target = target
         fmt = container_format or (
@@ -79,6 +80,7 @@ class AVStreamWriter:
                 "bf": "0",
                 "g": str(int(gop_s * fps)),
                 "crf": "23",
+                **({"threads": str(threads)} if threads else {}),  # default: x264's (1.5 x cores)
             },
         )
         v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
@@ -131,12 +133,21 @@ class Output:
         height: Frame height.
         queue_frames: Queue bound (frames); when full the oldest is dropped and counted.
         frame_log: A :class:`~.framelog.FrameLog` for the frames offered with metadata.
+        encoder_threads: x264 threads of this output (None: x264's default, 1.5 per core —
+            with many channels on one host, many outputs together oversubscribe the cores).
     """
 
     def __init__(
-        self, target: str, width: int, height: int, queue_frames: int = 50, frame_log=None
+        self,
+        target: str,
+        width: int,
+        height: int,
+        queue_frames: int = 50,
+        frame_log=None,
+        encoder_threads: int | None = None,
     ):
         self.target = target
+        self.encoder_threads = encoder_threads
         self.label = redact_url(target)  # what logs, metrics, summaries and the frame log show
         self.frame_log = frame_log
         self._writers = 0  # connections opened so far (the frame log's ``writer``)
@@ -181,7 +192,9 @@ class Output:
                     self.stats["dropped_down"] += 1
                     continue
                 try:
-                    writer = AVStreamWriter(self.target, self.width, self.height)
+                    writer = AVStreamWriter(
+                        self.target, self.width, self.height, threads=self.encoder_threads
+                    )
                     self._writers += 1
                     if self.stats["written"] or self.stats["errors"]:
                         self.stats["reconnects"] += 1
