@@ -394,8 +394,11 @@ class IncrementalFeatureExtractor:
                 continue
             stop = min(seg1, end)
             start = max(seg0, steps_lo * STEP_SAMPLES - self.config.context_samples)
-            canvas = np.zeros(stop - seg0, np.float32)
-            canvas[start - seg0 :] = self._audio(start, stop)
+            if start == seg0:  # all of the segment so far: a view, no copy (encoded before
+                canvas = self._audio(seg0, stop)  # the next push can touch the buffer)
+            else:
+                canvas = np.zeros(stop - seg0, np.float32)
+                canvas[start - seg0 :] = self._audio(start, stop)
             plan.append((k, canvas, False))
         return plan
 
