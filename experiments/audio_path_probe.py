@@ -32,6 +32,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from musetalk_rt.bench import write_rows
+
 
 class ZeroEncoder:
     """Whisper engine stand-in: ``[B, 1500, 5, 384]`` zeros after a wait.
@@ -171,8 +173,7 @@ def main() -> int:
             f"late windows {r['late_windows']}, encoder calls {r['encoder_calls']}",
             flush=True,
         )
-        with (args.out / "audio_path_probe.jsonl").open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        write_rows([r], args.out, "audio_path_probe.jsonl")  # each row as soon as it exists
     print(json.dumps({"audio_path_probe": str(args.out / "audio_path_probe.jsonl"), "rows": rows}))
     return 0
 

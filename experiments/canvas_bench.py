@@ -22,6 +22,7 @@ import torch
 
 from musetalk_rt.audio.canvas_engine import CanvasEncoder
 from musetalk_rt.audio.incremental import encode_canvases
+from musetalk_rt.bench import write_rows
 from musetalk_rt.weights import load_models
 
 
@@ -83,9 +84,7 @@ def main() -> int:
             }
             rows.append(row)
             print(f"B={b:>2} {name:<20} {ms:8.2f} ms/call {ms / b:7.3f} ms/canvas rel {rel:.1e}")
-    with (args.out / "canvas_bench.jsonl").open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    write_rows(rows, args.out, "canvas_bench.jsonl")
     best = min((r for r in rows if r["batch"] == max(batches)), key=lambda r: r["ms_per_canvas"])
     print(json.dumps({"canvas_bench": str(args.out / "canvas_bench.jsonl"), "best": best}))
     return 0

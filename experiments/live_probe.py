@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from musetalk_rt.bench import write_rows
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -196,8 +198,7 @@ def main() -> int:
             f"late windows {r['late_windows']}",
             flush=True,
         )
-        with (args.out / "live_probe.jsonl").open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        write_rows([r], args.out, "live_probe.jsonl")  # each row as soon as it exists
     ok = [r["channels"] for r in rows if r["late_frames"] == 0 and r["speech_frames"] > 0]
     print(
         json.dumps(
