@@ -201,6 +201,30 @@ def load_audio(path: str | os.PathLike) -> AudioClip:
 # --------------------------------------------------------------------------------------------
 
 
+def decode_audio_bytes(data: bytes, rate: int = 16_000) -> np.ndarray:
+    """An encoded audio file held in memory (any format FFmpeg reads) as mono float32.
+
+    Args:
+        data: The file's bytes (a WAV of any flavour, MP3, Opus in Ogg, …).
+        rate: Output sample rate.
+
+    Returns:
+        ``[N]`` float32 at ``rate`` (``N`` = 0 when the data holds no samples).
+
+    Raises:
+        av.FFmpegError: The data is not decodable media.
+    """
+    import io
+
+    with av.open(io.BytesIO(data)) as c:
+        res = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        parts = []
+        for frame in c.decode(audio=0):
+            parts += [f.to_ndarray().reshape(-1) for f in res.resample(frame)]
+        parts += [f.to_ndarray().reshape(-1) for f in res.resample(None)]  # the resampler's tail
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
 def check_frames(frames: list[np.ndarray], source: str | os.PathLike = "") -> None:
     """Check that decoded frames are usable: at least one, each ``[H, W, 3]`` uint8, H, W > 0.
 

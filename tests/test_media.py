@@ -346,3 +346,16 @@ def test_frame_time_base_is_exact(tmp_path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert stream.average_rate == Fraction(25)
+
+
+def test_decode_audio_bytes_any_rate_to_mono_16k():
+
+    from musetalk_rt.media import decode_audio_bytes
+    from musetalk_rt.speech.utterances import wav_bytes
+
+    tone = (0.3 * np.sin(np.arange(48_000) * 0.05)).astype(np.float32)  # 1 s at 48 kHz
+    out = decode_audio_bytes(wav_bytes(tone, 48_000))
+    assert out.dtype == np.float32 and abs(out.size - 16_000) <= 32  # the resampler's tail kept
+    assert decode_audio_bytes(wav_bytes(np.zeros(0, np.float32), 16_000)).size == 0
+    with pytest.raises(av.FFmpegError):
+        decode_audio_bytes(b"not audio at all")

@@ -363,18 +363,34 @@ class _Live:
             self._log.write(line)
             self._log.flush()
 
-    def wait_listening(self, timeout_s: float) -> None:
+    def wait_until(self, done, timeout_s: float, during: str, late, poll_s: float = 0.2) -> None:
+        """Poll ``done()`` until true; one clear error if the process exits or time runs out.
+
+        Args:
+            done: The condition.
+            timeout_s: How long to wait.
+            during: Words for an exit meanwhile ("during start-up").
+            late: ``() -> str``, the message when ``timeout_s`` passes.
+            poll_s: Polling interval.
+        """
         deadline = time.monotonic() + timeout_s
-        while not any("ingest listening" in ln for ln in list(self.lines)):
+        while not done():
             if self.proc.poll() is not None:
-                raise UserError(f"the live process exited during start-up: {self.last_error()}", 3)
+                raise UserError(f"the live process exited {during}: {self.last_error()}", 3)
             if time.monotonic() > deadline:
-                raise UserError(
-                    f"the live process did not listen within {timeout_s:.0f} s "
-                    f"(--start-timeout-s); its log: {self.log_path}",
-                    3,
-                )
-            time.sleep(0.2)
+                raise UserError(late(), 3)
+            time.sleep(poll_s)
+
+    def wait_listening(self, timeout_s: float) -> None:
+        self.wait_until(
+            lambda: any("ingest listening" in ln for ln in list(self.lines)),
+            timeout_s,
+            "during start-up",
+            lambda: (
+                f"the live process did not listen within {timeout_s:.0f} s "
+                f"(--start-timeout-s); its log: {self.log_path}"
+            ),
+        )
 
     def last_error(self) -> str:
         lines = [ln.strip() for ln in list(self.lines) if ln.strip()]
@@ -625,17 +641,16 @@ def run_probe(args) -> int:
         )
         receiver = Receiver(url, region, ring_s=max(30.0, 2 * delay_s + 20.0))
         receiver.start()
-        deadline = time.monotonic() + 30.0 + delay_s
-        while receiver.video_frames < 25:
-            if live.proc.poll() is not None:
-                raise UserError(f"the live process stopped: {live.last_error()}", 3)
-            if time.monotonic() > deadline:
-                raise UserError(
-                    f"no video came back from {url} within {30 + delay_s:.0f} s "
-                    f"(receiver: {list(receiver.errors)[-1:] or 'no error'})",
-                    3,
-                )
-            time.sleep(0.1)
+        live.wait_until(
+            lambda: receiver.video_frames >= 25,
+            30.0 + delay_s,
+            "before video came back",
+            lambda: (
+                f"no video came back from {url} within {30 + delay_s:.0f} s "
+                f"(receiver: {list(receiver.errors)[-1:] or 'no error'})"
+            ),
+            poll_s=0.1,
+        )
         # the live process names the channel after the avatar
         sender = MarkerSender(f"ws://127.0.0.1:{port}/ingest/{avatar.avatar_id}", TOKEN, plan)
         sender.start()

@@ -13,7 +13,6 @@ error text from the service is not passed on (only the status and the error type
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -90,17 +89,12 @@ def install_redaction(secret: str) -> None:
 
 def _read_wav(data: bytes) -> np.ndarray:
     """Groq's WAV reply as 16 kHz mono float32 (PyAV reads any WAV flavour)."""
-    import av
+    from musetalk_rt.media import decode_audio_bytes
 
-    with av.open(io.BytesIO(data)) as c:
-        res = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        parts = []
-        for frame in c.decode(audio=0):
-            parts += [f.to_ndarray().reshape(-1) for f in res.resample(frame)]
-        parts += [f.to_ndarray().reshape(-1) for f in res.resample(None)]
-    if not parts:
+    audio = decode_audio_bytes(data, SAMPLE_RATE)
+    if not audio.size:
         raise ValueError("no audio in the speech reply")
-    return np.concatenate(parts).astype(np.float32)
+    return audio
 
 
 class GroqSpeech:

@@ -214,16 +214,9 @@ def _decode_audio_file(data: bytes) -> np.ndarray:
             raise wave.Error("not 16-bit")
         audio = np.frombuffer(raw, "<i2").astype(np.float32).reshape(-1, ch).mean(1) / 32768.0
     except (wave.Error, EOFError):
-        import av
+        from musetalk_rt.media import decode_audio_bytes
 
-        with av.open(io.BytesIO(data)) as c:
-            res = av.AudioResampler(format="flt", layout="mono", rate=16000)
-            parts = [
-                f.to_ndarray().reshape(-1)
-                for frame in c.decode(audio=0)
-                for f in res.resample(frame)
-            ]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return decode_audio_bytes(data, 16000)  # not media: FFmpeg's error, a 400 reply
     if rate != 16000:
         audio = soxr.resample(audio, rate, 16000, quality="HQ")
     return audio.astype(np.float32)
