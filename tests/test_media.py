@@ -349,7 +349,6 @@ def test_frame_time_base_is_exact(tmp_path):
 
 
 def test_decode_audio_bytes_any_rate_to_mono_16k():
-
     from musetalk_rt.media import decode_audio_bytes
     from musetalk_rt.speech.utterances import wav_bytes
 
