@@ -217,8 +217,9 @@ class BatchedEncoder:
         import queue
         import threading
 
-        self.whisper, self.fe, self.dtype = whisper, feature_extractor, dtype
-        self.engine = engine
+        self.engine = engine or (
+            lambda canvases: encode_canvases(whisper, feature_extractor, canvases, dtype)
+        )
         # the CUDA stream the hidden states are made on (the engine's own), None = current
         self.stream = getattr(engine, "stream", None)
         self.max_batch, self.gather_s = max_batch, gather_ms / 1000.0
@@ -256,11 +257,7 @@ class BatchedEncoder:
                 batch.append(item)
                 n += len(item[0])
             try:
-                canvases = [c for cs, _ in batch for c in cs]
-                if self.engine is not None:
-                    hidden = self.engine(canvases)
-                else:
-                    hidden = encode_canvases(self.whisper, self.fe, canvases, self.dtype)
+                hidden = self.engine([c for cs, _ in batch for c in cs])
             except Exception as exc:  # hand the error to every waiting caller
                 for _, fut in batch:
                     fut.set_exception(exc)

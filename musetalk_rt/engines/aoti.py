@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,13 +119,13 @@ class ExportedEngine(Engine):
         self._cached = folder
         return True
 
+    @abstractmethod
     def _compile(self, program, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
         """Compile one exported bucket to ``path``; returns the file written."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _load(self, path: Path):
         """The callable of one bucket's file."""
-        raise NotImplementedError
 
     def build(
         self,

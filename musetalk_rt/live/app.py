@@ -301,9 +301,8 @@ def run(args) -> int:
         )
     print(
         f"playout delay D = {delay_s * 1000:.0f} ms (look-ahead {lookahead_s * 1000:.0f} ms, "
-        f"whisper call of {per_call} canvas(es) {canvas_s * 1000:.0f} ms, batch of "
-        f"{max(args.batch_sizes)} "
-        f"{compute_s * 1000:.0f} ms"
+        f"whisper call of {per_call} canvas(es) {canvas_s * 1000:.0f} ms, "
+        f"batch of {max(args.batch_sizes)} {compute_s * 1000:.0f} ms"
         + (f", margin {args.delay_margin_ms} ms)" if not args.delay_ms else "; fixed)"),
         flush=True,
     )
