@@ -7,7 +7,10 @@ live process — :class:`~musetalk_rt.live.channel.LiveChannel` (ingest queue, v
 incremental features, the media clock), the shared :class:`BatchedEncoder` — with **no model
 cost**: the whisper engine is a stub returning zeros, there is no GPU worker and no output. What
 is left is Python: threads, queues, the VAD on the CPU, canvas planning, window cutting, under
-one interpreter lock. Each channel is fed a WAV in real time (20 ms chunks, as ``send`` does).
+one interpreter lock. ``--outputs`` adds each channel's real x264/AAC recording (the other
+tenant of the cores and the lock), and every row carries the process's thread wake-up delay
+(:mod:`musetalk_rt.live.wakeprobe`). Each channel is fed a WAV in real time (20 ms chunks, as
+``send`` does).
 ``--ms-per-canvas`` gives the stub a service time (a GPU's, lock released) to find where the
 shared batcher's queue runs away; ``--engine canvas`` puts the live canvas engine back.
 
@@ -55,15 +58,25 @@ class ZeroEncoder:
         return torch.zeros(n, *self.zeros.shape[1:])
 
 
-def _avatar():
-    """The least a channel's clock needs of an avatar: one idle frame."""
-    frame = np.zeros((64, 64, 3), np.uint8)
+def _avatar(size: int = 64):
+    """The least a channel's clock needs of an avatar: one idle frame (a smooth gradient)."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    frame = np.stack(
+        [
+            ramp[None, :] + 0 * ramp[:, None],
+            ramp[:, None] + 0 * ramp[None, :],
+            np.full((size, size), 128, np.float32),
+        ],
+        -1,
+    ).astype(np.uint8)
     return SimpleNamespace(frames=[frame], cycle_frame=lambda n: 0)
 
 
 def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
     from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig
     from musetalk_rt.live.channel import LiveChannel
+    from musetalk_rt.live.output import Output
+    from musetalk_rt.live.wakeprobe import WakeProbe
 
     cfg = StreamingConfig(extra_lookahead_ms=args.lookahead_ms, hop_frames=args.hop)
     if args.engine == "stub":
@@ -78,12 +91,31 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         engine = CanvasEncoder(models.whisper, fe, whisper_dtype(args.dtype))
         device_of = models.whisper
     encoder = BatchedEncoder(device_of, fe, max_batch=16, engine=engine)
+    size = args.output_size
     chans = [
         LiveChannel(
-            f"c{i}", _avatar(), device_of, fe, vad_net, cfg, args.delay_ms / 1000, [], encoder
+            f"c{i}",
+            _avatar(size),
+            device_of,
+            fe,
+            vad_net,
+            cfg,
+            args.delay_ms / 1000,
+            [
+                Output(
+                    str(Path(args.work) / f"c{i}.mp4"),
+                    size,
+                    size,
+                    encoder_threads=args.encoder_threads,
+                )
+            ]
+            if args.outputs
+            else [],
+            encoder,
         )
         for i in range(n)
     ]
+    wake = WakeProbe().start()
     for ch in chans:
         ch.start()
     chunk = 320  # 20 ms
@@ -105,8 +137,11 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         f.join()
     time.sleep(args.delay_ms / 1000 + 0.5)
     for ch in chans:
+        ch.halt()
+    for ch in chans:
         ch.stop()
     encoder.close()
+    wake.stop()
     leads = [ch.stats.window_lead_ms for ch in chans]
     p05 = [sorted(x)[int(0.05 * (len(x) - 1))] for x in leads if x]
     p50 = [statistics.median(x) for x in leads if x]
@@ -124,6 +159,10 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         "late_windows": sum(ch.stats.late_windows for ch in chans),
         "encoder_calls": encoder.calls,
         "canvases": encoder.canvases,
+        "outputs": f"x264 {size}x{size}, {args.encoder_threads or 'default'} threads"
+        if args.outputs
+        else None,
+        "thread_wake_delay_ms": wake.summary(),
         "cpus": len(__import__("os").sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
     }
@@ -149,8 +188,15 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="for --engine canvas")
     ap.add_argument("--dtype", default="fp16", help="serving dtype, for --engine canvas")
     ap.add_argument("--torch-threads", type=int, help="torch.set_num_threads (the VAD's pool)")
+    ap.add_argument(
+        "--outputs", action="store_true", help="one real x264/AAC recording per channel"
+    )
+    ap.add_argument("--output-size", type=int, default=512, help="frame side with --outputs")
+    ap.add_argument("--encoder-threads", type=int, help="x264 threads per output")
+    ap.add_argument("--work", default="/tmp/audio_path_probe", help="recordings go here")
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     from transformers import WhisperFeatureExtractor
 
     from musetalk_rt.audio.vad import load_silero_vad
@@ -170,7 +216,8 @@ def main() -> int:
             f"{n:>3} channels, {args.engine} {args.ms_per_canvas} ms/canvas, switch "
             f"{args.switch_ms} ms: window lead p05 "
             f"{r['window_lead_p05_ms_min']} ms (p50 {r['window_lead_p50_ms_median']}), "
-            f"late windows {r['late_windows']}, encoder calls {r['encoder_calls']}",
+            f"late windows {r['late_windows']}, encoder calls {r['encoder_calls']}, "
+            f"wake-up delay {r['thread_wake_delay_ms']}",
             flush=True,
         )
         write_rows([r], args.out, "audio_path_probe.jsonl")  # each row as soon as it exists

@@ -157,6 +157,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
             default=None,
         ),
         "gpu_batches": summary["gpu_batches"],
+        "thread_wake_delay_ms": summary.get("thread_wake_delay_ms"),
         "gpu_shed_frames": summary.get("gpu_shed_frames"),
         "sender_failures": failed,
         "extra_args": extra,
@@ -195,7 +196,8 @@ def main() -> int:
             f"{n:>3} channels: D {r['delay_ms']} ms, speech {r['speech_frames']}, late "
             f"{r['late_frames']}, voice-to-frame p95 {r['voice_to_frame_p95_ms_max']} ms, "
             f"batches {r['gpu_batches']}, window lead p05 {r['window_lead_p05_ms_min']} ms, "
-            f"late windows {r['late_windows']}",
+            f"late windows {r['late_windows']}, thread wake-up delay "
+            f"{r['thread_wake_delay_ms']}",
             flush=True,
         )
         write_rows([r], args.out, "live_probe.jsonl")  # each row as soon as it exists

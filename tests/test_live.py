@@ -134,8 +134,10 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         "musetalk_output_reconnects_total",
         "musetalk_audio_queue_depth",
         'musetalk_stage_ms_total{stage="unet"}',
+        'musetalk_thread_wake_delay_ms{quantile="0.99"}',
     ):
         assert name in text, name
+    assert summary["thread_wake_delay_ms"]["samples"] > 100
 
 
 def _assert_rtmp_stream(codecs: dict, packets: list) -> None:
@@ -369,6 +371,10 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             ["--avatar", "a", "--record", "r.mp4", "--cpu-threads", "-2"],
             "--cpu-threads -2: must be 1 or more",
         ),
+        "zero switch interval": (
+            ["--avatar", "a", "--record", "r.mp4", "--switch-interval-ms", "0"],
+            "--switch-interval-ms 0.0: choose 0.05 to 100",
+        ),
     }
     for name, (argv, expect) in cases.items():
         code = live_main(argv)
@@ -482,6 +488,37 @@ def test_gpu_worker_skips_frames_whose_window_the_clock_dropped():
     worker._generate([(ch, 5), (ch, 6)])
     assert worker.batches == 0 and not ch.pending and not calls
     worker.stop()
+
+
+def test_wake_probe_sees_a_thread_that_holds_the_interpreter_lock():
+    """A pure-Python thread holding the lock delays every other thread's wake-up by up to the
+    switch interval: the probe reports it (and reports little without it)."""
+    import threading
+
+    from musetalk_rt.live.wakeprobe import WakeProbe
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.02)  # 20 ms: far above any scheduler noise of a loaded host
+    try:
+        probe = WakeProbe(period_s=0.005).start()
+        stop = threading.Event()
+
+        def hog():
+            while not stop.is_set():
+                sum(range(1000))  # pure Python: releases the lock only when asked
+
+        t = threading.Thread(target=hog, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        stop.set()
+        t.join()
+        probe.stop()
+    finally:
+        sys.setswitchinterval(old)
+    s = probe.summary()
+    assert s["samples"] > 10 and s["p50_ms"] >= 5.0, s  # waited for the hog's interval
+    assert set(s) == {"p50_ms", "p99_ms", "max_ms", "samples"}
+    assert WakeProbe().summary() == {"p50_ms": None, "p99_ms": None, "max_ms": None, "samples": 0}
 
 
 def test_channel_stats_report_the_window_lead_percentile():

@@ -210,6 +210,7 @@ def run(args) -> int:
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
     from musetalk_rt.live.metrics import metrics_text
     from musetalk_rt.live.output import Output
+    from musetalk_rt.live.wakeprobe import WakeProbe
     from musetalk_rt.live.worker import GpuWorker
     from musetalk_rt.pipeline import FaceGenerator
     from musetalk_rt.weights import load_models
@@ -227,6 +228,10 @@ def run(args) -> int:
     ):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be 1 or more")
+    if args.switch_interval_ms is not None and not 0.05 <= args.switch_interval_ms <= 100:
+        raise UserError(
+            f"--switch-interval-ms {args.switch_interval_ms}: choose 0.05 to 100 (Python's is 5)"
+        )
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
         _targets(args.rtmp, name, several), _targets(args.record, name, several)
@@ -252,6 +257,8 @@ def run(args) -> int:
             raise UserError(f"cannot load the TLS certificate {args.cert}: {exc}") from None
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     avatars = {name: load_avatar(av, args.avatars_dir) for name, av in chans.items()}
     frame_log = FrameLog(args.frame_log) if args.frame_log else None
     models = load_models(args.weights, args.models_dir, _device(args.device))
@@ -350,9 +357,10 @@ def run(args) -> int:
     server = IngestServer(
         sinks,
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
-        metrics=lambda: metrics_text(channels, worker, speech_sinks),
+        metrics=lambda: metrics_text(channels, worker, speech_sinks, wake),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
+    wake = WakeProbe().start()
     sampler = None
     if args.profile:
         from musetalk_rt.live.sampler import StackSampler
@@ -366,6 +374,7 @@ def run(args) -> int:
     try:
         asyncio.run(_serve(server, channels, worker, args.duration_s))
     finally:
+        wake.stop()
         if sampler is not None:
             sampler.stop()
             sampler.write(args.profile)
@@ -383,6 +392,7 @@ def run(args) -> int:
         "live": [ch.stats_dict() for ch in channels],
         "delay_ms": round(delay_s * 1000),
         "gpu_batches": worker.batches,
+        "thread_wake_delay_ms": wake.summary(),
     }
     if speech_sinks:
         result["speech"] = [{"channel": sp.channel.name, **sp.stats_dict()} for sp in speech_sinks]
@@ -452,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch's CPU thread pool (default: torch's, one per core; on a GPU host only the "
         "voice activity runs there, entered by every channel's thread at once)",
+    )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="how long a Python thread may hold the interpreter lock while another waits "
+        "(default: Python's, 5 ms; /metrics' thread_wake_delay_ms shows what waiting costs)",
     )
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")

@@ -7,8 +7,11 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def metrics_text(channels: list, worker, speech: list | tuple = ()) -> str:
-    """Counters and gauges of every channel, output, the GPU worker and the Groq speech path."""
+def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -> str:
+    """Counters and gauges of every channel, output, the GPU worker and the Groq speech path.
+
+    ``wake``: the process's :class:`~.wakeprobe.WakeProbe` (thread wake-up delay), if any.
+    """
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
@@ -97,6 +100,15 @@ def metrics_text(channels: list, worker, speech: list | tuple = ()) -> str:
         "time per stage in the GPU worker",
         [({"stage": k}, round(v, 1)) for k, v in worker.clock.totals_ms().items()],
     )
+    if wake is not None:
+        w = wake.summary()
+        metric(
+            "thread_wake_delay_ms",
+            "gauge",
+            "how much later than asked a sleeping Python thread runs again (interpreter lock "
+            "and core contention; every thread pays it after each GPU wait or queue)",
+            [({"quantile": "0.5"}, w["p50_ms"] or 0), ({"quantile": "0.99"}, w["p99_ms"] or 0)],
+        )
     sp = [(x, x.stats_dict()) for x in speech]
     for key, text in (
         ("utterances", "utterances cut from the input"),
