@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--layouts", default="so,blob", help="weights layouts to try")
+    ap.add_argument("--label", default="", help="a tag for the rows (e.g. the compiler flags)")
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -65,16 +68,15 @@ def main() -> int:
     with torch.inference_mode():
         ep = torch.export.export(m, (x,), strict=False)
     rows = []
-    for layout, configs in (
-        ("so", {}),
-        (
-            "blob",
-            {
-                "aot_inductor.package_constants_in_so": False,
-                "aot_inductor.package_constants_on_disk_format": "binary_blob",
-            },
-        ),
-    ):
+    layouts = {
+        "so": {},
+        "blob": {
+            "aot_inductor.package_constants_in_so": False,
+            "aot_inductor.package_constants_on_disk_format": "binary_blob",
+        },
+    }
+    for layout in args.layouts.split(","):
+        configs = layouts[layout]
         t = time.perf_counter()
         pkg = torch._inductor.aoti_compile_and_package(
             ep, package_path=str(work / f"{layout}.pt2"), inductor_configs=configs
@@ -92,6 +94,8 @@ def main() -> int:
                 "check": "aoti_load",
                 "module": "two-conv net",
                 "weights_layout": layout,
+                "label": args.label,
+                "cxx": os.environ.get("CXX", "g++"),
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 "dtype": args.dtype,
                 "torch": torch.__version__,
