@@ -75,6 +75,7 @@ def _avatar(size: int = 64):
 def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
     from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig
     from musetalk_rt.live.channel import LiveChannel
+    from musetalk_rt.live.outproc import ProcessOutput
     from musetalk_rt.live.output import Output
     from musetalk_rt.live.wakeprobe import WakeProbe
 
@@ -102,7 +103,7 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
             cfg,
             args.delay_ms / 1000,
             [
-                Output(
+                (ProcessOutput if args.output_mode == "process" else Output)(
                     str(Path(args.work) / f"c{i}.mp4"),
                     size,
                     size,
@@ -159,7 +160,8 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         "late_windows": sum(ch.stats.late_windows for ch in chans),
         "encoder_calls": encoder.calls,
         "canvases": encoder.canvases,
-        "outputs": f"x264 {size}x{size}, {args.encoder_threads or 'default'} threads"
+        "outputs": f"x264 {size}x{size}, {args.encoder_threads or 'default'} threads, "
+        f"{args.output_mode}"
         if args.outputs
         else None,
         "thread_wake_delay_ms": wake.summary(),
@@ -193,6 +195,12 @@ def main() -> int:
     )
     ap.add_argument("--output-size", type=int, default=512, help="frame side with --outputs")
     ap.add_argument("--encoder-threads", type=int, help="x264 threads per output")
+    ap.add_argument(
+        "--output-mode",
+        choices=("process", "thread"),
+        default="process",
+        help="each output in its own process (the live default) or a thread here",
+    )
     ap.add_argument("--work", default="/tmp/audio_path_probe", help="recordings go here")
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()

@@ -32,8 +32,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from musetalk_rt.errors import UserError
 
-WHISPER_SAMPLE_RATE = 16000
-DEFAULT_FPS = 25.0
+SAMPLE_RATE = 16_000  # whisper's input rate: the audio timeline of the whole package
+FPS = 25  # MuseTalk's frame rate: 640 samples of audio per video frame
+WHISPER_SAMPLE_RATE = SAMPLE_RATE
+DEFAULT_FPS = float(FPS)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 # Sample rates the AAC encoder accepts; clips at other rates are resampled to 48 kHz on write.

@@ -165,6 +165,44 @@ def test_engines_build_aoti_round_trip_through_the_cache(tmp_path, capsys, monke
     assert all("1 loaded from the engine cache, 0 built" in r.reason for r in reports)
 
 
+def _static_cxx(tmp_path: Path) -> str:
+    """A compiler that links its own static copy of libstdc++ into shared objects."""
+    import shutil
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("needs g++ (apt-get install g++; .ci/run installs it)")
+    wrapper = tmp_path / "g++-static"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} "$@" -static-libstdc++ -static-libgcc\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_static_libstdcxx_package_crashes_next_to_torch_and_is_never_built(tmp_path):
+    """Why aoti picks its compiler: a shared object with its own static libstdc++ dies in
+    std::regex (AOTInductor's device-string parser) once torch is loaded — an H200 host's $CXX
+    did that to every package. The probe tells such a compiler apart; pick_cxx skips it and
+    names the fix when nothing else is there."""
+    import subprocess
+    import sys
+
+    static = _static_cxx(tmp_path)
+    so = tmp_path / "probe.so"
+    src = tmp_path / "probe.cpp"
+    src.write_text(aoti._CXX_PROBE)
+    subprocess.run([static, "-shared", "-fPIC", "-std=c++17", str(src), "-o", str(so)], check=True)
+    load = f"import ctypes, torch; print(ctypes.CDLL({str(so)!r}).probe(b'cuda:0'))"
+    crashed = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    assert crashed.returncode != 0  # abort (bad_cast) or segfault, depending on the host
+
+    assert aoti.links_libstdcxx_dynamically(static) is False
+    assert aoti.links_libstdcxx_dynamically("g++") is True
+    cxx, note = aoti.pick_cxx([static, "g++"])
+    assert cxx.endswith("g++") and "statically: skipped" in note
+    with pytest.raises(UserError, match="apt-get install g\\+\\+.*--engine compile"):
+        aoti.pick_cxx([static, str(tmp_path / "no-such-compiler")])
+
+
 @pytest.mark.trt
 @pytest.mark.gpu
 @needs_trt

@@ -546,3 +546,66 @@ def test_writer_with_few_encoder_threads_makes_a_playable_file(tmp_path):
         frames = sum(1 for _ in c.decode(v))
         assert v.codec_context.name == "h264" and c.streams.audio[0].codec_context.name == "aac"
     assert frames == 25
+
+
+def _offer_frames(out, n: int, w: int, h: int, start: int = 0) -> None:
+    """Frames whose mean level encodes their index, with a 440 Hz tone, at 25 fps pace."""
+    t0 = time.monotonic()
+    for i in range(start, start + n):
+        frame = np.full((h, w, 3), (i * 7) % 200 + 20, np.uint8)
+        tone = 0.3 * np.sin(2 * np.pi * 440 * (np.arange(640) + 640 * i) / 16000)
+        out.offer(frame, tone.astype(np.float32), {"frame": i})
+        wait = t0 + (i - start + 1) / 25 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+
+def test_process_output_records_every_frame_and_its_audio_in_order(tmp_path):
+    """An output in its own process: every frame offered reaches the file, in order, with
+    its audio; the frame log records come back to the parent; close() finalises the file."""
+    from musetalk_rt.live.framelog import FrameLog
+    from musetalk_rt.live.outproc import ProcessOutput
+
+    rec, flog = tmp_path / "p.mp4", tmp_path / "frames.jsonl"
+    fl = FrameLog(flog)
+    out = ProcessOutput(str(rec), 64, 48, frame_log=fl, encoder_threads=1)
+    _offer_frames(out, 50, 64, 48)
+    out.offer(np.zeros((10, 10, 3), np.uint8), np.zeros(640, np.float32))  # wrong size
+    out.close()
+    fl.close()
+    s = out.stats
+    assert s["written"] == 50 and s["errors"] == 1 and s["dropped_full"] == 0, s
+    assert out.depth() == 0 and not out.up
+    with av.open(str(rec)) as c:
+        levels = [float(f.to_ndarray(format="rgb24").mean()) for f in c.decode(video=0)]
+    with av.open(str(rec)) as c:
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert len(levels) == 50
+    assert np.allclose(levels, [(i * 7) % 200 + 20 for i in range(50)], atol=2.0)
+    assert abs(len(pcm) / 16000 - 2.0) <= 0.04 + 1024 / 16000 and np.abs(pcm).max() > 0.2
+    records = [json.loads(ln) for ln in flog.read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(50)) and all("written" in r for r in records)
+
+
+def test_process_output_survives_its_encoder_process_dying(tmp_path):
+    """The child is killed mid-stream: frames are dropped and counted while it is down, a new
+    one starts after the backoff, and the stream goes on (the show does not stop)."""
+    from musetalk_rt.live.outproc import ProcessOutput
+
+    rec = tmp_path / "k.mkv"
+    out = ProcessOutput(str(rec), 64, 48, encoder_threads=1)
+    _offer_frames(out, 25, 64, 48)
+    first = out._proc
+    first.kill()
+    first.wait(5)
+    _offer_frames(out, 75, 64, 48, start=25)
+    out.close()
+    s = out.stats
+    assert out._proc is not first and s["reconnects"] >= 1 and s["errors"] >= 1, s
+    assert s["dropped_down"] >= 1 and s["written"] > 25, s  # the new child wrote frames
+    assert s["written"] + s["dropped_down"] + s["dropped_full"] <= 100
+    # the first recording is not overwritten (killed, it holds what was flushed); the new
+    # child's recording goes beside it
+    assert rec.exists()
+    with av.open(str(tmp_path / "k.part2.mkv")) as c:
+        assert sum(1 for _ in c.decode(video=0)) > 25

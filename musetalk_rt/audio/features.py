@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from musetalk_rt.media import FPS, SAMPLE_RATE
 from musetalk_rt.modeling import PositionalEncoding
 
-SAMPLE_RATE = 16_000
-FPS = 25
 STEPS_PER_SECOND = 50
 SEGMENT_S = 30
 PAD_LEFT_STEPS = 4

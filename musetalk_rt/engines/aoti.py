@@ -28,7 +28,10 @@ On CUDA each loaded package's call is captured in one ``torch.cuda.CUDAGraph`` p
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 import weakref
@@ -82,6 +85,63 @@ def prepare_module(module: nn.Module, dtype: torch.dtype, device: torch.device) 
     return export_friendly(m)
 
 
+_CXX_PROBE = """#include <regex>
+#include <string>
+extern "C" int probe(const char* s) {
+  std::regex re("(cpu|cuda)(:([0-9]+))?");
+  return std::regex_match(std::string(s), re) ? 1 : 0;
+}
+"""
+
+
+@functools.lru_cache(maxsize=8)
+def links_libstdcxx_dynamically(cxx: str) -> bool | None:
+    """Does ``cxx -shared`` link the C++ runtime as a shared library (``libstdc++.so``)?
+
+    A package's shared object built with its own static copy of libstdc++ crashes when loaded
+    into a process that already has the shared one (torch): ``std::regex`` in the package's
+    device-string parser dies on the other copy's locale (seen on an H200 host whose ``$CXX``
+    did so; experiments/LOG.md). None when the probe cannot be compiled or inspected.
+    """
+    with tempfile.TemporaryDirectory(prefix="musetalk-cxx-") as tmp:
+        src, so = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        src.write_text(_CXX_PROBE)
+        try:
+            subprocess.run(
+                [cxx, "-shared", "-fPIC", "-std=c++17", str(src), "-o", str(so)],
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
+            deps = subprocess.run(["ldd", str(so)], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "libstdc++" in deps.stdout
+
+
+def pick_cxx(candidates: Sequence[str | None]) -> tuple[str, str]:
+    """The first compiler of ``candidates`` that links libstdc++ dynamically, and a note.
+
+    Raises:
+        UserError: None of them does (or none exists).
+    """
+    seen: list[str] = []
+    for c in candidates:
+        path = shutil.which(c) if c else None
+        if not path or path in seen:
+            continue
+        seen.append(path)
+        if links_libstdcxx_dynamically(path):
+            note = "" if len(seen) == 1 else f" ({seen[0]} links libstdc++ statically: skipped)"
+            return path, f"C++ compiler {path}{note}"
+    raise UserError(
+        "no C++ compiler here links libstdc++ as a shared library (tried "
+        f"{', '.join(seen) or 'none found'}); an AOTInductor package built with a static copy "
+        "crashes when loaded next to torch. Install g++ (apt-get install g++) or set CXX to one "
+        "that does, or use --engine compile"
+    )
+
+
 # where an aoti package keeps the weights: "blob" = one binary file beside the compiled
 # shared object (inside the .pt2), "so" = inside the shared object (the API's default)
 AOTI_WEIGHTS = ("blob", "so")
@@ -101,6 +161,7 @@ class ExportedEngine(Engine):
     """
 
     prebuilt = True
+    compiler_note = ""  # how the files were compiled, for the report (set by _compile)
     suffix = ""  # file suffix of one bucket's file in the engine cache
     what = ""  # what the files are, for the report
 
@@ -168,6 +229,7 @@ class ExportedEngine(Engine):
         report.reason = (
             f"{self.what} ({loaded} loaded from the engine cache, {len(built)} built)"
             + (", CUDA graphs (manual capture)" if graphs else "")
+            + (f"; {self.compiler_note}" if built and self.compiler_note else "")
         )
         runner = Runner(fns, dtype, report, artifacts=built)
         weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
@@ -208,7 +270,9 @@ class AotiEngine(ExportedEngine):
         return None
 
     def _compile(self, program, inputs, path: Path) -> Path:
-        configs = {}
+        cxx, note = pick_cxx((os.environ.get("CXX"), "g++", "c++", "clang++"))
+        self.compiler_note = note
+        configs = {"cpp.cxx": (None, cxx)}
         if self.weights == "blob":  # weights beside the shared object, inside the package
             configs = {
                 "aot_inductor.package_constants_in_so": False,

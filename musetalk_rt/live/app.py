@@ -209,6 +209,7 @@ def run(args) -> int:
     from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
     from musetalk_rt.live.metrics import metrics_text
+    from musetalk_rt.live.outproc import ProcessOutput
     from musetalk_rt.live.output import Output
     from musetalk_rt.live.wakeprobe import WakeProbe
     from musetalk_rt.live.worker import GpuWorker
@@ -320,8 +321,9 @@ def run(args) -> int:
     channels = []
     for name, a in avatars.items():
         w, h = a.size
+        output_cls = ProcessOutput if args.output_mode == "process" else Output
         outs = [
-            Output(t, w, h, frame_log=frame_log, encoder_threads=args.encoder_threads)
+            output_cls(t, w, h, frame_log=frame_log, encoder_threads=args.encoder_threads)
             for t in (_targets(args.rtmp, name, several), _targets(args.record, name, several))
             if t
         ]
@@ -456,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="x264 threads per output (default: x264's own, 1.5 per core; with many channels "
         "the outputs together oversubscribe the host)",
+    )
+    p.add_argument(
+        "--output-mode",
+        choices=("process", "thread"),
+        default="process",
+        help="where each output's encoder runs: its own process (default; keeps x264 and the "
+        "muxer off the live process's interpreter lock) or a thread of the live process",
     )
     p.add_argument(
         "--cpu-threads",

@@ -80,8 +80,8 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
     metric(
         "output_queue_depth",
         "gauge",
-        "frames waiting for the output thread",
-        [({"channel": ch.name, "output": o.label}, o.q.qsize()) for ch, o in outs],
+        "frames waiting for the output's encoder",
+        [({"channel": ch.name, "output": o.label}, o.depth()) for ch, o in outs],
     )
     metric("gpu_batches_total", "counter", "GPU worker batches", [({}, worker.batches)])
     metric(

@@ -24,7 +24,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from musetalk_rt.audio.features import FPS, SAMPLE_RATE
+from musetalk_rt.media import FPS, SAMPLE_RATE  # (not audio.features: no torch in children)
 
 log = logging.getLogger("musetalk_rt.output")
 AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video frame
@@ -168,6 +168,10 @@ class Output:
     def _redact(self, exc: Exception) -> str:
         """An error's text with the target's stream key hidden (FFmpeg quotes the URL)."""
         return str(exc).replace(self.target, self.label)
+
+    def depth(self) -> int:
+        """Frames waiting for the output thread."""
+        return self.q.qsize()
 
     def offer(self, frame: np.ndarray, audio_16k: np.ndarray, meta: dict | None = None) -> None:
         """Queue a frame (never blocks); ``meta`` goes to the frame log once it is written."""
