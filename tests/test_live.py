@@ -554,7 +554,8 @@ def _offer_frames(out, n: int, w: int, h: int, start: int = 0) -> None:
     for i in range(start, start + n):
         frame = np.full((h, w, 3), (i * 7) % 200 + 20, np.uint8)
         tone = 0.3 * np.sin(2 * np.pi * 440 * (np.arange(640) + 640 * i) / 16000)
-        out.offer(frame, tone.astype(np.float32), {"frame": i})
+        # NumPy scalars in the metadata, as the VAD may give them
+        out.offer(frame, tone.astype(np.float32), {"frame": i, "speech": np.bool_(i % 2)})
         wait = t0 + (i - start + 1) / 25 - time.monotonic()
         if wait > 0:
             time.sleep(wait)
@@ -569,6 +570,7 @@ def test_process_output_records_every_frame_and_its_audio_in_order(tmp_path):
     rec, flog = tmp_path / "p.mp4", tmp_path / "frames.jsonl"
     fl = FrameLog(flog)
     out = ProcessOutput(str(rec), 64, 48, frame_log=fl, encoder_threads=1)
+    assert out.wait_ready(30.0)
     _offer_frames(out, 50, 64, 48)
     out.offer(np.zeros((10, 10, 3), np.uint8), np.zeros(640, np.float32))  # wrong size
     out.close()
@@ -585,6 +587,7 @@ def test_process_output_records_every_frame_and_its_audio_in_order(tmp_path):
     assert abs(len(pcm) / 16000 - 2.0) <= 0.04 + 1024 / 16000 and np.abs(pcm).max() > 0.2
     records = [json.loads(ln) for ln in flog.read_text().splitlines()]
     assert [r["frame"] for r in records] == list(range(50)) and all("written" in r for r in records)
+    assert [r["speech"] for r in records[:3]] == [False, True, False]
 
 
 def test_process_output_survives_its_encoder_process_dying(tmp_path):
@@ -594,6 +597,7 @@ def test_process_output_survives_its_encoder_process_dying(tmp_path):
 
     rec = tmp_path / "k.mkv"
     out = ProcessOutput(str(rec), 64, 48, encoder_threads=1)
+    assert out.wait_ready(30.0)
     _offer_frames(out, 25, 64, 48)
     first = out._proc
     first.kill()

@@ -341,6 +341,9 @@ def run(args) -> int:
                 frame_log,
             )
         )
+    for o in (o for ch in channels for o in ch.outputs):  # started together, awaited together
+        if not o.wait_ready(30.0):
+            print(f"warning: output {o.label} is not ready after 30 s; starting anyway", flush=True)
     worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s))
     sinks = {ch.name: ch for ch in channels}
     speech_sinks = []

@@ -17,11 +17,13 @@ that drops the oldest frame), fed from a ring of ``slots`` frame buffers in shar
 Messages are length-prefixed JSON over its stdin and stdout (no pickles): parent to child
 ``{"slot", "n", "meta"}`` and ``{"close"}``; child to parent ``{"free": slot}`` once a slot is
 copied out, ``{"stats", "up", "depth"}`` every 0.25 s and at the end, ``{"log": record}`` for
-the frame log. Overflow policy here: when no slot is free (the child is ``slots`` frames
-behind) the **new** frame is dropped and counted as ``dropped_full``. If the child dies, the
-output is down (frames dropped and counted as ``dropped_down``) and a new child is started
-after a backoff (0.5 s doubling to 8 s), counted as a reconnect; a recording then continues in
-``NAME.partN.EXT`` beside the first file, which is never overwritten.
+the frame log and ``{"ready"}`` once it can take frames.
+
+Overflow policy: when no slot is free (the child is ``slots`` frames behind) the **new** frame
+is dropped and counted as ``dropped_full``. If the child dies, the output is down (frames
+dropped and counted as ``dropped_down``) and a new child is started after a backoff (0.5 s
+doubling to 8 s), counted as a reconnect; a recording then continues in ``NAME.partN.EXT``
+beside the first file, which is never overwritten.
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ def _slot_views(buf, slots: int, width: int, height: int):
     return views
 
 
+def _plain(value):
+    """JSON for what ``json`` does not know (NumPy scalars in frame metadata)."""
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
 def _send(stream, lock: threading.Lock, msg: dict) -> None:
     """One message: 4-byte big-endian length + JSON."""
-    data = json.dumps(msg).encode()
+    data = json.dumps(msg, default=_plain).encode()
     with lock:
         stream.write(struct.pack(">I", len(data)) + data)
         stream.flush()
@@ -122,6 +129,7 @@ def _child_main(argv: list[str]) -> int:
         frame_log=_PipeFrameLog(send) if cfg["frame_log"] else None,
         encoder_threads=cfg["encoder_threads"],
     )
+    send({"ready": True})
     done = threading.Event()
 
     def report() -> None:
@@ -212,6 +220,7 @@ class ProcessOutput:
             stdout=subprocess.PIPE,
         )
         self._proc, self._conn = proc, proc.stdin
+        self._ready = threading.Event()
         self._free = deque(range(self.slots))
         self._child_stats = dict.fromkeys(_STAT_KEYS, 0)
         self._rx = threading.Thread(
@@ -228,7 +237,9 @@ class ProcessOutput:
                 msg = None
             if msg is None:
                 break
-            if "free" in msg:
+            if "ready" in msg:
+                self._ready.set()
+            elif "free" in msg:
                 with self._lock:
                     if self._proc is proc:  # (a slot of a dead child's ring is free already)
                         self._free.append(msg["free"])
@@ -264,6 +275,14 @@ class ProcessOutput:
             s[k] += self._own[k]
         s["reconnects"] += self._own["restarts"]
         return s
+
+    def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the child can take frames (it imports the encoder first: ~0.5 s).
+
+        Until then only ``slots`` frames fit; the live process waits for all its outputs before
+        its clocks start, so the first frames of a recording are not dropped.
+        """
+        return self._ready.wait(timeout_s)
 
     def depth(self) -> int:
         """Frames waiting: in the ring plus in the child's queue."""
@@ -305,7 +324,7 @@ class ProcessOutput:
                 _send(conn, self._send_lock, {"close": True})
                 conn.close()
         try:
-            self._proc.wait(timeout_s)
+            self._proc.wait(timeout_s + 5.0)  # the child's own close waits up to timeout_s
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(2.0)

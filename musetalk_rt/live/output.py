@@ -169,6 +169,10 @@ class Output:
         """An error's text with the target's stream key hidden (FFmpeg quotes the URL)."""
         return str(exc).replace(self.target, self.label)
 
+    def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Ready at once (the thread opens the target with the first frame)."""
+        return True
+
     def depth(self) -> int:
         """Frames waiting for the output thread."""
         return self.q.qsize()
