@@ -125,6 +125,8 @@ def _engine_options(args) -> dict:
         opts["graph_capture"] = args.compile_graph_capture
     if getattr(args, "aoti_weights", None):
         opts["weights"] = args.aoti_weights
+    if getattr(args, "aoti_max_autotune", False):
+        opts["max_autotune"] = True
     return opts
 
 
@@ -147,6 +149,12 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         choices=["blob", "so"],
         help="aoti only: where a package keeps the weights — blob: one file beside a small "
         "shared object (default), so: inside the shared object",
+    )
+    g.add_argument(
+        "--aoti-max-autotune",
+        action="store_true",
+        help="aoti only: let inductor time Triton templates against cuDNN/cuBLAS for every "
+        "convolution and matmul while building (many minutes per bucket, paid once)",
     )
     g.add_argument(
         "--no-channels-last", action="store_true", help="keep the contiguous memory format on CUDA"
@@ -448,6 +456,7 @@ def cmd_engines(args) -> int:
         args.batch_sizes,
         engine_options=_engine_options(args),
         cache_root=args.models_dir,
+        stages=tuple(args.stages.split(",")),
     )
     for stage in res.cache:
         where = res.stored.get(stage) or ("already cached" if res.cache[stage] == "hit" else "-")
@@ -689,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pb.add_argument(
         "--batch-sizes", type=_csv_ints, default=[4], help="comma-separated buckets (default: 4)"
+    )
+    pb.add_argument(
+        "--stages",
+        default="unet,vae_decode",
+        help="stages to build (default: unet,vae_decode); a stage left out runs as the fp32 "
+        "reference in the gate, so slow builds can run one stage per process",
     )
     _add_compile_options(pb)
     _add_common(pb)

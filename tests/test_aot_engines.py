@@ -80,6 +80,41 @@ def test_cache_keys_differ_per_engine(tiny_models):
     assert get_engine("aoti").cache_options() != get_engine("aoti", weights="so").cache_options()
     with pytest.raises(UserError, match="choose one of blob, so"):
         get_engine("aoti", weights="pickle")
+    # max-autotune builds other kernels: its own key; the default key is unchanged by the option
+    tuned = get_engine("aoti", max_autotune=True).cache_options()
+    assert (
+        tuned["max_autotune"] is True and "max_autotune" not in get_engine("aoti").cache_options()
+    )
+
+
+def test_aoti_compiles_with_the_picked_compiler_and_max_autotune(tmp_path, monkeypatch):
+    """What reaches AOTInductor: the checked C++ compiler always, max-autotune when asked."""
+    seen = {}
+
+    def fake_compile_and_package(program, package_path, inductor_configs):
+        seen.update(inductor_configs)
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile_and_package)
+    eng = get_engine("aoti", max_autotune=True)
+    eng._compile(None, (), tmp_path / "b1.pt2")
+    assert seen["max_autotune"] is True and seen["cpp.cxx"][1].endswith("++")
+    assert seen["aot_inductor.package_constants_in_so"] is False  # the blob layout
+    assert eng.compiler_note.startswith("C++ compiler ")
+    seen.clear()
+    get_engine("aoti")._compile(None, (), tmp_path / "b1.pt2")
+    assert "max_autotune" not in seen
+
+
+def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models):
+    """``--stages unet`` builds and gates the UNet alone (the VAE runs as the fp32 reference),
+    so two slow builds can run in two processes; an unknown stage is one clear error."""
+    from musetalk_rt.engines.build import build_engines
+
+    res = build_engines(tiny_models, "eager", "fp32", [2], stages=("unet",), log=lambda _: None)
+    assert set(res.cache) == {"unet"} and res.passed and res.quality[2]["psnr_db"] > 40
+    with pytest.raises(UserError, match="choose from unet, vae_decode"):
+        build_engines(tiny_models, "eager", "fp32", [2], stages=("vae",), log=lambda _: None)
 
 
 def test_selection_messages_and_fallbacks():

@@ -242,6 +242,8 @@ class AotiEngine(ExportedEngine):
 
     Args:
         cuda_graphs: Capture each loaded package's call in a ``torch.cuda.CUDAGraph`` (CUDA).
+        weights: Where a package keeps the weights (``blob`` or ``so``; see the module).
+        max_autotune: Inductor's max-autotune while compiling (slow builds, paid once).
     """
 
     name = "aoti"
@@ -249,14 +251,18 @@ class AotiEngine(ExportedEngine):
     suffix = ".pt2"
     what = "AOTInductor packages"
 
-    def __init__(self, cuda_graphs: bool = True, weights: str = "blob"):
+    def __init__(self, cuda_graphs: bool = True, weights: str = "blob", max_autotune: bool = False):
         super().__init__(cuda_graphs)
         if weights not in AOTI_WEIGHTS:
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
         self.weights = weights
+        self.max_autotune = max_autotune
 
     def cache_options(self) -> dict:
-        return {"cuda_graphs": self.cuda_graphs, "weights": self.weights}
+        opts = {"cuda_graphs": self.cuda_graphs, "weights": self.weights}
+        if self.max_autotune:  # (absent when off: keys of engines built before stay valid)
+            opts["max_autotune"] = True
+        return opts
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "cpu" and dtype == torch.float16:
@@ -273,11 +279,11 @@ class AotiEngine(ExportedEngine):
         cxx, note = pick_cxx((os.environ.get("CXX"), "g++", "c++", "clang++"))
         self.compiler_note = note
         configs = {"cpp.cxx": (None, cxx)}
+        if self.max_autotune:  # Triton templates timed against the library kernels, per op
+            configs["max_autotune"] = True
         if self.weights == "blob":  # weights beside the shared object, inside the package
-            configs = {
-                "aot_inductor.package_constants_in_so": False,
-                "aot_inductor.package_constants_on_disk_format": "binary_blob",
-            }
+            configs["aot_inductor.package_constants_in_so"] = False
+            configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
         return Path(
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(path), inductor_configs=configs

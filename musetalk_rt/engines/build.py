@@ -20,6 +20,8 @@ from musetalk_rt.engines.parity import check_parity
 from musetalk_rt.errors import UserError
 from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 
+STAGES = ("unet", "vae_decode")
+
 
 @dataclass
 class BuildResult:
@@ -47,29 +49,41 @@ def build_engines(
     engine_options: dict | None = None,
     cache_root: Path | None = None,
     log: Callable[[str], None] = print,
+    stages: tuple[str, ...] = STAGES,
 ) -> BuildResult:
-    """Build, gate and cache both model stages (see the module docstring)."""
+    """Build, gate and cache the model stages (see the module docstring).
+
+    ``stages``: which to build (default both). A stage left out runs as the fp32 reference in
+    the gate, so one stage can be built (and gated) alone — e.g. the UNet and the VAE decoder
+    in two processes at once, when each build takes minutes.
+    """
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("--batch-sizes needs positive integers")
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise UserError(f"--stages {','.join(stages)}: choose from {', '.join(STAGES)}")
     device = models.device
     torch_dtype = parse_dtype(dtype)
     eng, reason = select_engine(engine, device, torch_dtype, **(engine_options or {}))
     log(f"engine {engine}/{dtype}: {reason}")
     t0 = time.perf_counter()
-    stages = {
-        "unet": UNetStage(models.unet, eng, torch_dtype, device),
-        "vae_decode": VaeDecodeStage(models.vae, eng, torch_dtype, device),
+    makers = {"unet": (UNetStage, models.unet), "vae_decode": (VaeDecodeStage, models.vae)}
+    built = {
+        name: makers[name][0](makers[name][1], eng, torch_dtype, device)
+        for name in STAGES
+        if name in stages
     }
     reports = {
         name: st.prepare(batch_sizes, cache_root=cache_root, weights_fingerprint=models.fingerprint)
-        for name, st in stages.items()
+        for name, st in built.items()
     }
     first_frame_s = 0.0
     ref_unet, ref_vae = reference_stages(models, batch_sizes)
+    cand = {"unet": ref_unet, "vae_decode": ref_vae, **built}  # left out: the reference
     quality = {}
     for b in sorted(set(batch_sizes)):
         q = check_parity(
-            ref_unet.run, ref_vae.run, stages["unet"].run, stages["vae_decode"].run, b, device
+            ref_unet.run, ref_vae.run, cand["unet"].run, cand["vae_decode"].run, b, device
         )
         if not first_frame_s:
             if device.type == "cuda":
@@ -94,7 +108,7 @@ def build_engines(
     if not result.passed:
         log("quality gate failed: nothing stored in the engine cache")
         return result
-    for name, st in stages.items():
+    for name, st in built.items():
         if reports[name].cache == "hit":
             result.stored[name] = None
             continue

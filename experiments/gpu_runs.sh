@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The open GPU runs of the live (many channels) and engines (aoti, the bench rows) work, in
+# stages that each fit one 10-minute device call. Rows go to $OUT/res, logs to $OUT/logs.tgz.
+#
+#   experiments/gpu_runs.sh channels   # audio path with outputs in processes (16 channels),
+#                                      # then the 5-minute live probe at 16 channels
+#   experiments/gpu_runs.sh aoti       # the C++ compiler check, aoti builds of B4 (UNet and VAE
+#                                      # in two processes), a fresh-process load + bench + the
+#                                      # warm engines build (first frame from the cache)
+#   experiments/gpu_runs.sh aoti-all   # aoti builds of B1/8/16/32 (one process per stage and
+#                                      # bucket, at once), then bench per bucket
+#   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
+#
+# Environment: WAV (default .carry/eng.wav; 60 s of speech), PY (default python3), OUT (default
+# out/gpu_runs), MUSETALK_RT_GIT_SHA for rows from a copy without .git.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-out/gpu_runs}
+WAV=${WAV:-.carry/eng.wav}
+R=$OUT/res
+L=/tmp/gpu_runs_logs
+mkdir -p "$R" "$L"
+SYN=(--weights synthetic --device cuda --models-dir models)
+pack() { tar czf "$OUT/logs.tgz" -C "$(dirname $L)" "$(basename $L)"; }
+trap pack EXIT
+
+case "${1:-}" in
+channels)
+  timeout 90 "$PY" experiments/audio_path_probe.py --engine canvas --weights synthetic \
+    --device cuda --wav "$WAV" --seconds 20 --channels 16 --outputs --out "$R" \
+    > "$L/audio_path.txt" 2>&1
+  grep -h "channels," "$L/audio_path.txt"
+  timeout $((590 - SECONDS)) "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
+    --repeat 5 --channels 16 --weights synthetic --engine compile --dtype fp16 \
+    --batch-sizes 16 --work /tmp/lp --out "$R" --start-timeout-s 200 --compile-freezing \
+    > "$L/live_probe.txt" 2>&1
+  tail -3 "$L/live_probe.txt"
+  cp /tmp/lp/live_n*.log "$L/" 2>/dev/null
+  ;;
+aoti)
+  { echo "CXX=${CXX:-}"; which -a g++ c++ 2>/dev/null
+    "$PY" -c "import torch._inductor.cpp_builder as c; print('inductor default:', c.get_cpp_compiler())"
+    "$PY" -c "from musetalk_rt.engines.aoti import pick_cxx; import os; print(pick_cxx((os.environ.get('CXX'), 'g++', 'c++', 'clang++')))"
+  } > "$L/compiler.txt" 2>&1
+  cat "$L/compiler.txt"
+  for st in unet vae_decode; do
+    timeout 400 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+      --batch-sizes 4 --stages "$st" "${SYN[@]}" > "$L/build_b4_$st.txt" 2>&1 &
+  done
+  wait
+  tail -n 3 "$L"/build_b4_*.txt
+  timeout 120 "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 --batch-sizes 4 --iters 100 \
+    "${SYN[@]}" --out "$R" > "$L/bench_aoti_b4.txt" 2>&1
+  tail -n 4 "$L/bench_aoti_b4.txt"
+  ( time timeout 120 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+      --batch-sizes 4 "${SYN[@]}" ) > "$L/warm_build_b4.txt" 2>&1
+  tail -n 6 "$L/warm_build_b4.txt"
+  ;;
+aoti-all)
+  for b in 1 8 16 32; do
+    for st in unet vae_decode; do
+      timeout 480 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+        --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "$L/build_b${b}_$st.txt" 2>&1 &
+    done
+  done
+  wait
+  for b in 1 8 16 32; do
+    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
+      --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
+    tail -n 2 "$L/bench_aoti_b$b.txt"
+  done
+  ;;
+baseline)
+  common=(--dtype fp16 --batch-sizes 1,4,8,16,32 --iters 50 "${SYN[@]}" --out "$R"
+          --gpu-turns /tmp/gpu_turns --gpu-peers 2)
+  timeout 560 "$PY" -m musetalk_rt bench --engine eager "${common[@]}" \
+    > "$L/bench_eager.txt" 2>&1 &
+  timeout 560 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
+    --compile-graph-capture manual "${common[@]}" > "$L/bench_compile.txt" 2>&1 &
+  wait
+  tail -n 8 "$L"/bench_*.txt
+  ;;
+*)
+  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|baseline" >&2
+  exit 2
+  ;;
+esac
