@@ -252,6 +252,24 @@ def test_vad_network_reproduces_the_package_model(fixture_file):
     np.testing.assert_allclose(va.probs, ref, atol=1e-5)
 
 
+def test_vad_gives_the_same_calls_for_any_push_size(fixture_file):
+    """The live feature thread hands the VAD whatever queued up (one 20 ms chunk, or a second
+    of them when it fell behind): windows are analysed in one batched front-end call per push,
+    and the probabilities and segments do not depend on how the audio was cut."""
+    net = load_silero_vad()
+    audio = _eng16k(fixture_file)[: 16000 * 12]
+    results = []
+    for chunk in (320, 16000, len(audio)):  # 20 ms, 1 s, all at once
+        va = VoiceActivity(net)
+        for i in range(0, len(audio), chunk):
+            va.push(audio[i : i + chunk])
+        segs = [(s.start_ms, s.end_ms) for s in va.finish()]
+        results.append((np.array(va.probs), segs))
+    for probs, segs in results[1:]:
+        np.testing.assert_allclose(probs, results[0][0], atol=1e-5)
+        assert segs == results[0][1] and len(segs) >= 1
+
+
 def _speech_bounds(x: np.ndarray, sr: int = 16000) -> tuple[float, float]:
     """First and last 10 ms block above -35 dB of the peak (the truth for one utterance)."""
     blocks = x[: len(x) // 160 * 160].reshape(-1, 160)

@@ -65,13 +65,22 @@ class SileroVadNet(nn.Module):
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``x`` ``[B, 64 + 512]`` (context + window) -> probability ``[B]``, new ``(h, c)``."""
+        return self.step(self.features(x), state)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stateless front-end: ``[B, 576]`` windows -> ``[B, 128]`` (batch them freely)."""
         x = nn.functional.pad(x, (0, 64), mode="reflect").unsqueeze(1)  # [B, 1, 640]
         spec = self.stft_conv(x)  # [B, 258, 4]: real and imaginary parts
         mag = (spec[:, :129] ** 2 + spec[:, 129:] ** 2).sqrt()  # [B, 129, 4]
         h = torch.relu(self.conv1(mag))
         h = torch.relu(self.conv2(h))
         h = torch.relu(self.conv3(h))
-        h = torch.relu(self.conv4(h)).squeeze(-1)  # [B, 128]
+        return torch.relu(self.conv4(h)).squeeze(-1)  # [B, 128]
+
+    def step(
+        self, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The recurrent part: features ``[B, 128]`` + state -> probability ``[B]``, state."""
         hx, cx = self.lstm_cell(h, state)
         prob = torch.sigmoid(self.final_conv(torch.relu(hx).unsqueeze(-1)))  # [B, 1, 1]
         return prob[:, 0, 0], (hx, cx)
@@ -153,14 +162,24 @@ class VoiceActivity:
         n = self._pending.size // WINDOW_SAMPLES
         if n == 0:
             return
-        block = self._pending[: n * WINDOW_SAMPLES].reshape(n, WINDOW_SAMPLES)
+        block = self._pending[: n * WINDOW_SAMPLES].reshape(n, WINDOW_SAMPLES)  # [n, 512]
         self._pending = self._pending[n * WINDOW_SAMPLES :]
+        # each window with the previous one's last 64 samples: [n, 576]
+        context = np.concatenate([self._context[None], block[:-1, -CONTEXT_SAMPLES:]])
+        x = torch.from_numpy(np.concatenate([context, block], axis=1))
         with torch.inference_mode():
-            for row in block:  # the LSTM state chains windows: one at a time
-                x = torch.from_numpy(np.concatenate([self._context, row]))[None]
-                prob, self._state = self.net(x, self._state)
-                self._context = row[-CONTEXT_SAMPLES:]
-                self._decide(float(prob))
+            # the front-end of all n windows in one call (few torch calls per push, not per
+            # window: each call releases and retakes the interpreter lock that many channels'
+            # threads share); only the LSTM state chains windows one at a time
+            feats = self.net.features(x)  # [n, 128]
+            probs = []
+            for i in range(n):
+                prob, self._state = self.net.step(feats[i : i + 1], self._state)
+                probs.append(prob)
+            probs = torch.cat(probs).tolist()
+        self._context = block[-1, -CONTEXT_SAMPLES:].copy()
+        for p in probs:
+            self._decide(p)
 
     def _decide(self, prob: float) -> None:
         cfg = self.config

@@ -11,7 +11,8 @@ Threads and queues (each bounded, each with its overflow policy):
 - the ingest (event loop) calls :meth:`push`, which only enqueues (``audio_q``, 30 s; when full
   the chunk is dropped and counted — the ingest paces senders, so this is a fault counter);
 - the **feature thread** resamples nothing (ingest did), stores audio per frame, runs the
-  incremental whisper extractor and the VAD;
+  incremental whisper extractor and the VAD — on all the chunks that queued up since its last
+  turn at once (at most ``MAX_GATHER``), so a thread that fell behind catches up in a few calls;
 - the shared GPU worker (:mod:`.worker`) picks frames that are speech, have their window and are
   due soon, and stores the blended frames;
 - the **clock thread** emits frame ``m`` at its deadline: the generated frame if ready (cross-
@@ -42,6 +43,7 @@ from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
 from musetalk_rt.stages import crossfade
 
 log = logging.getLogger("musetalk_rt.channel")
+MAX_GATHER = 50  # ingest chunks analysed together at most (1 s of 20 ms chunks)
 
 
 @dataclass
@@ -194,11 +196,15 @@ class LiveChannel:
 
     def _feature_loop(self) -> None:
         cur: _Session | None = None
+        held = None  # an item taken while gathering audio, handled next
         while not self._stop.is_set():
-            try:
-                kind, payload = self.audio_q.get(timeout=0.1)
-            except queue.Empty:
-                continue
+            if held is not None:
+                (kind, payload), held = held, None
+            else:
+                try:
+                    kind, payload = self.audio_q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
             if kind == "open" and cur is not None:  # never two open sessions: end the first
                 self._close(cur)
                 cur = None
@@ -227,7 +233,19 @@ class LiveChannel:
                     except Exception:  # a listener's bug must not stop the audio path
                         log.exception("channel %s: session listener failed", self.name)
             elif kind == "audio" and cur is not None:
-                self._add_audio(cur, *payload)
+                # chunks that queued up meanwhile go through the VAD and the features at once:
+                # behind, the thread catches up with a few calls instead of one set per chunk
+                block = [payload]
+                while len(block) < MAX_GATHER:
+                    try:
+                        item = self.audio_q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item[0] != "audio":
+                        held = item
+                        break
+                    block.append(item[1])
+                self._add_audio(cur, block)
             elif kind == "close" and cur is not None:
                 self._close(cur)
                 cur = None
@@ -245,18 +263,21 @@ class LiveChannel:
             return s.end_frame
         return s.base_frame + s.samples // AUDIO_PER_FRAME + 1
 
-    def _add_audio(self, s: _Session, pcm: np.ndarray, arrived: float) -> None:
-        pos = s.samples
-        s.samples += pcm.size
-        first, last = pos // AUDIO_PER_FRAME, (s.samples - 1) // AUDIO_PER_FRAME
-        for f in range(first, last + 1):  # audio per media frame (partial frames accumulate)
-            a, b = max(pos, f * AUDIO_PER_FRAME), min(s.samples, (f + 1) * AUDIO_PER_FRAME)
-            m = s.base_frame + f
-            cur = self._audio.get(m, np.zeros(AUDIO_PER_FRAME, np.float32))
-            cur[a - f * AUDIO_PER_FRAME : b - f * AUDIO_PER_FRAME] = pcm[a - pos : b - pos]
-            self._audio[m] = cur
-            if b == (f + 1) * AUDIO_PER_FRAME:
-                self.arrival[m] = arrived  # when the ingest handed over its last sample
+    def _add_audio(self, s: _Session, block: list[tuple[np.ndarray, float]]) -> None:
+        """Store ``(pcm, arrived)`` chunks per media frame, then analyse them in one go."""
+        for pcm, arrived in block:
+            pos = s.samples
+            s.samples += pcm.size
+            first, last = pos // AUDIO_PER_FRAME, (s.samples - 1) // AUDIO_PER_FRAME
+            for f in range(first, last + 1):  # audio per media frame (partial ones accumulate)
+                a, b = max(pos, f * AUDIO_PER_FRAME), min(s.samples, (f + 1) * AUDIO_PER_FRAME)
+                m = s.base_frame + f
+                cur = self._audio.get(m, np.zeros(AUDIO_PER_FRAME, np.float32))
+                cur[a - f * AUDIO_PER_FRAME : b - f * AUDIO_PER_FRAME] = pcm[a - pos : b - pos]
+                self._audio[m] = cur
+                if b == (f + 1) * AUDIO_PER_FRAME:
+                    self.arrival[m] = arrived  # when the ingest handed over its last sample
+        pcm = block[0][0] if len(block) == 1 else np.concatenate([c for c, _ in block])
         s.vad.push(pcm)
         self._take(s, s.extractor.push(pcm))
 
