@@ -446,8 +446,11 @@ def cmd_engines(args) -> int:
             print(f"no engines cached under {args.models_dir / 'engines'}")
         print(json.dumps({"engines": len(rows), "models_dir": str(args.models_dir)}))
         return 0
-    from musetalk_rt.engines.build import build_engines
+    from musetalk_rt.engines.build import STAGES, build_engines
 
+    stages = tuple(args.stages.split(","))
+    if not stages or set(stages) - set(STAGES):  # before loading any weights
+        raise UserError(f"--stages {args.stages}: choose from {', '.join(STAGES)}")
     models = _models(args)
     res = build_engines(
         models,
@@ -456,7 +459,7 @@ def cmd_engines(args) -> int:
         args.batch_sizes,
         engine_options=_engine_options(args),
         cache_root=args.models_dir,
-        stages=tuple(args.stages.split(",")),
+        stages=stages,
     )
     for stage in res.cache:
         where = res.stored.get(stage) or ("already cached" if res.cache[stage] == "hit" else "-")

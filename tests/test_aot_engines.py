@@ -106,7 +106,7 @@ def test_aoti_compiles_with_the_picked_compiler_and_max_autotune(tmp_path, monke
     assert "max_autotune" not in seen
 
 
-def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models):
+def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models, capsys):
     """``--stages unet`` builds and gates the UNet alone (the VAE runs as the fp32 reference),
     so two slow builds can run in two processes; an unknown stage is one clear error."""
     from musetalk_rt.engines.build import build_engines
@@ -115,6 +115,10 @@ def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tin
     assert set(res.cache) == {"unet"} and res.passed and res.quality[2]["psnr_db"] > 40
     with pytest.raises(UserError, match="choose from unet, vae_decode"):
         build_engines(tiny_models, "eager", "fp32", [2], stages=("vae",), log=lambda _: None)
+    # on the command line: one line, before any weights are loaded
+    assert main(["engines", "build", "--weights", "tiny", "--stages", "unet,vae"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "musetalk-rt: error: --stages unet,vae: choose from unet, vae_decode"
 
 
 def test_selection_messages_and_fallbacks():
