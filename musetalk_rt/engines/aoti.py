@@ -6,17 +6,20 @@ of time with ``torch._inductor.aoti_compile_and_package`` and loaded with
 ``torch._inductor.aoti_load_package``. A later process loads the packages from the engine cache
 without exporting or compiling anything: no Dynamo, no inductor at run time.
 
-Packaging choice: one package per stage module and bucket. Packages are never shared between
-the UNet and the VAE: a single 1.7 GB package holding both segfaulted when loaded on an H100
-(torch 2.11); so did the UNet's package alone (1.7 GB, weights inside the shared object) on an
-H200, in ``aoti_load_package`` of a fresh process (experiments/LOG.md). Hence the default
-``weights="blob"``: the weights go to one binary file beside a small shared object, still inside
-the one ``.pt2`` (``aot_inductor.package_constants_in_so=False`` with the ``binary_blob`` on-disk
-format; it round-trips on the CPU; not yet run on a GPU). ``weights="so"`` keeps the API's
-default. Each package is one self-contained file either way: the engine cache stores and renames
-it atomically under a key that covers the weights fingerprint (and this choice), and loading is
-a single call. The cost is one copy of the stage's weights per bucket on disk and in memory;
-keep the bucket list short (one or two).
+Packaging choice: one package per stage module and bucket, the weights by default in one
+binary file beside a small shared object, still inside the one ``.pt2``
+(``aot_inductor.package_constants_in_so=False`` with the ``binary_blob`` on-disk format;
+``weights="so"`` keeps the API's default). Each package is one self-contained file either way:
+the engine cache stores and renames it atomically under a key that covers the weights
+fingerprint (and this choice), and loading is a single call. The cost is one copy of the stage's
+weights per bucket on disk and in memory; keep the bucket list short (one or two).
+
+The C++ compiler: every package segfaulted in ``aoti_load_package`` on an H100 and an H200 host
+(torch 2.11; UNet and VAE together, the UNet alone, either layout, and a two-convolution net
+alike). The compiler inductor took there linked a static copy of libstdc++ into the package, and
+that copy's ``std::regex`` (the runtime's device-string parser) crashes in a process that has
+torch's shared libstdc++ (experiments/LOG.md). :func:`pick_cxx` therefore chooses a compiler
+whose shared objects link libstdc++ dynamically and the build report names it.
 
 The engine's copy of the module has its 0-dim buffers reshaped to ``[1]`` before export (see
 :func:`export_friendly`): AOTInductor could not lower the UNet step's 0-dim timestep.
