@@ -60,15 +60,8 @@ class ZeroEncoder:
 
 def _avatar(size: int = 64):
     """The least a channel's clock needs of an avatar: one idle frame (a smooth gradient)."""
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    frame = np.stack(
-        [
-            ramp[None, :] + 0 * ramp[:, None],
-            ramp[:, None] + 0 * ramp[None, :],
-            np.full((size, size), 128, np.float32),
-        ],
-        -1,
-    ).astype(np.uint8)
+    ramp = np.broadcast_to(np.linspace(0, 255, size).astype(np.uint8), (size, size))
+    frame = np.stack([ramp, ramp.T, np.full((size, size), 128, np.uint8)], -1)  # [S, S, 3]
     return SimpleNamespace(frames=[frame], cycle_frame=lambda n: 0)
 
 

@@ -446,11 +446,9 @@ def cmd_engines(args) -> int:
             print(f"no engines cached under {args.models_dir / 'engines'}")
         print(json.dumps({"engines": len(rows), "models_dir": str(args.models_dir)}))
         return 0
-    from musetalk_rt.engines.build import STAGES, build_engines
+    from musetalk_rt.engines.build import build_engines, check_stages
 
-    stages = tuple(args.stages.split(","))
-    if not stages or set(stages) - set(STAGES):  # before loading any weights
-        raise UserError(f"--stages {args.stages}: choose from {', '.join(STAGES)}")
+    stages = check_stages(tuple(args.stages.split(",")))  # before loading any weights
     models = _models(args)
     res = build_engines(
         models,

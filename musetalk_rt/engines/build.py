@@ -23,6 +23,13 @@ from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 STAGES = ("unet", "vae_decode")
 
 
+def check_stages(stages: tuple[str, ...]) -> tuple[str, ...]:
+    """``stages`` if each is one of :data:`STAGES` (and there is one); else one clear error."""
+    if not stages or set(stages) - set(STAGES):
+        raise UserError(f"--stages {','.join(stages)}: choose from {', '.join(STAGES)}")
+    return stages
+
+
 @dataclass
 class BuildResult:
     """What ``engines build`` did."""
@@ -59,20 +66,17 @@ def build_engines(
     """
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("--batch-sizes needs positive integers")
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown or not stages:
-        raise UserError(f"--stages {','.join(stages)}: choose from {', '.join(STAGES)}")
+    check_stages(stages)
     device = models.device
     torch_dtype = parse_dtype(dtype)
     eng, reason = select_engine(engine, device, torch_dtype, **(engine_options or {}))
     log(f"engine {engine}/{dtype}: {reason}")
     t0 = time.perf_counter()
-    makers = {"unet": (UNetStage, models.unet), "vae_decode": (VaeDecodeStage, models.vae)}
-    built = {
-        name: makers[name][0](makers[name][1], eng, torch_dtype, device)
-        for name in STAGES
-        if name in stages
+    every = {  # (a stage object only wraps its module: nothing is built until prepare)
+        "unet": UNetStage(models.unet, eng, torch_dtype, device),
+        "vae_decode": VaeDecodeStage(models.vae, eng, torch_dtype, device),
     }
+    built = {name: st for name, st in every.items() if name in stages}
     reports = {
         name: st.prepare(batch_sizes, cache_root=cache_root, weights_fingerprint=models.fingerprint)
         for name, st in built.items()

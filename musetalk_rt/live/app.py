@@ -359,13 +359,13 @@ def run(args) -> int:
             f"{budget_s:.1f} s before the fallback speaks",
             flush=True,
         )
+    wake = WakeProbe().start()
     server = IngestServer(
         sinks,
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
         metrics=lambda: metrics_text(channels, worker, speech_sinks, wake),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
-    wake = WakeProbe().start()
     sampler = None
     if args.profile:
         from musetalk_rt.live.sampler import StackSampler
