@@ -11,9 +11,13 @@
 #                                      # warm engines build (first frame from the cache)
 #   experiments/gpu_runs.sh aoti-all   # aoti builds of B1/8/16/32 (one process per stage and
 #                                      # bucket, at once), then bench per bucket
+#   experiments/gpu_runs.sh aoti-bg    # the aoti builds of B1/8/16/32 started in a new session
+#                                      # (setsid), so they go on after this call returns
+#   experiments/gpu_runs.sh aoti-bench # waits for aoti-bg's builds, then benches each bucket
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #
-# Environment: WAV (default .carry/eng.wav; 60 s of speech), PY (default python3), OUT (default
+# Environment: ENGINE (the live probe's engine, default compile), WAV (default .carry/eng.wav;
+# 60 s of speech), PY (default python3), OUT (default
 # out/gpu_runs), MUSETALK_RT_GIT_SHA for rows from a copy without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +38,9 @@ channels)
     > "$L/audio_path.txt" 2>&1
   grep -h "channels," "$L/audio_path.txt"
   timeout $((590 - SECONDS)) "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
-    --repeat 5 --channels "${2:-12}" --weights synthetic --engine compile --dtype fp16 \
-    --batch-sizes 16 --work /tmp/lp --out "$R" --start-timeout-s 200 --compile-freezing \
+    --repeat 5 --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
+    --dtype fp16 --batch-sizes 16 --work /tmp/lp --out "$R" --start-timeout-s 200 \
+    $([ "${ENGINE:-compile}" = compile ] && echo --compile-freezing) \
     > "$L/live_probe.txt" 2>&1
   tail -3 "$L/live_probe.txt"
   cp /tmp/lp/live_n*.log "$L/" 2>/dev/null
@@ -73,6 +78,32 @@ aoti-all)
     tail -n 2 "$L/bench_aoti_b$b.txt"
   done
   ;;
+aoti-bg)
+  mkdir -p /tmp/aoti_bg
+  for b in 16 32 8 1; do
+    for st in unet vae_decode; do
+      setsid nohup timeout 900 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+        --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "/tmp/aoti_bg/build_b${b}_$st.txt" \
+        2>&1 < /dev/null &
+    done
+  done
+  sleep 2
+  pgrep -fc "engines build --engine aoti" || true
+  ;;
+aoti-bench)
+  while pgrep -f "engines build --engine aoti" > /dev/null && [ $SECONDS -lt 420 ]; do
+    sleep 5
+  done
+  echo "builds waited for: ${SECONDS} s"
+  cp /tmp/aoti_bg/*.txt "$L/" 2>/dev/null
+  tail -n 2 /tmp/aoti_bg/*.txt
+  for b in 16 32 8 1; do
+    [ $SECONDS -lt 560 ] || break
+    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
+      --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
+    tail -n 2 "$L/bench_aoti_b$b.txt"
+  done
+  ;;
 baseline)
   common=(--dtype fp16 --batch-sizes 1,4,8,16,32 --iters 50 "${SYN[@]}" --out "$R"
           --gpu-turns /tmp/gpu_turns --gpu-peers 2)
@@ -84,7 +115,7 @@ baseline)
   tail -n 8 "$L"/bench_*.txt
   ;;
 *)
-  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|baseline" >&2
+  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|aoti-bg|aoti-bench|baseline" >&2
   exit 2
   ;;
 esac
