@@ -106,6 +106,18 @@ def test_aoti_compiles_with_the_picked_compiler_and_max_autotune(tmp_path, monke
     assert "max_autotune" not in seen
 
 
+def test_aoti_loads_single_threaded_when_it_captures_cuda_graphs(tmp_path, monkeypatch):
+    """A CUDA graph can capture only the single-threaded AOTInductor runner (the default one's
+    thread synchronisation invalidated the capture on an H200)."""
+    seen = []
+    monkeypatch.setattr(
+        torch._inductor, "aoti_load_package", lambda path, **kw: seen.append(kw) or path
+    )
+    get_engine("aoti")._load(tmp_path / "b4.pt2")
+    get_engine("aoti", cuda_graphs=False)._load(tmp_path / "b4.pt2")
+    assert seen == [{"run_single_threaded": True}, {"run_single_threaded": False}]
+
+
 def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models, capsys):
     """``--stages unet`` builds and gates the UNet alone (the VAE runs as the fp32 reference),
     so two slow builds can run in two processes; an unknown stage is one clear error."""

@@ -25,7 +25,8 @@ The engine's copy of the module has its 0-dim buffers reshaped to ``[1]`` before
 :func:`export_friendly`): AOTInductor could not lower the UNet step's 0-dim timestep.
 
 On CUDA each loaded package's call is captured in one ``torch.cuda.CUDAGraph`` per bucket
-(static input buffers: copy in, replay, clone out). That path has not been run on a GPU yet.
+(static input buffers: copy in, replay, clone out), loaded with ``run_single_threaded`` (the
+default runner's thread synchronisation breaks the capture).
 """
 
 from __future__ import annotations
@@ -294,4 +295,8 @@ class AotiEngine(ExportedEngine):
         )
 
     def _load(self, path: Path):
-        return torch._inductor.aoti_load_package(str(path))
+        # The container's default run synchronises its worker threads with CUDA events, which a
+        # CUDA graph capture refuses ("operation not permitted when stream is capturing", seen
+        # on an H200): the single-threaded runner is the one a graph can capture. The runner
+        # calls each bucket from one thread (the GPU worker), so nothing is lost.
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=self.cuda_graphs)
