@@ -127,6 +127,8 @@ def _engine_options(args) -> dict:
         opts["weights"] = args.aoti_weights
     if getattr(args, "aoti_max_autotune", False):
         opts["max_autotune"] = True
+    if getattr(args, "aoti_cuda_graphs", False) and not getattr(args, "no_cuda_graphs", False):
+        opts["cuda_graphs"] = True
     return opts
 
 
@@ -155,6 +157,12 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="aoti only: let inductor time Triton templates against cuDNN/cuBLAS for every "
         "convolution and matmul while building (many minutes per bucket, paid once)",
+    )
+    g.add_argument(
+        "--aoti-cuda-graphs",
+        action="store_true",
+        help="aoti only, experimental: capture each loaded package in a CUDA graph (failed on "
+        "an H200 with torch 2.11: illegal memory access; off by default)",
     )
     g.add_argument(
         "--no-channels-last", action="store_true", help="keep the contiguous memory format on CUDA"

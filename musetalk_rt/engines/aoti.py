@@ -24,9 +24,12 @@ whose shared objects link libstdc++ dynamically and the build report names it.
 The engine's copy of the module has its 0-dim buffers reshaped to ``[1]`` before export (see
 :func:`export_friendly`): AOTInductor could not lower the UNet step's 0-dim timestep.
 
-On CUDA each loaded package's call is captured in one ``torch.cuda.CUDAGraph`` per bucket
-(static input buffers: copy in, replay, clone out), loaded with ``run_single_threaded`` (the
-default runner's thread synchronisation breaks the capture).
+CUDA graphs are off by default (``--aoti-cuda-graphs`` turns them on). On an H200 (torch
+2.11) a loaded package ran its warm-up calls, but capturing its call in a ``torch.cuda.CUDAGraph``
+failed: with the default runner "operation not permitted when stream is capturing" (its worker
+threads synchronise with CUDA events), with ``run_single_threaded`` (which the capture then
+uses) an illegal memory access. Without graphs the package's C++ code launches every kernel,
+with no Python between them.
 """
 
 from __future__ import annotations
@@ -242,10 +245,12 @@ class ExportedEngine(Engine):
 
 @register
 class AotiEngine(ExportedEngine):
-    """``torch.export`` + AOTInductor per static bucket (CUDA graphs on CUDA).
+    """``torch.export`` + AOTInductor per static bucket.
 
     Args:
         cuda_graphs: Capture each loaded package's call in a ``torch.cuda.CUDAGraph`` (CUDA).
+            Off by default: on an H200 with torch 2.11 the capture failed with either runner
+            (see the module docstring); the package's own C++ loop launches the kernels.
         weights: Where a package keeps the weights (``blob`` or ``so``; see the module).
         max_autotune: Inductor's max-autotune while compiling (slow builds, paid once).
     """
@@ -255,7 +260,9 @@ class AotiEngine(ExportedEngine):
     suffix = ".pt2"
     what = "AOTInductor packages"
 
-    def __init__(self, cuda_graphs: bool = True, weights: str = "blob", max_autotune: bool = False):
+    def __init__(
+        self, cuda_graphs: bool = False, weights: str = "blob", max_autotune: bool = False
+    ):
         super().__init__(cuda_graphs)
         if weights not in AOTI_WEIGHTS:
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
@@ -263,7 +270,7 @@ class AotiEngine(ExportedEngine):
         self.max_autotune = max_autotune
 
     def cache_options(self) -> dict:
-        opts = {"cuda_graphs": self.cuda_graphs, "weights": self.weights}
+        opts = {"weights": self.weights}  # the package is the same with or without graphs
         if self.max_autotune:  # (absent when off: keys of engines built before stay valid)
             opts["max_autotune"] = True
         return opts
