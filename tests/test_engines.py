@@ -173,3 +173,50 @@ def test_compiled_runner_never_recompiles_for_inference_tensors_or_another_threa
     outs.append(u.run(lat, aud))
     assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled again
     assert torch.equal(outs[0], outs[1])
+
+
+class _TimedEvent:
+    """Stand-in for ``torch.cuda.Event`` on the CPU host: a GPU that has finished the first
+    ``done`` recorded events, each stage taking 2 ms."""
+
+    done = 0
+    recorded = 0
+
+    def __init__(self, enable_timing: bool):
+        self.n = None
+
+    def record(self):
+        self.n = _TimedEvent.recorded
+        _TimedEvent.recorded += 1
+
+    def query(self) -> bool:
+        return self.n < _TimedEvent.done
+
+    def synchronize(self):
+        _TimedEvent.done = max(_TimedEvent.done, self.n + 1)
+
+    def elapsed_time(self, end) -> float:
+        return 2.0 * (end.n - self.n)
+
+
+def test_stage_clock_stays_bounded_over_a_long_run_and_counts_every_stage(monkeypatch):
+    """The live worker times every batch for hours: finished event pairs are folded as it
+    goes, a reader that does not wait sees only finished work, a waiting one sees all of it."""
+    from musetalk_rt.stages import StageClock
+
+    monkeypatch.setattr(StageClock, "event", _TimedEvent)
+    monkeypatch.setattr(_TimedEvent, "done", 0)
+    monkeypatch.setattr(_TimedEvent, "recorded", 0)
+    clock = StageClock(torch.device("cuda"), max_pending=8)  # no GPU is touched: events only
+    for i in range(1000):
+        with clock.stage("unet"):
+            pass
+        with clock.stage("to_host", on_host=True):
+            pass
+        if i % 10 == 0:  # the GPU catches up now and then
+            _TimedEvent.done = _TimedEvent.recorded - 4
+        assert clock.pending() <= 8  # never more than max_pending pairs kept
+    before = clock.totals_ms(wait=False)["unet"]  # finished work only, no waiting
+    assert before < 2000.0 and clock.pending() > 0
+    assert clock.totals_ms()["unet"] == pytest.approx(1000 * 2.0)  # waits: all 1,000 stages
+    assert clock.pending() == 0 and "to_host" in clock.totals_ms()

@@ -98,7 +98,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         "stage_ms_total",
         "counter",
         "time per stage in the GPU worker",
-        [({"stage": k}, round(v, 1)) for k, v in worker.clock.totals_ms().items()],
+        [({"stage": k}, round(v, 1)) for k, v in worker.clock.totals_ms(wait=False).items()],
     )
     if wake is not None:
         w = wake.summary()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -59,31 +60,72 @@ class Stage:
 
 
 class StageClock:
-    """Accumulates time per stage: CUDA events on the GPU (no sync), perf_counter on the CPU."""
+    """Accumulates time per stage: CUDA events on the GPU (no sync), perf_counter on the CPU.
 
-    def __init__(self, device: torch.device):
+    Bounded for a process that runs for hours: finished event pairs are folded into running
+    totals as the clock goes (at most ``max_pending`` pairs wait per stage; past that the clock
+    waits for the oldest, which the GPU has normally finished long ago). Thread-safe: the live
+    worker records while the ``/metrics`` thread reads.
+
+    Args:
+        device: Where the stages run (CUDA: events; otherwise: host time).
+        max_pending: Event pairs kept per stage before the oldest are folded.
+    """
+
+    event = torch.cuda.Event  # the timing-event type (a class attribute, for CPU tests)
+
+    def __init__(self, device: torch.device, max_pending: int = 256):
         self.cuda = torch.device(device).type == "cuda"
-        self._events: dict[str, list] = defaultdict(list)
+        self.max_pending = max_pending
+        self._events: dict[str, deque] = defaultdict(deque)
+        self._gpu_ms: dict[str, float] = defaultdict(float)
         self._cpu_s: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str, on_host: bool = False):
         if self.cuda and not on_host:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = self.event(enable_timing=True), self.event(enable_timing=True)
             start.record()
             yield
             end.record()
-            self._events[name].append((start, end))
+            with self._lock:
+                self._events[name].append((start, end))
+                self._fold(finished_only=True)
+                q = self._events[name]
+                while len(q) > self.max_pending:  # the GPU is far behind: wait for the oldest
+                    s, e = q.popleft()
+                    e.synchronize()
+                    self._gpu_ms[name] += s.elapsed_time(e)
         else:
             t0 = time.perf_counter()
             yield
-            self._cpu_s[name] += time.perf_counter() - t0
+            with self._lock:
+                self._cpu_s[name] += time.perf_counter() - t0
 
-    def totals_ms(self) -> dict[str, float]:
-        """Total milliseconds per stage (synchronises once to read the events)."""
-        out = {k: v * 1000.0 for k, v in self._cpu_s.items()}
-        if self._events:
-            torch.cuda.synchronize()
-            for name, pairs in self._events.items():
-                out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs)
+    def _fold(self, finished_only: bool) -> None:
+        for name, q in self._events.items():
+            while q and (not finished_only or q[0][1].query()):
+                s, e = q.popleft()
+                e.synchronize()  # returns at once for a finished event
+                self._gpu_ms[name] += s.elapsed_time(e)
+
+    def pending(self) -> int:
+        """Event pairs not folded yet (all stages)."""
+        with self._lock:
+            return sum(len(q) for q in self._events.values())
+
+    def totals_ms(self, wait: bool = True) -> dict[str, float]:
+        """Total milliseconds per stage.
+
+        Args:
+            wait: Wait for the stages' GPU work to finish and count all of it (a bench or a
+                render at its end); False counts only what the GPU has finished, without
+                waiting (the live ``/metrics`` reader).
+        """
+        with self._lock:
+            self._fold(finished_only=not wait)
+            out = {k: v * 1000.0 for k, v in self._cpu_s.items()}
+            for name, ms in self._gpu_ms.items():
+                out[name] = out.get(name, 0.0) + ms
         return out
