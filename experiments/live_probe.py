@@ -157,6 +157,17 @@ def probe(n: int, args, extra: list[str]) -> dict:
             default=None,
         ),
         "gpu_batches": summary["gpu_batches"],
+        **{
+            k: summary.get(k)
+            for k in (
+                "gpu_frames",
+                "mean_batch",
+                "overlapped_batches",
+                "worker_idle_s",
+                "blend_wait_s",
+                "stage_ms",
+            )
+        },
         "thread_wake_delay_ms": summary.get("thread_wake_delay_ms"),
         "gpu_shed_frames": summary.get("gpu_shed_frames"),
         "sender_failures": failed,

@@ -119,14 +119,27 @@ class FaceGenerator:
             r.reason = f"{r.reason}; chosen: {self.reason}"
         return self.reports
 
-    def __call__(self, batch: FrameBatch, clock: StageClock) -> FrameBatch:
+    def launch(self, batch: FrameBatch, clock: StageClock) -> FrameBatch:
+        """Queue the batch's GPU work (``unet``, ``vae_decode``, the copy out) without waiting.
+
+        :meth:`finish` collects the faces; at most two batches may be in flight.
+        """
         with clock.stage("unet"):
             self.unet(batch)
         with clock.stage("vae_decode"):
             self.vae(batch)
         with clock.stage("to_host", on_host=True):
-            self.to_host(batch)
+            self.to_host.start(batch)
         return batch
+
+    def finish(self, batch: FrameBatch, clock: StageClock) -> FrameBatch:
+        """Wait for a launched batch; sets ``batch.faces`` (host uint8)."""
+        with clock.stage("to_host", on_host=True):
+            self.to_host.finish(batch)
+        return batch
+
+    def __call__(self, batch: FrameBatch, clock: StageClock) -> FrameBatch:
+        return self.finish(self.launch(batch, clock), clock)
 
 
 @dataclass

@@ -135,9 +135,15 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         "musetalk_audio_queue_depth",
         'musetalk_stage_ms_total{stage="unet"}',
         'musetalk_thread_wake_delay_ms{quantile="0.99"}',
+        "musetalk_gpu_worker_overlapped_batches_total",
+        "musetalk_gpu_worker_idle_seconds_total",
+        "musetalk_gpu_worker_blend_wait_seconds_total",
     ):
         assert name in text, name
     assert summary["thread_wake_delay_ms"]["samples"] > 100
+    # the worker's own account: every generated frame in a batch, its stage times counted
+    assert summary["gpu_frames"] >= ch["speech_frames"] and summary["gpu_batches"] > 0
+    assert 1 <= summary["mean_batch"] <= 16 and summary["stage_ms"]["unet"] > 0
 
 
 def _assert_rtmp_stream(codecs: dict, packets: list) -> None:
@@ -485,9 +491,77 @@ def test_gpu_worker_skips_frames_whose_window_the_clock_dropped():
         avatar=SimpleNamespace(latents=torch.zeros(3, 8, 32, 32), cycle_frame=calls.append),
     )
     worker = GpuWorker(gen, [ch], horizon_s=0.2, blend_threads=1)
-    worker._generate([(ch, 5), (ch, 6)])
+    assert worker._launch([(ch, 5), (ch, 6)]) is None
     assert worker.batches == 0 and not ch.pending and not calls
     worker.stop()
+
+
+def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
+    """A full batch waiting while one runs is launched before the running one is collected; a
+    partial one waits for the collection (launched at once it would be padded to a full
+    bucket). Every frame is generated once and blended."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from musetalk_rt.live.worker import GpuWorker
+
+    events = []
+
+    class Gen:
+        batch_sizes = [4]
+        device = torch.device("cpu")
+
+        def launch(self, batch, clock):
+            events.append(("launch", len(batch)))
+            batch.faces = np.zeros((len(batch), 256, 256, 3), np.uint8)
+            return batch
+
+        def finish(self, batch, clock):
+            events.append(("finish", len(batch)))
+            return batch
+
+    class Channel:
+        name = "a"
+
+        def __init__(self):
+            self.windows = {m: torch.zeros(50, 384) for m in range(10)}  # 10 frames due at once
+            self.pending, self.generated = set(), {}
+            self.avatar = SimpleNamespace(
+                latents=torch.zeros(3, 8, 32, 32), cycle_frame=lambda m: m % 3
+            )
+
+        def due_jobs(self, now, horizon_s):
+            return [
+                (m * 0.04, m)
+                for m in self.windows
+                if m not in self.generated and m not in self.pending
+            ]
+
+    class Worker(GpuWorker):
+        def _blend(self, ch, m, c, face):
+            ch.generated[m] = c
+            ch.pending.discard(m)
+            self._blend_slots.release()
+
+    ch = Channel()
+    worker = Worker(Gen(), [ch], horizon_s=1.0, blend_threads=1)
+    worker.start()
+    deadline = time.monotonic() + 20
+    while len(ch.generated) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    assert sorted(ch.generated) == list(range(10)) and not ch.pending
+    assert events == [
+        ("launch", 4),
+        ("launch", 4),  # a full batch waited: launched before the first is collected
+        ("finish", 4),
+        ("finish", 4),  # two frames left: collect first, then launch them
+        ("launch", 2),
+        ("finish", 2),
+    ]
+    st = worker.stats_dict()
+    assert (st["gpu_batches"], st["gpu_frames"], st["overlapped_batches"]) == (3, 10, 1)
 
 
 def test_wake_probe_sees_a_thread_that_holds_the_interpreter_lock():

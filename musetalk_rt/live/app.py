@@ -396,7 +396,7 @@ def run(args) -> int:
     result = {
         "live": [ch.stats_dict() for ch in channels],
         "delay_ms": round(delay_s * 1000),
-        "gpu_batches": worker.batches,
+        **worker.stats_dict(),
         "thread_wake_delay_ms": wake.summary(),
     }
     if speech_sinks:

@@ -94,6 +94,12 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         [({"channel": ch.name}, len(ch.pending)) for ch in channels],
     )
     metric("blend_errors_total", "counter", "blends that failed", [({}, worker.blend_errors)])
+    for name, key, text in (
+        ("overlapped_batches", "overlapped", "batches launched while the last was still running"),
+        ("idle_seconds", "idle_s", "seconds the GPU worker had nothing due"),
+        ("blend_wait_seconds", "blend_wait_s", "seconds it waited for the blend threads"),
+    ):
+        metric(f"gpu_worker_{name}_total", "counter", text, [({}, round(getattr(worker, key), 3))])
     metric(
         "stage_ms_total",
         "counter",

@@ -27,6 +27,7 @@ class FrameBatch:
         images: ``[B, 3, 256, 256]`` decoded faces in about [-1, 1] (device).
         faces: ``[B, 256, 256, 3]`` uint8 RGB faces (host).
         frames: Blended full frames, ``[H, W, 3]`` uint8 RGB each (host).
+        host_copy: ``(pinned buffer, event)`` of a started, unfinished ``to_host`` copy.
     """
 
     frame_ids: list[int]
@@ -37,6 +38,7 @@ class FrameBatch:
     images: torch.Tensor | None = None
     faces: np.ndarray | None = None
     frames: list[np.ndarray] = field(default_factory=list)
+    host_copy: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.frame_ids)

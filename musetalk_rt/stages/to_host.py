@@ -22,30 +22,57 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class ToHostStage(Stage):
-    """Convert to uint8 where the images are, then copy once (pinned, on CUDA)."""
+    """Convert to uint8 where the images are, then copy once (pinned, on CUDA).
+
+    In two halves for a caller that keeps two batches in flight (the live worker): :meth:`start`
+    queues the conversion and an asynchronous copy into one of ``ring`` pinned buffers and
+    records an event; :meth:`finish` waits for that event and takes the faces. A batch must be
+    finished before ``ring`` later batches are started (its buffer is reused then).
+
+    Args:
+        device: Where the images are.
+        ring: Pinned host buffers used in turn.
+    """
 
     name = "to_host"
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, ring: int = 3):
         self.device = torch.device(device)
-        self._pinned: torch.Tensor | None = None
+        self._ring: list[torch.Tensor | None] = [None] * ring
+        self._next = 0
 
     def spec(self, batch: int) -> dict[str, tuple[int, ...]]:
         return {"in:images": (batch, 3, 256, 256), "out:faces": (batch, 256, 256, 3)}
 
     @torch.inference_mode()
-    def __call__(self, batch: FrameBatch) -> FrameBatch:
+    def start(self, batch: FrameBatch) -> FrameBatch:
+        """Queue the uint8 conversion and the copy (CUDA); on the CPU the faces are ready."""
         faces = images_to_uint8(batch.images)  # [B, 256, 256, 3] uint8, on the device
-        if faces.device.type == "cuda":
-            n = faces.shape[0]
-            if self._pinned is None or self._pinned.shape[0] < n:
-                self._pinned = torch.empty(
-                    (n, *faces.shape[1:]), dtype=torch.uint8, pin_memory=True
-                )
-            host = self._pinned[:n]
-            host.copy_(faces, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
-            batch.faces = host.numpy().copy()  # the pinned buffer is reused next batch
-        else:
+        if faces.device.type != "cuda":
             batch.faces = np.ascontiguousarray(faces.numpy())
+            return batch
+        n, i = faces.shape[0], self._next
+        self._next = (i + 1) % len(self._ring)
+        buf = self._ring[i]
+        if buf is None or buf.shape[0] < n:
+            buf = self._ring[i] = torch.empty(
+                (n, *faces.shape[1:]), dtype=torch.uint8, pin_memory=True
+            )
+        host = buf[:n]
+        host.copy_(faces, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        batch.host_copy = (host, done)
         return batch
+
+    def finish(self, batch: FrameBatch) -> FrameBatch:
+        """Wait for :meth:`start`'s copy (the batch's GPU work ends with it); set ``faces``."""
+        if batch.host_copy is not None:
+            host, done = batch.host_copy
+            done.synchronize()  # releases the interpreter lock while it waits
+            batch.faces = host.numpy().copy()  # the pinned buffer is reused later
+            batch.host_copy = None
+        return batch
+
+    def __call__(self, batch: FrameBatch) -> FrameBatch:
+        return self.finish(self.start(batch))
