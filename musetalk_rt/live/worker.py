@@ -7,11 +7,11 @@ and blends each face into its own channel's avatar frame. With nothing due it wa
 an event, so a stop is immediate. Work for one channel never waits for another's audio.
 
 Two batches in flight: when a full batch is waiting while one runs, the worker launches it
-before collecting the running one, so the GPU never idles while the host gathers inputs,
+before collecting the running one, so the GPU need not idle while the host gathers inputs,
 copies faces out and hands them to the blend threads (on an H200, 12 channels at batch 16 ran
-one batch per 60 ms against 33 ms of GPU work alone: the rest was that host side). A partial
-batch waits until the running one is collected: launched at once it would be padded to a full
-bucket for a few frames.
+one batch per 60 ms against 33 ms for the batch alone; that host side and the whisper calls
+sharing the GPU are the suspects). A partial batch waits until the running one is collected:
+launched at once it would be padded to a full bucket for a few frames.
 
 Blending (a face into its avatar frame, OpenCV, the interpreter lock released) runs on a small
 pool of blend threads, so the worker launches the next batch while the last one is pasted. A
