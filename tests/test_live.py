@@ -72,7 +72,16 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     port = free_port()
     with RtmpServer() as rtmp:
         live, lines = _start_live(
-            avatars, port, "--avatar", "astro", "--rtmp", rtmp.url("astro"), "--record", str(record)
+            avatars,
+            port,
+            "--avatar",
+            "astro",
+            "--rtmp",
+            rtmp.url("astro"),
+            "--record",
+            str(record),
+            "--status-interval-s",
+            "2",
         )
         reader = _Reader(rtmp.url("astro"))
         reader.start()
@@ -141,6 +150,9 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     ):
         assert name in text, name
     assert summary["thread_wake_delay_ms"]["samples"] > 100
+    # the crew's terminal: a status line every 2 s, talking frames counted in some of them
+    status = [ln for ln in log.splitlines() if "status: 1 channel(s)" in ln]
+    assert len(status) >= 5 and any(", talking frames on time 0," not in ln for ln in status)
     # the worker's own account: every generated frame in a batch, its stage times counted
     assert summary["gpu_frames"] >= ch["speech_frames"] and summary["gpu_batches"] > 0
     assert 1 <= summary["mean_batch"] <= 16 and summary["stage_ms"]["unet"] > 0
@@ -377,6 +389,14 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             ["--avatar", "a", "--record", "r.mp4", "--cpu-threads", "-2"],
             "--cpu-threads -2: must be 1 or more",
         ),
+        "negative status interval": (
+            ["--avatar", "a", "--record", "r.mp4", "--status-interval-s", "-1"],
+            "--status-interval-s -1.0: give seconds between status lines",
+        ),
+        "nan status interval": (
+            ["--avatar", "a", "--record", "r.mp4", "--status-interval-s", "nan"],
+            "(0 turns them off)",
+        ),
         "zero switch interval": (
             ["--avatar", "a", "--record", "r.mp4", "--switch-interval-ms", "0"],
             "--switch-interval-ms 0.0: choose 0.05 to 100",
@@ -425,7 +445,16 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
     port = free_port()
     with RtmpServer() as rtmp:
         live, lines = _start_live(
-            avatars, port, "--avatar", "astro", "--rtmp", rtmp.url("astro"), "--record", str(record)
+            avatars,
+            port,
+            "--avatar",
+            "astro",
+            "--rtmp",
+            rtmp.url("astro"),
+            "--record",
+            str(record),
+            "--status-interval-s",
+            "2",
         )
         reader = _Reader(rtmp.url("astro"))
         reader.start()
@@ -545,7 +574,7 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
             self._blend_slots.release()
 
     ch = Channel()
-    worker = Worker(Gen(), [ch], horizon_s=1.0, blend_threads=1)
+    worker = Worker(Gen(), [ch], horizon_s=1.0, blend_threads=1, overlap=True)  # as on CUDA
     worker.start()
     deadline = time.monotonic() + 20
     while len(ch.generated) < 10 and time.monotonic() < deadline:

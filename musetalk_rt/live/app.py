@@ -173,7 +173,52 @@ def derive_delay_s(
     return lookahead_s + 0.02 + canvas_s + 2 * compute_s + margin_s
 
 
-async def _serve(server, channels, worker, duration_s: float | None) -> None:
+def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> tuple[str, dict]:
+    """One line on how the show goes since the last one, for the crew's terminal and the logs.
+
+    Args:
+        channels: The live channels.
+        worker: The GPU worker.
+        prev: The snapshot the last line returned (None for the first).
+        elapsed_s: Seconds since that snapshot (or since the start).
+
+    Returns:
+        The line and the snapshot to pass next time.
+    """
+    st = [ch.stats.as_dict() for ch in channels]
+    snap = {
+        "frames": worker.frames,
+        "late": sum(s["late_frames"] for s in st),
+        "speech": sum(s["speech_frames"] for s in st),
+        "batches": worker.batches,
+    }
+    d = {k: v - (prev or {}).get(k, 0) for k, v in snap.items()}
+    p95 = [s["voice_to_frame_p95_ms"] for s in st if s["voice_to_frame_p95_ms"] is not None]
+    outs_down = sum(1 for ch in channels for o in ch.outputs if not o.up)
+    line = (
+        f"status: {len(channels)} channel(s), {d['frames'] / max(elapsed_s, 1e-9):.0f} frames/s "
+        f"generated in {d['batches']} batches"
+        + (f" (mean {d['frames'] / d['batches']:.1f})" if d["batches"] else "")
+        + f", talking frames on time {d['speech']}, late {d['late']}"
+        + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
+        + (f", outputs down {outs_down}" if outs_down else "")
+    )
+    return line, snap
+
+
+async def _report_status(channels, worker, interval_s: float) -> None:
+    prev, t = None, time.monotonic()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        line, prev = status_line(channels, worker, prev, now - t)
+        t = now
+        log.info("%s", line)
+
+
+async def _serve(
+    server, channels, worker, duration_s: float | None, status_interval_s: float = 0
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread
@@ -185,6 +230,11 @@ async def _serve(server, channels, worker, duration_s: float | None) -> None:
         + ", ".join(f"/ingest/{ch.name}" for ch in channels),
         flush=True,
     )
+    status = (
+        asyncio.create_task(_report_status(channels, worker, status_interval_s))
+        if status_interval_s > 0
+        else None
+    )
     try:
         if duration_s:
             await asyncio.wait_for(stop.wait(), duration_s)
@@ -192,6 +242,8 @@ async def _serve(server, channels, worker, duration_s: float | None) -> None:
             await stop.wait()
     except TimeoutError:
         pass
+    if status is not None:
+        status.cancel()
     print("stopping …", flush=True)
     await server.stop()
 
@@ -223,6 +275,11 @@ def run(args) -> int:
         raise UserError(f"--delay-ms {args.delay_ms}: the playout delay must be positive")
     if args.delay_margin_ms < 0:
         raise UserError(f"--delay-margin-ms {args.delay_margin_ms}: must be 0 or more")
+    if not 0 <= args.status_interval_s <= 86400:
+        raise UserError(
+            f"--status-interval-s {args.status_interval_s}: give seconds between status lines "
+            "(0 turns them off)"
+        )
     for flag, value in (
         ("--encoder-threads", args.encoder_threads),
         ("--cpu-threads", args.cpu_threads),
@@ -377,7 +434,7 @@ def run(args) -> int:
         sp.start()
     worker.start()
     try:
-        asyncio.run(_serve(server, channels, worker, args.duration_s))
+        asyncio.run(_serve(server, channels, worker, args.duration_s, args.status_interval_s))
     finally:
         wake.stop()
         if sampler is not None:
@@ -482,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: Python's, 5 ms; /metrics' thread_wake_delay_ms shows what waiting costs)",
     )
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
+    p.add_argument(
+        "--status-interval-s",
+        type=float,
+        default=30.0,
+        help="log a status line this often: frames/s, mean batch, late frames, voice-to-frame "
+        "p95, outputs down (default: 30; 0: off)",
+    )
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON per line")
     p.add_argument(
         "--frame-log",

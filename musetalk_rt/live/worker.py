@@ -51,6 +51,9 @@ class GpuWorker:
         channels: The :class:`~.channel.LiveChannel` objects it serves.
         horizon_s: Generate frames whose deadline is at most this far ahead.
         blend_threads: Threads that paste faces into avatar frames (default: up to 4).
+        overlap: Keep two batches in flight (default: on CUDA, where a launch returns before
+            the GPU is done; on the CPU a launch computes the batch, so overlapping would only
+            hold back the finished one's blends).
     """
 
     def __init__(
@@ -59,11 +62,13 @@ class GpuWorker:
         channels: list,
         horizon_s: float,
         blend_threads: int | None = None,
+        overlap: bool | None = None,
     ):
         self.gen = generator
         self.channels = channels
         self.horizon_s = horizon_s
         self.max_batch = max(generator.batch_sizes)
+        self.overlap = generator.device.type == "cuda" if overlap is None else overlap
         self.blend_threads = blend_threads or max(1, min(4, os.cpu_count() or 1))
         self._blend_pool = ThreadPoolExecutor(self.blend_threads, thread_name_prefix="blend")
         self._blend_slots = threading.BoundedSemaphore(4 * self.max_batch)
@@ -121,6 +126,9 @@ class GpuWorker:
                 self.overlapped += launched is not None
                 self._finish(inflight)
             inflight = launched
+            if inflight is not None and not self.overlap:
+                self._finish(inflight)  # the CPU computed it in the launch: blend it now
+                inflight = None
         if inflight is not None:
             self._finish(inflight)
 
