@@ -562,7 +562,7 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
 
         def due_jobs(self, now, horizon_s):
             return [
-                (m * 0.04, m)
+                (base + m * 0.04, m)
                 for m in self.windows
                 if m not in self.generated and m not in self.pending
             ]
@@ -573,6 +573,7 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
             ch.pending.discard(m)
             self._blend_slots.release()
 
+    base = time.monotonic() + 60  # deadlines a minute away: nothing to shed
     ch = Channel()
     worker = Worker(Gen(), [ch], horizon_s=1.0, blend_threads=1, overlap=True)  # as on CUDA
     worker.start()
@@ -591,6 +592,33 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
     ]
     st = worker.stats_dict()
     assert (st["gpu_batches"], st["gpu_frames"], st["overlapped_batches"]) == (3, 10, 1)
+    assert st["gpu_shed_frames"] == 0
+
+
+def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
+    """With a measured 50 ms from launch to faces and 5 ms per blend, a frame due sooner than
+    55 ms is skipped (counted once however often it is offered); with no measurement yet, or
+    when no frame could make it, nothing is skipped."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from musetalk_rt.live.worker import GpuWorker
+
+    gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))
+    worker = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
+    now = 1000.0
+    jobs = [(now + 0.01, 0, 1), (now + 0.054, 1, 7), (now + 0.056, 0, 2), (now + 0.2, 1, 8)]
+    assert worker._select(jobs, now) == jobs  # nothing measured yet
+    worker._batch_s.extend([0.04, 0.05, 0.05, 0.9])  # median 50 ms: one slow batch is ignored
+    worker._blend_s.extend([0.005, 0.005, 0.2])
+    assert worker.expected_s() == pytest.approx(0.055)
+    assert worker._select(jobs, now) == jobs[2:]
+    assert worker._select(jobs, now) == jobs[2:] and worker.shed_frames == 2  # counted once
+    hopeless = [(now + 0.01, 0, 3), (now + 0.02, 0, 4), (now + 0.03, 1, 9)]
+    assert worker._select(hopeless, now) == hopeless[-2:]  # the latest, one bucket's worth
+    assert GpuWorker(gen, [], horizon_s=1.0, shed=False)._select(jobs, now) == jobs
+    worker.stop()
 
 
 def test_wake_probe_sees_a_thread_that_holds_the_interpreter_lock():

@@ -187,6 +187,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
     """
     st = [ch.stats.as_dict() for ch in channels]
     snap = {
+        "shed": worker.shed_frames,
         "frames": worker.frames,
         "late": sum(s["late_frames"] for s in st),
         "speech": sum(s["speech_frames"] for s in st),
@@ -200,6 +201,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         f"generated in {d['batches']} batches"
         + (f" (mean {d['frames'] / d['batches']:.1f})" if d["batches"] else "")
         + f", talking frames on time {d['speech']}, late {d['late']}"
+        + (f" ({d['shed']} of them skipped: no time left)" if d["shed"] else "")
         + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
         + (f", outputs down {outs_down}" if outs_down else "")
     )
@@ -401,7 +403,9 @@ def run(args) -> int:
     for o in (o for ch in channels for o in ch.outputs):  # started together, awaited together
         if not o.wait_ready(30.0):
             print(f"warning: output {o.label} is not ready after 30 s; starting anyway", flush=True)
-    worker = GpuWorker(gen, channels, horizon_s=max(0.2, delay_s - lookahead_s))
+    worker = GpuWorker(
+        gen, channels, horizon_s=max(0.2, delay_s - lookahead_s), shed=not args.no_load_shedding
+    )
     sinks = {ch.name: ch for ch in channels}
     speech_sinks = []
     if speech is not None:
@@ -539,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: Python's, 5 ms; /metrics' thread_wake_delay_ms shows what waiting costs)",
     )
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
+    p.add_argument(
+        "--no-load-shedding",
+        action="store_true",
+        help="generate every due speech frame, also those that cannot be ready by their "
+        "deadline (by default they are skipped, shown idle and counted late, so that an "
+        "overloaded GPU keeps the other frames on time)",
+    )
     p.add_argument(
         "--status-interval-s",
         type=float,

@@ -20,17 +20,26 @@ does not offer it again meanwhile. Overflow policy: at most four batches of blen
 the pool is that far behind, the worker blocks before taking more work (backpressure — late
 frames show idle at their deadline, nothing queues without bound).
 
-No load shedding: skipping frames whose deadline looked too close (by a batch-time estimate)
-was tried and removed — a pessimistic estimate (the start-up measurement on a busy CPU) shed
-every frame, and on the H100 it saved nothing (experiments/LOG.md).
+Shedding frames that cannot make it: a frame whose deadline comes before the batch could be
+back and blended — by the median of the last batches' launch-to-faces time plus the median
+blend, both measured in this process — is not taken; it shows idle at its deadline and counts
+as late, as it would have anyway, and its GPU time goes to frames that can still make theirs.
+Without it an overloaded worker computes every frame late (on an H200 at 12 channels, 2%
+short of capacity, 74% of the talking frames came late). Nothing is shed before a batch has been
+measured, and when no due frame is feasible the latest ones are taken (the estimate stays
+fresh). An earlier attempt used the start-up measurement instead, and on a busy 2-core CPU shed
+every frame (experiments/LOG.md). ``shed=False`` turns it off (``--no-load-shedding``).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
+import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,6 +60,7 @@ class GpuWorker:
         channels: The :class:`~.channel.LiveChannel` objects it serves.
         horizon_s: Generate frames whose deadline is at most this far ahead.
         blend_threads: Threads that paste faces into avatar frames (default: up to 4).
+        shed: Skip frames that cannot be ready by their deadline (see the module docstring).
         overlap: Keep two batches in flight (default: on CUDA, where a launch returns before
             the GPU is done; on the CPU a launch computes the batch, so overlapping would only
             hold back the finished one's blends).
@@ -63,6 +73,7 @@ class GpuWorker:
         horizon_s: float,
         blend_threads: int | None = None,
         overlap: bool | None = None,
+        shed: bool = True,
     ):
         self.gen = generator
         self.channels = channels
@@ -79,6 +90,11 @@ class GpuWorker:
         self.overlapped = 0  # batches launched while another was still in flight
         self.idle_s = 0.0  # time with nothing due
         self.blend_wait_s = 0.0  # time blocked on the blend backpressure
+        self.shed = shed
+        self.shed_frames = 0  # frames not taken: their deadline came before a batch could
+        self._shed_seen: dict[tuple[int, int], float] = {}  # (channel, frame) -> deadline
+        self._batch_s: deque[float] = deque(maxlen=8)  # launch -> faces on the host, seconds
+        self._blend_s: deque[float] = deque(maxlen=32)  # one blend, seconds
         self._latents = {ch.name: ch.avatar.latents.to(generator.device) for ch in channels}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu worker", daemon=True)
@@ -92,8 +108,33 @@ class GpuWorker:
             self._thread.join(10.0)
         self._blend_pool.shutdown(wait=True, cancel_futures=True)
 
-    def _due(self) -> list:
-        now = time.monotonic()
+    def expected_s(self) -> float | None:
+        """Seconds from taking a frame to its blended face (None before the first batch).
+
+        The median of the last batches' launch-to-faces time plus the median of the last blends.
+        """
+        if not self._batch_s:
+            return None
+        blend_s = statistics.median(self._blend_s) if self._blend_s else 0.0
+        return statistics.median(self._batch_s) + blend_s
+
+    def _select(self, jobs: list, now: float) -> list:
+        """The due ``(deadline, channel, frame)`` jobs worth taking, earliest deadline first."""
+        need = self.expected_s() if self.shed else None
+        if need is None or not jobs:
+            return jobs
+        k = bisect.bisect_left(jobs, (now + need,))  # jobs[:k] cannot be ready in time
+        if k == len(jobs):  # none feasible: the latest ones (and a fresh measurement)
+            return jobs[-self.max_batch :]
+        for d, i, m in jobs[:k]:
+            if (i, m) not in self._shed_seen:  # offered again every pass: count once
+                self._shed_seen[(i, m)] = d
+                self.shed_frames += 1
+        if len(self._shed_seen) > 4096:
+            self._shed_seen = {key: d for key, d in self._shed_seen.items() if d >= now}
+        return jobs[k:]
+
+    def _due(self, now: float) -> list:
         jobs = [
             (d, i, m)
             for i, ch in enumerate(self.channels)
@@ -105,7 +146,8 @@ class GpuWorker:
     def _run(self) -> None:
         inflight = None  # a launched batch not collected yet
         while not self._stop.is_set():
-            jobs = self._due()
+            now = time.monotonic()
+            jobs = self._select(self._due(now), now)
             if inflight is not None and len(jobs) < self.max_batch:
                 self._finish(inflight)  # no full batch waits: collect first, then look again
                 inflight = None
@@ -134,6 +176,7 @@ class GpuWorker:
 
     def _launch(self, work: list):
         """Queue one batch on the GPU; returns what :meth:`_finish` needs, or None."""
+        t0 = time.monotonic()
         # a window the channel's clock has dropped meanwhile: its deadline passed, skip it
         wins = [(ch, m, ch.windows.get(m)) for ch, m in work]
         work = [(ch, m) for ch, m, w in wins if w is not None]
@@ -158,11 +201,11 @@ class GpuWorker:
             for ch, m in work:
                 ch.pending.discard(m)
             raise
-        return work, cyc, batch
+        return work, cyc, batch, t0
 
     def _finish(self, launched) -> None:
         """Collect a launched batch's faces and hand them to the blend threads."""
-        work, cyc, batch = launched
+        work, cyc, batch, t0 = launched
         try:
             self.gen.finish(batch, self.clock)
         except Exception:
@@ -171,6 +214,7 @@ class GpuWorker:
             log.exception("GPU batch failed; those frames will show idle")
             time.sleep(0.05)
             return
+        self._batch_s.append(time.monotonic() - t0)
         for (ch, m), c, face in zip(work, cyc, batch.faces, strict=True):
             if not self._blend_slots.acquire(blocking=False):  # backpressure: 4 batches wait
                 t = time.perf_counter()
@@ -189,6 +233,8 @@ class GpuWorker:
             "overlapped_batches": self.overlapped,
             "worker_idle_s": round(self.idle_s, 2),
             "blend_wait_s": round(self.blend_wait_s, 2),
+            "gpu_shed_frames": self.shed_frames,
+            "expected_ms": None if (e := self.expected_s()) is None else round(e * 1000, 1),
             "stage_ms": {k: round(v, 1) for k, v in self.clock.totals_ms(wait=False).items()},
         }
 
@@ -196,7 +242,9 @@ class GpuWorker:
         """Paste one face into its avatar frame; the channel shows it at frame ``m``'s deadline."""
         try:
             a = ch.avatar
+            t0 = time.monotonic()
             ch.generated[m] = blend(a.frames[c], face, a.boxes[c], a.crops[c], a.masks[c])
+            self._blend_s.append(time.monotonic() - t0)
         except Exception:  # that frame shows idle; the show goes on
             self.blend_errors += 1
             log.exception("blending frame %d of channel %s failed", m, ch.name)
