@@ -24,8 +24,8 @@ Shedding frames that cannot make it: a frame whose deadline comes before the bat
 back and blended — by the median of the last batches' launch-to-faces time plus the median
 blend, both measured in this process — is not taken; it shows idle at its deadline and counts
 as late, as it would have anyway, and its GPU time goes to frames that can still make theirs.
-Without it an overloaded worker computes every frame late (on an H200 at 12 channels, 2%
-short of capacity, 74% of the talking frames came late). Nothing is shed before a batch has been
+Without it an overloaded worker computes nearly every frame late (on an H200 at 12 channels,
+~1% short of capacity, 74% of the talking frames came late). Nothing is shed before a batch has been
 measured, and when no due frame is feasible the latest ones are taken (the estimate stays
 fresh). An earlier attempt used the start-up measurement instead, and on a busy 2-core CPU shed
 every frame (experiments/LOG.md). ``shed=False`` turns it off (``--no-load-shedding``).
