@@ -71,20 +71,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     record = tmp_path / "rec.mp4"
     port = free_port()
     with RtmpServer() as rtmp:
-        live, lines = _start_live(
-            avatars,
-            port,
-            "--avatar",
-            "astro",
-            "--rtmp",
-            rtmp.url("astro"),
-            "--record",
-            str(record),
-            "--status-interval-s",
-            "2",
-        )
-        reader = _Reader(rtmp.url("astro"))
-        reader.start()
+        live, lines, reader = _start_live_to_rtmp(avatars, port, rtmp, record)
         sent = subprocess.run(
             [
                 sys.executable,
@@ -193,6 +180,16 @@ def _assert_recording(record, ch: dict, log: str, idle_after: int, onset_frames:
     # the sender left: the stream goes on with idle frames (not a freeze) and silent audio
     assert len(frames) - idle_after > first_face
     assert not moving[-idle_after:].any() and not speech[-idle_after:].any()
+
+
+def _start_live_to_rtmp(avatars, port, rtmp, record):
+    """The live process on channel ``astro`` (RTMP, a recording, status lines) and a reader."""
+    url = rtmp.url("astro")
+    args = ("--avatar", "astro", "--rtmp", url, "--record", str(record), "--status-interval-s", "2")
+    live, lines = _start_live(avatars, port, *args)
+    reader = _Reader(url)
+    reader.start()
+    return live, lines, reader
 
 
 def _start_live(avatars, port, *extra):
@@ -444,20 +441,7 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
     record = tmp_path / "rec.mp4"
     port = free_port()
     with RtmpServer() as rtmp:
-        live, lines = _start_live(
-            avatars,
-            port,
-            "--avatar",
-            "astro",
-            "--rtmp",
-            rtmp.url("astro"),
-            "--record",
-            str(record),
-            "--status-interval-s",
-            "2",
-        )
-        reader = _Reader(rtmp.url("astro"))
-        reader.start()
+        live, lines, reader = _start_live_to_rtmp(avatars, port, rtmp, record)
         page = f"http://127.0.0.1:{port}/?channel=astro&token=t0ken&autostart=1"
         browser = subprocess.Popen(
             fake_mic_command(chromium, tmp_path / "profile", mic, page),
