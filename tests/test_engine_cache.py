@@ -62,7 +62,7 @@ from musetalk_rt.weights import load_models
 from musetalk_rt.engines.build import build_engines
 models = load_models("tiny", device="cpu")
 res = build_engines(models, "compile", "fp32", [2], cache_root=Path(sys.argv[1]),
-                    log=lambda _: None)
+                    log=lambda _: None, stages=("vae_decode",))
 print(json.dumps({"cache": res.cache, "build_s": res.build_s, "passed": res.passed,
                   "stored": res.stored}))
 """
@@ -71,7 +71,8 @@ print(json.dumps({"cache": res.cache, "build_s": res.build_s, "passed": res.pass
 @pytest.mark.slow
 def test_compile_cache_round_trip_in_fresh_processes(tmp_path):
     """Process 1 compiles (inductor, CPU) and stores; process 2, with an empty inductor cache
-    of its own, loads the artifacts and reports a hit."""
+    of its own, loads the artifacts and reports a hit. One stage, the VAE decoder: the cache
+    path is the same for both, and the UNet would add ~2.5 minutes on a 2-core CI host."""
     root = tmp_path / "models"
     out = []
     for i in range(2):
@@ -86,11 +87,12 @@ def test_compile_cache_round_trip_in_fresh_processes(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         out.append(json.loads(res.stdout.strip().splitlines()[-1]))
     first, second = out
-    assert first["passed"] and first["cache"] == {"unet": "miss", "vae_decode": "miss"}
+    assert first["passed"] and first["cache"] == {"vae_decode": "miss"}
     assert all(first["stored"].values())
-    assert second["cache"] == {"unet": "hit", "vae_decode": "hit"} and second["passed"]
+    assert second["cache"] == {"vae_decode": "hit"} and second["passed"]
+    assert second["stored"] == {"vae_decode": None}  # loaded, not stored again
     print("build seconds, cold vs from the cache:", first["build_s"], second["build_s"])
-    assert len(cache.list_engines(root)) == 2
+    assert len(cache.list_engines(root)) == 1
 
 
 def _build(root, *extra):
