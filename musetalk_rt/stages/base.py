@@ -93,21 +93,21 @@ class StageClock:
             end.record()
             with self._lock:
                 self._events[name].append((start, end))
-                self._fold(finished_only=True)
-                q = self._events[name]
-                while len(q) > self.max_pending:  # the GPU is far behind: wait for the oldest
-                    s, e = q.popleft()
-                    e.synchronize()
-                    self._gpu_ms[name] += s.elapsed_time(e)
+                self._fold(keep=self.max_pending)
         else:
             t0 = time.perf_counter()
             yield
             with self._lock:
                 self._cpu_s[name] += time.perf_counter() - t0
 
-    def _fold(self, finished_only: bool) -> None:
+    def _fold(self, keep: int | None) -> None:
+        """Add event pairs to the totals.
+
+        ``keep=None``: all of them (waiting for the GPU); else the finished ones, and beyond
+        ``keep`` per stage the oldest, waiting for them (the GPU is far behind then).
+        """
         for name, q in self._events.items():
-            while q and (not finished_only or q[0][1].query()):
+            while q and (keep is None or len(q) > keep or q[0][1].query()):
                 s, e = q.popleft()
                 e.synchronize()  # returns at once for a finished event
                 self._gpu_ms[name] += s.elapsed_time(e)
@@ -126,7 +126,7 @@ class StageClock:
                 waiting (the live ``/metrics`` reader).
         """
         with self._lock:
-            self._fold(finished_only=not wait)
+            self._fold(keep=None if wait else self.max_pending)
             out = {k: v * 1000.0 for k, v in self._cpu_s.items()}
             for name, ms in self._gpu_ms.items():
                 out[name] = out.get(name, 0.0) + ms
