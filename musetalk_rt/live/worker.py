@@ -25,8 +25,8 @@ back and blended — by the median of the last batches' launch-to-faces time plu
 blend, both measured in this process — is not taken; it shows idle at its deadline and counts
 as late, as it would have anyway, and its GPU time goes to frames that can still make theirs.
 Without it an overloaded worker computes nearly every frame late (on an H200 at 12 channels,
-~1% short of capacity, 74% of the talking frames came late). Nothing is shed before a batch has been
-measured, and when no due frame is feasible the latest ones are taken (the estimate stays
+~1% short of capacity, 74% of the talking frames came late). Nothing is shed before a batch has
+been measured, and when no due frame is feasible the latest ones are taken (the estimate stays
 fresh). An earlier attempt used the start-up measurement instead, and on a busy 2-core CPU shed
 every frame (experiments/LOG.md). ``shed=False`` turns it off (``--no-load-shedding``).
 """
@@ -198,8 +198,7 @@ class GpuWorker:
         try:
             self.gen.launch(batch, self.clock)
         except Exception:
-            for ch, m in work:
-                ch.pending.discard(m)
+            _release(work)
             raise
         return work, cyc, batch, t0
 
@@ -209,8 +208,7 @@ class GpuWorker:
         try:
             self.gen.finish(batch, self.clock)
         except Exception:
-            for ch, m in work:
-                ch.pending.discard(m)
+            _release(work)
             log.exception("GPU batch failed; those frames will show idle")
             time.sleep(0.05)
             return
@@ -251,3 +249,9 @@ class GpuWorker:
         finally:
             ch.pending.discard(m)
             self._blend_slots.release()
+
+
+def _release(work: list) -> None:
+    """The channels may offer these ``(channel, frame)`` again (their batch failed)."""
+    for ch, m in work:
+        ch.pending.discard(m)
