@@ -17,8 +17,8 @@
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #
 # Environment: ENGINE (the live probe's engine, default compile), WAV (default .carry/eng.wav;
-# 60 s of speech), PY (default python3), OUT (default
-# out/gpu_runs), MUSETALK_RT_GIT_SHA for rows from a copy without .git.
+# 60 s of speech), PY (default python3), OUT (default out/gpu_runs), MUSETALK_RT_GIT_SHA for
+# rows from a copy without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -165,11 +165,12 @@ def probe(n: int, args, extra: list[str]) -> dict:
                 "overlapped_batches",
                 "worker_idle_s",
                 "blend_wait_s",
+                "gpu_shed_frames",
+                "expected_ms",
                 "stage_ms",
+                "thread_wake_delay_ms",
             )
         },
-        "thread_wake_delay_ms": summary.get("thread_wake_delay_ms"),
-        "gpu_shed_frames": summary.get("gpu_shed_frames"),
         "sender_failures": failed,
         "extra_args": extra,
     }
