@@ -134,6 +134,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         "musetalk_gpu_worker_overlapped_batches_total",
         "musetalk_gpu_worker_idle_seconds_total",
         "musetalk_gpu_worker_blend_wait_seconds_total",
+        "musetalk_gpu_worker_shed_frames_total",
     ):
         assert name in text, name
     assert summary["thread_wake_delay_ms"]["samples"] > 100
