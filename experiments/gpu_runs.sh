@@ -16,7 +16,8 @@
 #   experiments/gpu_runs.sh aoti-bench # waits for aoti-bg's builds, then benches each bucket
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #
-# Environment: ENGINE (the live probe's engine, default compile), WAV (default .carry/eng.wav;
+# Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
+# the 90 s audio-path probe), WAV (default .carry/eng.wav;
 # 60 s of speech), PY (default python3), OUT (default out/gpu_runs), MUSETALK_RT_GIT_SHA for
 # rows from a copy without .git.
 set -uo pipefail
@@ -33,10 +34,12 @@ trap pack EXIT
 
 case "${1:-}" in
 channels)
-  timeout 90 "$PY" experiments/audio_path_probe.py --engine canvas --weights synthetic \
-    --device cuda --wav "$WAV" --seconds 20 --channels 16 --outputs --out "$R" \
-    > "$L/audio_path.txt" 2>&1
-  grep -h "channels," "$L/audio_path.txt"
+  if [ "${AUDIO_PATH:-1}" = 1 ]; then
+    timeout 90 "$PY" experiments/audio_path_probe.py --engine canvas --weights synthetic \
+      --device cuda --wav "$WAV" --seconds 20 --channels 16 --outputs --out "$R" \
+      > "$L/audio_path.txt" 2>&1
+    grep -h "channels," "$L/audio_path.txt"
+  fi
   timeout $((590 - SECONDS)) "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
     --repeat 5 --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
     --dtype fp16 --batch-sizes 16 --work /tmp/lp --out "$R" --start-timeout-s 200 \
