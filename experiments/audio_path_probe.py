@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from musetalk_rt.bench import write_rows
+from musetalk_rt.bench import environment, write_rows
 
 
 class ZeroEncoder:
@@ -212,6 +212,7 @@ def main() -> int:
     rows = []
     for n in (int(x) for x in args.channels.split(",")):
         r = run(n, audio, args, vad_net, fe)
+        r.update(environment(torch.device(args.device)))  # the card, torch, driver, commit
         rows.append(r)
         print(
             f"{n:>3} channels, {args.engine} {args.ms_per_canvas} ms/canvas, switch "

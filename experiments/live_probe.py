@@ -28,7 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from musetalk_rt.bench import write_rows
+import torch
+
+from musetalk_rt.bench import environment, write_rows
 
 
 def _free_port() -> int:
@@ -173,6 +175,8 @@ def probe(n: int, args, extra: list[str]) -> dict:
         },
         "sender_failures": failed,
         "extra_args": extra,
+        **environment(torch.device(args.device)),  # the card, torch, driver, commit
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
