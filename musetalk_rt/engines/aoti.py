@@ -3,7 +3,8 @@
 Each batch bucket of a stage's module is exported with static shapes (``torch.export.export``,
 inputs made under ``torch.inference_mode()`` exactly as the runner passes them), compiled ahead
 of time with ``torch._inductor.aoti_compile_and_package`` and loaded with
-``torch._inductor.aoti_load_package``. A later process loads the packages from the engine cache
+the package loader behind ``torch._inductor.aoti_load_package`` (:func:`load_package`: without
+its ~40 s CPU-feature probe). A later process loads the packages from the engine cache
 without exporting or compiling anything: no Dynamo, no inductor at run time.
 
 Packaging choice: one package per stage module and bucket, the weights by default in one
@@ -306,4 +307,29 @@ class AotiEngine(ExportedEngine):
         # CUDA graph capture refuses ("operation not permitted when stream is capturing", seen
         # on an H200): the single-threaded runner is the one a graph can capture. The runner
         # calls each bucket from one thread (the GPU worker), so nothing is lost.
-        return torch._inductor.aoti_load_package(str(path), run_single_threaded=self.cuda_graphs)
+        return load_package(path, run_single_threaded=self.cuda_graphs)
+
+
+def load_package(path: Path, run_single_threaded: bool = False):
+    """Load one ``.pt2`` package: ``aoti_load_package`` without its device-information probe.
+
+    Before loading, torch's ``aoti_load_package`` compares the device facts recorded in the
+    package with this host's, only to log a warning, and getting this host's facts probes the
+    CPU's vector instruction sets by compiling test programs and loading each in a fresh Python
+    process: on an H200 host that was 45 s of a 46 s warm load (once per process,
+    experiments/LOG.md). The engine cache key already pins the GPU, its capability and the torch
+    version, so the package loader is called directly, as ``aoti_load_package`` itself does after
+    the probe. Should torch rename those internals, the public call is used (slower, same result).
+
+    Args:
+        path: The package.
+        run_single_threaded: The runner a CUDA graph can capture (see :class:`AotiEngine`).
+    """
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader
+    except (ImportError, AttributeError):
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded)
+    # (path, model name, single-threaded, runners, device index: -1 = the current device)
+    return AOTICompiledModel(loader(str(path), "model", run_single_threaded, 1, -1))
