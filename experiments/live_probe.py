@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -61,6 +62,35 @@ def _prepare(args) -> None:
             w.setparams(params)
             w.writeframes(pcm * args.repeat)
         args.wav = str(looped)
+
+
+_STATUS_FIELDS = {
+    "fps": r"([\d.]+) frames/s generated",
+    "batches": r"in (\d+) batches",
+    "mean_batch": r"\(mean ([\d.]+)\)",
+    "on_time": r"on time (\d+)",
+    "late": r"late (\d+)",
+    "shed": r"\((\d+) of them skipped",
+    "late_windows": r"audio windows too late (\d+)",
+    "worker_idle_s": r"worker idle ([\d.]+) s",
+}
+
+
+def status_series(log: str) -> list[dict]:
+    """The live log's status lines (one per interval) as numbers: when the late frames came.
+
+    A field a line leaves out (no shed frames, no late windows) is 0.
+    """
+    rows = []
+    for line in log.splitlines():
+        if "status:" not in line:
+            continue
+        row = {"time": line[11:19]}
+        for key, pattern in _STATUS_FIELDS.items():
+            m = re.search(pattern, line)
+            row[key] = float(m.group(1)) if m else 0
+        rows.append(row)
+    return rows
 
 
 def probe(n: int, args, extra: list[str]) -> dict:
@@ -173,6 +203,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
                 "thread_wake_delay_ms",
             )
         },
+        "status_series": status_series(log),
         "sender_failures": failed,
         "extra_args": extra,
         **environment(torch.device(args.device)),  # the card, torch, driver, commit

@@ -141,6 +141,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     # the crew's terminal: a status line every 2 s, talking frames counted in some of them
     status = [ln for ln in log.splitlines() if "status: 1 channel(s)" in ln]
     assert len(status) >= 5 and any(", talking frames on time 0," not in ln for ln in status)
+    assert all(", worker idle " in ln for ln in status)  # a starved worker tells itself apart
     # the worker's own account: every generated frame in a batch, its stage times counted
     assert summary["gpu_frames"] >= ch["speech_frames"] and summary["gpu_batches"] > 0
     assert 1 <= summary["mean_batch"] <= 16 and summary["stage_ms"]["unet"] > 0

@@ -176,6 +176,10 @@ def derive_delay_s(
 def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> tuple[str, dict]:
     """One line on how the show goes since the last one, for the crew's terminal and the logs.
 
+    It tells apart where late frames come from: the GPU (frames skipped, or not back in time)
+    or the audio path (windows that reached their channel after the frame had left); and the
+    worker's idle seconds tell a starved worker from a saturated one.
+
     Args:
         channels: The live channels.
         worker: The GPU worker.
@@ -192,6 +196,8 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         "late": sum(s["late_frames"] for s in st),
         "speech": sum(s["speech_frames"] for s in st),
         "batches": worker.batches,
+        "late_windows": sum(s["late_windows"] for s in st),
+        "idle_s": worker.idle_s,
     }
     d = {k: v - (prev or {}).get(k, 0) for k, v in snap.items()}
     p95 = [s["voice_to_frame_p95_ms"] for s in st if s["voice_to_frame_p95_ms"] is not None]
@@ -202,6 +208,8 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         + (f" (mean {d['frames'] / d['batches']:.1f})" if d["batches"] else "")
         + f", talking frames on time {d['speech']}, late {d['late']}"
         + (f" ({d['shed']} of them skipped: no time left)" if d["shed"] else "")
+        + (f", audio windows too late {d['late_windows']}" if d["late_windows"] else "")
+        + f", worker idle {d['idle_s']:.1f} s"
         + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
         + (f", outputs down {outs_down}" if outs_down else "")
     )
