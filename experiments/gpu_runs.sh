@@ -17,7 +17,8 @@
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #
 # Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
-# the 90 s audio-path probe), WAV (default .carry/eng.wav;
+# the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
+# log, which says when windows and frames came, always goes to $OUT/frames.jsonl.gz), WAV (default .carry/eng.wav;
 # 60 s of speech), PY (default python3), OUT (default out/gpu_runs), MUSETALK_RT_GIT_SHA for
 # rows from a copy without .git.
 set -uo pipefail
@@ -44,9 +45,11 @@ channels)
     --repeat 5 --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
     --dtype fp16 --batch-sizes 16 --work /tmp/lp --out "$R" --start-timeout-s 200 \
     $([ "${ENGINE:-compile}" = compile ] && echo --compile-freezing) \
+    --frame-log "/tmp/lp/frames_n{n}.jsonl" ${LIVE_ARGS:-} \
     > "$L/live_probe.txt" 2>&1
   tail -3 "$L/live_probe.txt"
   cp /tmp/lp/live_n*.log "$L/" 2>/dev/null
+  gzip -c /tmp/lp/frames_n*.jsonl > "$OUT/frames.jsonl.gz" 2>/dev/null
   ;;
 aoti)
   { echo "CXX=${CXX:-}"; which -a g++ c++ 2>/dev/null

@@ -647,6 +647,38 @@ def test_channel_stats_report_the_window_lead_percentile():
     assert "window_lead_ms" not in d and d["voice_to_frame_p95_ms"] is None
 
 
+def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
+    """A window whose frame has already left is lost to the worker: counted, and the frame log
+    says when each group of windows came and how early (when the audio path fell behind)."""
+    import time
+    from types import SimpleNamespace
+
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel
+    from musetalk_rt.live.framelog import FrameLog
+
+    log = FrameLog(tmp_path / "frames.jsonl")
+    ch = SimpleNamespace(
+        name="c0", t0=time.monotonic(), delay_s=0.2, next_out=11, windows={},
+        stats=ChannelStats(), frame_log=log,
+    )  # fmt: skip
+    session = SimpleNamespace(base_frame=10)
+    class Chunk:  # what the feature extractor hands over: frames from start_frame on
+        start_frame, windows = 0, ["w10", "w11"]  # frame 10 has left already
+
+        def __len__(self):
+            return len(self.windows)
+
+    chunk = Chunk()
+    LiveChannel._take(ch, session, chunk)
+    log.close()
+    assert ch.windows == {11: "w11"} and ch.stats.late_windows == 1
+    rec = json.loads((tmp_path / "frames.jsonl").read_text())
+    assert rec["ev"] == "windows" and (rec["ch"], rec["frame"], rec["n"], rec["late"]) == (
+        "c0", 10, 2, 1,
+    )  # fmt: skip
+    assert 0 < rec["lead_ms"] <= 200 + 400  # frame 10 is due 0.2 s + 10/25 s after t0
+
+
 def test_writer_with_few_encoder_threads_makes_a_playable_file(tmp_path):
     """``--encoder-threads`` reaches x264: one thread still gives H.264 + AAC at 25 fps."""
     from musetalk_rt.live.output import AVStreamWriter

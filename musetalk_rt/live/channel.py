@@ -286,14 +286,26 @@ class LiveChannel:
             return
         now = time.monotonic()
         leads = []
+        late = 0
         for i in range(len(chunk)):
             m = s.base_frame + chunk.start_frame + i
             leads.append((self.t0 + self.delay_s + m / FPS - now) * 1000.0)
             if m >= self.next_out:
                 self.windows[m] = chunk.windows[i]
             else:
-                self.stats.late_windows += 1
+                late += 1
+        self.stats.late_windows += late
         self.stats.window_lead_ms = (self.stats.window_lead_ms + leads)[-500:]
+        if self.frame_log and leads:
+            self.frame_log.write(
+                ev="windows",
+                ch=self.name,
+                frame=s.base_frame + chunk.start_frame,
+                n=len(leads),
+                t=now,
+                lead_ms=round(min(leads), 3),
+                late=late,
+            )
 
     def is_speech(self, m: int) -> bool:
         """Whether media frame ``m`` is speech, as decided so far."""

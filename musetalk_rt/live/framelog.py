@@ -15,6 +15,9 @@ Records (the key ``ev`` says which):
   ``t0 + delay_ms / 1000 + n / 25``).
 - ``session``: a sender connected: ``ch``, ``base_frame`` (the media frame of its first sample;
   sample ``s`` of the session belongs to media frame ``base_frame + s // 640``), ``opened``.
+- ``windows``: the audio path handed a channel the whisper windows of ``n`` frames from
+  ``frame`` on, at ``t``; ``lead_ms``: how long before the first one's deadline (negative:
+  after), ``late``: how many came after their frame had already left (lost to the worker).
 - ``frame``: an output wrote a frame: ``ch``, ``out`` (its target), ``frame`` (media frame),
   ``writer`` (1 for the output's first connection, +1 per reconnect), ``index`` (the frame's
   index in that connection's stream: its video timestamp is ``index / 25`` s before any shift
