@@ -72,6 +72,7 @@ _STATUS_FIELDS = {
     "late": r"late (\d+)",
     "shed": r"\((\d+) of them skipped",
     "late_windows": r"audio windows too late (\d+)",
+    "skipped_windows": r"\(and (\d+) skipped\)",
     "worker_idle_s": r"worker idle ([\d.]+) s",
 }
 
@@ -184,6 +185,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
         "frames_out": sum(c["frames_out"] for c in chans),
         "voice_to_frame_p95_ms_max": max((c["voice_to_frame_p95_ms"] or 0) for c in chans),
         "late_windows": sum(c.get("late_windows", 0) for c in chans),
+        "skipped_windows": sum(c.get("skipped_windows", 0) for c in chans),
         "window_lead_p05_ms_min": min(
             (c["window_lead_p05_ms"] for c in chans if c.get("window_lead_p05_ms") is not None),
             default=None,

@@ -126,6 +126,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         "musetalk_voice_to_frame_p95_ms",
         'musetalk_window_lead_p05_ms{channel="astro"}',
         "musetalk_late_windows_total",
+        "musetalk_skipped_windows_total",
         "musetalk_blend_pending",
         "musetalk_output_reconnects_total",
         "musetalk_audio_queue_depth",
@@ -662,6 +663,7 @@ def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
         stats=ChannelStats(), frame_log=log,
     )  # fmt: skip
     session = SimpleNamespace(base_frame=10)
+
     class Chunk:  # what the feature extractor hands over: frames from start_frame on
         start_frame, windows = 0, ["w10", "w11"]  # frame 10 has left already
 

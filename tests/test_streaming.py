@@ -160,6 +160,32 @@ def test_chunk_size_does_not_change_output_and_no_frame_comes_early(tiny_models,
     torch.testing.assert_close(outs[160], outs[32000], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("canvas", ["aligned", "segment"])
+def test_skipping_frames_a_live_channel_has_shown_keeps_the_later_ones_exact(
+    tiny_models, fixture_file, canvas
+):
+    """A feature thread that fell behind skips the windows it would compute too late: the
+    frames after the skip are the same as without it, and fewer canvases are encoded."""
+    whisper, fe = tiny_models.whisper, tiny_models.feature_extractor
+    audio = _eng16k(fixture_file)[: 16000 * 4]
+    cfg = StreamingConfig(hop_frames=3, canvas=canvas)
+    full = IncrementalFeatureExtractor(whisper, fe, cfg)
+    ref = torch.cat([c.windows for c in (full.push(audio), full.flush()) if c is not None])
+    ex = IncrementalFeatureExtractor(whisper, fe, cfg)
+    first = ex.push(audio[:16000])  # 1 s arrives; then the thread falls 2 s behind
+    done = len(first) if first is not None else 0  # (segment canvases wait for more audio)
+    assert ex.skip_to(52) == 51 - done  # to 51: the start of 52's hop group
+    assert ex.skip_to(40) == 0  # never backwards
+    later = [c for c in (ex.push(audio[16000:]), ex.flush()) if c is not None]
+    assert later[0].start_frame == 51
+    got = torch.cat([c.windows for c in later])
+    assert ref.shape == (100, 50, 384) and got.shape == (49, 50, 384)
+    torch.testing.assert_close(got, ref[51:], rtol=0, atol=1e-5)
+    assert ex.stats.skipped_frames == 51 - done
+    if canvas == "aligned":  # a canvas per hop group: the skipped groups' are never encoded
+        assert ex.stats.canvases < full.stats.canvases
+
+
 def test_60_s_in_20_ms_chunks_gives_1500_frames_in_order(tiny_models, fixture_file):
     whisper, fe = tiny_models.whisper, tiny_models.feature_extractor
     audio = _eng16k(fixture_file)

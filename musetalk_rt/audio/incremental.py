@@ -142,6 +142,7 @@ class ExtractorStats:
     encoder_calls: int = 0
     canvases: int = 0
     frames: int = 0
+    skipped_frames: int = 0  # frames :meth:`IncrementalFeatureExtractor.skip_to` passed over
     call_ms: list[float] = field(default_factory=list)
 
     @property
@@ -504,6 +505,27 @@ class IncrementalFeatureExtractor:
         while self.frame_ready_at(last + 1) <= self.received:
             last = self._group(last + 1)[-1]
         return self._emit(last, None)
+
+    def skip_to(self, frame: int) -> int:
+        """Never compute the windows of frames before ``frame`` (rounded down to a hop group).
+
+        For a live caller: frames already shown, whose windows would be thrown away. The frames
+        from ``frame`` on come out exactly as without the skip (each group's canvas is cut from
+        the audio alone), and the audio only the skipped ones needed is dropped. A thread that
+        fell behind catches up in one call instead of computing every late window, which on a
+        shared encoder also slows every other stream.
+
+        Returns:
+            The frames skipped (0 when ``frame`` is not ahead of the next one to come out).
+        """
+        frame = self._group(frame)[0]  # a group's canvas starts at the group's first frame
+        if self._final is not None or frame <= self.next_frame:
+            return 0
+        skipped = frame - self.next_frame
+        self.next_frame = frame
+        self.stats.skipped_frames += skipped
+        self._trim()
+        return skipped
 
     def flush(self) -> FeatureChunk | None:
         """End of stream: emit the remaining frames, up to ``floor(seconds × 25)`` in all."""

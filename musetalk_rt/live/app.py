@@ -197,6 +197,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         "speech": sum(s["speech_frames"] for s in st),
         "batches": worker.batches,
         "late_windows": sum(s["late_windows"] for s in st),
+        "skipped_windows": sum(s["skipped_windows"] for s in st),
         "idle_s": worker.idle_s,
     }
     d = {k: v - (prev or {}).get(k, 0) for k, v in snap.items()}
@@ -208,7 +209,12 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         + (f" (mean {d['frames'] / d['batches']:.1f})" if d["batches"] else "")
         + f", talking frames on time {d['speech']}, late {d['late']}"
         + (f" ({d['shed']} of them skipped: no time left)" if d["shed"] else "")
-        + (f", audio windows too late {d['late_windows']}" if d["late_windows"] else "")
+        + (
+            f", audio windows too late {d['late_windows']}"
+            + (f" (and {d['skipped_windows']} skipped)" if d["skipped_windows"] else "")
+            if d["late_windows"] or d["skipped_windows"]
+            else ""
+        )
         + f", worker idle {d['idle_s']:.1f} s"
         + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
         + (f", outputs down {outs_down}" if outs_down else "")

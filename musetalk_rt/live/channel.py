@@ -13,6 +13,7 @@ Threads and queues (each bounded, each with its overflow policy):
 - the **feature thread** resamples nothing (ingest did), stores audio per frame, runs the
   incremental whisper extractor and the VAD — on all the chunks that queued up since its last
   turn at once (at most ``MAX_GATHER``), so a thread that fell behind catches up in a few calls;
+  and it skips the windows of frames already on screen (lost anyway) instead of computing them;
 - the shared GPU worker (:mod:`.worker`) picks frames that are speech, have their window and are
   due soon, and stores the blended frames;
 - the **clock thread** emits frame ``m`` at its deadline: the generated frame if ready (cross-
@@ -65,6 +66,7 @@ class ChannelStats:
     dropped_audio_chunks: int = 0
     sessions: int = 0
     late_windows: int = 0  # audio windows that reached the channel after their frame left
+    skipped_windows: int = 0  # windows not computed: their frame had left before the audio came
     voice_to_frame_ms: list[float] = field(default_factory=list)  # last 500
     # how long before its frame's deadline each window reached the channel (last 500): the
     # slack left for the GPU batch and the blend; near zero or negative = the audio path lags
@@ -279,6 +281,9 @@ class LiveChannel:
                     self.arrival[m] = arrived  # when the ingest handed over its last sample
         pcm = block[0][0] if len(block) == 1 else np.concatenate([c for c, _ in block])
         s.vad.push(pcm)
+        # behind: frames up to the one on screen now are lost anyway; their windows are not
+        # computed (on the shared encoder they would also delay every other channel's)
+        self.stats.skipped_windows += s.extractor.skip_to(self.next_out + 1 - s.base_frame)
         self._take(s, s.extractor.push(pcm))
 
     def _take(self, s: _Session, chunk) -> None:

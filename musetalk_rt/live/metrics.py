@@ -30,6 +30,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         ("dropped_audio_chunks", "counter", "ingest chunks dropped on a full audio queue"),
         ("sessions", "counter", "sender sessions"),
         ("late_windows", "counter", "audio windows that came after their frame was shown"),
+        ("skipped_windows", "counter", "windows not computed: their frame was shown before"),
     ):
         metric(f"{key}_total", kind, text, [({"channel": ch.name}, s[key]) for ch, s in st])
     metric(
