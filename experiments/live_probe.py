@@ -199,6 +199,7 @@ def probe(n: int, args, extra: list[str]) -> dict:
                 "overlapped_batches",
                 "worker_idle_s",
                 "blend_wait_s",
+                "fill_wait_s",
                 "gpu_shed_frames",
                 "expected_ms",
                 "stage_ms",

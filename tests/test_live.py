@@ -135,6 +135,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         "musetalk_gpu_worker_overlapped_batches_total",
         "musetalk_gpu_worker_idle_seconds_total",
         "musetalk_gpu_worker_blend_wait_seconds_total",
+        "musetalk_gpu_worker_fill_wait_seconds_total",
         "musetalk_gpu_worker_shed_frames_total",
     ):
         assert name in text, name
@@ -605,6 +606,33 @@ def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
     hopeless = [(now + 0.01, 0, 3), (now + 0.02, 0, 4), (now + 0.03, 1, 9)]
     assert worker._select(hopeless, now) == hopeless[-2:]  # the latest, one bucket's worth
     assert GpuWorker(gen, [], horizon_s=1.0, shed=False)._select(jobs, now) == jobs
+    worker.stop()
+
+
+def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
+    """A batch costs its bucket's GPU time however few frames it has: a partial batch waits for
+    company while its earliest deadline is further away than the slowest recent batch, a blend
+    and the guard; a full one, an unmeasured worker or ``fill=False`` never waits."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from musetalk_rt.live.worker import GpuWorker
+
+    gen = SimpleNamespace(batch_sizes=[4], device=torch.device("cpu"))
+    worker = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1, fill=True, fill_guard_s=0.02)
+    assert GpuWorker(gen, [], horizon_s=1.0, blend_threads=1).fill is False  # CPU default
+    now = 1000.0
+    jobs = [(now + 0.2, 0, 1), (now + 0.3, 0, 2)]
+    assert not worker._can_wait(jobs, now)  # no batch measured yet
+    worker._batch_s.extend([0.05, 0.08, 0.06])  # the slowest counts: 80 ms
+    worker._blend_s.extend([0.01, 0.01])
+    assert worker._can_wait(jobs, now)  # 200 ms left > 80 + 10 + 20 ms
+    assert not worker._can_wait(jobs, now + 0.095)  # 105 ms left: launch now
+    full = [(now + 0.2, 0, m) for m in range(4)]
+    assert not worker._can_wait(full, now)  # a full bucket never waits
+    worker.fill = False
+    assert not worker._can_wait(jobs, now)
     worker.stop()
 
 

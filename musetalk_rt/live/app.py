@@ -418,7 +418,11 @@ def run(args) -> int:
         if not o.wait_ready(30.0):
             print(f"warning: output {o.label} is not ready after 30 s; starting anyway", flush=True)
     worker = GpuWorker(
-        gen, channels, horizon_s=max(0.2, delay_s - lookahead_s), shed=not args.no_load_shedding
+        gen,
+        channels,
+        horizon_s=max(0.2, delay_s - lookahead_s),
+        shed=not args.no_load_shedding,
+        fill=False if args.no_batch_fill else None,
     )
     sinks = {ch.name: ch for ch in channels}
     speech_sinks = []
@@ -563,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate every due speech frame, also those that cannot be ready by their "
         "deadline (by default they are skipped, shown idle and counted late, so that an "
         "overloaded GPU keeps the other frames on time)",
+    )
+    p.add_argument(
+        "--no-batch-fill",
+        action="store_true",
+        help="launch a partial batch as soon as the GPU can take it (by default, on CUDA, it "
+        "waits for more frames while its earliest deadline allows: a batch is padded to its "
+        "bucket, so fuller batches serve more frames per GPU second)",
     )
     p.add_argument(
         "--status-interval-s",

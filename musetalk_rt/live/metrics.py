@@ -99,6 +99,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         ("overlapped_batches", "overlapped", "batches launched while the last was still running"),
         ("idle_seconds", "idle_s", "seconds the GPU worker had nothing due"),
         ("blend_wait_seconds", "blend_wait_s", "seconds it waited for the blend threads"),
+        ("fill_wait_seconds", "fill_wait_s", "seconds a partial batch waited for more frames"),
         ("shed_frames", "shed_frames", "due frames skipped: no time left before their deadline"),
     ):
         metric(f"gpu_worker_{name}_total", "counter", text, [({}, round(getattr(worker, key), 3))])
