@@ -14,6 +14,8 @@
 #   experiments/gpu_runs.sh aoti-bg    # the aoti builds of B1/8/16/32 started in a new session
 #                                      # (setsid), so they go on after this call returns
 #   experiments/gpu_runs.sh aoti-bench # waits for aoti-bg's builds, then benches each bucket
+#   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
+#                                      # nginx-rtmp unpacked from the carried .debs (60 s)
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #
 # Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
@@ -110,6 +112,13 @@ aoti-bench)
     tail -n 2 "$L/bench_aoti_b$b.txt"
   done
   ;;
+e2e1)
+  eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
+  timeout 400 "$PY" -m musetalk_rt bench e2e --engine compile --dtype fp16 --batch-sizes 4 \
+    --compile-freezing --stream-lookahead-ms 0 --delay-margin-ms 40 --duration-s 60 \
+    "${SYN[@]}" --out "$R" > "$L/e2e1.txt" 2>&1
+  tail -n 12 "$L/e2e1.txt"
+  ;;
 baseline)
   common=(--dtype fp16 --batch-sizes 1,4,8,16,32 --iters 50 "${SYN[@]}" --out "$R"
           --gpu-turns /tmp/gpu_turns --gpu-peers 2)
@@ -121,7 +130,7 @@ baseline)
   tail -n 8 "$L"/bench_*.txt
   ;;
 *)
-  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|aoti-bg|aoti-bench|baseline" >&2
+  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline" >&2
   exit 2
   ;;
 esac
