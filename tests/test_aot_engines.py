@@ -116,11 +116,19 @@ def test_aoti_loads_single_threaded_when_it_captures_cuda_graphs(tmp_path, monke
     get_engine("aoti")._load(tmp_path / "b4.pt2")  # the default: no graphs
     path = str(tmp_path / "b4.pt2")
     assert seen == [(path, "model", True, 1, -1), (path, "model", False, 1, -1)]
-    # torch without the loader's internal names: the public call, with the same choice
-    monkeypatch.delattr(torch._C._aoti, "AOTIModelPackageLoader")
+    # torch whose loader takes other arguments, or has another name: the public call, with
+    # the same choice of runner
     monkeypatch.setattr(
         torch._inductor, "aoti_load_package", lambda path, **kw: seen.append(kw) or path
     )
+
+    def other_signature(*args):
+        raise TypeError("AOTIModelPackageLoader(): incompatible constructor arguments")
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", other_signature)
+    get_engine("aoti")._load(tmp_path / "b4.pt2")
+    assert seen[-1] == {"run_single_threaded": False}
+    monkeypatch.delattr(torch._C._aoti, "AOTIModelPackageLoader")
     get_engine("aoti", cuda_graphs=True)._load(tmp_path / "b4.pt2")
     assert seen[-1] == {"run_single_threaded": True}
 
