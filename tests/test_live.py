@@ -709,6 +709,34 @@ def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
     assert 0 < rec["lead_ms"] <= 200 + 400  # frame 10 is due 0.2 s + 10/25 s after t0
 
 
+def test_a_channel_behind_its_clock_skips_the_windows_of_frames_already_shown(
+    tiny_models, fixture_file
+):
+    """The feature thread, handed audio after the clock has shown its frames, computes windows
+    only from the frame after the one on screen: earlier ones are counted as skipped, never
+    encoded, and never reach the worker."""
+    from types import SimpleNamespace
+
+    from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel, _Session
+    from musetalk_rt.media import load_audio
+
+    audio = load_audio(fixture_file("eng.wav")).to_mono_16k()[: 16000 * 2]  # 50 frames
+    ex = IncrementalFeatureExtractor(
+        tiny_models.whisper, tiny_models.feature_extractor, StreamingConfig(hop_frames=1)
+    )
+    session = _Session(base_frame=100, extractor=ex, vad=SimpleNamespace(push=lambda pcm: None))
+    ch = SimpleNamespace(
+        name="c0", t0=time.monotonic(), delay_s=10.0, next_out=130, windows={}, arrival={},
+        _audio={}, stats=ChannelStats(), frame_log=None,
+    )  # fmt: skip
+    ch._take = lambda s, chunk: LiveChannel._take(ch, s, chunk)
+    LiveChannel._add_audio(ch, session, [(audio, time.monotonic())])
+    assert ch.stats.skipped_windows == 31  # frames 100..130 of the clock: on screen or gone
+    assert min(ch.windows) == 131 and ch.stats.late_windows == 0
+    assert ex.stats.skipped_frames == 31 and len(ch._audio) == 50  # the audio stays whole
+
+
 def test_writer_with_few_encoder_threads_makes_a_playable_file(tmp_path):
     """``--encoder-threads`` reaches x264: one thread still gives H.264 + AAC at 25 fps."""
     from musetalk_rt.live.output import AVStreamWriter
