@@ -133,8 +133,11 @@ class GpuWorker:
         """
         if not self._batch_s:
             return None
-        blend_s = statistics.median(self._blend_s) if self._blend_s else 0.0
-        return statistics.median(self._batch_s) + blend_s
+        return statistics.median(self._batch_s) + self._blend_median_s()
+
+    def _blend_median_s(self) -> float:
+        """The median of the last blends, seconds (0 before the first)."""
+        return statistics.median(self._blend_s) if self._blend_s else 0.0
 
     def _select(self, jobs: list, now: float) -> list:
         """The due ``(deadline, channel, frame)`` jobs worth taking, earliest deadline first."""
@@ -156,8 +159,8 @@ class GpuWorker:
         """Whether a partial batch may wait for more frames (see the module docstring)."""
         if not self.fill or not jobs or len(jobs) >= self.max_batch or not self._batch_s:
             return False
-        blend_s = statistics.median(self._blend_s) if self._blend_s else 0.0
-        return jobs[0][0] - now > max(self._batch_s) + blend_s + self.fill_guard_s
+        need_s = max(self._batch_s) + self._blend_median_s() + self.fill_guard_s
+        return jobs[0][0] - now > need_s
 
     def _due(self, now: float) -> list:
         jobs = [
@@ -178,14 +181,10 @@ class GpuWorker:
                 inflight = None
                 continue
             if not jobs:
-                t = time.perf_counter()
-                self._stop.wait(0.005)
-                self.idle_s += time.perf_counter() - t
+                self.idle_s += self._nap()
                 continue
             if self._can_wait(jobs, now):  # a partial batch with time to spare: let it fill
-                t = time.perf_counter()
-                self._stop.wait(0.005)
-                self.fill_wait_s += time.perf_counter() - t
+                self.fill_wait_s += self._nap()
                 continue
             take = [(self.channels[i], m) for _, i, m in jobs[: self.max_batch]]
             try:
@@ -203,6 +202,12 @@ class GpuWorker:
                 inflight = None
         if inflight is not None:
             self._finish(inflight)
+
+    def _nap(self) -> float:
+        """Wait 5 ms (a stop ends it at once); returns the seconds waited."""
+        t = time.perf_counter()
+        self._stop.wait(0.005)
+        return time.perf_counter() - t
 
     def _launch(self, work: list):
         """Queue one batch on the GPU; returns what :meth:`_finish` needs, or None."""
