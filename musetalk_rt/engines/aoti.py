@@ -325,15 +325,13 @@ def load_package(path: Path, run_single_threaded: bool = False):
         path: The package.
         run_single_threaded: The runner a CUDA graph can capture (see :class:`AotiEngine`).
     """
-    public = torch._inductor.aoti_load_package
     try:
         from torch._inductor.package.package import AOTICompiledModel
 
-        loader = torch._C._aoti.AOTIModelPackageLoader
-    except (ImportError, AttributeError):
-        return public(str(path), run_single_threaded=run_single_threaded)
-    try:  # (path, model name, single-threaded, runners, device index: -1 = the current device)
-        runner = loader(str(path), "model", run_single_threaded, 1, -1)
-    except TypeError:  # another torch's loader signature
-        return public(str(path), run_single_threaded=run_single_threaded)
+        # (path, model name, single-threaded, runners, device index: -1 = the current device)
+        runner = torch._C._aoti.AOTIModelPackageLoader(
+            str(path), "model", run_single_threaded, 1, -1
+        )
+    except (ImportError, AttributeError, TypeError):  # another torch's names or signature
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded)
     return AOTICompiledModel(runner)
