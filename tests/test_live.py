@@ -585,8 +585,9 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
 
 def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
     """With a measured 50 ms from launch to faces and 5 ms per blend, a frame due sooner than
-    55 ms is skipped (counted once however often it is offered); with no measurement yet, or
-    when no frame could make it, nothing is skipped."""
+    55 ms is skipped; it counts as shed once, when its deadline passes without it being taken
+    (one taken a pass later, the estimate having fallen, is not counted); with no measurement
+    yet, or when no frame could make it, nothing is skipped."""
     from types import SimpleNamespace
 
     import torch
@@ -602,7 +603,10 @@ def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
     worker._blend_s.extend([0.005, 0.005, 0.2])
     assert worker.expected_s() == pytest.approx(0.055)
     assert worker._select(jobs, now) == jobs[2:]
-    assert worker._select(jobs, now) == jobs[2:] and worker.shed_frames == 2  # counted once
+    assert worker._select(jobs, now) == jobs[2:] and worker.shed_frames == 0  # not yet due
+    worker._shed_seen.pop((1, 7))  # taken by a later pass (as ``_run`` does when it takes it)
+    assert worker._select([], now + 0.1) == [] and worker.shed_frames == 1  # frame 1 only
+    assert worker._select([], now + 0.2) == [] and worker.shed_frames == 1  # counted once
     hopeless = [(now + 0.01, 0, 3), (now + 0.02, 0, 4), (now + 0.03, 1, 9)]
     assert worker._select(hopeless, now) == hopeless[-2:]  # the latest, one bucket's worth
     assert GpuWorker(gen, [], horizon_s=1.0, shed=False)._select(jobs, now) == jobs

@@ -109,7 +109,7 @@ class GpuWorker:
         self.idle_s = 0.0  # time with nothing due
         self.blend_wait_s = 0.0  # time blocked on the blend backpressure
         self.shed = shed
-        self.shed_frames = 0  # frames not taken: their deadline came before a batch could
+        self.shed_frames = 0  # frames passed over and still not taken at their deadline
         self._shed_seen: dict[tuple[int, int], float] = {}  # (channel, frame) -> deadline
         self._batch_s: deque[float] = deque(maxlen=8)  # launch -> faces on the host, seconds
         self._blend_s: deque[float] = deque(maxlen=32)  # one blend, seconds
@@ -140,7 +140,13 @@ class GpuWorker:
         return statistics.median(self._blend_s) if self._blend_s else 0.0
 
     def _select(self, jobs: list, now: float) -> list:
-        """The due ``(deadline, channel, frame)`` jobs worth taking, earliest deadline first."""
+        """The due ``(deadline, channel, frame)`` jobs worth taking, earliest deadline first.
+
+        A frame passed over is remembered, not counted: the estimate moves with every batch, so
+        a frame passed over now may be taken (and shown on time) a pass later. It counts as shed
+        only when its deadline comes and it was never taken (:meth:`_settle_shed`).
+        """
+        self._settle_shed(now)
         need = self.expected_s() if self.shed else None
         if need is None or not jobs:
             return jobs
@@ -148,12 +154,17 @@ class GpuWorker:
         if k == len(jobs):  # none feasible: the latest ones (and a fresh measurement)
             return jobs[-self.max_batch :]
         for d, i, m in jobs[:k]:
-            if (i, m) not in self._shed_seen:  # offered again every pass: count once
-                self._shed_seen[(i, m)] = d
-                self.shed_frames += 1
-        if len(self._shed_seen) > 4096:
-            self._shed_seen = {key: d for key, d in self._shed_seen.items() if d >= now}
+            self._shed_seen[(i, m)] = d
         return jobs[k:]
+
+    def _settle_shed(self, now: float) -> None:
+        """Count the passed-over frames whose deadline has come without them being taken."""
+        if not self._shed_seen:
+            return
+        gone = [key for key, d in self._shed_seen.items() if d < now]
+        for key in gone:
+            del self._shed_seen[key]
+        self.shed_frames += len(gone)
 
     def _can_wait(self, jobs: list, now: float) -> bool:
         """Whether a partial batch may wait for more frames (see the module docstring)."""
@@ -187,6 +198,8 @@ class GpuWorker:
                 self.fill_wait_s += self._nap()
                 continue
             take = [(self.channels[i], m) for _, i, m in jobs[: self.max_batch]]
+            for _, i, m in jobs[: self.max_batch]:
+                self._shed_seen.pop((i, m), None)  # passed over earlier, taken now: not shed
             try:
                 launched = self._launch(take)
             except Exception:  # never take the show down: log, count, go on with idle frames
