@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import ssl
@@ -218,8 +219,38 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         + f", worker idle {d['idle_s']:.1f} s"
         + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
         + (f", outputs down {outs_down}" if outs_down else "")
+        + (delay_hint(channels, worker, st) if d["late"] else "")
     )
     return line, snap
+
+
+def delay_hint(channels: list, worker, stats: list[dict]) -> str:
+    """A hint for the status line when frames come late because ``D`` leaves too little time.
+
+    A frame can be generated only once its audio window exists; under load it may wait for the
+    batch running when its window arrives and then ride in the next one
+    (:meth:`~.worker.GpuWorker.frame_wait_s`). When the windows' lead over their frames (the
+    5th percentile of the last ones, the worst channel) is shorter than that, frames come late
+    however fast the GPU is, and a longer playout delay is the remedy: the hint names one (the
+    shortfall plus 50 ms, rounded up to 50 ms). On an H200 at 12 channels the windows' lead fell
+    from ~170 ms idle to ~100 ms (p50) under load while a batch cycle took ~55 ms.
+
+    Returns:
+        ``", hint: …"`` or ``""`` when the lead is enough or nothing was measured yet.
+    """
+    leads = [s["window_lead_p05_ms"] for s in stats if s["window_lead_p05_ms"] is not None]
+    wait_s = worker.frame_wait_s()
+    if not leads or wait_s is None or not channels:
+        return ""
+    lead_ms, wait_ms = min(leads), wait_s * 1000
+    if lead_ms >= wait_ms:
+        return ""
+    delay_ms = max(ch.delay_s for ch in channels) * 1000
+    suggest_ms = math.ceil((delay_ms + wait_ms - lead_ms + 50) / 50) * 50
+    return (
+        f", hint: audio windows come {lead_ms:.0f} ms before their frame (p05) but a frame may"
+        f" need {wait_ms:.0f} ms (two batches and a blend): restart with --delay-ms {suggest_ms}"
+    )
 
 
 async def _report_status(channels, worker, interval_s: float) -> None:

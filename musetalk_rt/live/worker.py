@@ -135,6 +135,17 @@ class GpuWorker:
             return None
         return statistics.median(self._batch_s) + self._blend_median_s()
 
+    def frame_wait_s(self) -> float | None:
+        """The longest a frame may take from its audio window to its blended face, seconds.
+
+        Under load a window can arrive just after a batch was launched: the frame waits for
+        that batch and then rides in the next, so two medians of launch-to-faces plus a blend.
+        None before the first batch.
+        """
+        if not self._batch_s:
+            return None
+        return 2 * statistics.median(self._batch_s) + self._blend_median_s()
+
     def _blend_median_s(self) -> float:
         """The median of the last blends, seconds (0 before the first)."""
         return statistics.median(self._blend_s) if self._blend_s else 0.0
