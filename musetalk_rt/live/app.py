@@ -558,7 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[4],
         help="buckets the GPU worker batches into (default: 4)",
     )
-    p.add_argument("--delay-ms", type=int, help="playout delay D (default: derived at start)")
+    p.add_argument(
+        "--delay-ms",
+        type=int,
+        help="playout delay D (default: derived at start from an idle GPU; with many channels "
+        "give it more: the status line names a value when frames come late for want of it)",
+    )
     p.add_argument(
         "--delay-margin-ms",
         type=int,
