@@ -52,6 +52,10 @@ channels)
     > "$L/live_probe.txt" 2>&1
   tail -3 "$L/live_probe.txt"
   cp /tmp/lp/live_n*.log "$L/" 2>/dev/null
+  # where the time went, per 30 s (the windows' lead and its parts, batches, late frames)
+  "$PY" -m musetalk_rt.live.framelog "/tmp/lp/frames_n${2:-12}.jsonl" --bin-s 30 \
+    > "$L/frames_summary_n${2:-12}.txt" 2>&1
+  cut -c1-200 "$L/frames_summary_n${2:-12}.txt"
   gzip -c /tmp/lp/frames_n*.jsonl > "$OUT/frames.jsonl.gz" 2>/dev/null
   ;;
 aoti)

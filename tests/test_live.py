@@ -513,14 +513,16 @@ def test_gpu_worker_skips_frames_whose_window_the_clock_dropped():
     worker.stop()
 
 
-def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
+def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits(tmp_path):
     """A full batch waiting while one runs is launched before the running one is collected; a
     partial one waits for the collection (launched at once it would be padded to a full
-    bucket). Every frame is generated once and blended."""
+    bucket). Every frame is generated once and blended; the frame log gets a record per
+    batch."""
     from types import SimpleNamespace
 
     import torch
 
+    from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.worker import GpuWorker
 
     events = []
@@ -563,7 +565,10 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
 
     base = time.monotonic() + 60  # deadlines a minute away: nothing to shed
     ch = Channel()
-    worker = Worker(Gen(), [ch], horizon_s=1.0, blend_threads=1, overlap=True)  # as on CUDA
+    log = FrameLog(tmp_path / "frames.jsonl")
+    worker = Worker(
+        Gen(), [ch], horizon_s=1.0, blend_threads=1, overlap=True, frame_log=log
+    )  # as on CUDA
     worker.start()
     deadline = time.monotonic() + 20
     while len(ch.generated) < 10 and time.monotonic() < deadline:
@@ -581,6 +586,14 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits():
     st = worker.stats_dict()
     assert (st["gpu_batches"], st["gpu_frames"], st["overlapped_batches"]) == (3, 10, 1)
     assert st["gpu_shed_frames"] == 0
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    assert [(r["ev"], r["n"], r["overlapped"]) for r in recs] == [
+        ("batch", 4, False),
+        ("batch", 4, True),
+        ("batch", 2, False),
+    ]
+    assert all(r["faces"] >= r["launched"] and 59_000 < r["lead_ms"] < 61_000 for r in recs)
 
 
 def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
@@ -714,15 +727,17 @@ def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
 
 
 def test_a_channel_behind_its_clock_skips_the_windows_of_frames_already_shown(
-    tiny_models, fixture_file
+    tiny_models, fixture_file, tmp_path
 ):
     """The feature thread, handed audio after the clock has shown its frames, computes windows
     only from the frame after the one on screen: earlier ones are counted as skipped, never
-    encoded, and never reach the worker."""
+    encoded, and never reach the worker. The frame log's ``windows`` record says where the time
+    went (ingest lag against the media clock, queue, voice activity, features)."""
     from types import SimpleNamespace
 
     from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
     from musetalk_rt.live.channel import ChannelStats, LiveChannel, _Session
+    from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.media import load_audio
 
     audio = load_audio(fixture_file("eng.wav")).to_mono_16k()[: 16000 * 2]  # 50 frames
@@ -730,15 +745,25 @@ def test_a_channel_behind_its_clock_skips_the_windows_of_frames_already_shown(
         tiny_models.whisper, tiny_models.feature_extractor, StreamingConfig(hop_frames=1)
     )
     session = _Session(base_frame=100, extractor=ex, vad=SimpleNamespace(push=lambda pcm: None))
+    log = FrameLog(tmp_path / "frames.jsonl")
+    t0 = time.monotonic() - 6.0  # frame 100 started 2 s ago, its 2 s of audio arrive now
     ch = SimpleNamespace(
-        name="c0", t0=time.monotonic(), delay_s=10.0, next_out=130, windows={}, arrival={},
-        _audio={}, stats=ChannelStats(), frame_log=None,
+        name="c0", t0=t0, delay_s=10.0, next_out=130, windows={}, arrival={},
+        _audio={}, stats=ChannelStats(), frame_log=log,
     )  # fmt: skip
-    ch._take = lambda s, chunk: LiveChannel._take(ch, s, chunk)
-    LiveChannel._add_audio(ch, session, [(audio, time.monotonic())])
+    ch._take = lambda *a: LiveChannel._take(ch, *a)
+    arrived = time.monotonic()
+    LiveChannel._add_audio(ch, session, [(audio, arrived)])
+    log.close()
     assert ch.stats.skipped_windows == 31  # frames 100..130 of the clock: on screen or gone
     assert min(ch.windows) == 131 and ch.stats.late_windows == 0
     assert ex.stats.skipped_frames == 31 and len(ch._audio) == 50  # the audio stays whole
+    rec = json.loads((tmp_path / "frames.jsonl").read_text().splitlines()[0])
+    assert rec["ev"] == "windows" and rec["frame"] == 131 and rec["chunks"] == 1
+    # its last sample was spoken at t0 + 150/25 s = arrived: no ingest lag
+    assert rec["ingest_lag_ms"] == pytest.approx((arrived - (t0 + 6.0)) * 1000, abs=0.01)
+    assert abs(rec["ingest_lag_ms"]) < 50
+    assert rec["queued_ms"] >= 0 and rec["vad_ms"] >= 0 and rec["features_ms"] > 0
 
 
 def test_writer_with_few_encoder_threads_makes_a_playable_file(tmp_path):
@@ -865,3 +890,53 @@ def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_f
     assert "hint" not in status_line([channel(60.0, 30)], idle, None, 30.0)[0]
     worker.stop()
     idle.stop()
+
+
+def test_frame_log_summary_tells_where_the_time_went(tmp_path, capsys):
+    """``python -m musetalk_rt.live.framelog``: per interval the windows' lead and its parts,
+    the batches and the late frames of the file's last run (the file is appended to); bad
+    files get one line and exit 2."""
+    from musetalk_rt.live.framelog import FrameLog, main, summarize
+
+    path = tmp_path / "frames.jsonl"
+    log = FrameLog(path)
+    for run, t0 in enumerate((100.0, 500.0)):  # two runs in one file: the last one counts
+        log.write(ev="delay", delay_ms=350.0, derived=True)
+        log.write(ev="start", ch="c0", t0=t0, delay_ms=350.0)
+        parts = {"ingest_lag_ms": 5.0, "queued_ms": 1.0, "chunks": 1, "vad_ms": 2.0}
+        log.write(
+            ev="windows", ch="c0", frame=1, n=2, t=t0 + 1.0, lead_ms=150.0, late=0,
+            features_ms=8.0, **parts,
+        )  # fmt: skip
+        log.write(ev="windows", ch="c0", frame=260, n=1, t=t0 + 11.0, lead_ms=40.0 + run, late=0)
+        log.write(ev="batch", n=4, launched=t0 + 11.0, faces=t0 + 11.05, lead_ms=90.0,
+                  overlapped=False)  # fmt: skip
+        for kind, out in (("speech", "a.mp4"), ("late", "a.mp4"), ("late", "b.mp4")):
+            log.write(ev="frame", ch="c0", out=out, frame=260, kind=kind, emitted=t0 + 12.0)
+    log.close()
+    rows = summarize(path, bin_s=10.0)
+    assert [r["t_s"] for r in rows] == [0.0, 10.0]
+    first, second = rows
+    assert (first["windows"], first["lead_p50_ms"], first["features_p50_ms"]) == (2, 150.0, 8.0)
+    assert (first["ingest_lag_p50_ms"], first["queued_p95_ms"], first["vad_p95_ms"]) == (
+        5.0, 1.0, 2.0,
+    )  # fmt: skip
+    assert second["lead_p05_ms"] == 41.0  # the last run's
+    assert (second["batches"], second["mean_batch"], second["batch_p50_ms"]) == (1, 4.0, 50.0)
+    assert (second["talking_on_time"], second["late"]) == (1, 1)  # one output per channel
+    assert summarize(path, run=0)[1]["lead_p05_ms"] == 40.0
+
+    assert main([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[1])["t_s"] == 10.0
+    assert main([str(path)]) == 0 and "lead_p05_ms" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    for text, msg in (
+        ('{"ev": "start"\n{"ev": "frame"}\n', "not a frame log record"),
+        ('{"ev": "frame"}\n', "no channel start record"),
+    ):
+        bad.write_text(text)
+        assert main([str(bad)]) == 2 and msg in capsys.readouterr().err
+    assert main([str(tmp_path / "none.jsonl")]) == 2
+    assert "cannot read the frame log" in capsys.readouterr().err
+    assert main([str(path), "--run", "2"]) == 2 and "holds 2 run(s)" in capsys.readouterr().err
+    assert main([str(path), "--bin-s", "0"]) == 2 and "must be positive" in capsys.readouterr().err

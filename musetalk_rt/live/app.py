@@ -454,6 +454,7 @@ def run(args) -> int:
         horizon_s=max(0.2, delay_s - lookahead_s),
         shed=not args.no_load_shedding,
         fill=False if args.no_batch_fill else None,
+        frame_log=frame_log,
     )
     sinks = {ch.name: ch for ch in channels}
     speech_sinks = []

@@ -279,14 +279,31 @@ class LiveChannel:
                 self._audio[m] = cur
                 if b == (f + 1) * AUDIO_PER_FRAME:
                     self.arrival[m] = arrived  # when the ingest handed over its last sample
+        t_start = time.monotonic()
         pcm = block[0][0] if len(block) == 1 else np.concatenate([c for c, _ in block])
         s.vad.push(pcm)
+        t_vad = time.monotonic()
         # behind: frames up to the one on screen now are lost anyway; their windows are not
         # computed (on the shared encoder they would also delay every other channel's)
         self.stats.skipped_windows += s.extractor.skip_to(self.next_out + 1 - s.base_frame)
-        self._take(s, s.extractor.push(pcm))
+        chunk = s.extractor.push(pcm)
+        if self.frame_log and chunk is not None:
+            newest = block[-1][1]
+            # where a window's lead goes: the ingest (its newest sample against the media
+            # clock), the queue to this thread, the voice activity call, the features
+            spoken = self.t0 + s.base_frame / FPS + s.samples / (AUDIO_PER_FRAME * FPS)
+            parts = {
+                "ingest_lag_ms": round((newest - spoken) * 1000.0, 3),
+                "queued_ms": round((t_start - newest) * 1000.0, 3),
+                "chunks": len(block),
+                "vad_ms": round((t_vad - t_start) * 1000.0, 3),
+                "features_ms": round((time.monotonic() - t_vad) * 1000.0, 3),
+            }
+        else:
+            parts = None
+        self._take(s, chunk, parts)
 
-    def _take(self, s: _Session, chunk) -> None:
+    def _take(self, s: _Session, chunk, parts: dict | None = None) -> None:
         if chunk is None:
             return
         now = time.monotonic()
@@ -310,6 +327,7 @@ class LiveChannel:
                 t=now,
                 lead_ms=round(min(leads), 3),
                 late=late,
+                **(parts or {}),
             )
 
     def is_speech(self, m: int) -> bool:

@@ -18,6 +18,17 @@ Records (the key ``ev`` says which):
 - ``windows``: the audio path handed a channel the whisper windows of ``n`` frames from
   ``frame`` on, at ``t``; ``lead_ms``: how long before the first one's deadline (negative:
   after), ``late``: how many came after their frame had already left (lost to the worker).
+  Where the lead went (not on a session's last, flushed windows): ``ingest_lag_ms`` (when the
+  ingest handed over the newest audio, against when the media clock says it was spoken: a
+  constant offset plus the ingest's delays), ``queued_ms`` (from then until the feature thread
+  took it), ``chunks`` (ingest chunks analysed together), ``vad_ms`` (the voice activity call)
+  and ``features_ms`` (the whisper features, the wait for the shared encoder included).
+- ``batch``: the GPU worker collected a batch: ``n`` frames, ``launched`` and ``faces`` (when
+  it was launched and when its faces reached the host), ``lead_ms`` (its earliest deadline
+  minus the launch), ``overlapped`` (launched while another was in flight).
+
+``python -m musetalk_rt.live.framelog FILE [--bin-s 10]`` prints where the time went, one row
+per interval (:func:`summarize`): the windows' lead and its parts, the batches, the late frames.
 - ``frame``: an output wrote a frame: ``ch``, ``out`` (its target), ``frame`` (media frame),
   ``writer`` (1 for the output's first connection, +1 per reconnect), ``index`` (the frame's
   index in that connection's stream: its video timestamp is ``index / 25`` s before any shift
@@ -30,8 +41,11 @@ Records (the key ``ev`` says which):
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import threading
+from collections import defaultdict
 from pathlib import Path
 
 from musetalk_rt.errors import UserError
@@ -67,3 +81,130 @@ class FrameLog:
         """Close the file; later writes are ignored."""
         with self._lock:
             self._file.close()
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return round(v[int(q * (len(v) - 1))], 1)
+
+
+def summarize(path: str | Path, bin_s: float = 10.0, run: int = -1) -> list[dict]:
+    """One row per ``bin_s`` seconds of one run in a frame log, from its first channel's start.
+
+    The file is appended to, so it may hold several runs (each begins with its ``delay``
+    record); ``run`` picks one, as a list index (the last by default).
+
+    Per row: windows handed over and their groups' lead (p05, p50 ms: a group's first window)
+    with its parts (``ingest_lag``
+    p50/p95, ``queued`` p95, ``vad`` p95, ``features`` p50/p95 ms); batches, their mean size,
+    launch-to-faces p50/p95 ms and launch lead p05 ms; talking frames shown and late (one output
+    per channel is counted: the first seen).
+
+    Raises:
+        UserError: The file is missing, holds no such run or no channel start.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read the frame log {path}: {exc}") from None
+    recs = []
+    for i, line in enumerate(lines, 1):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines):  # the last line may be cut short by a kill: skip it quietly
+                raise UserError(f"{path}:{i}: not a frame log record") from None
+    firsts = [i for i, r in enumerate(recs) if r.get("ev") == "delay"] or [0]
+    if not -len(firsts) <= run < len(firsts):
+        raise UserError(f"{path}: run {run}: the file holds {len(firsts)} run(s)")
+    k = run % len(firsts)
+    recs = recs[firsts[k] : firsts[k + 1] if k + 1 < len(firsts) else len(recs)]
+    starts = [r["t0"] for r in recs if r.get("ev") == "start"]
+    if not starts:
+        raise UserError(f"{path}: no channel start record; is it a --frame-log file?")
+    t0 = min(starts)
+    bins: dict[int, dict] = defaultdict(lambda: defaultdict(list))
+    first_out: dict[str, str] = {}
+    for r in recs:
+        ev = r.get("ev")
+        if ev == "windows":
+            b = bins[int((r["t"] - t0) // bin_s)]
+            b["lead"].append(r["lead_ms"])
+            b["windows"].append(r["n"])
+            for k in ("ingest_lag_ms", "queued_ms", "vad_ms", "features_ms"):
+                if k in r:
+                    b[k].append(r[k])
+        elif ev == "batch":
+            b = bins[int((r["launched"] - t0) // bin_s)]
+            b["n"].append(r["n"])
+            b["batch_ms"].append((r["faces"] - r["launched"]) * 1000.0)
+            if r.get("lead_ms") is not None:
+                b["launch_lead"].append(r["lead_ms"])
+        elif ev == "frame" and r.get("kind") in ("speech", "late"):
+            if first_out.setdefault(r["ch"], r.get("out")) != r.get("out"):
+                continue
+            bins[int((r["emitted"] - t0) // bin_s)][r["kind"]].append(1)
+    rows = []
+    for k in sorted(bins):
+        b = bins[k]
+        rows.append(
+            {
+                "t_s": round(k * bin_s, 1),
+                "windows": sum(b["windows"]),
+                "lead_p05_ms": _pct(b["lead"], 0.05),
+                "lead_p50_ms": _pct(b["lead"], 0.5),
+                "ingest_lag_p50_ms": _pct(b["ingest_lag_ms"], 0.5),
+                "ingest_lag_p95_ms": _pct(b["ingest_lag_ms"], 0.95),
+                "queued_p95_ms": _pct(b["queued_ms"], 0.95),
+                "vad_p95_ms": _pct(b["vad_ms"], 0.95),
+                "features_p50_ms": _pct(b["features_ms"], 0.5),
+                "features_p95_ms": _pct(b["features_ms"], 0.95),
+                "batches": len(b["n"]),
+                "mean_batch": round(sum(b["n"]) / len(b["n"]), 1) if b["n"] else None,
+                "batch_p50_ms": _pct(b["batch_ms"], 0.5),
+                "batch_p95_ms": _pct(b["batch_ms"], 0.95),
+                "launch_lead_p05_ms": _pct(b["launch_lead"], 0.05),
+                "talking_on_time": len(b["speech"]),
+                "late": len(b["late"]),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m musetalk_rt.live.framelog FILE``: the table of :func:`summarize`."""
+    p = argparse.ArgumentParser(
+        prog="python -m musetalk_rt.live.framelog",
+        description="Where the time went in a live --frame-log: per interval, the audio "
+        "windows' lead and its parts, the GPU batches and the late frames.",
+    )
+    p.add_argument("file", help="a file written by the live process's --frame-log")
+    p.add_argument("--bin-s", type=float, default=10.0, help="interval, seconds (default 10)")
+    p.add_argument(
+        "--run", type=int, default=-1, help="which run of the file (0 = first; default: last)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON line per interval instead")
+    args = p.parse_args(argv)
+    if args.bin_s <= 0:
+        print(f"error: --bin-s {args.bin_s}: must be positive", file=sys.stderr)
+        return 2
+    try:
+        rows = summarize(args.file, args.bin_s, args.run)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    cols = list(rows[0]) if rows else []
+    print(" ".join(f"{c:>{max(len(c), 6)}}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{'-' if r[c] is None else r[c]!s:>{max(len(c), 6)}}" for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,6 +77,7 @@ class GpuWorker:
         overlap: Keep two batches in flight (default: on CUDA, where a launch returns before
             the GPU is done; on the CPU a launch computes the batch, so overlapping would only
             hold back the finished one's blends).
+        frame_log: A :class:`~.framelog.FrameLog` that gets a ``batch`` record per batch.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class GpuWorker:
         shed: bool = True,
         fill: bool | None = None,
         fill_guard_s: float = 0.02,
+        frame_log=None,
     ):
         self.gen = generator
         self.channels = channels
@@ -97,6 +100,7 @@ class GpuWorker:
         self.overlap = on_cuda if overlap is None else overlap
         self.fill = on_cuda if fill is None else fill
         self.fill_guard_s = fill_guard_s
+        self.frame_log = frame_log
         self.fill_wait_s = 0.0  # time a partial batch waited for more frames
         self.blend_threads = blend_threads or max(1, min(4, os.cpu_count() or 1))
         self._blend_pool = ThreadPoolExecutor(self.blend_threads, thread_name_prefix="blend")
@@ -212,13 +216,15 @@ class GpuWorker:
             for _, i, m in jobs[: self.max_batch]:
                 self._shed_seen.pop((i, m), None)  # passed over earlier, taken now: not shed
             try:
-                launched = self._launch(take)
+                launched = self._launch(take, jobs[0][0])
             except Exception:  # never take the show down: log, count, go on with idle frames
                 log.exception("GPU batch failed; those frames will show idle")
                 launched = None
                 time.sleep(0.05)
             if inflight is not None:
-                self.overlapped += launched is not None
+                if launched is not None:
+                    self.overlapped += 1
+                    launched.overlapped = True
                 self._finish(inflight)
             inflight = launched
             if inflight is not None and not self.overlap:
@@ -233,8 +239,12 @@ class GpuWorker:
         self._stop.wait(0.005)
         return time.perf_counter() - t
 
-    def _launch(self, work: list):
-        """Queue one batch on the GPU; returns what :meth:`_finish` needs, or None."""
+    def _launch(self, work: list, earliest_s: float | None = None) -> _Launched | None:
+        """Queue one batch on the GPU; returns what :meth:`_finish` needs, or None.
+
+        ``earliest_s`` is the batch's earliest deadline (``time.monotonic()`` seconds), for the
+        frame log.
+        """
         t0 = time.monotonic()
         # a window the channel's clock has dropped meanwhile: its deadline passed, skip it
         wins = [(ch, m, ch.windows.get(m)) for ch, m in work]
@@ -259,11 +269,11 @@ class GpuWorker:
         except Exception:
             _release(work)
             raise
-        return work, cyc, batch, t0
+        return _Launched(work, cyc, batch, t0, earliest_s)
 
-    def _finish(self, launched) -> None:
+    def _finish(self, launched: _Launched) -> None:
         """Collect a launched batch's faces and hand them to the blend threads."""
-        work, cyc, batch, t0 = launched
+        work, cyc, batch, t0 = launched.work, launched.cyc, launched.batch, launched.t0
         try:
             self.gen.finish(batch, self.clock)
         except Exception:
@@ -271,7 +281,19 @@ class GpuWorker:
             log.exception("GPU batch failed; those frames will show idle")
             time.sleep(0.05)
             return
-        self._batch_s.append(time.monotonic() - t0)
+        faces_t = time.monotonic()
+        self._batch_s.append(faces_t - t0)
+        if self.frame_log:
+            self.frame_log.write(
+                ev="batch",
+                n=len(work),
+                launched=t0,
+                faces=faces_t,
+                lead_ms=None
+                if launched.earliest_s is None
+                else round((launched.earliest_s - t0) * 1000.0, 3),
+                overlapped=launched.overlapped,
+            )
         for (ch, m), c, face in zip(work, cyc, batch.faces, strict=True):
             if not self._blend_slots.acquire(blocking=False):  # backpressure: 4 batches wait
                 t = time.perf_counter()
@@ -309,6 +331,18 @@ class GpuWorker:
         finally:
             ch.pending.discard(m)
             self._blend_slots.release()
+
+
+@dataclass
+class _Launched:
+    """A batch on the GPU, not collected yet."""
+
+    work: list  # (channel, frame)
+    cyc: list[int]  # avatar cycle frames
+    batch: FrameBatch
+    t0: float  # launched, time.monotonic() seconds
+    earliest_s: float | None  # its earliest deadline
+    overlapped: bool = False  # launched while another was in flight
 
 
 def _release(work: list) -> None:
