@@ -103,6 +103,14 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         ("shed_frames", "shed_frames", "due frames skipped: no time left before their deadline"),
     ):
         metric(f"gpu_worker_{name}_total", "counter", text, [({}, round(getattr(worker, key), 3))])
+    wait_s = worker.frame_wait_s()
+    metric(
+        "gpu_worker_frame_wait_ms",
+        "gauge",
+        "two median batches (launch to faces) and a blend: the longest a frame may wait from "
+        "its audio window to its face; a window lead below it makes frames late (0: no batch yet)",
+        [({}, round(wait_s * 1000.0, 1) if wait_s is not None else 0)],
+    )
     metric(
         "stage_ms_total",
         "counter",
