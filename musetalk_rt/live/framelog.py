@@ -43,12 +43,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
 
 from musetalk_rt.errors import UserError
+
+log = logging.getLogger("musetalk_rt.framelog")
 
 
 class FrameLog:
@@ -70,12 +74,27 @@ class FrameLog:
         self._lock = threading.Lock()
 
     def write(self, **record) -> None:
-        """Append one record (floats are rounded to microseconds)."""
-        rec = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
-        line = json.dumps(rec) + "\n"
-        with self._lock:
-            if not self._file.closed:
-                self._file.write(line)
+        """Append one record (floats are rounded to microseconds).
+
+        Never raises: the clock, feature and GPU worker threads write here, and a diagnostic
+        file must not stop the show. The first failure (a full disk, say) is logged and the log
+        closes; later records are dropped.
+        """
+        if self._file.closed:  # closed, or failed before
+            return
+        try:
+            rec = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
+            line = json.dumps(rec) + "\n"
+            with self._lock:
+                if not self._file.closed:
+                    self._file.write(line)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.error("frame log %s: %s; no more records are written", self.path, exc)
+            with self._lock:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Close the file; later writes are ignored."""
@@ -97,62 +116,92 @@ def summarize(path: str | Path, bin_s: float = 10.0, run: int = -1) -> list[dict
     record); ``run`` picks one, as a list index (the last by default).
 
     Per row: windows handed over and their groups' lead (p05, p50 ms: a group's first window)
-    with its parts (``ingest_lag``
-    p50/p95, ``queued`` p95, ``vad`` p95, ``features`` p50/p95 ms); batches, their mean size,
-    launch-to-faces p50/p95 ms and launch lead p05 ms; talking frames shown and late (one output
-    per channel is counted: the first seen).
+    with its parts (``ingest_lag`` p50/p95, ``queued`` p95, ``vad`` p95, ``features`` p50/p95
+    ms); batches, their mean size, launch-to-faces p50/p95 ms and launch lead p05 ms; talking
+    frames shown and late (one output per channel is counted: the first seen).
 
     Raises:
-        UserError: The file is missing, holds no such run or no channel start.
+        UserError: The file cannot be read, a record is malformed, ``bin_s`` is not a positive
+            number, or the file holds no such run or no channel start.
     """
+    if not (math.isfinite(bin_s) and bin_s >= 0.001):
+        raise UserError(f"interval {bin_s} s: give a number of seconds, at least 0.001")
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the frame log {path}: {exc}") from None
-    recs = []
+    recs: list[tuple[int, dict]] = []  # (line number, record)
     for i, line in enumerate(lines, 1):
         try:
-            recs.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             if i < len(lines):  # the last line may be cut short by a kill: skip it quietly
                 raise UserError(f"{path}:{i}: not a frame log record") from None
-    firsts = [i for i, r in enumerate(recs) if r.get("ev") == "delay"] or [0]
+            continue
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{i}: not a frame log record (a JSON object)")
+        recs.append((i, rec))
+    firsts = [j for j, (_, r) in enumerate(recs) if r.get("ev") == "delay"] or [0]
     if not -len(firsts) <= run < len(firsts):
         raise UserError(f"{path}: run {run}: the file holds {len(firsts)} run(s)")
     k = run % len(firsts)
     recs = recs[firsts[k] : firsts[k + 1] if k + 1 < len(firsts) else len(recs)]
-    starts = [r["t0"] for r in recs if r.get("ev") == "start"]
-    if not starts:
+    try:
+        rows = _rows(recs, bin_s)
+    except _BadRecord as exc:
+        i, what = exc.args
+        raise UserError(f"{path}:{i}: a frame log record without a usable {what}") from None
+    if rows is None:
         raise UserError(f"{path}: no channel start record; is it a --frame-log file?")
+    return rows
+
+
+class _BadRecord(Exception):
+    """(line number, what was missing or wrong) of a record :func:`_rows` cannot use."""
+
+
+def _rows(recs: list[tuple[int, dict]], bin_s: float) -> list[dict] | None:
+    """The rows of :func:`summarize` for one run's ``(line, record)`` pairs (None: no start)."""
+
+    def num(i: int, r: dict, key: str) -> float:
+        v = r.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _BadRecord(i, key)
+        return float(v)
+
+    starts = [num(i, r, "t0") for i, r in recs if r.get("ev") == "start"]
+    if not starts:
+        return None
     t0 = min(starts)
     bins: dict[int, dict] = defaultdict(lambda: defaultdict(list))
     first_out: dict[str, str] = {}
-    for r in recs:
+    for i, r in recs:
         ev = r.get("ev")
         if ev == "windows":
-            b = bins[int((r["t"] - t0) // bin_s)]
-            b["lead"].append(r["lead_ms"])
-            b["windows"].append(r["n"])
-            for k in ("ingest_lag_ms", "queued_ms", "vad_ms", "features_ms"):
-                if k in r:
-                    b[k].append(r[k])
+            b = bins[int((num(i, r, "t") - t0) // bin_s)]
+            b["lead"].append(num(i, r, "lead_ms"))
+            b["windows"].append(num(i, r, "n"))
+            for key in ("ingest_lag_ms", "queued_ms", "vad_ms", "features_ms"):
+                if key in r:
+                    b[key].append(num(i, r, key))
         elif ev == "batch":
-            b = bins[int((r["launched"] - t0) // bin_s)]
-            b["n"].append(r["n"])
-            b["batch_ms"].append((r["faces"] - r["launched"]) * 1000.0)
+            launched = num(i, r, "launched")
+            b = bins[int((launched - t0) // bin_s)]
+            b["n"].append(num(i, r, "n"))
+            b["batch_ms"].append((num(i, r, "faces") - launched) * 1000.0)
             if r.get("lead_ms") is not None:
-                b["launch_lead"].append(r["lead_ms"])
+                b["launch_lead"].append(num(i, r, "lead_ms"))
         elif ev == "frame" and r.get("kind") in ("speech", "late"):
-            if first_out.setdefault(r["ch"], r.get("out")) != r.get("out"):
+            if first_out.setdefault(str(r.get("ch")), r.get("out")) != r.get("out"):
                 continue
-            bins[int((r["emitted"] - t0) // bin_s)][r["kind"]].append(1)
+            bins[int((num(i, r, "emitted") - t0) // bin_s)][r["kind"]].append(1)
     rows = []
     for k in sorted(bins):
         b = bins[k]
         rows.append(
             {
                 "t_s": round(k * bin_s, 1),
-                "windows": sum(b["windows"]),
+                "windows": int(sum(b["windows"])),
                 "lead_p05_ms": _pct(b["lead"], 0.05),
                 "lead_p50_ms": _pct(b["lead"], 0.5),
                 "ingest_lag_p50_ms": _pct(b["ingest_lag_ms"], 0.5),
@@ -187,9 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="one JSON line per interval instead")
     args = p.parse_args(argv)
-    if args.bin_s <= 0:
-        print(f"error: --bin-s {args.bin_s}: must be positive", file=sys.stderr)
-        return 2
     try:
         rows = summarize(args.file, args.bin_s, args.run)
     except UserError as exc:

@@ -115,6 +115,9 @@ class GpuWorker:
         self.shed = shed
         self.shed_frames = 0  # frames passed over and still not taken at their deadline
         self._shed_seen: dict[tuple[int, int], float] = {}  # (channel, frame) -> deadline
+        # counted already: a channel may offer a frame a little past its deadline (until its
+        # clock thread forgets it); kept 2 s past the deadline so it is not counted again
+        self._shed_counted: dict[tuple[int, int], float] = {}
         self._batch_s: deque[float] = deque(maxlen=8)  # launch -> faces on the host, seconds
         self._blend_s: deque[float] = deque(maxlen=32)  # one blend, seconds
         self._latents = {ch.name: ch.avatar.latents.to(generator.device) for ch in channels}
@@ -169,16 +172,21 @@ class GpuWorker:
         if k == len(jobs):  # none feasible: the latest ones (and a fresh measurement)
             return jobs[-self.max_batch :]
         for d, i, m in jobs[:k]:
-            self._shed_seen[(i, m)] = d
+            if (i, m) not in self._shed_counted:
+                self._shed_seen[(i, m)] = d
         return jobs[k:]
 
     def _settle_shed(self, now: float) -> None:
         """Count the passed-over frames whose deadline has come without them being taken."""
+        if self._shed_counted:
+            old = [key for key, d in self._shed_counted.items() if d < now - 2.0]
+            for key in old:
+                del self._shed_counted[key]
         if not self._shed_seen:
             return
         gone = [key for key, d in self._shed_seen.items() if d < now]
         for key in gone:
-            del self._shed_seen[key]
+            self._shed_counted[key] = self._shed_seen.pop(key)
         self.shed_frames += len(gone)
 
     def _can_wait(self, jobs: list, now: float) -> bool:
@@ -216,7 +224,7 @@ class GpuWorker:
             for _, i, m in jobs[: self.max_batch]:
                 self._shed_seen.pop((i, m), None)  # passed over earlier, taken now: not shed
             try:
-                launched = self._launch(take, jobs[0][0])
+                launched = self._launch(take, [d for d, _, _ in jobs[: self.max_batch]])
             except Exception:  # never take the show down: log, count, go on with idle frames
                 log.exception("GPU batch failed; those frames will show idle")
                 launched = None
@@ -239,19 +247,23 @@ class GpuWorker:
         self._stop.wait(0.005)
         return time.perf_counter() - t
 
-    def _launch(self, work: list, earliest_s: float | None = None) -> _Launched | None:
+    def _launch(self, work: list, deadlines: list[float] | None = None) -> _Launched | None:
         """Queue one batch on the GPU; returns what :meth:`_finish` needs, or None.
 
-        ``earliest_s`` is the batch's earliest deadline (``time.monotonic()`` seconds), for the
-        frame log.
+        ``deadlines`` (``time.monotonic()`` seconds, one per ``(channel, frame)``) give the
+        frame log the batch's earliest one.
         """
         t0 = time.monotonic()
         # a window the channel's clock has dropped meanwhile: its deadline passed, skip it
         wins = [(ch, m, ch.windows.get(m)) for ch, m in work]
+        kept = [w is not None for _, _, w in wins]
         work = [(ch, m) for ch, m, w in wins if w is not None]
         wins = [w for _, _, w in wins if w is not None]
         if not work:
             return None
+        earliest_s = (
+            min(d for d, k in zip(deadlines, kept, strict=True) if k) if deadlines else None
+        )
         if self.gen.device.type == "cuda":
             stream = torch.cuda.current_stream(self.gen.device)
             for w in wins:  # made on the audio path's stream, read here: keep them alive
@@ -283,7 +295,15 @@ class GpuWorker:
             return
         faces_t = time.monotonic()
         self._batch_s.append(faces_t - t0)
-        if self.frame_log:
+        for (ch, m), c, face in zip(work, cyc, batch.faces, strict=True):
+            if not self._blend_slots.acquire(blocking=False):  # backpressure: 4 batches wait
+                t = time.perf_counter()
+                self._blend_slots.acquire()
+                self.blend_wait_s += time.perf_counter() - t
+            self._blend_pool.submit(self._blend, ch, m, c, np.asarray(face))
+        self.batches += 1
+        self.frames += len(work)
+        if self.frame_log:  # after the blends are handed over: file I/O off the critical path
             self.frame_log.write(
                 ev="batch",
                 n=len(work),
@@ -294,14 +314,6 @@ class GpuWorker:
                 else round((launched.earliest_s - t0) * 1000.0, 3),
                 overlapped=launched.overlapped,
             )
-        for (ch, m), c, face in zip(work, cyc, batch.faces, strict=True):
-            if not self._blend_slots.acquire(blocking=False):  # backpressure: 4 batches wait
-                t = time.perf_counter()
-                self._blend_slots.acquire()
-                self.blend_wait_s += time.perf_counter() - t
-            self._blend_pool.submit(self._blend, ch, m, c, np.asarray(face))
-        self.batches += 1
-        self.frames += len(work)
 
     def stats_dict(self) -> dict:
         """The worker's counters (the live summary and its probe rows)."""
