@@ -26,9 +26,6 @@ Records (the key ``ev`` says which):
 - ``batch``: the GPU worker collected a batch: ``n`` frames, ``launched`` and ``faces`` (when
   it was launched and when its faces reached the host), ``lead_ms`` (its earliest deadline
   minus the launch), ``overlapped`` (launched while another was in flight).
-
-``python -m musetalk_rt.live.framelog FILE [--bin-s 10]`` prints where the time went, one row
-per interval (:func:`summarize`): the windows' lead and its parts, the batches, the late frames.
 - ``frame``: an output wrote a frame: ``ch``, ``out`` (its target), ``frame`` (media frame),
   ``writer`` (1 for the output's first connection, +1 per reconnect), ``index`` (the frame's
   index in that connection's stream: its video timestamp is ``index / 25`` s before any shift
@@ -37,6 +34,9 @@ per interval (:func:`summarize`): the windows' lead and its parts, the batches, 
   ``speech`` (the voice activity decision for the frame), ``arrival`` (when the ingest handed the
   frame's last audio sample to the channel; null when no sender fed it), ``emitted`` (when the
   clock handed the frame to the outputs) and ``written`` (when the encoder and muxer returned).
+
+``python -m musetalk_rt.live.framelog FILE [--bin-s 10]`` prints where the time went, one row
+per interval (:func:`summarize`): the windows' lead and its parts, the batches, the late frames.
 """
 
 from __future__ import annotations

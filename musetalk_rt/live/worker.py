@@ -146,12 +146,11 @@ class GpuWorker:
         """The longest a frame may take from its audio window to its blended face, seconds.
 
         Under load a window can arrive just after a batch was launched: the frame waits for
-        that batch and then rides in the next, so two medians of launch-to-faces plus a blend.
-        None before the first batch.
+        that batch and then rides in the next, so two medians of launch-to-faces plus a blend
+        (:meth:`expected_s` and one more batch). None before the first batch.
         """
-        if not self._batch_s:
-            return None
-        return 2 * statistics.median(self._batch_s) + self._blend_median_s()
+        one = self.expected_s()
+        return None if one is None else one + statistics.median(self._batch_s)
 
     def _blend_median_s(self) -> float:
         """The median of the last blends, seconds (0 before the first)."""
@@ -220,11 +219,13 @@ class GpuWorker:
             if self._can_wait(jobs, now):  # a partial batch with time to spare: let it fill
                 self.fill_wait_s += self._nap()
                 continue
-            take = [(self.channels[i], m) for _, i, m in jobs[: self.max_batch]]
-            for _, i, m in jobs[: self.max_batch]:
+            taken = jobs[: self.max_batch]
+            for _, i, m in taken:
                 self._shed_seen.pop((i, m), None)  # passed over earlier, taken now: not shed
             try:
-                launched = self._launch(take, [d for d, _, _ in jobs[: self.max_batch]])
+                launched = self._launch(
+                    [(self.channels[i], m) for _, i, m in taken], [d for d, _, _ in taken]
+                )
             except Exception:  # never take the show down: log, count, go on with idle frames
                 log.exception("GPU batch failed; those frames will show idle")
                 launched = None
@@ -255,15 +256,16 @@ class GpuWorker:
         """
         t0 = time.monotonic()
         # a window the channel's clock has dropped meanwhile: its deadline passed, skip it
-        wins = [(ch, m, ch.windows.get(m)) for ch, m in work]
-        kept = [w is not None for _, _, w in wins]
-        work = [(ch, m) for ch, m, w in wins if w is not None]
-        wins = [w for _, _, w in wins if w is not None]
-        if not work:
+        kept = [
+            (ch, m, w, d)
+            for (ch, m), d in zip(work, deadlines or [None] * len(work), strict=True)
+            if (w := ch.windows.get(m)) is not None
+        ]
+        if not kept:
             return None
-        earliest_s = (
-            min(d for d, k in zip(deadlines, kept, strict=True) if k) if deadlines else None
-        )
+        work = [(ch, m) for ch, m, _, _ in kept]
+        wins = [w for _, _, w, _ in kept]
+        earliest_s = min((d for *_, d in kept if d is not None), default=None)
         if self.gen.device.type == "cuda":
             stream = torch.cuda.current_stream(self.gen.device)
             for w in wins:  # made on the audio path's stream, read here: keep them alive
