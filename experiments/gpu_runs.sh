@@ -17,6 +17,9 @@
 #   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
 #                                      # nginx-rtmp unpacked from the carried .debs (60 s)
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
+#   experiments/gpu_runs.sh rows       # compile rows at B1/8/16/32 (one process per bucket) and
+#                                      # aoti builds of B16/32, all built at once; each compile
+#                                      # process times alone (--gpu-turns), then aoti B16/32
 #
 # Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
@@ -134,8 +137,30 @@ baseline)
   wait
   tail -n 8 "$L"/bench_*.txt
   ;;
+rows)
+  for b in 16 32; do
+    for st in unet vae_decode; do
+      timeout 420 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+        --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "$L/build_b${b}_$st.txt" 2>&1 &
+    done
+  done
+  for b in 1 8 16 32; do
+    timeout 500 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
+      --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 "${SYN[@]}" \
+      --out "$R" --gpu-turns /tmp/gpu_turns_rows --gpu-peers 4 > "$L/bench_compile_b$b.txt" 2>&1 &
+  done
+  wait
+  echo "built and timed: ${SECONDS} s"
+  tail -n 2 "$L"/build_b*.txt "$L"/bench_compile_b*.txt
+  for b in 16 32; do
+    [ $SECONDS -lt 560 ] || break
+    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
+      --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
+    tail -n 2 "$L/bench_aoti_b$b.txt"
+  done
+  ;;
 *)
-  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline" >&2
+  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|rows" >&2
   exit 2
   ;;
 esac
