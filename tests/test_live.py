@@ -383,6 +383,10 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             ["--avatar", "a", "--record", "r.mp4", "--delay-margin-ms", "-1"],
             "0 or more",
         ),
+        "negative per-channel delay": (
+            ["--avatar", "a", "--record", "r.mp4", "--delay-per-channel-ms", "-40"],
+            "--delay-per-channel-ms -40: must be 0 or more",
+        ),
         "no encoder threads": (
             ["--avatar", "a", "--record", "r.mp4", "--encoder-threads", "0"],
             "--encoder-threads 0: must be 1 or more",
@@ -523,6 +527,7 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits(tmp_path):
 
     import torch
 
+    from musetalk_rt.live.channel import ChannelStats, PassedOver
     from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.worker import GpuWorker
 
@@ -547,6 +552,7 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits(tmp_path):
         def __init__(self):
             self.windows = {m: torch.zeros(50, 384) for m in range(10)}  # 10 frames due at once
             self.pending, self.generated = set(), {}
+            self.stats, self.passed_over = ChannelStats(), PassedOver()
             self.avatar = SimpleNamespace(
                 latents=torch.zeros(3, 8, 32, 32), cycle_frame=lambda m: m % 3
             )
@@ -601,36 +607,56 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits(tmp_path):
 
 def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
     """With a measured 50 ms from launch to faces and 5 ms per blend, a frame due sooner than
-    55 ms is skipped; it counts as shed once, when its deadline passes without it being taken
-    (one taken a pass later, the estimate having fallen, is not counted); with no measurement
-    yet, or when no frame could make it, nothing is skipped."""
+    55 ms is skipped and marked on its channel; with no measurement yet, or when no frame could
+    make it, nothing is skipped. A marked frame counts as shed only if its channel shows it late
+    (one taken a pass later, or no longer speech at its deadline, shows on time)."""
     from types import SimpleNamespace
 
     import torch
 
+    from musetalk_rt.live.channel import ChannelStats, PassedOver
     from musetalk_rt.live.worker import GpuWorker
 
     gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))
+    chans = [SimpleNamespace(passed_over=PassedOver(), stats=ChannelStats()) for _ in range(2)]
     worker = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
+    worker.channels = chans  # stand-ins: only what the selection and the count read
     now = 1000.0
     jobs = [(now + 0.01, 0, 1), (now + 0.054, 1, 7), (now + 0.056, 0, 2), (now + 0.2, 1, 8)]
     assert worker._select(jobs, now) == jobs  # nothing measured yet
+    assert not chans[0].passed_over._frames and not chans[1].passed_over._frames
     worker._batch_s.extend([0.04, 0.05, 0.05, 0.9])  # median 50 ms: one slow batch is ignored
     worker._blend_s.extend([0.005, 0.005, 0.2])
     assert worker.expected_s() == pytest.approx(0.055)
     assert worker._select(jobs, now) == jobs[2:]
-    assert worker._select(jobs, now) == jobs[2:] and worker.shed_frames == 0  # not yet due
-    worker._shed_seen.pop((1, 7))  # taken by a later pass (as ``_run`` does when it takes it)
-    assert worker._select([], now + 0.1) == [] and worker.shed_frames == 1  # frame 1 only
-    assert worker._select([], now + 0.2) == [] and worker.shed_frames == 1  # counted once
-    # the channel offers frame 1 again past its deadline (its clock has not forgotten it yet)
-    later = [jobs[0], (now + 0.4, 1, 9)]
-    assert worker._select(later, now + 0.3) == later[1:]
-    assert worker._select([], now + 0.35) == [] and worker.shed_frames == 1  # not counted again
+    assert worker._select(jobs, now) == jobs[2:]  # marked twice: still one frame each
+    assert chans[0].passed_over._frames == {1} and chans[1].passed_over._frames == {7}
+    # the channels' clocks: frame 1 shows late (shed), frame 7 was taken later and shows in time
+    assert chans[0].passed_over.shown(1, late=True) is True
+    assert chans[1].passed_over.shown(7, late=False) is False
+    assert chans[0].passed_over.shown(1, late=True) is False  # settled: never counted twice
+    assert chans[0].passed_over.shown(5, late=True) is False  # late, but never passed over
     hopeless = [(now + 0.01, 0, 3), (now + 0.02, 0, 4), (now + 0.03, 1, 9)]
     assert worker._select(hopeless, now) == hopeless[-2:]  # the latest, one bucket's worth
+    assert not chans[0].passed_over._frames  # taken as the freshest there are: not marked
+    chans[1].stats.shed_frames = 2
+    assert worker.shed_frames == 2  # the channels' counts, summed
     assert GpuWorker(gen, [], horizon_s=1.0, shed=False)._select(jobs, now) == jobs
     worker.stop()
+
+
+def test_passed_over_frames_are_forgotten_when_a_clock_jump_skips_them():
+    """Frames a stalled clock jumped over are never shown; the set stays bounded."""
+    from musetalk_rt.live.channel import PassedOver
+
+    p = PassedOver()
+    for m in range(PassedOver._KEEP + 10):
+        p.mark(m)
+    p.mark(10**6)
+    assert p.shown(10**6 - 1, late=False) is False  # not marked: nothing settled
+    p.mark(10**6 - 1)
+    assert p.shown(10**6 - 1, late=True) is True  # the set was over its bound: older ones go
+    assert p._frames == {10**6}
 
 
 def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
@@ -855,6 +881,19 @@ def test_process_output_survives_its_encoder_process_dying(tmp_path):
     assert rec.exists()
     with av.open(str(tmp_path / "k.part2.mkv")) as c:
         assert sum(1 for _ in c.decode(video=0)) > 25
+
+
+def test_derived_delay_grows_with_the_channels_beyond_the_first():
+    """One channel keeps the idle-GPU figure (the low-latency setting); each further channel
+    adds the per-channel allowance: 12 channels at the start-up figures of an H200 run land
+    near the 800 ms that had no late frame there (352 ms had 31% late)."""
+    from musetalk_rt.live.app import derive_delay_s
+
+    one = derive_delay_s(0.16, 0.005, 0.0335, 0.1)
+    assert one == pytest.approx(0.16 + 0.02 + 0.005 + 0.067 + 0.1)
+    assert derive_delay_s(0.16, 0.005, 0.0335, 0.1, channels=1) == one
+    assert derive_delay_s(0.16, 0.005, 0.0335, 0.1, channels=12) == pytest.approx(one + 0.44)
+    assert derive_delay_s(0.16, 0.005, 0.0335, 0.1, 12, per_channel_s=0.0) == one
 
 
 def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_frames():

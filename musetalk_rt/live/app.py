@@ -149,6 +149,10 @@ def whisper_dtype(serving_dtype: str):
 
 
 DEFAULT_DELAY_MARGIN_MS = 100
+# Each channel beyond the first: the start-up figures come from an idle GPU, and under load the
+# batches and the audio path slow down (an H200 at 12 channels: 31% of the talking frames late
+# with the idle-GPU D of 352 ms, none at 800 ms; 14 channels: none at 1000 ms; LOG 2026-12-02).
+DEFAULT_DELAY_PER_CHANNEL_MS = 40
 
 
 def derive_delay_s(
@@ -156,22 +160,29 @@ def derive_delay_s(
     canvas_s: float,
     compute_s: float,
     margin_s: float = DEFAULT_DELAY_MARGIN_MS / 1000,
+    channels: int = 1,
+    per_channel_s: float = DEFAULT_DELAY_PER_CHANNEL_MS / 1000,
 ) -> float:
     """The playout delay ``D`` the process picks when ``--delay-ms`` is not given.
 
     The look-ahead (the audio a frame's window needs after its end, hop included), one 20 ms
     chunk, one whisper encoder call, two batches (the one running when the frame's window
-    arrives and its own) and a margin (``--delay-margin-ms``, 100 ms by default) for thread
-    scheduling and jitter. The end-to-end probe uses it to put recorded GPU figures in place
-    of measured ones.
+    arrives and its own), a margin (``--delay-margin-ms``, 100 ms by default) for thread
+    scheduling and jitter, and ``per_channel_s`` (``--delay-per-channel-ms``, 40 ms by default)
+    for each channel beyond the first: measured alone on an idle GPU, the batches and the audio
+    path are slower when many channels share it. The end-to-end probe uses it to put recorded
+    GPU figures in place of measured ones.
 
     Args:
         lookahead_s: Audio needed after a frame's end before its window exists, seconds.
         canvas_s: One whisper encoder call (a canvas from every channel), seconds.
         compute_s: One batch of the largest bucket (UNet + VAE decode + copy), seconds.
         margin_s: Spare time for scheduling and jitter, seconds.
+        channels: Channels served by the process.
+        per_channel_s: Added for each channel beyond the first, seconds.
     """
-    return lookahead_s + 0.02 + canvas_s + 2 * compute_s + margin_s
+    extra_s = max(0, channels - 1) * per_channel_s
+    return lookahead_s + 0.02 + canvas_s + 2 * compute_s + margin_s + extra_s
 
 
 def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> tuple[str, dict]:
@@ -322,6 +333,8 @@ def run(args) -> int:
         raise UserError(f"--delay-ms {args.delay_ms}: the playout delay must be positive")
     if args.delay_margin_ms < 0:
         raise UserError(f"--delay-margin-ms {args.delay_margin_ms}: must be 0 or more")
+    if args.delay_per_channel_ms < 0:
+        raise UserError(f"--delay-per-channel-ms {args.delay_per_channel_ms}: must be 0 or more")
     if not 0 <= args.status_interval_s <= 86400:
         raise UserError(
             f"--status-interval-s {args.status_interval_s}: give seconds between status lines "
@@ -394,10 +407,11 @@ def run(args) -> int:
     compute_s, canvas_s = measure_startup(gen, canvas_enc, per_call)
     lookahead_s = (stream_cfg.lookahead_ms + (stream_cfg.hop_frames - 1) * 40) / 1000
     margin_s = args.delay_margin_ms / 1000
+    per_channel_s = args.delay_per_channel_ms / 1000
     delay_s = (
         args.delay_ms / 1000
         if args.delay_ms
-        else derive_delay_s(lookahead_s, canvas_s, compute_s, margin_s)
+        else derive_delay_s(lookahead_s, canvas_s, compute_s, margin_s, len(chans), per_channel_s)
     )
     if frame_log:
         frame_log.write(
@@ -410,12 +424,23 @@ def run(args) -> int:
             batch_ms=round(compute_s * 1000, 3),
             batch=max(args.batch_sizes),
             margin_ms=args.delay_margin_ms,
+            channels=len(chans),
+            per_channel_ms=args.delay_per_channel_ms,
         )
     print(
         f"playout delay D = {delay_s * 1000:.0f} ms (look-ahead {lookahead_s * 1000:.0f} ms, "
         f"whisper call of {per_call} canvas(es) {canvas_s * 1000:.0f} ms, "
         f"batch of {max(args.batch_sizes)} {compute_s * 1000:.0f} ms"
-        + (f", margin {args.delay_margin_ms} ms)" if not args.delay_ms else "; fixed)"),
+        + (
+            "; fixed)"
+            if args.delay_ms
+            else f", margin {args.delay_margin_ms} ms"
+            + (
+                f", {args.delay_per_channel_ms} ms for each of {len(chans) - 1} more channel(s))"
+                if len(chans) > 1
+                else ")"
+            )
+        ),
         flush=True,
     )
     vad_net = load_silero_vad()
@@ -562,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--delay-ms",
         type=int,
-        help="playout delay D (default: derived at start from an idle GPU; with many channels "
-        "give it more: the status line names a value when frames come late for want of it)",
+        help="playout delay D (default: derived at start from an idle GPU, plus "
+        "--delay-per-channel-ms for each channel beyond the first; the status line names a "
+        "longer one when frames come late for want of it)",
     )
     p.add_argument(
         "--delay-margin-ms",
@@ -571,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DELAY_MARGIN_MS,
         help="spare time in the derived D for scheduling and jitter (default: "
         f"{DEFAULT_DELAY_MARGIN_MS}; less lowers the delay and risks late frames)",
+    )
+    p.add_argument(
+        "--delay-per-channel-ms",
+        type=int,
+        default=DEFAULT_DELAY_PER_CHANNEL_MS,
+        help="added to the derived D for each channel beyond the first: the batches and the "
+        f"audio path slow down under load (default: {DEFAULT_DELAY_PER_CHANNEL_MS}; 12 channels "
+        "on an H200 had 31%% of their talking frames late without it, none at D 800 ms)",
     )
     p.add_argument(
         "--encoder-threads",

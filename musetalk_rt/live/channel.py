@@ -56,11 +56,40 @@ class _Session:
     end_frame: int | None = None
 
 
+class PassedOver:
+    """The frames the GPU worker passed over (no time left), settled when the clock shows them.
+
+    Counted on the channel, at the frame's display, so that a shed frame is by construction one
+    of the late ones: a frame passed over and then taken a pass later (the estimate having
+    fallen), or one that stopped being speech before its deadline, is not counted. Thread-safe
+    for one marking thread (the worker) and one showing thread (the clock).
+    """
+
+    _KEEP = 4096  # frames skipped by a clock jump are never shown: forget them beyond this
+
+    def __init__(self):
+        self._frames: set[int] = set()
+
+    def mark(self, m: int) -> None:
+        """The worker passed frame ``m`` over."""
+        self._frames.add(m)
+
+    def shown(self, n: int, late: bool) -> bool:
+        """Frame ``n`` was shown; True if it was late and had been passed over (shed)."""
+        if n not in self._frames:
+            return False
+        self._frames.discard(n)
+        if len(self._frames) > self._KEEP:
+            self._frames = {m for m in list(self._frames) if m > n}
+        return late
+
+
 @dataclass
 class ChannelStats:
     frames_out: int = 0
     speech_frames: int = 0
     late_frames: int = 0
+    shed_frames: int = 0  # of the late frames, those the GPU worker passed over (no time left)
     skipped_frames: int = 0  # the clock fell behind by more than a second and jumped
     overlay_errors: int = 0
     dropped_audio_chunks: int = 0
@@ -125,6 +154,7 @@ class LiveChannel:
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
         self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
         self.pending: set[int] = set()  # frames taken by the GPU worker, not yet blended
+        self.passed_over = PassedOver()  # frames the GPU worker skipped (no time left)
         self.arrival: dict[int, float] = {}  # media frame -> when its last sample was pushed
         self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
         self._sessions: list[_Session] = []
@@ -388,6 +418,8 @@ class LiveChannel:
                     frame, fade = crossfade(idle, last_gen, weight), True
                 elif gen is None:
                     self.stats.late_frames += 1
+                    if self.passed_over.shown(n, late=True):
+                        self.stats.shed_frames += 1
                 else:
                     last_gen = gen
                     self.stats.speech_frames += 1
@@ -395,6 +427,7 @@ class LiveChannel:
                     if n in self.arrival:
                         v2f = (time.monotonic() - self.arrival[n]) * 1000.0
                         self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
+            self.passed_over.shown(n, late=False)  # shown in time, as idle or as a fade: settled
             audio = self._audio.pop(n, silence)
             if self.overlay is not None:
                 try:

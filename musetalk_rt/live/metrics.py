@@ -26,6 +26,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         ("frames_out", "counter", "frames emitted by the channel clock"),
         ("speech_frames", "counter", "generated (talking) frames shown"),
         ("late_frames", "counter", "speech frames not ready at their deadline (idle shown)"),
+        ("shed_frames", "counter", "of the late frames, those the GPU worker skipped (no time)"),
         ("skipped_frames", "counter", "frames skipped after the clock fell behind by > 1 s"),
         ("dropped_audio_chunks", "counter", "ingest chunks dropped on a full audio queue"),
         ("sessions", "counter", "sender sessions"),
@@ -100,7 +101,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         ("idle_seconds", "idle_s", "seconds the GPU worker had nothing due"),
         ("blend_wait_seconds", "blend_wait_s", "seconds it waited for the blend threads"),
         ("fill_wait_seconds", "fill_wait_s", "seconds a partial batch waited for more frames"),
-        ("shed_frames", "shed_frames", "due frames skipped: no time left before their deadline"),
+        ("shed_frames", "shed_frames", "late frames it had skipped: no time left before them"),
     ):
         metric(f"gpu_worker_{name}_total", "counter", text, [({}, round(getattr(worker, key), 3))])
     wait_s = worker.frame_wait_s()

@@ -113,11 +113,6 @@ class GpuWorker:
         self.idle_s = 0.0  # time with nothing due
         self.blend_wait_s = 0.0  # time blocked on the blend backpressure
         self.shed = shed
-        self.shed_frames = 0  # frames passed over and still not taken at their deadline
-        self._shed_seen: dict[tuple[int, int], float] = {}  # (channel, frame) -> deadline
-        # counted already: a channel may offer a frame a little past its deadline (until its
-        # clock thread forgets it); kept 2 s past the deadline so it is not counted again
-        self._shed_counted: dict[tuple[int, int], float] = {}
         self._batch_s: deque[float] = deque(maxlen=8)  # launch -> faces on the host, seconds
         self._blend_s: deque[float] = deque(maxlen=32)  # one blend, seconds
         self._latents = {ch.name: ch.avatar.latents.to(generator.device) for ch in channels}
@@ -156,37 +151,27 @@ class GpuWorker:
         """The median of the last blends, seconds (0 before the first)."""
         return statistics.median(self._blend_s) if self._blend_s else 0.0
 
+    @property
+    def shed_frames(self) -> int:
+        """Late frames that this worker had passed over (no time left), all channels."""
+        return sum(ch.stats.shed_frames for ch in self.channels)
+
     def _select(self, jobs: list, now: float) -> list:
         """The due ``(deadline, channel, frame)`` jobs worth taking, earliest deadline first.
 
-        A frame passed over is remembered, not counted: the estimate moves with every batch, so
-        a frame passed over now may be taken (and shown on time) a pass later. It counts as shed
-        only when its deadline comes and it was never taken (:meth:`_settle_shed`).
+        A frame passed over is marked on its channel, not counted: the estimate moves with every
+        batch, so a frame passed over now may be taken (and shown on time) a pass later. The
+        channel counts it as shed only if it shows late (:class:`.channel.PassedOver`).
         """
-        self._settle_shed(now)
         need = self.expected_s() if self.shed else None
         if need is None or not jobs:
             return jobs
         k = bisect.bisect_left(jobs, (now + need,))  # jobs[:k] cannot be ready in time
         if k == len(jobs):  # none feasible: the latest ones (and a fresh measurement)
             return jobs[-self.max_batch :]
-        for d, i, m in jobs[:k]:
-            if (i, m) not in self._shed_counted:
-                self._shed_seen[(i, m)] = d
+        for _, i, m in jobs[:k]:
+            self.channels[i].passed_over.mark(m)
         return jobs[k:]
-
-    def _settle_shed(self, now: float) -> None:
-        """Count the passed-over frames whose deadline has come without them being taken."""
-        if self._shed_counted:
-            old = [key for key, d in self._shed_counted.items() if d < now - 2.0]
-            for key in old:
-                del self._shed_counted[key]
-        if not self._shed_seen:
-            return
-        gone = [key for key, d in self._shed_seen.items() if d < now]
-        for key in gone:
-            self._shed_counted[key] = self._shed_seen.pop(key)
-        self.shed_frames += len(gone)
 
     def _can_wait(self, jobs: list, now: float) -> bool:
         """Whether a partial batch may wait for more frames (see the module docstring)."""
@@ -220,8 +205,6 @@ class GpuWorker:
                 self.fill_wait_s += self._nap()
                 continue
             taken = jobs[: self.max_batch]
-            for _, i, m in taken:
-                self._shed_seen.pop((i, m), None)  # passed over earlier, taken now: not shed
             try:
                 launched = self._launch(
                     [(self.channels[i], m) for _, i, m in taken], [d for d, _, _ in taken]
