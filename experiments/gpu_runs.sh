@@ -14,6 +14,9 @@
 #   experiments/gpu_runs.sh aoti-bg    # the aoti builds of B1/8/16/32 started in a new session
 #                                      # (setsid), so they go on after this call returns
 #   experiments/gpu_runs.sh aoti-bench # waits for aoti-bg's builds, then benches each bucket
+#                                      # (both: AOTI_BUCKETS="4 32", AOTI_ARGS="--aoti-max-autotune"
+#                                      # for the slow builds that only the engine cache can pay;
+#                                      # AOTI_BUILD_S, default 900, bounds each build)
 #   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
 #                                      # nginx-rtmp unpacked from the carried .debs (60 s)
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
@@ -96,27 +99,28 @@ aoti-all)
   ;;
 aoti-bg)
   mkdir -p /tmp/aoti_bg
-  for b in 16 32 8 1; do
+  for b in ${AOTI_BUCKETS:-16 32 8 1}; do
     for st in unet vae_decode; do
-      setsid nohup timeout 900 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-        --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "/tmp/aoti_bg/build_b${b}_$st.txt" \
-        2>&1 < /dev/null &
+      setsid nohup timeout "${AOTI_BUILD_S:-900}" "$PY" -m musetalk_rt engines build \
+        --engine aoti --dtype fp16 --batch-sizes "$b" --stages "$st" ${AOTI_ARGS:-} "${SYN[@]}" \
+        > "/tmp/aoti_bg/build_b${b}_$st.txt" 2>&1 < /dev/null &
     done
   done
   sleep 2
   pgrep -fc "engines build --engine aoti" || true
   ;;
 aoti-bench)
-  while pgrep -f "engines build --engine aoti" > /dev/null && [ $SECONDS -lt 420 ]; do
+  while pgrep -f "engines build" > /dev/null && [ $SECONDS -lt 420 ]; do
     sleep 5
   done
   echo "builds waited for: ${SECONDS} s"
   cp /tmp/aoti_bg/*.txt "$L/" 2>/dev/null
   tail -n 2 /tmp/aoti_bg/*.txt
-  for b in 16 32 8 1; do
+  for b in ${AOTI_BUCKETS:-16 32 8 1}; do
     [ $SECONDS -lt 560 ] || break
     timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
-      --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
+      --batch-sizes "$b" --iters 50 ${AOTI_ARGS:-} "${SYN[@]}" --out "$R" \
+      > "$L/bench_aoti_b$b.txt" 2>&1
     tail -n 2 "$L/bench_aoti_b$b.txt"
   done
   ;;
