@@ -164,7 +164,8 @@ rows)
   done
   ;;
 *)
-  echo "usage: experiments/gpu_runs.sh channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|rows" >&2
+  echo "usage: experiments/gpu_runs.sh" \
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|rows" >&2
   exit 2
   ;;
 esac

@@ -123,6 +123,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     for name in (
         'musetalk_frames_out_total{channel="astro"}',
         "musetalk_late_frames_total",
+        'musetalk_shed_frames_total{channel="astro"}',
         "musetalk_voice_to_frame_p95_ms",
         'musetalk_window_lead_p05_ms{channel="astro"}',
         "musetalk_late_windows_total",
@@ -624,13 +625,13 @@ def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
     now = 1000.0
     jobs = [(now + 0.01, 0, 1), (now + 0.054, 1, 7), (now + 0.056, 0, 2), (now + 0.2, 1, 8)]
     assert worker._select(jobs, now) == jobs  # nothing measured yet
-    assert not chans[0].passed_over._frames and not chans[1].passed_over._frames
+    assert not chans[0].passed_over.marked() and not chans[1].passed_over.marked()
     worker._batch_s.extend([0.04, 0.05, 0.05, 0.9])  # median 50 ms: one slow batch is ignored
     worker._blend_s.extend([0.005, 0.005, 0.2])
     assert worker.expected_s() == pytest.approx(0.055)
     assert worker._select(jobs, now) == jobs[2:]
     assert worker._select(jobs, now) == jobs[2:]  # marked twice: still one frame each
-    assert chans[0].passed_over._frames == {1} and chans[1].passed_over._frames == {7}
+    assert chans[0].passed_over.marked() == {1} and chans[1].passed_over.marked() == {7}
     # the channels' clocks: frame 1 shows late (shed), frame 7 was taken later and shows in time
     assert chans[0].passed_over.shown(1, late=True) is True
     assert chans[1].passed_over.shown(7, late=False) is False
@@ -638,7 +639,10 @@ def test_gpu_worker_sheds_only_frames_that_cannot_be_ready_in_time():
     assert chans[0].passed_over.shown(5, late=True) is False  # late, but never passed over
     hopeless = [(now + 0.01, 0, 3), (now + 0.02, 0, 4), (now + 0.03, 1, 9)]
     assert worker._select(hopeless, now) == hopeless[-2:]  # the latest, one bucket's worth
-    assert not chans[0].passed_over._frames  # taken as the freshest there are: not marked
+    assert not chans[0].passed_over.marked()  # taken as the freshest there are: not marked
+    chans[1].passed_over.mark(9)
+    chans[1].passed_over.taken(9)  # taken a pass later (``_run`` does this): unmarked
+    assert chans[1].passed_over.shown(9, late=True) is False
     chans[1].stats.shed_frames = 2
     assert worker.shed_frames == 2  # the channels' counts, summed
     assert GpuWorker(gen, [], horizon_s=1.0, shed=False)._select(jobs, now) == jobs
@@ -656,7 +660,46 @@ def test_passed_over_frames_are_forgotten_when_a_clock_jump_skips_them():
     assert p.shown(10**6 - 1, late=False) is False  # not marked: nothing settled
     p.mark(10**6 - 1)
     assert p.shown(10**6 - 1, late=True) is True  # the set was over its bound: older ones go
-    assert p._frames == {10**6}
+    assert p.marked() == {10**6}
+
+
+def test_channel_clock_counts_a_shed_frame_only_when_it_shows_late():
+    """The clock settles the worker's marks: a passed-over frame shown late is shed (and late),
+    one generated after all is neither, a late frame never passed over is late only, and one
+    that stopped being speech fades out: neither late nor shed. Every mark is settled."""
+    import threading
+    from types import SimpleNamespace
+
+    from musetalk_rt.audio.vad import SpeechGate
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel, PassedOver
+
+    speech = {0: True, 1: True, 2: True, 3: False, 4: False}
+    shown = []
+
+    class Out:
+        def offer(self, frame, audio, meta):
+            shown.append(int(frame[0, 0, 0]))
+            if len(shown) == len(speech):
+                ch._stop.set()
+
+    ch = LiveChannel.__new__(LiveChannel)  # the clock's state only: no models, no threads
+    ch.name, ch.delay_s, ch.next_out = "c", 0.0, 0
+    ch.stats, ch.passed_over, ch._gate = ChannelStats(), PassedOver(), SpeechGate(2)
+    ch._stop, ch._lock, ch._sessions = threading.Event(), threading.Lock(), []
+    ch.avatar = SimpleNamespace(frames=[np.zeros((2, 2, 3), np.uint8)], cycle_frame=lambda n: 0)
+    ch.is_speech = lambda n: speech[n]
+    ch.generated = {0: np.full((2, 2, 3), 200, np.uint8)}  # frame 0 came back in time
+    ch.windows, ch.arrival, ch._audio = {}, {}, {}
+    ch.overlay, ch.frame_log, ch.outputs = None, None, [Out()]
+    for m in (0, 1, 3):  # passed over once; frame 0 was taken a pass later all the same
+        ch.passed_over.mark(m)
+    ch.t0 = time.monotonic()
+    ch._clock_loop()
+    # talking (fading in), idle (late), idle (late), the last talking frame fading out, idle
+    assert shown == [100, 0, 0, 100, 0]
+    st = ch.stats
+    assert (st.speech_frames, st.late_frames, st.shed_frames) == (1, 2, 1)
+    assert not ch.passed_over.marked()
 
 
 def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():

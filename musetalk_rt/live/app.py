@@ -201,9 +201,10 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
     Returns:
         The line and the snapshot to pass next time.
     """
+    shed = worker.shed_frames  # before the late counts: a clock adds to late, then to shed
     st = [ch.stats.as_dict() for ch in channels]
     snap = {
-        "shed": worker.shed_frames,
+        "shed": shed,
         "frames": worker.frames,
         "late": sum(s["late_frames"] for s in st),
         "speech": sum(s["speech_frames"] for s in st),

@@ -61,27 +61,42 @@ class PassedOver:
 
     Counted on the channel, at the frame's display, so that a shed frame is by construction one
     of the late ones: a frame passed over and then taken a pass later (the estimate having
-    fallen), or one that stopped being speech before its deadline, is not counted. Thread-safe
-    for one marking thread (the worker) and one showing thread (the clock).
+    fallen) is unmarked, and one that stopped being speech before its deadline shows idle or
+    fading, not late. The worker thread marks and unmarks, the clock thread settles (a lock).
     """
 
-    _KEEP = 4096  # frames skipped by a clock jump are never shown: forget them beyond this
+    # frames never shown (a clock jump) or marked just after their display: forgotten once
+    # more than this many are marked
+    _KEEP = 4096
 
     def __init__(self):
         self._frames: set[int] = set()
+        self._lock = threading.Lock()
 
     def mark(self, m: int) -> None:
         """The worker passed frame ``m`` over."""
-        self._frames.add(m)
+        with self._lock:
+            self._frames.add(m)
+
+    def taken(self, m: int) -> None:
+        """The worker took frame ``m`` after all: whatever comes of it, it was not shed."""
+        with self._lock:
+            self._frames.discard(m)
 
     def shown(self, n: int, late: bool) -> bool:
         """Frame ``n`` was shown; True if it was late and had been passed over (shed)."""
-        if n not in self._frames:
-            return False
-        self._frames.discard(n)
-        if len(self._frames) > self._KEEP:
-            self._frames = {m for m in list(self._frames) if m > n}
-        return late
+        with self._lock:
+            if n not in self._frames:
+                return False
+            self._frames.discard(n)
+            if len(self._frames) > self._KEEP:
+                self._frames.difference_update([m for m in self._frames if m < n])
+            return late
+
+    def marked(self) -> set[int]:
+        """The frames marked and not settled (a copy)."""
+        with self._lock:
+            return set(self._frames)
 
 
 @dataclass

@@ -10,7 +10,8 @@ Records (the key ``ev`` says which):
 - ``delay``: how the process chose the playout delay: ``delay_ms``, ``derived`` (false when
   ``--delay-ms`` fixed it), and the start-up figures it was derived from: ``lookahead_ms``,
   ``canvas_ms`` (one whisper encoder call of ``canvases`` canvases), ``batch_ms`` (one batch
-  of ``batch`` frames).
+  of ``batch`` frames), ``margin_ms``, and ``per_channel_ms`` added for each of ``channels``
+  beyond the first.
 - ``start``: a channel's clock started: ``ch``, ``t0``, ``delay_ms`` (frame ``n`` is due at
   ``t0 + delay_ms / 1000 + n / 25``).
 - ``session``: a sender connected: ``ch``, ``base_frame`` (the media frame of its first sample;

@@ -24,6 +24,9 @@ Shedding frames that cannot make it: a frame whose deadline comes before the bat
 back and blended — by the median of the last batches' launch-to-faces time plus the median
 blend, both measured in this process — is not taken; it shows idle at its deadline and counts
 as late, as it would have anyway, and its GPU time goes to frames that can still make theirs.
+A frame passed over is marked on its channel and may still be taken a pass later (the estimate
+moves with every batch); the channel's clock counts it as shed only if it shows it late
+(:class:`.channel.PassedOver`), so the shed frames are always part of the late ones.
 Without it an overloaded worker computes nearly every frame late (on an H200 at 12 channels,
 ~1% short of capacity, 74% of the talking frames came late). Nothing is shed before a batch has
 been measured, and when no due frame is feasible the latest ones are taken (the estimate stays
@@ -205,6 +208,8 @@ class GpuWorker:
                 self.fill_wait_s += self._nap()
                 continue
             taken = jobs[: self.max_batch]
+            for _, i, m in taken:
+                self.channels[i].passed_over.taken(m)  # passed over earlier, taken now: not shed
             try:
                 launched = self._launch(
                     [(self.channels[i], m) for _, i, m in taken], [d for d, _, _ in taken]

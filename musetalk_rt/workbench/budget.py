@@ -1,7 +1,9 @@
 """The voice-to-screen budget as a waterfall, from one recorded ``bench e2e`` run.
 
 The live process's playout delay is ``D = look-ahead + 20 ms chunk + canvas + 2 batches +
-margin`` (``live.app.derive_delay_s``); the probe measured what lies around it. A waterfall
+margin`` (``live.app.derive_delay_s``; one channel, as ``bench e2e`` runs it — several add a
+per-channel term, which this waterfall would show inside the margin); the probe measured what
+lies around it. A waterfall
 therefore has: voice→server (sender chunking and the network), the parts of ``D`` (look-ahead,
 chunk, whisper canvas, batching wait + compute, margin — blending happens inside the margin,
 before the frame's deadline), encode (server→encoded minus ``D``), transport
