@@ -20,9 +20,10 @@
 #   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
 #                                      # nginx-rtmp unpacked from the carried .debs (60 s)
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
-#   experiments/gpu_runs.sh rows       # compile rows at B1/8/16/32 (one process per bucket) and
-#                                      # aoti builds of B16/32, all built at once; each compile
-#                                      # process times alone (--gpu-turns), then aoti B16/32
+#   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
+#                                      # process per bucket) and aoti builds (ROWS_AOTI, default
+#                                      # "16 32"), all built at once; each compile process times
+#                                      # alone (--gpu-turns), then the aoti buckets are benched
 #
 # Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
@@ -142,21 +143,23 @@ baseline)
   tail -n 8 "$L"/bench_*.txt
   ;;
 rows)
-  for b in 16 32; do
+  for b in ${ROWS_AOTI-16 32}; do
     for st in unet vae_decode; do
       timeout 420 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
         --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "$L/build_b${b}_$st.txt" 2>&1 &
     done
   done
-  for b in 1 8 16 32; do
+  compile_buckets=(${ROWS_COMPILE-1 4 8 16 32})
+  for b in "${compile_buckets[@]}"; do
     timeout 500 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
       --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 "${SYN[@]}" \
-      --out "$R" --gpu-turns /tmp/gpu_turns_rows --gpu-peers 4 > "$L/bench_compile_b$b.txt" 2>&1 &
+      --out "$R" --gpu-turns /tmp/gpu_turns_rows --gpu-peers "${#compile_buckets[@]}" \
+      > "$L/bench_compile_b$b.txt" 2>&1 &
   done
   wait
   echo "built and timed: ${SECONDS} s"
-  tail -n 2 "$L"/build_b*.txt "$L"/bench_compile_b*.txt
-  for b in 16 32; do
+  tail -n 2 "$L"/build_b*.txt "$L"/bench_compile_b*.txt 2>/dev/null
+  for b in ${ROWS_AOTI-16 32}; do
     [ $SECONDS -lt 560 ] || break
     timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
       --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
