@@ -14,8 +14,8 @@
 #   experiments/gpu_runs.sh aoti-bg    # the aoti builds of B1/8/16/32 started in a new session
 #                                      # (setsid), so they go on after this call returns
 #   experiments/gpu_runs.sh aoti-bench # waits for aoti-bg's builds, then benches each bucket
-#                                      # (both: AOTI_BUCKETS="4 32", AOTI_ARGS="--aoti-max-autotune"
-#                                      # for the slow builds that only the engine cache can pay;
+#                                      # (both: AOTI_BUCKETS="4 32"; AOTI_ARGS for max-autotune,
+#                                      # the slow builds that only the engine cache can pay;
 #                                      # AOTI_BUILD_S, default 900, bounds each build)
 #   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
 #                                      # nginx-rtmp unpacked from the carried .debs (60 s)
@@ -28,9 +28,10 @@
 # Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
 # log, which says when windows and frames came, always goes to $OUT/frames.jsonl.gz), BUCKETS
-# (channels: the worker's buckets, default 16), WAV (default .carry/eng.wav;
-# 60 s of speech), PY (default python3), OUT (default out/gpu_runs), MUSETALK_RT_GIT_SHA for
-# rows from a copy without .git.
+# (channels: the worker's buckets, default 16), WAV (default .carry/eng.wav; 60 s of speech),
+# AOTI_ARGS (more options for every aoti build and bench, e.g. "--aoti-max-autotune"), PY
+# (default python3), OUT (default out/gpu_runs), MUSETALK_RT_GIT_SHA for rows from a copy
+# without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -42,6 +43,21 @@ mkdir -p "$R" "$L"
 SYN=(--weights synthetic --device cuda --models-dir models)
 pack() { tar czf "$OUT/logs.tgz" -C "$(dirname $L)" "$(basename $L)"; }
 trap pack EXIT
+# one aoti build of a stage at a bucket, in the background: build_aoti TIMEOUT_S BUCKET STAGE
+build_aoti() {
+  timeout "$1" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 --batch-sizes "$2" \
+    --stages "$3" ${AOTI_ARGS:-} "${SYN[@]}" > "$L/build_b${2}_$3.txt" 2>&1 &
+}
+# aoti bench rows, one bucket after another while the call has time left: bench_aoti BUCKET...
+bench_aoti() {
+  for b in "$@"; do
+    [ $SECONDS -lt 560 ] || break
+    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
+      --batch-sizes "$b" --iters 50 ${AOTI_ARGS:-} "${SYN[@]}" --out "$R" \
+      > "$L/bench_aoti_b$b.txt" 2>&1
+    tail -n 2 "$L/bench_aoti_b$b.txt"
+  done
+}
 
 case "${1:-}" in
 channels)
@@ -72,8 +88,7 @@ aoti)
   } > "$L/compiler.txt" 2>&1
   cat "$L/compiler.txt"
   for st in unet vae_decode; do
-    timeout 400 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-      --batch-sizes 4 --stages "$st" "${SYN[@]}" > "$L/build_b4_$st.txt" 2>&1 &
+    build_aoti 400 4 "$st"
   done
   wait
   tail -n 3 "$L"/build_b4_*.txt
@@ -87,16 +102,11 @@ aoti)
 aoti-all)
   for b in 1 8 16 32; do
     for st in unet vae_decode; do
-      timeout 480 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-        --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "$L/build_b${b}_$st.txt" 2>&1 &
+      build_aoti 480 "$b" "$st"
     done
   done
   wait
-  for b in 1 8 16 32; do
-    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
-      --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
-    tail -n 2 "$L/bench_aoti_b$b.txt"
-  done
+  bench_aoti 1 8 16 32
   ;;
 aoti-bg)
   mkdir -p /tmp/aoti_bg
@@ -117,13 +127,7 @@ aoti-bench)
   echo "builds waited for: ${SECONDS} s"
   cp /tmp/aoti_bg/*.txt "$L/" 2>/dev/null
   tail -n 2 /tmp/aoti_bg/*.txt
-  for b in ${AOTI_BUCKETS:-16 32 8 1}; do
-    [ $SECONDS -lt 560 ] || break
-    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
-      --batch-sizes "$b" --iters 50 ${AOTI_ARGS:-} "${SYN[@]}" --out "$R" \
-      > "$L/bench_aoti_b$b.txt" 2>&1
-    tail -n 2 "$L/bench_aoti_b$b.txt"
-  done
+  bench_aoti ${AOTI_BUCKETS:-16 32 8 1}
   ;;
 e2e1)
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
@@ -145,8 +149,7 @@ baseline)
 rows)
   for b in ${ROWS_AOTI-16 32}; do
     for st in unet vae_decode; do
-      timeout 420 "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-        --batch-sizes "$b" --stages "$st" "${SYN[@]}" > "$L/build_b${b}_$st.txt" 2>&1 &
+      build_aoti 420 "$b" "$st"
     done
   done
   compile_buckets=(${ROWS_COMPILE-1 4 8 16 32})
@@ -159,12 +162,7 @@ rows)
   wait
   echo "built and timed: ${SECONDS} s"
   tail -n 2 "$L"/build_b*.txt "$L"/bench_compile_b*.txt 2>/dev/null
-  for b in ${ROWS_AOTI-16 32}; do
-    [ $SECONDS -lt 560 ] || break
-    timeout $((590 - SECONDS)) "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
-      --batch-sizes "$b" --iters 50 "${SYN[@]}" --out "$R" > "$L/bench_aoti_b$b.txt" 2>&1
-    tail -n 2 "$L/bench_aoti_b$b.txt"
-  done
+  bench_aoti ${ROWS_AOTI-16 32}
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
