@@ -422,7 +422,7 @@ class LiveChannel:
             idle = self.avatar.frames[self.avatar.cycle_frame(n)]
             speech = self.is_speech(n)
             weight = self._gate.step(speech)
-            frame, gen, fade = idle, None, False
+            frame, gen, fade, late = idle, None, False, False
             if weight <= 0:
                 last_gen = None
             else:
@@ -433,8 +433,7 @@ class LiveChannel:
                     frame, fade = crossfade(idle, last_gen, weight), True
                 elif gen is None:
                     self.stats.late_frames += 1
-                    if self.passed_over.shown(n, late=True):
-                        self.stats.shed_frames += 1
+                    late = True
                 else:
                     last_gen = gen
                     self.stats.speech_frames += 1
@@ -442,7 +441,8 @@ class LiveChannel:
                     if n in self.arrival:
                         v2f = (time.monotonic() - self.arrival[n]) * 1000.0
                         self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
-            self.passed_over.shown(n, late=False)  # shown in time, as idle or as a fade: settled
+            if self.passed_over.shown(n, late):  # settles the worker's mark, if any
+                self.stats.shed_frames += 1
             audio = self._audio.pop(n, silence)
             if self.overlay is not None:
                 try:
