@@ -20,6 +20,10 @@
 #   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
 #                                      # nginx-rtmp unpacked from the carried .debs (60 s)
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
+#   experiments/gpu_runs.sh kernels    # kernel time by kind (conv, gemm, norm, ...) per stage:
+#                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
+#                                      # without graphs at each of KERNEL_COMPILE (default "4 32",
+#                                      # one process each), built at once, profiled in turns
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -74,7 +78,7 @@ channels)
     --frame-log "/tmp/lp/frames_n{n}.jsonl" ${LIVE_ARGS:-} \
     > "$L/live_probe.txt" 2>&1
   tail -3 "$L/live_probe.txt"
-  cp /tmp/lp/live_n*.log "$L/" 2>/dev/null
+  cp /tmp/lp/live_n*.log /tmp/lp/*.json "$L/" 2>/dev/null  # the logs, a --profile FILE.json
   # where the time went, per 30 s (the windows' lead and its parts, batches, late frames)
   "$PY" -m musetalk_rt.live.framelog "/tmp/lp/frames_n${2:-12}.jsonl" --bin-s 30 \
     > "$L/frames_summary_n${2:-12}.txt" 2>&1
@@ -146,6 +150,18 @@ baseline)
   wait
   tail -n 8 "$L"/bench_*.txt
   ;;
+kernels)
+  timeout 560 "$PY" experiments/kernel_profile.py --engines eager \
+    --batch-sizes "${KERNEL_EAGER:-1,4,16,32}" --out "$R" --lock /tmp/kernels.lock \
+    > "$L/kernels_eager.txt" 2>&1 &
+  for b in ${KERNEL_COMPILE-4 32}; do
+    timeout 560 "$PY" experiments/kernel_profile.py --engines compile --batch-sizes "$b" \
+      --out "$R" --lock /tmp/kernels.lock > "$L/kernels_compile_b$b.txt" 2>&1 &
+  done
+  wait
+  echo "kernels: ${SECONDS} s"
+  grep -h -v "^{" "$L"/kernels_*.txt | cut -c1-160
+  ;;
 rows)
   for b in ${ROWS_AOTI-16 32}; do
     for st in unet vae_decode; do
@@ -166,7 +182,7 @@ rows)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|rows" >&2
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|kernels|rows" >&2
   exit 2
   ;;
 esac
