@@ -24,6 +24,10 @@
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
 #                                      # without graphs at each of KERNEL_COMPILE (default "4 32",
 #                                      # one process each), built at once, profiled in turns
+#   experiments/gpu_runs.sh rewrites   # compile rows (manual capture) at B4 and B32 with no
+#                                      # rewrite, --phase-upsample, and both rewrites (one process
+#                                      # each, built at once, timed in turns), then the kernel
+#                                      # profile with both rewrites
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -162,6 +166,28 @@ kernels)
   echo "kernels: ${SECONDS} s"
   grep -h -v "^{" "$L"/kernels_*.txt | cut -c1-160
   ;;
+rewrites)
+  variants=("" "--phase-upsample" "--phase-upsample --channels-last-norm")
+  i=0
+  for v in "${variants[@]}"; do
+    for b in 4 32; do
+      timeout 480 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
+        --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 $v "${SYN[@]}" \
+        --out "$R" --gpu-turns /tmp/gpu_turns_rw --gpu-peers $((2 * ${#variants[@]})) \
+        > "$L/bench_rw${i}_b$b.txt" 2>&1 &
+    done
+    i=$((i + 1))
+  done
+  wait
+  echo "rewrites built and timed: ${SECONDS} s"
+  tail -qn 1 "$L"/bench_rw*.txt | cut -c1-220
+  if [ $SECONDS -lt 450 ]; then
+    timeout $((590 - SECONDS)) "$PY" experiments/kernel_profile.py --engines compile \
+      --batch-sizes 4,32 --phase-upsample --channels-last-norm --out "$R" \
+      > "$L/kernels_rw.txt" 2>&1
+    grep -v "^{" "$L/kernels_rw.txt" | cut -c1-160
+  fi
+  ;;
 rows)
   for b in ${ROWS_AOTI-16 32}; do
     for st in unet vae_decode; do
@@ -182,7 +208,7 @@ rows)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|kernels|rows" >&2
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|kernels|rewrites|rows" >&2
   exit 2
   ;;
 esac

@@ -127,6 +127,10 @@ def _engine_options(args) -> dict:
         opts["weights"] = args.aoti_weights
     if getattr(args, "aoti_max_autotune", False):
         opts["max_autotune"] = True
+    if getattr(args, "phase_upsample", False):
+        opts["phase_upsample"] = True
+    if getattr(args, "channels_last_norm", False):
+        opts["channels_last_norm"] = True
     if getattr(args, "aoti_cuda_graphs", False) and not getattr(args, "no_cuda_graphs", False):
         opts["cuda_graphs"] = True
     return opts
@@ -186,6 +190,18 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         "--compile-cudnn-benchmark",
         action="store_true",
         help="let cuDNN time its convolution algorithms during the build (process-wide)",
+    )
+    g.add_argument(
+        "--phase-upsample",
+        action="store_true",
+        help="compile and aoti: compute each nearest-2x upsample + 3x3 conv as one 2x2 conv of "
+        "the small input (exact; 2.25x less work in the upsamplers, checked by the gate)",
+    )
+    g.add_argument(
+        "--channels-last-norm",
+        action="store_true",
+        help="compile only: group norms reduce per channel over the pixels, then merge into "
+        "group statistics (coalesced in channels-last memory; checked by the gate)",
     )
     g.add_argument(
         "--compile-graph-capture",

@@ -31,6 +31,7 @@ NAMES = {
         "gemm",
         "sm90",
     ),
+    "nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN": ("gemm", "sm90"),
     "triton_poi_fused_convolution_silu_12": ("pointwise", None),
     "triton_red_fused_native_group_norm_3": ("norm", None),
     "triton_per_fused__softmax_7": ("norm", None),

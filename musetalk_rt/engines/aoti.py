@@ -53,6 +53,7 @@ from torch import nn
 
 from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
 from musetalk_rt.engines.compile import _ManualGraphStep
+from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options
 from musetalk_rt.errors import UserError
 
 
@@ -87,9 +88,13 @@ def export_bucket(
         return torch.export.export(module, inputs, strict=False)
 
 
-def prepare_module(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The engine's copy of ``module``: cast, on the device, gradient-free, export-friendly."""
-    m = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
+def prepare_module(
+    module: nn.Module, dtype: torch.dtype, device: torch.device, phase_upsample: bool = False
+) -> nn.Module:
+    """The engine's copy of ``module``: rewritten, cast, on the device, export-friendly."""
+    m = copy.deepcopy(module)
+    apply_rewrites(m, phase_upsample, False)
+    m = m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return export_friendly(m)
 
 
@@ -173,6 +178,8 @@ class ExportedEngine(Engine):
     suffix = ""  # file suffix of one bucket's file in the engine cache
     what = ""  # what the files are, for the report
 
+    phase_upsample = False  # rewrite upsample + conv as one 2x2 conv (engines.rewrites)
+
     def __init__(self, cuda_graphs: bool = True):
         self.cuda_graphs = cuda_graphs
         self._cached: Path | None = None  # engine-cache folder to load files from
@@ -223,7 +230,8 @@ class ExportedEngine(Engine):
                 loaded += 1
             else:
                 if m is None:
-                    m = prepare_module(module, dtype, device)  # cast copy: fp16 comes from here
+                    # the cast copy (fp16 comes from here), with the engine's rewrites
+                    m = prepare_module(module, dtype, device, self.phase_upsample)
                 path = self._compile(export_bucket(m, inputs), inputs, work / self.file_name(b))
                 built[path.name] = path
             run = self._load(path)
@@ -237,6 +245,7 @@ class ExportedEngine(Engine):
         report.reason = (
             f"{self.what} ({loaded} loaded from the engine cache, {len(built)} built)"
             + (", CUDA graphs (manual capture)" if graphs else "")
+            + (", phase upsample" if self.phase_upsample else "")
             + (f"; {self.compiler_note}" if built and self.compiler_note else "")
         )
         runner = Runner(fns, dtype, report, artifacts=built)
@@ -254,6 +263,8 @@ class AotiEngine(ExportedEngine):
             (see the module docstring); the package's own C++ loop launches the kernels.
         weights: Where a package keeps the weights (``blob`` or ``so``; see the module).
         max_autotune: Inductor's max-autotune while compiling (slow builds, paid once).
+        phase_upsample: Rewrite each nearest-2x upsample + 3x3 conv as one 2x2 conv of the
+            small input (:mod:`musetalk_rt.engines.rewrites`).
     """
 
     name = "aoti"
@@ -262,9 +273,14 @@ class AotiEngine(ExportedEngine):
     what = "AOTInductor packages"
 
     def __init__(
-        self, cuda_graphs: bool = False, weights: str = "blob", max_autotune: bool = False
+        self,
+        cuda_graphs: bool = False,
+        weights: str = "blob",
+        max_autotune: bool = False,
+        phase_upsample: bool = False,
     ):
         super().__init__(cuda_graphs)
+        self.phase_upsample = phase_upsample
         if weights not in AOTI_WEIGHTS:
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
         self.weights = weights
@@ -274,7 +290,7 @@ class AotiEngine(ExportedEngine):
         opts = {"weights": self.weights}  # the package is the same with or without graphs
         if self.max_autotune:  # (absent when off: keys of engines built before stay valid)
             opts["max_autotune"] = True
-        return opts
+        return opts | rewrite_options(self.phase_upsample, False)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "cpu" and dtype == torch.float16:

@@ -5,10 +5,11 @@ times (:mod:`musetalk_rt.workbench.profile`) say *which* stage; this module says
 kernel* inside it: convolutions, matrix products, attention, norms (reductions), pointwise,
 memory layout changes and copies. Each kind's time is set beside the floating-point work the
 stage's reference module does (counted by ``torch.utils.flop_counter`` at batch 1 and scaled by
-the batch), so a row reads "the VAE's convolutions run at N TFLOP/s" — the number to compare
-with the card's matrix peak. Convolution and matmul kernels are also split by the architecture
-their names carry (``sm90`` Hopper warp-group kernels against older ``sm80``/``s16816`` ones):
-a cuDNN heuristic that picks an Ampere kernel on a Hopper card leaves half the card unused.
+the batch; an engine rewrite that does less work shows as a higher rate), so a row reads "the
+VAE's convolutions run at N TFLOP/s" — the number to compare with the card's matrix peak.
+Convolution and matmul kernels are also split by the architecture their names carry (``sm90``
+Hopper warp-group kernels against older ``sm80``/``s16816`` ones): a cuDNN heuristic that picks
+an Ampere kernel on a Hopper card leaves half the card unused.
 
 On CUDA the kernels come from ``torch.profiler``'s device activity; an engine that replays a
 CUDA graph hides its kernels from the profiler on some versions, so profile compile engines
@@ -34,6 +35,7 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "gemm",
         (
             "gemm",
+            "nvjet",
             "cutlass",
             "cublas",
             "aten::mm",

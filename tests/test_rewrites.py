@@ -1,0 +1,141 @@
+"""Engine rewrites: the same function as the modules they replace, in the engines' copies only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.upsampling import Upsample2D
+
+from musetalk_rt.engines import get_engine, select_engine
+from musetalk_rt.engines.parity import check_parity
+from musetalk_rt.engines.rewrites import (
+    ChannelsLastGroupNorm,
+    PhaseUpsample,
+    channels_last_group_norms,
+    phase_upsamplers,
+)
+from musetalk_rt.errors import UserError
+from musetalk_rt.stages import UNetStage, VaeDecodeStage
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_phase_upsample_equals_upsample_then_conv(bias, channels_last):
+    torch.manual_seed(0)
+    up = Upsample2D(8, use_conv=True, out_channels=6, bias=bias).eval()
+    x = torch.randn(3, 8, 5, 7, dtype=torch.float64)  # odd, unequal sides: the borders matter
+    up = up.double()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = up(x)  # [3, 6, 10, 14]
+        out = PhaseUpsample(up.conv, up)(x)
+    assert out.shape == ref.shape == (3, 6, 10, 14)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_phase_upsample_hands_an_explicit_output_size_to_the_original():
+    up = Upsample2D(4, use_conv=True).eval()
+    x = torch.randn(1, 4, 3, 3)
+    with torch.no_grad():
+        out = PhaseUpsample(up.conv, up)(x, (5, 5))
+    assert out.shape == (1, 4, 5, 5)
+    torch.testing.assert_close(out, up(x, (5, 5)))
+
+
+def test_only_plain_nearest_upsamplers_are_rewritten():
+    m = torch.nn.ModuleDict(
+        {
+            "plain": Upsample2D(4, use_conv=True),
+            "no_conv": Upsample2D(4, use_conv=False),
+            "transposed": Upsample2D(4, use_conv_transpose=True),
+            "kernel_5": Upsample2D(4, use_conv=True, kernel_size=5, padding=2),
+        }
+    )
+    assert phase_upsamplers(m) == 1
+    assert isinstance(m["plain"], PhaseUpsample)
+    assert all(isinstance(m[k], Upsample2D) for k in ("no_conv", "transposed", "kernel_5"))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (2, 8, 30)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_channels_last_group_norm_equals_group_norm(shape, affine):
+    torch.manual_seed(1)
+    gn = torch.nn.GroupNorm(4, 8, eps=1e-6, affine=affine).double()
+    if affine:
+        torch.nn.init.normal_(gn.weight)
+        torch.nn.init.normal_(gn.bias)
+    # a large offset against a small spread: the merge of per-channel statistics must not cancel
+    x = (torch.randn(shape, dtype=torch.float64) + 100.0) * torch.linspace(0.5, 2, 8).view(
+        1, 8, *([1] * (len(shape) - 2))
+    ).double()
+    with torch.no_grad():
+        ref = gn(x)
+        out = ChannelsLastGroupNorm(gn)(x)
+        out_cl = ChannelsLastGroupNorm(gn)(
+            x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        )
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out_cl, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_channels_last_group_norm_keeps_the_input_dtype():
+    gn = torch.nn.GroupNorm(2, 4)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.bfloat16)
+    out = ChannelsLastGroupNorm(gn).to(torch.bfloat16)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), gn(x.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_rewrites_of_the_tiny_models_keep_their_outputs(tiny_models):
+    ref_u = UNetStage(tiny_models.unet, get_engine("eager"), torch.float32, CPU)
+    ref_v = VaeDecodeStage(tiny_models.vae, get_engine("eager"), torch.float32, CPU)
+    for st in (ref_u, ref_v):
+        st.prepare([2])
+    engine = get_engine(
+        "compile", backend="aot_eager", phase_upsample=True, channels_last_norm=True
+    )
+    u = UNetStage(tiny_models.unet, engine, torch.float32, CPU)
+    v = VaeDecodeStage(tiny_models.vae, engine, torch.float32, CPU)
+    for st in (u, v):
+        st.prepare([2])
+        reason = st.runner.report.reason
+        assert "phase upsample (" in reason and "phase upsample (0 " not in reason
+        assert "channels-last group norm (" in reason and "norm (0 " not in reason
+    res = check_parity(ref_u.run, ref_v.run, u.run, v.run, 2, CPU)
+    assert res.passed and res.latent_rel_err < 1e-5, res
+    # the reference modules are untouched
+    for model in (tiny_models.unet, tiny_models.vae):
+        assert not any(
+            isinstance(m, (PhaseUpsample, ChannelsLastGroupNorm)) for m in model.modules()
+        )
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
+def test_rewrite_counts_on_the_vae_decoder(tiny_models):
+    import copy
+
+    vae = copy.deepcopy(tiny_models.vae)
+    n_up = sum(isinstance(m, Upsample2D) for m in vae.decoder.modules())
+    n_gn = sum(type(m) is torch.nn.GroupNorm for m in vae.modules())
+    assert phase_upsamplers(vae) == n_up > 0
+    assert channels_last_group_norms(vae) == n_gn > 0
+
+
+def test_rewrite_options_from_the_cli_reach_the_engines_and_their_keys():
+    from musetalk_rt.cli import _engine_options, build_parser
+
+    opts = _engine_options(
+        build_parser().parse_args(["bench", "--phase-upsample", "--channels-last-norm"])
+    )
+    assert opts == {"phase_upsample": True, "channels_last_norm": True}
+    engine, _ = select_engine("compile", "cpu", torch.float32, **opts)
+    assert engine.cache_options()["phase_upsample"] and engine.cache_options()["channels_last_norm"]
+    # absent when off: keys of engines built before the rewrites stay valid
+    assert "phase_upsample" not in get_engine("compile").cache_options()
+    assert "phase_upsample" not in get_engine("aoti").cache_options()
+    assert get_engine("aoti", phase_upsample=True).cache_options()["phase_upsample"]
+    with pytest.raises(UserError, match="does not take the options channels_last_norm"):
+        get_engine("aoti", channels_last_norm=True)
