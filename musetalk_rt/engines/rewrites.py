@@ -44,6 +44,7 @@ class PhaseUpsample(nn.Module):
         w = conv.weight.detach().double()  # [O, I, 3, 3]
         # taps of output phase a (0: even rows, 1: odd rows) over input rows (i-1+a, i+a)
         r = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=w.dtype)
+        r = r.to(w.device)  # the module may already be on the GPU
         # phase (a, b): [O, I, 2, 2] = R_a @ w @ R_b^T over the kernel's rows and columns
         phases = [torch.einsum("pr,oirs,qs->oipq", r[a], w, r[b]) for a in (0, 1) for b in (0, 1)]
         self.out_channels = conv.out_channels
