@@ -24,10 +24,11 @@
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
 #                                      # without graphs at each of KERNEL_COMPILE (default "4 32",
 #                                      # one process each), built at once, profiled in turns
-#   experiments/gpu_runs.sh rewrites   # compile rows (manual capture) at B4 and B32 with no
-#                                      # rewrite, --phase-upsample, and both rewrites (one process
-#                                      # each, built at once, timed in turns), then the kernel
-#                                      # profile with both rewrites
+#   experiments/gpu_runs.sh rewrites   # compile rows (manual capture) per RW_JOBS item
+#                                      # (BUCKET:OPTIONS; default B4 and B32 with no rewrite,
+#                                      # --phase-upsample, both rewrites), one process each, built
+#                                      # at once, timed in turns; then the kernel profile with both
+#                                      # rewrites (RW_KERNELS=0: not)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -167,21 +168,23 @@ kernels)
   grep -h -v "^{" "$L"/kernels_*.txt | cut -c1-160
   ;;
 rewrites)
-  variants=("" "--phase-upsample" "--phase-upsample --channels-last-norm")
+  # RW_JOBS: comma-separated BUCKET:OPTIONS, one bench process each (built at once, timed in
+  # turns); RW_KERNELS=0 skips the kernel profile after them
+  IFS=, read -r -a jobs <<< "${RW_JOBS:-4:,32:,4:--phase-upsample,32:--phase-upsample,4:--phase-upsample --channels-last-norm,32:--phase-upsample --channels-last-norm}"
+  rm -rf /tmp/gpu_turns_rw  # a warm host keeps the last call's turn marks: start clean
   i=0
-  for v in "${variants[@]}"; do
-    for b in 4 32; do
-      timeout 480 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
-        --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 $v "${SYN[@]}" \
-        --out "$R" --gpu-turns /tmp/gpu_turns_rw --gpu-peers $((2 * ${#variants[@]})) \
-        > "$L/bench_rw${i}_b$b.txt" 2>&1 &
-    done
+  for job in "${jobs[@]}"; do
+    b=${job%%:*}
+    timeout 480 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
+      --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 ${job#*:} \
+      "${SYN[@]}" --out "$R" --gpu-turns /tmp/gpu_turns_rw --gpu-peers ${#jobs[@]} \
+      > "$L/bench_rw${i}_b$b.txt" 2>&1 &
     i=$((i + 1))
   done
   wait
   echo "rewrites built and timed: ${SECONDS} s"
   tail -qn 1 "$L"/bench_rw*.txt | cut -c1-220
-  if [ $SECONDS -lt 450 ]; then
+  if [ "${RW_KERNELS:-1}" = 1 ] && [ $SECONDS -lt 450 ]; then
     timeout $((590 - SECONDS)) "$PY" experiments/kernel_profile.py --engines compile \
       --batch-sizes 4,32 --phase-upsample --channels-last-norm --out "$R" \
       > "$L/kernels_rw.txt" 2>&1
