@@ -139,3 +139,18 @@ def test_rewrite_options_from_the_cli_reach_the_engines_and_their_keys():
     assert get_engine("aoti", phase_upsample=True).cache_options()["phase_upsample"]
     with pytest.raises(UserError, match="does not take the options channels_last_norm"):
         get_engine("aoti", channels_last_norm=True)
+
+
+def test_phase_upsample_builds_on_the_weights_device(monkeypatch):
+    # the engine's copy is already on the GPU when it is rewritten (a CPU tap matrix beside CUDA
+    # weights failed there); "meta" stands in for the GPU, and every operand must be on it
+    einsum = torch.einsum
+
+    def same_device_einsum(eq, *ops):
+        assert len({o.device for o in ops}) == 1, [o.device for o in ops]
+        return einsum(eq, *ops)
+
+    monkeypatch.setattr(torch, "einsum", same_device_einsum)
+    up = Upsample2D(4, use_conv=True, out_channels=3).to("meta")
+    p = PhaseUpsample(up.conv, up)
+    assert p.weight.device.type == "meta" and p.weight.shape == (12, 4, 2, 2)
