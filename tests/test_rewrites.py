@@ -154,3 +154,11 @@ def test_phase_upsample_builds_on_the_weights_device(monkeypatch):
     up = Upsample2D(4, use_conv=True, out_channels=3).to("meta")
     p = PhaseUpsample(up.conv, up)
     assert p.weight.device.type == "meta" and p.weight.shape == (12, 4, 2, 2)
+
+
+def test_readme_table_labels_a_rewritten_engine():
+    from musetalk_rt.workbench.report import config_label
+
+    row = {"engine": "compile", "dtype": "fp16", "engine_options": {"phase_upsample": True}}
+    assert config_label(row) == "compile fp16 (phase-upsample)"
+    assert config_label({**row, "engine_options": {}}) == "compile fp16"

@@ -23,6 +23,8 @@ DEFAULT_OPTIONS = {
     "fuse_qkv": False,
     "cudnn_benchmark": False,
     "graph_capture": "trees",
+    "phase_upsample": False,  # engine rewrites (recorded only when on)
+    "channels_last_norm": False,
 }
 
 
