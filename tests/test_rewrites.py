@@ -162,3 +162,17 @@ def test_readme_table_labels_a_rewritten_engine():
     row = {"engine": "compile", "dtype": "fp16", "engine_options": {"phase_upsample": True}}
     assert config_label(row) == "compile fp16 (phase-upsample)"
     assert config_label({**row, "engine_options": {}}) == "compile fp16"
+
+
+def test_aoti_exports_the_rewritten_copy(tiny_models):
+    # the aoti build exports what prepare_module returns (a full CPU build is the slow aoti test)
+    from musetalk_rt.engines.aoti import prepare_module
+    from musetalk_rt.modeling import VaeDecodeStep
+
+    ref = VaeDecodeStep(tiny_models.vae)
+    m = prepare_module(ref, torch.float32, CPU, phase_upsample=True)
+    assert any(isinstance(x, PhaseUpsample) for x in m.modules())
+    assert not any(isinstance(x, PhaseUpsample) for x in ref.modules())
+    z = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(z), ref(z), rtol=1e-4, atol=1e-4)
