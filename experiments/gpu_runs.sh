@@ -29,6 +29,8 @@
 #                                      # --phase-upsample, both rewrites), one process each, built
 #                                      # at once, timed in turns; then the kernel profile with both
 #                                      # rewrites (RW_KERNELS=0: not)
+#   experiments/gpu_runs.sh groupnorm  # group norm + SiLU on the VAE's shapes at B32 and B4:
+#                                      # eager, inductor, per-channel statistics, Triton tiles
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -191,6 +193,13 @@ rewrites)
     grep -v "^{" "$L/kernels_rw.txt" | cut -c1-160
   fi
   ;;
+groupnorm)
+  for b in 32 4; do
+    timeout 280 "$PY" experiments/groupnorm_bench.py --batch "$b" --out "$R" \
+      > "$L/groupnorm_b$b.txt" 2>&1
+    cut -c1-160 "$L/groupnorm_b$b.txt"
+  done
+  ;;
 rows)
   for b in ${ROWS_AOTI-16 32}; do
     for st in unet vae_decode; do
@@ -211,7 +220,7 @@ rows)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|kernels|rewrites|rows" >&2
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|kernels|rewrites|groupnorm|rows" >&2
   exit 2
   ;;
 esac
