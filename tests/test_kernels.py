@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,15 +86,15 @@ def test_breakdown_of_the_tiny_stages_on_cpu_adds_up(tiny_models):
     assert "eager fp32 B2 vae_decode" in text and "conv" in text
 
 
-def test_kernel_profile_script_writes_a_row_and_one_json_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "kernel_profile.py"), "--engines", "eager",
-         "--batch-sizes", "2", "--dtype", "fp32", "--weights", "tiny", "--device", "cpu",
-         "--iters", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    last = json.loads(out.stdout.strip().splitlines()[-1])
+def test_kernel_profile_script_writes_a_row_and_one_json_line(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "kernel_profile", REPO / "experiments" / "kernel_profile.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--engines", "eager", "--batch-sizes", "2", "--dtype", "fp32", "--weights", "tiny"]
+    assert script.main(argv + ["--device", "cpu", "--iters", "1", "--out", str(tmp_path)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["rows"][0]["batch"] == 2 and last["rows"][0]["kernel_ms"] > 0
     row = json.loads((tmp_path / "kernel_profile.jsonl").read_text().splitlines()[0])
     assert row["scenario"] == "kernels_eager_fp32_b2" and row["weights"] == "tiny"
