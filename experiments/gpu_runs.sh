@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The open GPU runs of the live (many channels) and engines (aoti, the bench rows) work, in
-# stages that each fit one 10-minute device call. Rows go to $OUT/res, logs to $OUT/logs.tgz.
+# stages that each fit one 10-minute device call. Rows go to $OUT/res, logs to $OUT/logs_<stage>.tgz.
 #
 #   experiments/gpu_runs.sh channels [N]  # audio path with outputs in processes (16 channels),
 #                                      # then the 5-minute live probe at N channels (default 12:
@@ -23,7 +23,8 @@
 #   experiments/gpu_runs.sh kernels    # kernel time by kind (conv, gemm, norm, ...) per stage:
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
 #                                      # without graphs at each of KERNEL_COMPILE (default "4 32",
-#                                      # one process each), built at once, profiled in turns
+#                                      # one process each; KERNEL_ARGS more engine options, e.g.
+#                                      # --phase-upsample), built at once, profiled in turns
 #   experiments/gpu_runs.sh rewrites   # compile rows (manual capture) per RW_JOBS item
 #                                      # (BUCKET:OPTIONS; default B4 and B32 with no rewrite,
 #                                      # --phase-upsample, both rewrites), one process each, built
@@ -49,10 +50,12 @@ PY=${PY:-python3}
 OUT=${OUT:-out/gpu_runs}
 WAV=${WAV:-.carry/eng.wav}
 R=$OUT/res
-L=/tmp/gpu_runs_logs
+# this invocation's logs only (a warm host keeps earlier calls' files in /tmp)
+STAGE=${1:-none}
+L=/tmp/gpu_runs_logs/$(date +%H%M%S)_$STAGE
 mkdir -p "$R" "$L"
 SYN=(--weights synthetic --device cuda --models-dir models)
-pack() { tar czf "$OUT/logs.tgz" -C "$(dirname $L)" "$(basename $L)"; }
+pack() { tar czf "$OUT/logs_$STAGE.tgz" -C "$(dirname "$L")" "$(basename "$L")"; }
 trap pack EXIT
 # one aoti build of a stage at a bucket, in the background: build_aoti TIMEOUT_S BUCKET STAGE
 build_aoti() {
@@ -158,12 +161,16 @@ baseline)
   tail -n 8 "$L"/bench_*.txt
   ;;
 kernels)
+  rm -rf /tmp/gpu_turns_k  # a warm host keeps the last call's turn marks: start clean
+  n=$((1 + $(wc -w <<< "${KERNEL_COMPILE-4 32}")))
+  turns=(--gpu-turns /tmp/gpu_turns_k --gpu-peers "$n")
   timeout 560 "$PY" experiments/kernel_profile.py --engines eager \
-    --batch-sizes "${KERNEL_EAGER:-1,4,16,32}" --out "$R" --lock /tmp/kernels.lock \
+    --batch-sizes "${KERNEL_EAGER:-1,4,16,32}" --out "$R" "${turns[@]}" \
     > "$L/kernels_eager.txt" 2>&1 &
   for b in ${KERNEL_COMPILE-4 32}; do
     timeout 560 "$PY" experiments/kernel_profile.py --engines compile --batch-sizes "$b" \
-      --out "$R" --lock /tmp/kernels.lock > "$L/kernels_compile_b$b.txt" 2>&1 &
+      --compile-freezing ${KERNEL_ARGS:-} --out "$R" "${turns[@]}" \
+      > "$L/kernels_compile_b$b.txt" 2>&1 &
   done
   wait
   echo "kernels: ${SECONDS} s"
@@ -176,6 +183,7 @@ rewrites)
   rm -rf /tmp/gpu_turns_rw  # a warm host keeps the last call's turn marks: start clean
   i=0
   for job in "${jobs[@]}"; do
+    [[ $job == *:* ]] || { echo "RW_JOBS item '$job': write BUCKET:OPTIONS" >&2; exit 2; }
     b=${job%%:*}
     timeout 480 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
       --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 ${job#*:} \
@@ -188,7 +196,7 @@ rewrites)
   tail -qn 1 "$L"/bench_rw*.txt | cut -c1-220
   if [ "${RW_KERNELS:-1}" = 1 ] && [ $SECONDS -lt 450 ]; then
     timeout $((590 - SECONDS)) "$PY" experiments/kernel_profile.py --engines compile \
-      --batch-sizes 4,32 --phase-upsample --channels-last-norm --out "$R" \
+      --batch-sizes 4,32 --compile-freezing --phase-upsample --channels-last-norm --out "$R" \
       > "$L/kernels_rw.txt" 2>&1
     grep -v "^{" "$L/kernels_rw.txt" | cut -c1-160
   fi

@@ -4,49 +4,36 @@ For each engine and batch size: build the stages, profile ``--iters`` calls of t
 the VAE decoder, and classify every kernel (:mod:`musetalk_rt.workbench.kernels`). Each kind's
 time is set beside the stage's counted work, so the rows say how fast the convolutions run
 against the card's matrix peak and how much time goes to everything that is not matrix work.
-One JSONL row per (engine, batch) into ``<out>/kernel_profile.jsonl``; a table, then one JSON
-line last.
+One JSONL row per (engine, batch) into ``<out>/kernel_profile.jsonl``, written as each is done;
+a table, then one JSON line last.
 
     python experiments/kernel_profile.py --engines eager,compile --batch-sizes 1,4,16,32 \
-        --weights synthetic --device cuda --dtype fp16
+        --weights synthetic --device cuda --dtype fp16 --compile-freezing
 
-``--phase-upsample`` and ``--channels-last-norm`` add the engine rewrites
-(:mod:`musetalk_rt.engines.rewrites`); the GFLOP and TFLOP/s columns stay the reference's work
-(a rewrite that does less work shows as a higher rate). The compile engine is profiled without
-CUDA graphs (``cuda_graphs=False``: the same kernels,
-visible to the profiler); its freezing and channels-last settings are the bench defaults unless
-``--no-freezing``.
+The engine options are the CLI's (``--compile-freezing``, ``--phase-upsample``,
+``--channels-last-norm``, ...); the GFLOP and TFLOP/s columns stay the reference's work (a
+rewrite that does less work shows as a higher rate). The compile engine is profiled without
+CUDA graphs (the same kernels, visible to the profiler). ``--gpu-turns DIR --gpu-peers N`` lets
+N processes build at once and profile one at a time after all have built, as ``bench`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from musetalk_rt.bench import environment, write_rows
+from musetalk_rt.bench import GpuTurns, environment, write_rows
+from musetalk_rt.cli import _add_compile_options, _engine_options
 from musetalk_rt.weights import load_models
 from musetalk_rt.workbench.kernels import format_breakdown, kernel_breakdown
 from musetalk_rt.workbench.profile import make_generator
 
-
-@contextlib.contextmanager
-def _turn(lock_path: str | None):
-    """Hold an exclusive lock on ``lock_path`` (no lock when None)."""
-    if lock_path is None:
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+REWRITES = ("phase_upsample", "channels_last_norm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,37 +45,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="synthetic", choices=("real", "synthetic", "tiny"))
     p.add_argument("--models-dir", default="models")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--no-freezing", action="store_true", help="compile without freezing")
-    p.add_argument("--phase-upsample", action="store_true", help="compile/aoti rewrite")
-    p.add_argument("--channels-last-norm", action="store_true", help="compile rewrite")
     p.add_argument("--out", default="out/kernel_profile")
-    p.add_argument(
-        "--lock",
-        metavar="FILE",
-        help="profile and write while holding this file's lock (processes that build at once "
-        "then take turns on the GPU, so no kernel shares the card with another process's)",
-    )
+    p.add_argument("--gpu-turns", metavar="DIR", help="share the GPU with peer processes")
+    p.add_argument("--gpu-peers", type=int, default=1, help="processes sharing --gpu-turns")
+    _add_compile_options(p)
     args = p.parse_args(argv)
     import torch
 
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     models = load_models(args.weights, args.models_dir, torch.device(args.device))
     env = environment(models.device)
+    turns = GpuTurns(Path(args.gpu_turns), args.gpu_peers) if args.gpu_turns else None
+    if turns is not None:
+        turns.limit_memory(models.device)
     rows = []
     for engine in args.engines.split(","):
-        opts = {}
+        opts = {} if engine == "eager" else _engine_options(args)
         if engine == "compile":
-            opts = {"cuda_graphs": False, "freezing": not args.no_freezing}
-            opts |= {"channels_last_norm": True} if args.channels_last_norm else {}
-        if engine in ("compile", "aoti") and args.phase_upsample:
-            opts["phase_upsample"] = True
-        tag = "".join(f"_{k}" for k in ("phase_upsample", "channels_last_norm") if opts.get(k))
+            opts["cuda_graphs"] = False  # the same kernels, each visible to the profiler
+        tag = "".join(f"_{k}" for k in REWRITES if opts.get(k))
         t0 = time.perf_counter()
         gen = make_generator(models, engine, args.dtype, batches, opts, log=lambda _: None)
         build_s = time.perf_counter() - t0
         print(f"{engine}: built {len(batches)} bucket(s) in {build_s:.0f} s", flush=True)
+        if turns is not None:
+            turns.wait()
         for b in batches:
-            with _turn(args.lock):
+            with turns.turn() if turns is not None else contextlib.nullcontext():
                 stages = kernel_breakdown(gen, b, args.iters)
             print(format_breakdown(f"{engine} {args.dtype} B{b}", stages), flush=True)
             rows.append(
@@ -103,17 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                     "iters": args.iters,
                     "stages": stages,
                     "kernel_ms": round(sum(s["ms"] for s in stages.values()), 4),
+                    "gpu_turns": turns.as_dict() if turns is not None else None,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     **env,
                 }
             )
+            write_rows(rows[-1:], Path(args.out), "kernel_profile.jsonl")
         del gen
         if models.device.type == "cuda":
             torch.cuda.empty_cache()
-    with _turn(args.lock):
-        path = write_rows(rows, Path(args.out), "kernel_profile.jsonl")
     summary = {
-        "kernel_profile": str(path),
+        "kernel_profile": str(Path(args.out) / "kernel_profile.jsonl"),
         "rows": [
             {
                 "scenario": r["scenario"],

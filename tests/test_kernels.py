@@ -42,6 +42,10 @@ NAMES = {
     ),
     "void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>": ("layout", None),
     "Memcpy DtoH (Device -> Pinned)": ("copy", None),
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+    "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>": ("copy", None),
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>(long, "
+    "c10::Half, c10::Half const*, float*, float*)": ("norm", None),
     "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": (
         "pointwise",
         None,

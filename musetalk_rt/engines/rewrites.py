@@ -13,8 +13,9 @@ arithmetic (tests compare them with the originals) and the quality gate checks e
   ``2i+1`` sees rows ``i, i+1`` through ``w0 + w1`` and ``w2`` (the same for columns). One 2x2
   convolution with four times the output channels computes all phases on an ``(N+1)^2`` grid;
   phase ``(a, b)`` is its window shifted by ``(a, b)``, interleaved into the output. 16 instead
-  of 36 multiply-adds per input pixel and channel pair (the upsamplers are 28% of the decoder's
-  work), and the upsampled input is never written.
+  of 36 multiply-adds per input pixel and channel pair (~17 with the grid's extra row and
+  column at 32x32; the upsamplers are 28% of the decoder's work), and the upsampled input is
+  never written.
 * :class:`ChannelsLastGroupNorm` — group norm whose statistics are per-channel reductions over
   the pixels (contiguous in channels-last memory, where every pixel's channels sit together),
   merged into group statistics exactly (mean of means; variance = mean of the channels'
@@ -29,17 +30,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+# part of an engine's cache key when a rewrite is on: raise it whenever a rewrite's code changes
+# (1: the rewrites as measured first; 2: output in the input's memory format, bias in the conv)
+REWRITES_VERSION = 2
+
 
 class PhaseUpsample(nn.Module):
     """Nearest 2x upsample + 3x3 convolution (padding 1) as one 2x2 convolution of the input.
 
+    The output keeps the input's memory format (channels-last in, channels-last out, as the
+    module it replaces), so the convolution after it reads it without a layout change.
+
     Args:
         conv: The 3x3 convolution (stride 1, padding 1, no dilation or groups) that followed
             the upsample.
-        fallback: The original module, used when a call asks for an explicit output size.
     """
 
-    def __init__(self, conv: nn.Conv2d, fallback: nn.Module | None = None):
+    def __init__(self, conv: nn.Conv2d):
         super().__init__()
         w = conv.weight.detach().double()  # [O, I, 3, 3]
         # taps of output phase a (0: even rows, 1: odd rows) over input rows (i-1+a, i+a)
@@ -51,25 +58,29 @@ class PhaseUpsample(nn.Module):
         self.weight = nn.Parameter(
             torch.cat(phases).to(conv.weight.dtype), requires_grad=False
         )  # [4 * O, I, 2, 2]
+        # every phase adds the same bias: inside the convolution, no separate pass
         self.bias = (
-            None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), False)
-        )  # [O]
-        self.fallback = fallback
+            None if conv.bias is None else nn.Parameter(conv.bias.detach().repeat(4), False)
+        )  # [4 * O]
 
     def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-        if output_size is not None and self.fallback is not None:
-            return self.fallback(x, output_size, *args, **kwargs)
-        n, o = x.shape[-2:], self.out_channels
-        y = F.conv2d(x, self.weight, padding=1)  # [B, 4 * O, H + 1, W + 1]
-        p = [y[:, k * o : (k + 1) * o] for k in range(4)]  # phase (a, b) at k = 2a + b
-        rows = [
-            torch.stack([p[2 * a + b][..., a : a + n[0], b : b + n[1]] for b in (0, 1)], dim=-1)
-            for a in (0, 1)
-        ]  # each [B, O, H, W, 2]: columns interleaved
-        out = torch.stack(rows, dim=3).reshape(x.shape[0], o, 2 * n[0], 2 * n[1])  # [B,O,2H,2W]
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        if output_size is not None:
+            raise ValueError(
+                "this upsampler was rewritten for a fixed 2x scale (--phase-upsample) and cannot "
+                "take an explicit output size; build the engine without --phase-upsample"
+            )
+        (h, w), o = x.shape[-2:], self.out_channels
+        y = F.conv2d(x, self.weight, self.bias, padding=1)  # [B, 4 * O, H + 1, W + 1]
+        # phase (a, b) (output rows 2i + a, columns 2j + b) is y's block k = 2a + b, shifted
+        p = [y[:, k * o : (k + 1) * o] for k in range(4)]  # each [B, O, H + 1, W + 1]
+        win = [[p[2 * a + b][..., a : a + h, b : b + w] for b in (0, 1)] for a in (0, 1)]
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # interleave as [B, H, 2, W, 2, O]: channels-last memory of [B, O, 2H, 2W]
+            rows = [torch.stack([q.permute(0, 2, 3, 1) for q in win[a]], dim=3) for a in (0, 1)]
+            out = torch.stack(rows, dim=2).reshape(x.shape[0], 2 * h, 2 * w, o)
+            return out.permute(0, 3, 1, 2)  # [B, O, 2H, 2W], channels-last strides
+        rows = [torch.stack(win[a], dim=-1) for a in (0, 1)]  # each [B, O, H, W, 2]
+        return torch.stack(rows, dim=3).reshape(x.shape[0], o, 2 * h, 2 * w)  # [B, O, 2H, 2W]
 
 
 def _phase_convertible(m: nn.Module) -> bool:
@@ -139,7 +150,7 @@ def phase_upsamplers(module: nn.Module) -> int:
     Returns:
         How many were rewritten.
     """
-    return _replace(module, _phase_convertible, lambda m: PhaseUpsample(m.conv, m))
+    return _replace(module, _phase_convertible, lambda m: PhaseUpsample(m.conv))
 
 
 def channels_last_group_norms(module: nn.Module) -> int:
@@ -158,6 +169,8 @@ def rewrite_options(phase_upsample: bool, channels_last_norm: bool) -> dict:
         opts["phase_upsample"] = True
     if channels_last_norm:
         opts["channels_last_norm"] = True
+    if opts:  # a changed rewrite must not load engines built by the old one
+        opts["rewrites_version"] = REWRITES_VERSION
     return opts
 
 

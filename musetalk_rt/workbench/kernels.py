@@ -29,7 +29,7 @@ KINDS = ("conv", "gemm", "attention", "norm", "pointwise", "layout", "copy", "ot
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "scaled_dot_product", "sdpa")),
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
-    ("copy", ("memcpy", "memset", "aten::copy_", "aten::clone", "aten::contiguous")),
+    ("copy", ("memcpy", "memset", "direct_copy", "aten::copy_", "aten::clone", "aten::contiguous")),
     ("conv", ("fprop", "conv", "implicit_gemm", "cudnn")),
     (
         "gemm",
@@ -46,7 +46,7 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "aten::matmul",
         ),
     ),
-    ("norm", ("norm", "softmax", "reduce")),
+    ("norm", ("norm", "moments", "softmax", "reduce")),
     (
         "pointwise",
         (
