@@ -18,7 +18,8 @@ Variants per shape (``[B, C, H, W]`` fp16 channels-last, 32 groups, as in the de
 * ``triton_tiles`` — the kernel below + a compiled merge and apply (CUDA, or the Triton
   interpreter with ``TRITON_INTERPRET=1`` on the CPU for correctness only).
 
-Each row: median ms per call (CUDA events), the bandwidth at three passes of the tensor (two
+Each row: median ms per call (CUDA events behind a queued GPU sleep, as ``bench`` times the GPU
+alone; wall clock on the CPU), the bandwidth at three passes of the tensor (two
 reads, one write: what any two-pass norm needs), and the largest error against fp32 eager. One
 JSONL row per (shape, variant) into ``<out>/groupnorm_bench.jsonl``; a table, one JSON line last.
 
@@ -28,6 +29,7 @@ JSONL row per (shape, variant) into ``<out>/groupnorm_bench.jsonl``; a table, on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F  # noqa: N812
+
+from musetalk_rt.bench import _time_step
 
 try:
     import triton
@@ -117,29 +121,6 @@ def merge_and_apply(x, mean_t, m2_t, counts, weight, bias, eps: float = EPS):
     return F.silu(y).to(x.dtype)
 
 
-def _time_ms(fn, x, iters: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn(x)
-    if x.device.type != "cuda":
-        import time
-
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
-        return statistics.median(times)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def variants(weight, bias, device: torch.device) -> dict:
     """The variants as ``x -> y`` callables (those this host can run)."""
     from musetalk_rt.engines.rewrites import ChannelsLastGroupNorm
@@ -199,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             with torch.inference_mode():
                 err = (fn(x).float() - ref).abs().max().item()
-                ms = _time_ms(fn, x, args.iters)
+                # GPU time: a queued GPU sleep hides the host's launches (bench's timing)
+                step = functools.partial(fn, x)
+                ms = statistics.median(_time_step(step, device, 5, args.iters, gpu_bound=True))
             gbs = 3 * x.numel() * x.element_size() / (ms / 1000.0) / 1e9
             rows.append(
                 {
