@@ -159,7 +159,7 @@ def channels_last_group_norms(module: nn.Module) -> int:
     Returns:
         How many were rewritten.
     """
-    return _replace(module, lambda m: type(m) is nn.GroupNorm, lambda m: ChannelsLastGroupNorm(m))
+    return _replace(module, lambda m: type(m) is nn.GroupNorm, ChannelsLastGroupNorm)
 
 
 def rewrite_options(phase_upsample: bool, channels_last_norm: bool) -> dict:

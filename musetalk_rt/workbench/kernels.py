@@ -131,7 +131,19 @@ def flops_per_frame(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -
     return out
 
 
-def _profile_calls(run, batch: FrameBatch, iters: int, device: torch.device):
+def random_batch(batch_size: int, device: torch.device) -> FrameBatch:
+    """A batch of random model-stage inputs (the GPU stages' shapes; no avatar needed)."""
+    return FrameBatch(
+        list(range(batch_size)),
+        list(range(batch_size)),
+        latents=torch.randn(batch_size, 8, 32, 32).to(device),  # [B, 8, 32, 32]
+        audio=torch.randn(batch_size, 50, 384).to(device),  # [B, 50, 384]
+        pred_latents=torch.randn(batch_size, 4, 32, 32).to(device),  # [B, 4, 32, 32]
+    )
+
+
+def profile_calls(run, batch: FrameBatch, iters: int, device: torch.device):
+    """``torch.profiler`` (CPU, and CUDA on a GPU) over ``iters`` calls after one warm call."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -180,7 +192,7 @@ def stage_breakdown(stage, run, batch: FrameBatch, iters: int, device: torch.dev
         "sm90_share": {...}}`` — milliseconds per call, FLOPs per call.
     """
     b = len(batch.frame_ids)
-    times = _kernel_times_us(_profile_calls(run, batch, iters, device), device)
+    times = _kernel_times_us(profile_calls(run, batch, iters, device), device)
     total_us = sum(times.values()) or 1.0
     flops = flops_per_frame(stage.module, stage.example_inputs(1))
     kinds: dict[str, dict] = {}
@@ -227,13 +239,7 @@ def kernel_breakdown(gen, batch_size: int, iters: int = 10) -> dict[str, dict]:
         ``{"unet": ..., "vae_decode": ...}``.
     """
     device = gen.device
-    b = FrameBatch(
-        list(range(batch_size)),
-        list(range(batch_size)),
-        latents=torch.randn(batch_size, 8, 32, 32).to(device),  # [B, 8, 32, 32]
-        audio=torch.randn(batch_size, 50, 384).to(device),  # [B, 50, 384]
-        pred_latents=torch.randn(batch_size, 4, 32, 32).to(device),  # [B, 4, 32, 32]
-    )
+    b = random_batch(batch_size, device)
     return {
         "unet": stage_breakdown(gen.unet, gen.unet, b, iters, device),
         "vae_decode": stage_breakdown(gen.vae, gen.vae, b, iters, device),

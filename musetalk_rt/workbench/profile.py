@@ -167,27 +167,12 @@ def profile_trace(gen, stage: str, path: str | Path, batch: int | None = None) -
     Host stages (features, blend, encode) are not what the CUDA profiler is for: they trace the
     UNet instead, and the file name says which stage it holds.
     """
+    from musetalk_rt.workbench.kernels import profile_calls, random_batch
+
     model_stage = stage if stage in ("unet", "vae_decode") else "unet"
     batch = batch or max(gen.batch_sizes)
     run = gen.unet if model_stage == "unet" else gen.vae
-    device = gen.device
-    b = FrameBatch(
-        list(range(batch)),
-        list(range(batch)),
-        latents=torch.randn(batch, 8, 32, 32).to(device),
-        audio=torch.randn(batch, 50, 384).to(device),
-        pred_latents=torch.randn(batch, 4, 32, 32).to(device),
-    )
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.inference_mode():
-        run(b)  # warm
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(3):
-                run(b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    prof = profile_calls(run, random_batch(batch, gen.device), 3, gen.device)
     path = Path(path)
     path = path.with_name(f"{path.stem}_{model_stage}{path.suffix or '.json'}")
     path.parent.mkdir(parents=True, exist_ok=True)
