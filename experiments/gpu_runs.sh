@@ -29,9 +29,11 @@
 #                                      # (BUCKET:OPTIONS; default B4 and B32 with no rewrite,
 #                                      # --phase-upsample, both rewrites), one process each, built
 #                                      # at once, timed in turns; then the kernel profile with both
-#                                      # rewrites (RW_KERNELS=0: not)
+#                                      # rewrites (RW_KERNELS=0: not; RW_TIMEOUT_S bounds each
+#                                      # process, default 480; e.g. "4:--phase-upsample transpose")
 #   experiments/gpu_runs.sh groupnorm  # group norm + SiLU on the VAE's shapes at B32 and B4:
 #                                      # eager, inductor, per-channel statistics, Triton tiles
+#                                      # (GN_BATCHES, default "32 4"; GN_TIMEOUT_S each, 280)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -185,7 +187,7 @@ rewrites)
   for job in "${jobs[@]}"; do
     [[ $job == *:* ]] || { echo "RW_JOBS item '$job': write BUCKET:OPTIONS" >&2; exit 2; }
     b=${job%%:*}
-    timeout 480 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
+    timeout "${RW_TIMEOUT_S:-480}" "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
       --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 ${job#*:} \
       "${SYN[@]}" --out "$R" --gpu-turns /tmp/gpu_turns_rw --gpu-peers ${#jobs[@]} \
       > "$L/bench_rw${i}_b$b.txt" 2>&1 &
@@ -202,8 +204,8 @@ rewrites)
   fi
   ;;
 groupnorm)
-  for b in 32 4; do
-    timeout 280 "$PY" experiments/groupnorm_bench.py --batch "$b" --out "$R" \
+  for b in ${GN_BATCHES:-32 4}; do
+    timeout "${GN_TIMEOUT_S:-280}" "$PY" experiments/groupnorm_bench.py --batch "$b" --out "$R" \
       > "$L/groupnorm_b$b.txt" 2>&1
     cut -c1-160 "$L/groupnorm_b$b.txt"
   done

@@ -127,8 +127,8 @@ def _engine_options(args) -> dict:
         opts["weights"] = args.aoti_weights
     if getattr(args, "aoti_max_autotune", False):
         opts["max_autotune"] = True
-    if getattr(args, "phase_upsample", False):
-        opts["phase_upsample"] = True
+    if getattr(args, "phase_upsample", None):  # True: the first form, as rows recorded it
+        opts["phase_upsample"] = args.phase_upsample == "interleave" or args.phase_upsample
     if getattr(args, "channels_last_norm", False):
         opts["channels_last_norm"] = True
     if getattr(args, "aoti_cuda_graphs", False) and not getattr(args, "no_cuda_graphs", False):
@@ -193,9 +193,14 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--phase-upsample",
-        action="store_true",
-        help="compile and aoti: compute each nearest-2x upsample + 3x3 conv as one 2x2 conv of "
-        "the small input (exact; 2.25x less work in the upsamplers, checked by the gate)",
+        nargs="?",
+        const="interleave",
+        choices=["interleave", "transpose"],  # engines.rewrites.UPSAMPLE_FORMS (torch-free here)
+        metavar="FORM",
+        help="compile and aoti: compute each nearest-2x upsample + 3x3 conv from the small "
+        "input (exact; 2.25x less work in the upsamplers, checked by the gate) — interleave "
+        "(default): one 2x2 conv for the four output phases, then an interleave; transpose: "
+        "one stride-2 transposed conv that writes them interleaved",
     )
     g.add_argument(
         "--channels-last-norm",

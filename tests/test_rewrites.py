@@ -9,8 +9,10 @@ from diffusers.models.upsampling import Upsample2D
 from musetalk_rt.engines import get_engine, select_engine
 from musetalk_rt.engines.rewrites import (
     REWRITES_VERSION,
+    UPSAMPLE_FORMS,
     ChannelsLastGroupNorm,
     PhaseUpsample,
+    TransposeUpsample,
     channels_last_group_norms,
     phase_upsamplers,
 )
@@ -18,11 +20,13 @@ from musetalk_rt.errors import UserError
 from musetalk_rt.stages import VaeDecodeStage
 
 CPU = torch.device("cpu")
+FORMS = [PhaseUpsample, TransposeUpsample]  # the two forms of --phase-upsample
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_phase_upsample_equals_upsample_then_conv(bias, channels_last):
+def test_phase_upsample_equals_upsample_then_conv(form, bias, channels_last):
     torch.manual_seed(0)
     up = Upsample2D(8, use_conv=True, out_channels=6, bias=bias).eval()
     x = torch.randn(3, 8, 5, 7, dtype=torch.float64)  # odd, unequal sides: the borders matter
@@ -31,30 +35,33 @@ def test_phase_upsample_equals_upsample_then_conv(bias, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = up(x)  # [3, 6, 10, 14]
-        out = PhaseUpsample(up.conv)(x)
+        out = form(up.conv)(x)
     assert out.shape == ref.shape == (3, 6, 10, 14)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_phase_upsample_refuses_an_explicit_output_size():
+@pytest.mark.parametrize("form", FORMS)
+def test_phase_upsample_refuses_an_explicit_output_size(form):
     up = Upsample2D(4, use_conv=True).eval()
     with pytest.raises(ValueError, match="without --phase-upsample"):
-        PhaseUpsample(up.conv)(torch.randn(1, 4, 3, 3), (5, 5))
+        form(up.conv)(torch.randn(1, 4, 3, 3), (5, 5))
 
 
-def test_phase_upsample_keeps_the_memory_format():
+@pytest.mark.parametrize("form", FORMS)
+def test_phase_upsample_keeps_the_memory_format(form):
     up = Upsample2D(4, use_conv=True).eval()
     x = torch.randn(2, 4, 5, 6)
     with torch.no_grad():
-        cl = PhaseUpsample(up.conv)(x.contiguous(memory_format=torch.channels_last))
-        plain = PhaseUpsample(up.conv)(x)
+        cl = form(up.conv)(x.contiguous(memory_format=torch.channels_last))
+        plain = form(up.conv)(x)
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert plain.is_contiguous()
     torch.testing.assert_close(cl, plain)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_phase_upsample_in_half_precision_stays_near_the_original(dtype):
+def test_phase_upsample_in_half_precision_stays_near_the_original(form, dtype):
     # the phase weights are sums of 3x3 taps rounded once: a little more rounding than the
     # original's, measured at ~1.6-1.8x its error against float64
     torch.manual_seed(3)
@@ -63,7 +70,7 @@ def test_phase_upsample_in_half_precision_stays_near_the_original(dtype):
     with torch.no_grad():
         ref = up.double()(x.double())
         err_orig = (up.to(dtype)(x.to(dtype)).double() - ref).abs().max().item()
-        err_phase = PhaseUpsample(up.conv.double()).to(dtype)(x.to(dtype)).double() - ref
+        err_phase = form(up.conv.double()).to(dtype)(x.to(dtype)).double() - ref
     assert err_phase.abs().max().item() < 3 * err_orig
 
 
@@ -82,6 +89,9 @@ def test_only_plain_nearest_upsamplers_are_rewritten():
     assert phase_upsamplers(m) == 1
     assert isinstance(m["plain"], PhaseUpsample)
     assert all(isinstance(m[k], Upsample2D) for k in m if k != "plain")
+    m["plain"] = Upsample2D(4, use_conv=True)
+    assert phase_upsamplers(m, "transpose") == 1
+    assert isinstance(m["plain"], TransposeUpsample)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 5), (2, 8, 30)])
@@ -128,7 +138,7 @@ def test_rewrites_of_the_tiny_models_keep_their_outputs(tiny_models):
     ):
         m = copy.deepcopy(ref)
         note = apply_rewrites(m, True, True)
-        assert "phase upsample (" in note and "phase upsample (0 " not in note
+        assert "phase upsample, interleave (" in note and "interleave (0 " not in note
         assert "channels-last group norm (" in note and "norm (0 " not in note
         with torch.no_grad():
             torch.testing.assert_close(m(*inputs), ref(*inputs), rtol=1e-4, atol=1e-4)
@@ -155,7 +165,7 @@ def test_the_compile_engine_compiles_its_rewritten_copy(tiny_models, monkeypatch
     )
     v = VaeDecodeStage(tiny_models.vae, engine, torch.float32, CPU)
     v.prepare([2])
-    assert "phase upsample (" in v.runner.report.reason
+    assert "phase upsample, interleave (" in v.runner.report.reason
     assert any(isinstance(m, PhaseUpsample) for m in seen[0].modules())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in seen[0].modules())
     ref = VaeDecodeStage(tiny_models.vae, get_engine("eager"), torch.float32, CPU)
@@ -191,11 +201,37 @@ def test_rewrite_options_from_the_cli_reach_the_engines_and_their_keys():
     assert "phase_upsample" not in get_engine("compile").cache_options()
     assert "phase_upsample" not in get_engine("aoti").cache_options()
     assert get_engine("aoti", phase_upsample=True).cache_options()["phase_upsample"]
+
+
+def test_the_transpose_form_is_its_own_engine_key_and_label():
+    from musetalk_rt.cli import _engine_options, build_parser
+    from musetalk_rt.workbench.report import config_label
+
+    parse = build_parser().parse_args
+    assert _engine_options(parse(["bench", "--phase-upsample", "interleave"])) == {
+        "phase_upsample": True  # the first form, recorded as rows and keys recorded it before
+    }
+    opts = _engine_options(parse(["bench", "--phase-upsample", "transpose"]))
+    assert opts == {"phase_upsample": "transpose"}
+    for name in ("compile", "aoti"):
+        key = get_engine(name, **opts).cache_options()
+        assert key["phase_upsample"] == "transpose"
+        assert key != get_engine(name, phase_upsample=True).cache_options()
+    row = {"engine": "compile", "dtype": "fp16", "engine_options": opts}
+    assert config_label(row) == "compile fp16 (phase-upsample=transpose)"
+    # the CLI's choices (written out there, to keep torch out of its import) are the forms
+    for form in UPSAMPLE_FORMS:
+        assert parse(["bench", "--phase-upsample", form]).phase_upsample == form
+    with pytest.raises(SystemExit):
+        parse(["bench", "--phase-upsample", "sideways"])
+    with pytest.raises(UserError, match="interleave, transpose"):
+        get_engine("compile", phase_upsample="sideways")
     with pytest.raises(UserError, match="does not take the options channels_last_norm"):
         get_engine("aoti", channels_last_norm=True)
 
 
-def test_phase_upsample_builds_on_the_weights_device(monkeypatch):
+@pytest.mark.parametrize("form", FORMS)
+def test_phase_upsample_builds_on_the_weights_device(form, monkeypatch):
     # the engine's copy is already on the GPU when it is rewritten (a CPU tap matrix beside CUDA
     # weights failed there); "meta" stands in for the GPU, and every operand must be on it
     einsum = torch.einsum
@@ -206,8 +242,9 @@ def test_phase_upsample_builds_on_the_weights_device(monkeypatch):
 
     monkeypatch.setattr(torch, "einsum", same_device_einsum)
     up = Upsample2D(4, use_conv=True, out_channels=3).to("meta")
-    p = PhaseUpsample(up.conv)
-    assert p.weight.device.type == "meta" and p.weight.shape == (12, 4, 2, 2)
+    p = form(up.conv)
+    shape = (12, 4, 2, 2) if form is PhaseUpsample else (4, 3, 4, 4)  # conv_transpose: [I, O]
+    assert p.weight.device.type == "meta" and p.weight.shape == shape
 
 
 def test_readme_table_labels_a_rewritten_engine():
@@ -218,15 +255,17 @@ def test_readme_table_labels_a_rewritten_engine():
     assert config_label({**row, "engine_options": {}}) == "compile fp16"
 
 
-def test_aoti_exports_the_rewritten_copy(tiny_models):
+@pytest.mark.parametrize("form", ["interleave", "transpose"])
+def test_aoti_exports_the_rewritten_copy(tiny_models, form):
     # the aoti build exports what prepare_module returns (a full CPU build is the slow aoti test)
     from musetalk_rt.engines.aoti import prepare_module
     from musetalk_rt.modeling import VaeDecodeStep
 
     ref = VaeDecodeStep(tiny_models.vae)
-    m = prepare_module(ref, torch.float32, CPU, phase_upsample=True)
-    assert any(isinstance(x, PhaseUpsample) for x in m.modules())
-    assert not any(isinstance(x, PhaseUpsample) for x in ref.modules())
+    m = prepare_module(ref, torch.float32, CPU, phase_upsample=form)
+    cls = PhaseUpsample if form == "interleave" else TransposeUpsample
+    assert any(isinstance(x, cls) for x in m.modules())
+    assert not any(isinstance(x, (PhaseUpsample, TransposeUpsample)) for x in ref.modules())
     z = torch.randn(2, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(z), ref(z), rtol=1e-4, atol=1e-4)

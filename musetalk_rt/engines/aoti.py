@@ -53,7 +53,7 @@ from torch import nn
 
 from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
 from musetalk_rt.engines.compile import _ManualGraphStep
-from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options
+from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options, upsample_form
 from musetalk_rt.errors import UserError
 
 
@@ -89,7 +89,7 @@ def export_bucket(
 
 
 def prepare_module(
-    module: nn.Module, dtype: torch.dtype, device: torch.device, phase_upsample: bool = False
+    module: nn.Module, dtype: torch.dtype, device: torch.device, phase_upsample: bool | str = False
 ) -> nn.Module:
     """The engine's copy of ``module``: rewritten, cast, on the device, export-friendly."""
     m = copy.deepcopy(module)
@@ -178,7 +178,7 @@ class ExportedEngine(Engine):
     suffix = ""  # file suffix of one bucket's file in the engine cache
     what = ""  # what the files are, for the report
 
-    phase_upsample = False  # rewrite upsample + conv as one 2x2 conv (engines.rewrites)
+    phase_upsample: str | bool = False  # upsample + conv from the small input (engines.rewrites)
 
     def __init__(self, cuda_graphs: bool = True):
         self.cuda_graphs = cuda_graphs
@@ -245,7 +245,7 @@ class ExportedEngine(Engine):
         report.reason = (
             f"{self.what} ({loaded} loaded from the engine cache, {len(built)} built)"
             + (", CUDA graphs (manual capture)" if graphs else "")
-            + (", phase upsample" if self.phase_upsample else "")
+            + (f", phase upsample ({self.phase_upsample})" if self.phase_upsample else "")
             + (f"; {self.compiler_note}" if built and self.compiler_note else "")
         )
         runner = Runner(fns, dtype, report, artifacts=built)
@@ -263,8 +263,8 @@ class AotiEngine(ExportedEngine):
             (see the module docstring); the package's own C++ loop launches the kernels.
         weights: Where a package keeps the weights (``blob`` or ``so``; see the module).
         max_autotune: Inductor's max-autotune while compiling (slow builds, paid once).
-        phase_upsample: Rewrite each nearest-2x upsample + 3x3 conv as one 2x2 conv of the
-            small input (:mod:`musetalk_rt.engines.rewrites`).
+        phase_upsample: Compute each nearest-2x upsample + 3x3 conv from the small input
+            (:mod:`musetalk_rt.engines.rewrites`): ``True``/``"interleave"`` or ``"transpose"``.
     """
 
     name = "aoti"
@@ -277,10 +277,10 @@ class AotiEngine(ExportedEngine):
         cuda_graphs: bool = False,
         weights: str = "blob",
         max_autotune: bool = False,
-        phase_upsample: bool = False,
+        phase_upsample: bool | str = False,
     ):
         super().__init__(cuda_graphs)
-        self.phase_upsample = phase_upsample
+        self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
         if weights not in AOTI_WEIGHTS:
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
         self.weights = weights

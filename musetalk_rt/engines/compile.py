@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
-from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options
+from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options, upsample_form
 from musetalk_rt.errors import UserError
 
 GRAPH_CAPTURES = ("trees", "manual")
@@ -116,8 +116,10 @@ class CompileEngine(Engine):
             convolution algorithms on the first call of each shape (during the build).
         graph_capture: ``trees`` (inductor's cudagraph trees, mode reduce-overhead) or
             ``manual`` (one ``torch.cuda.CUDAGraph`` per bucket around the compiled call).
-        phase_upsample: Rewrite each nearest-2x upsample + 3x3 conv as one 2x2 conv of the
-            small input (:mod:`musetalk_rt.engines.rewrites`; exact, 2.25x less work there).
+        phase_upsample: Compute each nearest-2x upsample + 3x3 conv from the small input
+            (:mod:`musetalk_rt.engines.rewrites`; exact, 2.25x less work there): ``True`` or
+            ``"interleave"`` (one 2x2 conv + interleave) or ``"transpose"`` (one transposed
+            conv).
         channels_last_norm: Rewrite each group norm to reduce per channel over the pixels
             (contiguous in channels-last memory), then merge into group statistics.
     """
@@ -136,7 +138,7 @@ class CompileEngine(Engine):
         fuse_qkv: bool = False,
         cudnn_benchmark: bool = False,
         graph_capture: str = "trees",
-        phase_upsample: bool = False,
+        phase_upsample: bool | str = False,
         channels_last_norm: bool = False,
     ):
         if graph_capture not in GRAPH_CAPTURES:
@@ -151,7 +153,7 @@ class CompileEngine(Engine):
         self.fuse_qkv = fuse_qkv
         self.cudnn_benchmark = cudnn_benchmark
         self.graph_capture = graph_capture
-        self.phase_upsample = phase_upsample
+        self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
         self.channels_last_norm = channels_last_norm
 
     CACHE_FILE = "compile_cache.bin"

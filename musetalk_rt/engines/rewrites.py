@@ -16,6 +16,13 @@ arithmetic (tests compare them with the originals) and the quality gate checks e
   of 36 multiply-adds per input pixel and channel pair (~17 with the grid's extra row and
   column at 32x32; the upsamplers are 28% of the decoder's work), and the upsampled input is
   never written.
+* :class:`TransposeUpsample` — the same function as one transposed convolution (stride 2,
+  kernel 4, padding 1) of the small input: output row ``o`` takes input rows ``i`` with
+  ``o = 2i - 1 + k``, and the 4x4 kernel holds the four phases' 2x2 taps at interleaved
+  positions (``[w2, w1 + w2, w0 + w1, w0]`` along each axis), so the convolution writes the
+  interleaved output itself — no separate interleave pass (an H200 profile of the phase form
+  found its interleave fused into the next norm's reduction as a 3.6 ms gather at batch 32).
+  ``--phase-upsample transpose``.
 * :class:`ChannelsLastGroupNorm` — group norm whose statistics are per-channel reductions over
   the pixels (contiguous in channels-last memory, where every pixel's channels sit together),
   merged into group statistics exactly (mean of means; variance = mean of the channels'
@@ -30,9 +37,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from musetalk_rt.errors import UserError
+
 # part of an engine's cache key when a rewrite is on: raise it whenever a rewrite's code changes
 # (1: the rewrites as measured first; 2: output in the input's memory format, bias in the conv)
 REWRITES_VERSION = 2
+# how a rewritten upsampler computes its four phases (``--phase-upsample FORM``)
+UPSAMPLE_FORMS = ("interleave", "transpose")
+
+
+def upsample_form(phase_upsample: bool | str | None) -> str | None:
+    """The upsampler rewrite's form: ``None`` (off), ``interleave`` (``True``) or ``transpose``.
+
+    Raises:
+        UserError: An unknown form (the message names the known ones).
+    """
+    if phase_upsample is None or phase_upsample is False:
+        return None
+    if phase_upsample is True:
+        return "interleave"
+    if phase_upsample not in UPSAMPLE_FORMS:
+        raise UserError(
+            f"unknown --phase-upsample form {phase_upsample!r}; choose one of "
+            + ", ".join(UPSAMPLE_FORMS)
+        )
+    return phase_upsample
 
 
 class PhaseUpsample(nn.Module):
@@ -81,6 +110,38 @@ class PhaseUpsample(nn.Module):
             return out.permute(0, 3, 1, 2)  # [B, O, 2H, 2W], channels-last strides
         rows = [torch.stack(win[a], dim=-1) for a in (0, 1)]  # each [B, O, H, W, 2]
         return torch.stack(rows, dim=3).reshape(x.shape[0], o, 2 * h, 2 * w)  # [B, O, 2H, 2W]
+
+
+class TransposeUpsample(nn.Module):
+    """Nearest 2x upsample + 3x3 convolution (padding 1) as one transposed convolution.
+
+    Stride 2, kernel 4, padding 1 over the small input: the same output as
+    :class:`PhaseUpsample`, written in place by the convolution (see the module docstring).
+
+    Args:
+        conv: The 3x3 convolution (stride 1, padding 1, no dilation or groups) that followed
+            the upsample.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        w = conv.weight.detach().double()  # [O, I, 3, 3]
+        # kernel position p (0..3) of the transposed conv over the 3x3 taps r: w2, w1+w2, w0+w1, w0
+        t = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=w.dtype)
+        t = t.to(w.device)
+        self.weight = nn.Parameter(
+            torch.einsum("pr,oirs,qs->iopq", t, w, t).to(conv.weight.dtype), requires_grad=False
+        )  # [I, O, 4, 4]: conv_transpose2d's layout
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), False)
+
+    def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if output_size is not None:
+            raise ValueError(
+                "this upsampler was rewritten for a fixed 2x scale (--phase-upsample) and cannot "
+                "take an explicit output size; build the engine without --phase-upsample"
+            )
+        # [B, I, H, W] -> [B, O, 2H, 2W]
+        return F.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)
 
 
 def _phase_convertible(m: nn.Module) -> bool:
@@ -144,13 +205,19 @@ def _replace(module: nn.Module, pick, make) -> int:
     return n
 
 
-def phase_upsamplers(module: nn.Module) -> int:
-    """Rewrite every nearest-2x ``Upsample2D`` + 3x3 conv in ``module`` as a :class:`PhaseUpsample`.
+def phase_upsamplers(module: nn.Module, form: str = "interleave") -> int:
+    """Rewrite every nearest-2x ``Upsample2D`` + 3x3 conv in ``module`` as one convolution.
+
+    Args:
+        module: Rewritten in place.
+        form: ``interleave`` (:class:`PhaseUpsample`) or ``transpose``
+            (:class:`TransposeUpsample`).
 
     Returns:
         How many were rewritten.
     """
-    return _replace(module, _phase_convertible, lambda m: PhaseUpsample(m.conv))
+    make = {"interleave": PhaseUpsample, "transpose": TransposeUpsample}[upsample_form(form)]
+    return _replace(module, _phase_convertible, lambda m: make(m.conv))
 
 
 def channels_last_group_norms(module: nn.Module) -> int:
@@ -162,11 +229,16 @@ def channels_last_group_norms(module: nn.Module) -> int:
     return _replace(module, lambda m: type(m) is nn.GroupNorm, ChannelsLastGroupNorm)
 
 
-def rewrite_options(phase_upsample: bool, channels_last_norm: bool) -> dict:
-    """The rewrites for an engine-cache key (absent when off: older keys stay valid)."""
+def rewrite_options(phase_upsample: bool | str, channels_last_norm: bool) -> dict:
+    """The rewrites for an engine-cache key (absent when off: older keys stay valid).
+
+    ``phase_upsample`` is ``True`` for the interleave form (as keys and rows recorded it before
+    there was a second form) and the form's name otherwise.
+    """
     opts = {}
-    if phase_upsample:
-        opts["phase_upsample"] = True
+    form = upsample_form(phase_upsample)
+    if form:
+        opts["phase_upsample"] = True if form == "interleave" else form
     if channels_last_norm:
         opts["channels_last_norm"] = True
     if opts:  # a changed rewrite must not load engines built by the old one
@@ -174,11 +246,12 @@ def rewrite_options(phase_upsample: bool, channels_last_norm: bool) -> dict:
     return opts
 
 
-def apply_rewrites(module: nn.Module, phase_upsample: bool, channels_last_norm: bool) -> str:
+def apply_rewrites(module: nn.Module, phase_upsample: bool | str, channels_last_norm: bool) -> str:
     """Apply the chosen rewrites to ``module`` in place; returns a note for the engine report."""
     notes = []
-    if phase_upsample:
-        notes.append(f"phase upsample ({phase_upsamplers(module)} upsamplers)")
+    form = upsample_form(phase_upsample)
+    if form:
+        notes.append(f"phase upsample, {form} ({phase_upsamplers(module, form)} upsamplers)")
     if channels_last_norm:
         notes.append(f"channels-last group norm ({channels_last_group_norms(module)} norms)")
     return "".join(f", {n}" for n in notes)
