@@ -43,7 +43,8 @@
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
 # log, which says when windows and frames came, always goes to $OUT/frames.jsonl.gz), BUCKETS
 # (channels: the worker's buckets, default 16), REPEAT (channels: times the WAV is sent, default
-# 5), WAV (default .carry/eng.wav; 60 s of speech), AOTI_ARGS (more options for every aoti build
+# 5; CH_BUDGET_S, default 590, ends the probe), WAV (default .carry/eng.wav; 60 s of speech),
+# AOTI_ARGS (more options for every aoti build
 # and bench, e.g. "--aoti-max-autotune"), PY (default python3), OUT (default out/gpu_runs),
 # MUSETALK_RT_GIT_SHA for rows from a copy without .git.
 set -uo pipefail
@@ -83,7 +84,7 @@ channels)
       > "$L/audio_path.txt" 2>&1
     grep -h "channels," "$L/audio_path.txt"
   fi
-  timeout $((590 - SECONDS)) "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
+  timeout $((${CH_BUDGET_S:-590} - SECONDS)) "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
     --repeat "${REPEAT:-5}" --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
     --dtype fp16 --batch-sizes "${BUCKETS:-16}" --work /tmp/lp --out "$R" --start-timeout-s 240 \
     $([ "${ENGINE:-compile}" = compile ] && echo --compile-freezing) \
