@@ -471,46 +471,6 @@ def test_batched_encoder_serves_many_streams_in_one_call(tiny_models):
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs CUDA: extractors cut their windows on their own streams beside the encoder's",
-)
-def test_extractors_sharing_a_cuda_encoder_give_their_own_windows(tiny_models):
-    # as the live process runs them: one feature thread per channel, one batched canvas encoder
-    # on its own stream; each extractor's windows equal a lone CPU extractor's on its audio
-    import threading
-
-    from musetalk_rt.audio.canvas_engine import CanvasEncoder
-    from musetalk_rt.weights import load_models
-
-    cuda = load_models("tiny", device="cuda")
-    enc = CanvasEncoder(cuda.whisper, cuda.feature_extractor, buckets=(1, 2, 4, 8))
-    shared = BatchedEncoder(cuda.whisper, cuda.feature_extractor, max_batch=8, engine=enc)
-    cfg = StreamingConfig(hop_frames=5)
-    rng = np.random.default_rng(5)
-    audios = [(rng.standard_normal(16000 * 3) * 0.1).astype(np.float32) for _ in range(6)]
-    got, streams = {}, {}
-
-    def feed(i):
-        ex = IncrementalFeatureExtractor(cuda.whisper, cuda.feature_extractor, cfg, shared=shared)
-        a = audios[i]
-        parts = [ex.push(a[j : j + 320]) for j in range(0, len(a), 320)] + [ex.flush()]
-        got[i] = torch.cat([p.windows for p in parts if p is not None]).cpu()
-        streams[i] = ex._stream
-
-    threads = [threading.Thread(target=feed, args=(i,)) for i in range(len(audios))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    shared.close()
-    assert len({id(s) for s in streams.values()}) == len(audios)  # one stream each
-    assert all(s is not None and s != enc.stream for s in streams.values())
-    for i, a in enumerate(audios):
-        alone, _ = stream_windows(tiny_models.whisper, tiny_models.feature_extractor, a, cfg, 3200)
-        torch.testing.assert_close(got[i], alone, rtol=1e-3, atol=1e-3)
-
-
 def test_canvas_encoder_equals_the_reference_path(tiny_models, tiny_en):
     """The live canvas engine (device log-mel, buckets, fp16) against ``encode_canvases``."""
     from musetalk_rt.audio.canvas_engine import CanvasEncoder

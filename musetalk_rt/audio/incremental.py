@@ -322,7 +322,6 @@ class IncrementalFeatureExtractor:
         self._buf_start = 0
         self._exact: dict[int, torch.Tensor] = {}  # complete segment k -> [1500, 5, 384]
         self._final: int | None = None  # total samples, once flushed
-        self._stream = None  # CUDA stream the windows are cut on (with a shared encoder)
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -414,8 +413,6 @@ class IncrementalFeatureExtractor:
         out = torch.zeros(n * WINDOW_STEPS, HIDDEN_STATES, _PE.pe.shape[1], device=dev)
         flat = steps.reshape(-1)
         for k, hidden in parts.items():  # hidden [1500, 5, 384]
-            if self._stream is not None:  # made on the encoder's stream, read on this one: not
-                hidden.record_stream(self._stream)  # to be reused there before this reads it
             local = flat - k * SEGMENT_STEPS
             sel = (local >= 0) & (local < SEGMENT_STEPS)
             if total_steps is not None:
@@ -429,24 +426,17 @@ class IncrementalFeatureExtractor:
         return windows + _pe_on(dev, windows.shape[1])
 
     def _emit(self, last_frame: int, total_steps: int | None) -> FeatureChunk | None:
-        """Windows of frames up to ``last_frame``; on this extractor's own CUDA stream if shared.
+        """Windows of frames up to ``last_frame``; on the shared encoder's CUDA stream if any.
 
-        With a shared encoder the windows are cut on a stream of this extractor's own, not on
-        the encoder's: there they queued behind every other stream's canvases, and each
-        extractor's wait for its windows (and the batcher's wait for its canvases) took in all
-        the work the others had queued — at 16 live channels on an H200 the feature threads
-        spent a quarter of their time there (experiments/LOG.md, 2026-12-02 afternoon). That
-        stream is synchronised before the windows are returned: another thread (the GPU
+        That stream is synchronised before the windows are returned: another thread (the GPU
         worker, on its own stream) reads them next.
         """
         stream = getattr(self.shared, "stream", None)
         if stream is None:
             return self._emit_windows(last_frame, total_steps)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(stream.device)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             chunk = self._emit_windows(last_frame, total_steps)
-        self._stream.synchronize()
+        stream.synchronize()
         return chunk
 
     def _emit_windows(self, last_frame: int, total_steps: int | None) -> FeatureChunk | None:
