@@ -43,9 +43,9 @@
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
 # log, which says when windows and frames came, always goes to $OUT/frames.jsonl.gz), BUCKETS
 # (channels: the worker's buckets, default 16), REPEAT (channels: times the WAV is sent, default
-# 5; CH_BUDGET_S, default 590, ends the probe), WAV (default .carry/eng.wav; 60 s of speech),
-# AOTI_ARGS (more options for every aoti build
-# and bench, e.g. "--aoti-max-autotune"), PY (default python3), OUT (default out/gpu_runs),
+# 5), CH_BUDGET_S (channels: the probe ends by this second of the stage, default 590), WAV
+# (default .carry/eng.wav; 60 s of speech), AOTI_ARGS (more options for every aoti build and
+# bench, e.g. "--aoti-max-autotune"), PY (default python3), OUT (default out/gpu_runs),
 # MUSETALK_RT_GIT_SHA for rows from a copy without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -253,6 +253,9 @@ def test_readme_table_labels_a_rewritten_engine():
     row = {"engine": "compile", "dtype": "fp16", "engine_options": {"phase_upsample": True}}
     assert config_label(row) == "compile fp16 (phase-upsample)"
     assert config_label({**row, "engine_options": {}}) == "compile fp16"
+    # a later version of the rewrites is its own line (the first one's rows did not record it)
+    row["engine_options"]["rewrites_version"] = 2
+    assert config_label(row) == "compile fp16 (phase-upsample, rewrites-version=2)"
 
 
 @pytest.mark.parametrize("form", ["interleave", "transpose"])

@@ -25,6 +25,7 @@ DEFAULT_OPTIONS = {
     "graph_capture": "trees",
     "phase_upsample": False,  # engine rewrites (recorded only when on)
     "channels_last_norm": False,
+    "rewrites_version": None,  # rows of the rewrites' first version did not record it
 }
 
 
