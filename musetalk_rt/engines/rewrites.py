@@ -64,6 +64,15 @@ def upsample_form(phase_upsample: bool | str | None) -> str | None:
     return phase_upsample
 
 
+def _fixed_scale(output_size) -> None:
+    """A rewritten upsampler computes a 2x scale only: refuse an explicit output size."""
+    if output_size is not None:
+        raise ValueError(
+            "this upsampler was rewritten for a fixed 2x scale (--phase-upsample) and cannot "
+            "take an explicit output size; build the engine without --phase-upsample"
+        )
+
+
 class PhaseUpsample(nn.Module):
     """Nearest 2x upsample + 3x3 convolution (padding 1) as one 2x2 convolution of the input.
 
@@ -93,11 +102,7 @@ class PhaseUpsample(nn.Module):
         )  # [4 * O]
 
     def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-        if output_size is not None:
-            raise ValueError(
-                "this upsampler was rewritten for a fixed 2x scale (--phase-upsample) and cannot "
-                "take an explicit output size; build the engine without --phase-upsample"
-            )
+        _fixed_scale(output_size)
         (h, w), o = x.shape[-2:], self.out_channels
         y = F.conv2d(x, self.weight, self.bias, padding=1)  # [B, 4 * O, H + 1, W + 1]
         # phase (a, b) (output rows 2i + a, columns 2j + b) is y's block k = 2a + b, shifted
@@ -116,16 +121,13 @@ class TransposeUpsample(nn.Module):
     """Nearest 2x upsample + 3x3 convolution (padding 1) as one transposed convolution.
 
     Stride 2, kernel 4, padding 1 over the small input: the same output as
-    :class:`PhaseUpsample`, written in place by the convolution (see the module docstring).
-
-    Args:
-        conv: The 3x3 convolution (stride 1, padding 1, no dilation or groups) that followed
-            the upsample.
+    :class:`PhaseUpsample` (and built from the same 3x3 convolution), written in place by the
+    convolution (see the module docstring).
     """
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        w = conv.weight.detach().double()  # [O, I, 3, 3]
+        w = conv.weight.detach().double()  # [O, I, 3, 3]: the 3x3 taps
         # kernel position p (0..3) of the transposed conv over the 3x3 taps r: w2, w1+w2, w0+w1, w0
         t = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=w.dtype)
         t = t.to(w.device)
@@ -135,11 +137,7 @@ class TransposeUpsample(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), False)
 
     def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-        if output_size is not None:
-            raise ValueError(
-                "this upsampler was rewritten for a fixed 2x scale (--phase-upsample) and cannot "
-                "take an explicit output size; build the engine without --phase-upsample"
-            )
+        _fixed_scale(output_size)
         # [B, I, H, W] -> [B, O, 2H, 2W]
         return F.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)
 
