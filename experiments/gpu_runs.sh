@@ -84,7 +84,9 @@ channels)
       > "$L/audio_path.txt" 2>&1
     grep -h "channels," "$L/audio_path.txt"
   fi
-  timeout $((${CH_BUDGET_S:-590} - SECONDS)) "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
+  left=$((${CH_BUDGET_S:-590} - SECONDS))
+  [ "$left" -ge 60 ] || { echo "channels: ${left} s left of CH_BUDGET_S, no live probe" >&2; exit 3; }
+  timeout "$left" "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
     --repeat "${REPEAT:-5}" --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
     --dtype fp16 --batch-sizes "${BUCKETS:-16}" --work /tmp/lp --out "$R" --start-timeout-s 240 \
     $([ "${ENGINE:-compile}" = compile ] && echo --compile-freezing) \

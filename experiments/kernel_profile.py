@@ -36,6 +36,17 @@ from musetalk_rt.workbench.profile import make_generator
 REWRITES = ("phase_upsample", "channels_last_norm")
 
 
+def rewrite_tag(opts: dict) -> str:
+    """The rewrites on in ``opts`` for a scenario name, e.g. ``_phase_upsample_transpose``.
+
+    A rewrite recorded as ``True`` (the upsampler's first form, or the norm rewrite) is its name
+    alone; another value follows it.
+    """
+    return "".join(
+        f"_{k}" + ("" if opts[k] is True else f"_{opts[k]}") for k in REWRITES if opts.get(k)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engines", default="eager,compile", help="comma-separated engine names")
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = {} if engine == "eager" else _engine_options(args)
         if engine == "compile":
             opts["cuda_graphs"] = False  # the same kernels, each visible to the profiler
-        tag = "".join(f"_{k}" for k in REWRITES if opts.get(k))
+        tag = rewrite_tag(opts)
         t0 = time.perf_counter()
         gen = make_generator(models, engine, args.dtype, batches, opts, log=lambda _: None)
         build_s = time.perf_counter() - t0

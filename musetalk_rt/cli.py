@@ -200,7 +200,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         help="compile and aoti: compute each nearest-2x upsample + 3x3 conv from the small "
         "input (exact; 2.25x less work in the upsamplers, checked by the gate) — interleave "
         "(default): one 2x2 conv for the four output phases, then an interleave; transpose: "
-        "one stride-2 transposed conv that writes them interleaved",
+        "one stride-2 transposed conv that writes them interleaved (before a subcommand such as "
+        "e2e, write --phase-upsample=FORM)",
     )
     g.add_argument(
         "--channels-last-norm",

@@ -103,3 +103,9 @@ def test_kernel_profile_script_writes_a_row_and_one_json_line(tmp_path, capsys):
     row = json.loads((tmp_path / "kernel_profile.jsonl").read_text().splitlines()[0])
     assert row["scenario"] == "kernels_eager_fp32_b2" and row["weights"] == "tiny"
     assert set(row["stages"]) == {"unet", "vae_decode"}
+    # the rewrites in a scenario's name: the upsampler's form when it is not the first one
+    tag = script.rewrite_tag
+    assert tag({}) == "" and tag({"phase_upsample": True}) == "_phase_upsample"
+    assert tag({"phase_upsample": "transpose", "channels_last_norm": True}) == (
+        "_phase_upsample_transpose_channels_last_norm"
+    )

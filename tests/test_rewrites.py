@@ -150,7 +150,8 @@ def test_rewrites_of_the_tiny_models_keep_their_outputs(tiny_models):
         assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
 
 
-def test_the_compile_engine_compiles_its_rewritten_copy(tiny_models, monkeypatch):
+@pytest.mark.parametrize("form", ["interleave", "transpose"])
+def test_the_compile_engine_compiles_its_rewritten_copy(tiny_models, monkeypatch, form):
     # what reaches torch.compile (Dynamo's tracing of the tiny models alone takes ~15 s on two
     # cores; the compiled path with the rewrites ran and passed the gate on an H200)
     seen = []
@@ -161,12 +162,13 @@ def test_the_compile_engine_compiles_its_rewritten_copy(tiny_models, monkeypatch
 
     monkeypatch.setattr(torch, "compile", no_compile)
     engine = get_engine(
-        "compile", backend="aot_eager", phase_upsample=True, channels_last_norm=True
+        "compile", backend="aot_eager", phase_upsample=form, channels_last_norm=True
     )
     v = VaeDecodeStage(tiny_models.vae, engine, torch.float32, CPU)
     v.prepare([2])
-    assert "phase upsample, interleave (" in v.runner.report.reason
-    assert any(isinstance(m, PhaseUpsample) for m in seen[0].modules())
+    assert f"phase upsample, {form} (" in v.runner.report.reason
+    cls = PhaseUpsample if form == "interleave" else TransposeUpsample
+    assert any(isinstance(m, cls) for m in seen[0].modules())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in seen[0].modules())
     ref = VaeDecodeStage(tiny_models.vae, get_engine("eager"), torch.float32, CPU)
     ref.prepare([2])
@@ -201,6 +203,8 @@ def test_rewrite_options_from_the_cli_reach_the_engines_and_their_keys():
     assert "phase_upsample" not in get_engine("compile").cache_options()
     assert "phase_upsample" not in get_engine("aoti").cache_options()
     assert get_engine("aoti", phase_upsample=True).cache_options()["phase_upsample"]
+    with pytest.raises(UserError, match="does not take the options channels_last_norm"):
+        get_engine("aoti", channels_last_norm=True)
 
 
 def test_the_transpose_form_is_its_own_engine_key_and_label():
@@ -226,8 +230,6 @@ def test_the_transpose_form_is_its_own_engine_key_and_label():
         parse(["bench", "--phase-upsample", "sideways"])
     with pytest.raises(UserError, match="interleave, transpose"):
         get_engine("compile", phase_upsample="sideways")
-    with pytest.raises(UserError, match="does not take the options channels_last_norm"):
-        get_engine("aoti", channels_last_norm=True)
 
 
 @pytest.mark.parametrize("form", FORMS)

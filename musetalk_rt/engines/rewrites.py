@@ -121,8 +121,12 @@ class TransposeUpsample(nn.Module):
     """Nearest 2x upsample + 3x3 convolution (padding 1) as one transposed convolution.
 
     Stride 2, kernel 4, padding 1 over the small input: the same output as
-    :class:`PhaseUpsample` (and built from the same 3x3 convolution), written in place by the
-    convolution (see the module docstring).
+    :class:`PhaseUpsample`, written interleaved by the convolution itself (see the module
+    docstring).
+
+    Args:
+        conv: The 3x3 convolution (padding 1; see :class:`PhaseUpsample`) that followed the
+            upsample.
     """
 
     def __init__(self, conv: nn.Conv2d):
