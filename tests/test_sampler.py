@@ -39,3 +39,18 @@ def test_sampler_reports_each_threads_hot_place(tmp_path):
     assert any("_busy_loop" in where for where, share in busy if share > 0.5)
     idle = rep["threads"]["idle"]["top"][0][0]
     assert idle.startswith("threading:wait") and "_waiting" in idle
+    # beside the places, what each thread ran: the busy one on a core, the idle one hardly
+    busy_cpu, idle_cpu = rep["threads"]["busy"]["cpu_s"], rep["threads"]["idle"]["cpu_s"]
+    assert busy_cpu > 10 * idle_cpu and busy_cpu > 0
+    assert 0 < rep["threads"]["busy"]["cpu_share"] <= 1.05
+
+
+def test_thread_cpu_seconds_read_from_proc():
+    from musetalk_rt.live.sampler import thread_cpu_s
+
+    me = threading.current_thread().native_id
+    before = thread_cpu_s(me)
+    sum(i * i for i in range(300_000))
+    after = thread_cpu_s(me)
+    assert before is not None and after >= before  # clock ticks: may not have moved
+    assert thread_cpu_s(2**31 - 1) is None  # no such thread

@@ -661,7 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
         "file, for the end-to-end probe (default: off)",
     )
     p.add_argument(
-        "--profile", metavar="FILE.json", help="sample every thread's stack; write where time goes"
+        "--profile",
+        metavar="FILE.json",
+        help="sample every thread's stack; write where each thread was (share of samples) and "
+        "its CPU seconds",
     )
     g = p.add_argument_group("Groq speech (key from $GROQ_API_KEY; settings in --config [groq])")
     g.add_argument(

@@ -132,9 +132,9 @@ class IngestServer:
             max_size=cfg.max_message_bytes,
             process_request=self._http,
             ssl=cfg.ssl_context,
-            # no permessage-deflate: PCM hardly compresses, and inflating every sender's audio
-            # on the event loop took 22% of the live process's main thread at 16 channels on
-            # an H200 (a thread profile; experiments/LOG.md, 2026-12-02 afternoon)
+            # no permessage-deflate: PCM hardly compresses, and at 16 channels on an H200 the
+            # event loop was inflating senders' audio in 22% of a thread profile's samples
+            # (experiments/LOG.md, 2026-12-02 afternoon)
             compression=None,
         )
         return self
