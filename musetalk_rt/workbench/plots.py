@@ -44,11 +44,29 @@ def _per_config(ax, rows: list[dict], field: str) -> None:
     for r in rows:
         if field in r:
             groups[f"{r['engine']}/{r['dtype']}"].append(r)
-    for name, rs in sorted(groups.items()):
+    colors = _plt().get_cmap("tab20").colors  # 20 distinct colours, markers beside them
+    for i, (name, rs) in enumerate(sorted(groups.items())):
         rs = sorted(rs, key=lambda r: r["batch"])
-        ax.plot([r["batch"] for r in rs], [r[field] for r in rs], marker="o", label=name)
+        ax.plot(
+            [r["batch"] for r in rs],
+            [r[field] for r in rs],
+            marker="os^vD"[i % 5],
+            color=colors[(2 * i) % 20 + (i // 10) % 2],
+            label=name,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
+
+
+def _legend_below(fig, ax) -> None:
+    """The legend under the axes, the figure taller by its lines.
+
+    Inside the axes, the long engine labels covered the curves.
+    """
+    n = len(ax.get_legend_handles_labels()[1])
+    fig.set_size_inches(8, 3.6 + 0.17 * n)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
+    fig.tight_layout()
 
 
 def fps_vs_batch(rows: list[dict], channels: tuple[int, ...] = (1, 4, 8, 16), title: str = ""):
@@ -61,8 +79,7 @@ def fps_vs_batch(rows: list[dict], channels: tuple[int, ...] = (1, 4, 8, 16), ti
         ax.annotate(f"{n} ch", (1, n * FPS), fontsize=7, color="grey", va="bottom")
     ax.set_ylabel("frames/s (UNet + VAE decode)")
     ax.set_title(title or "throughput by batch size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _legend_below(fig, ax)
     return fig
 
 
@@ -73,8 +90,7 @@ def latency_vs_batch(rows: list[dict], title: str = "latency of one batch"):
     _per_config(ax, rows, "p50_ms")
     ax.set_ylabel("ms per batch (p50)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _legend_below(fig, ax)
     return fig
 
 
