@@ -43,6 +43,8 @@ def test_sampler_reports_each_threads_hot_place(tmp_path):
     busy_cpu, idle_cpu = rep["threads"]["busy"]["cpu_s"], rep["threads"]["idle"]["cpu_s"]
     assert busy_cpu > 10 * idle_cpu and busy_cpu > 0
     assert 0 < rep["threads"]["busy"]["cpu_share"] <= 1.05
+    # the thread that started the sampler is measured from the start too, not from its own
+    assert rep["threads"]["MainThread"]["cpu_share"] <= 1.05  # (this process's imports)
 
 
 def test_thread_cpu_seconds_read_from_proc():

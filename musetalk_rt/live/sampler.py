@@ -78,8 +78,8 @@ class StackSampler:
         return self
 
     def _read_cpu(self, baseline: bool = False) -> None:
-        for t in threading.enumerate():
-            if t.native_id is None or t.ident == threading.get_ident():
+        for t in threading.enumerate():  # every thread but the sampler (the caller included:
+            if t.native_id is None or t is self._thread:  # start() runs on the main thread)
                 continue
             cpu = thread_cpu_s(t.native_id)
             if cpu is None:
