@@ -10,6 +10,7 @@ from musetalk_rt.engines import get_engine, select_engine
 from musetalk_rt.engines.rewrites import (
     REWRITES_VERSION,
     UPSAMPLE_FORMS,
+    UPSAMPLERS,
     ChannelsLastGroupNorm,
     PhaseUpsample,
     TransposeUpsample,
@@ -167,7 +168,7 @@ def test_the_compile_engine_compiles_its_rewritten_copy(tiny_models, monkeypatch
     v = VaeDecodeStage(tiny_models.vae, engine, torch.float32, CPU)
     v.prepare([2])
     assert f"phase upsample, {form} (" in v.runner.report.reason
-    cls = PhaseUpsample if form == "interleave" else TransposeUpsample
+    cls = UPSAMPLERS[form]
     assert any(isinstance(m, cls) for m in seen[0].modules())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in seen[0].modules())
     ref = VaeDecodeStage(tiny_models.vae, get_engine("eager"), torch.float32, CPU)
@@ -223,6 +224,7 @@ def test_the_transpose_form_is_its_own_engine_key_and_label():
         assert key != get_engine(name, phase_upsample=True).cache_options()
     row = {"engine": "compile", "dtype": "fp16", "engine_options": opts}
     assert config_label(row) == "compile fp16 (phase-upsample=transpose)"
+    assert tuple(UPSAMPLERS) == UPSAMPLE_FORMS and list(UPSAMPLERS.values()) == FORMS
     # the CLI's choices (written out there, to keep torch out of its import) are the forms
     for form in UPSAMPLE_FORMS:
         assert parse(["bench", "--phase-upsample", form]).phase_upsample == form
@@ -268,7 +270,7 @@ def test_aoti_exports_the_rewritten_copy(tiny_models, form):
 
     ref = VaeDecodeStep(tiny_models.vae)
     m = prepare_module(ref, torch.float32, CPU, phase_upsample=form)
-    cls = PhaseUpsample if form == "interleave" else TransposeUpsample
+    cls = UPSAMPLERS[form]
     assert any(isinstance(x, cls) for x in m.modules())
     assert not any(isinstance(x, (PhaseUpsample, TransposeUpsample)) for x in ref.modules())
     z = torch.randn(2, 4, 32, 32)

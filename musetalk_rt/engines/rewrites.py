@@ -146,6 +146,10 @@ class TransposeUpsample(nn.Module):
         return F.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)
 
 
+# the module of each form (keys: UPSAMPLE_FORMS)
+UPSAMPLERS = {"interleave": PhaseUpsample, "transpose": TransposeUpsample}
+
+
 def _phase_convertible(m: nn.Module) -> bool:
     """A diffusers ``Upsample2D`` that interpolates 2x (nearest) then runs a plain 3x3 conv."""
     conv = getattr(m, "conv", None)
@@ -218,7 +222,7 @@ def phase_upsamplers(module: nn.Module, form: str = "interleave") -> int:
     Returns:
         How many were rewritten.
     """
-    make = {"interleave": PhaseUpsample, "transpose": TransposeUpsample}[upsample_form(form)]
+    make = UPSAMPLERS[upsample_form(form)]
     return _replace(module, _phase_convertible, lambda m: make(m.conv))
 
 
