@@ -114,6 +114,24 @@ def test_ingest_declines_compression():
     assert ready["type"] == "ready" and extensions == []
 
 
+def test_a_sender_arriving_while_the_last_one_leaves_gets_the_channel():
+    # a reconnecting sender can say hello before the server has let its old connection go:
+    # it waits for the channel (up to busy_grace_s) instead of being refused as a second one
+    async def go(srv, sinks, base):
+        async with connect(base + "a") as first:
+            await first.send(_hello())
+            assert json.loads(await first.recv())["type"] == "ready"
+            second = await connect(base + "a")
+            await second.send(_hello())
+            await asyncio.sleep(0.2)  # the second hello waits while the first still holds it
+        reply = json.loads(await second.recv())  # the first has left
+        await second.close()
+        return reply
+
+    reply, _ = _serve(go, busy_grace_s=5.0)
+    assert reply["type"] == "ready" and reply["channel"] == "a"
+
+
 def test_bad_senders_get_one_clear_refusal_each():
     async def go(srv, sinks, base):
         out = {}

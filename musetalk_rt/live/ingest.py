@@ -19,6 +19,7 @@ Traditional Chinese and English).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -93,6 +94,9 @@ class IngestConfig:
     stats_interval_s: float = 1.0
     max_ahead_s: float = 1.0
     ssl_context: ssl.SSLContext | None = None
+    # a hello for a channel whose sender is still leaving (its connection closing) waits this
+    # long for the channel before it is refused as a second sender
+    busy_grace_s: float = 1.0
 
 
 class IngestServer:
@@ -115,6 +119,7 @@ class IngestServer:
         self.metrics = metrics
         self.preview = preview  # channel name -> JPEG of its latest frame
         self._busy: dict[str, float] = {}  # channel -> connect time
+        self._left: dict[str, asyncio.Event] = {}  # channel -> set when its sender has left
         self._server = None
         self.refused: dict[int, int] = {}  # close code -> count
 
@@ -194,6 +199,10 @@ class IngestServer:
             except TimeoutError:
                 raise ProtocolError(TIMEOUT, "no hello within the timeout") from None
             hello = parse_hello(first, self.config.token)
+            if name in self._busy:  # a reconnecting sender may find its old session ending
+                left = self._left.setdefault(name, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(left.wait(), self.config.busy_grace_s)
             if name in self._busy:
                 since = time.strftime("%H:%M:%S", time.localtime(self._busy[name]))
                 raise ProtocolError(BUSY, f"channel {name!r} already has a sender (since {since})")
@@ -202,11 +211,13 @@ class IngestServer:
             return
         except ConnectionClosed:
             return
-        self._busy[name] = time.time()
+        self._busy[name] = time.time()  # no await since the check above: no one else got in
+        self._left[name] = asyncio.Event()
         try:
             await self._session(conn, name, hello)
         finally:
             self._busy.pop(name, None)
+            self._left[name].set()
 
     async def _session(self, conn: ServerConnection, name: str, hello) -> None:
         sink = self.sinks[name]
