@@ -34,6 +34,10 @@
 #   experiments/gpu_runs.sh groupnorm  # group norm + SiLU on the VAE's shapes at B32 and B4:
 #                                      # eager, inductor, per-channel statistics, Triton tiles
 #                                      # (GN_BATCHES, default "32 4"; GN_TIMEOUT_S each, 280)
+#   experiments/gpu_runs.sh aoti-rows  # aoti builds of AOTI_BUCKETS (default 1 4 8 16 32; one
+#                                      # process per stage and bucket, all at once), a bench per
+#                                      # bucket, the warm engines build at B4 (first frame from the
+#                                      # cache), then eager rows at B1/4/8/16/32
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -46,7 +50,10 @@
 # 5), CH_BUDGET_S (channels: the probe ends by this second of the stage, default 590), WAV
 # (default .carry/eng.wav; 60 s of speech), AOTI_ARGS (more options for every aoti build and
 # bench, e.g. "--aoti-max-autotune"), PY (default python3), OUT (default out/gpu_runs),
-# MUSETALK_RT_GIT_SHA for rows from a copy without .git.
+# MUSETALK_RT_GIT_SHA for rows from a copy without .git, ROWS_ARGS (rows: more options for each
+# compile row, e.g. "--phase-upsample transpose --channels-last-norm"), ROWS_TIMEOUT_S (rows:
+# each compile process, default 500), AOTI_BUILD_S (aoti-rows: each build, default 330; aoti-bg:
+# default 900), E2E_ARGS (e2e1: more engine options).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -60,6 +67,8 @@ mkdir -p "$R" "$L"
 SYN=(--weights synthetic --device cuda --models-dir models)
 pack() { tar czf "$OUT/logs_$STAGE.tgz" -C "$(dirname "$L")" "$(basename "$L")"; }
 trap pack EXIT
+# seconds left before a deadline of this stage: left DEADLINE_S
+left() { echo $(($1 - SECONDS)); }
 # one aoti build of a stage at a bucket, in the background: build_aoti TIMEOUT_S BUCKET STAGE
 build_aoti() {
   timeout "$1" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 --batch-sizes "$2" \
@@ -152,7 +161,7 @@ e2e1)
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
   timeout 400 "$PY" -m musetalk_rt bench e2e --engine compile --dtype fp16 --batch-sizes 4 \
     --compile-freezing --stream-lookahead-ms 0 --delay-margin-ms 40 --duration-s 60 \
-    "${SYN[@]}" --out "$R" > "$L/e2e1.txt" 2>&1
+    ${E2E_ARGS:-} "${SYN[@]}" --out "$R" > "$L/e2e1.txt" 2>&1
   tail -n 12 "$L/e2e1.txt"
   ;;
 baseline)
@@ -221,8 +230,9 @@ rows)
   done
   compile_buckets=(${ROWS_COMPILE-1 4 8 16 32})
   for b in "${compile_buckets[@]}"; do
-    timeout 500 "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
-      --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 "${SYN[@]}" \
+    timeout "${ROWS_TIMEOUT_S:-500}" "$PY" -m musetalk_rt bench --engine compile \
+      --compile-freezing --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" \
+      --iters 50 ${ROWS_ARGS:-} "${SYN[@]}" \
       --out "$R" --gpu-turns /tmp/gpu_turns_rows --gpu-peers "${#compile_buckets[@]}" \
       > "$L/bench_compile_b$b.txt" 2>&1 &
   done
@@ -231,9 +241,34 @@ rows)
   tail -n 2 "$L"/build_b*.txt "$L"/bench_compile_b*.txt 2>/dev/null
   bench_aoti ${ROWS_AOTI-16 32}
   ;;
+aoti-rows)
+  buckets=(${AOTI_BUCKETS:-1 4 8 16 32})
+  for b in "${buckets[@]}"; do
+    for st in unet vae_decode; do
+      build_aoti "${AOTI_BUILD_S:-330}" "$b" "$st"
+    done
+  done
+  wait
+  echo "aoti built: ${SECONDS} s"
+  tail -qn 1 "$L"/build_b*.txt | cut -c1-200
+  for b in "${buckets[@]}"; do
+    [ "$(left 480)" -gt 20 ] || break
+    timeout "$(left 480)" "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
+      --batch-sizes "$b" --iters 50 ${AOTI_ARGS:-} "${SYN[@]}" --out "$R" \
+      > "$L/bench_aoti_b$b.txt" 2>&1
+    tail -n 1 "$L/bench_aoti_b$b.txt" | cut -c1-200
+  done
+  ( time timeout "$(left 510)" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+      --batch-sizes 4 ${AOTI_ARGS:-} "${SYN[@]}" ) > "$L/warm_build_b4.txt" 2>&1
+  tail -n 6 "$L/warm_build_b4.txt"
+  [ "$(left 590)" -gt 30 ] && timeout "$(left 590)" "$PY" -m musetalk_rt bench --engine eager \
+    --dtype fp16 --batch-sizes 1,4,8,16,32 --iters 30 "${SYN[@]}" --out "$R" \
+    > "$L/bench_eager.txt" 2>&1
+  tail -n 6 "$L/bench_eager.txt"
+  ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|e2e1|baseline|kernels|rewrites|groupnorm|rows" >&2
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|baseline|kernels|rewrites|groupnorm|rows" >&2
   exit 2
   ;;
 esac
