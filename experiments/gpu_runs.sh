@@ -38,6 +38,10 @@
 #                                      # process per stage and bucket, all at once), a bench per
 #                                      # bucket, the warm engines build at B4 (first frame from the
 #                                      # cache), then eager rows at B1/4/8/16/32
+#   experiments/gpu_runs.sh autotune   # compile max-autotune at AT_BUCKET (default 4), UNet and
+#                                      # VAE built in two processes at once (AT_BUILD_S each,
+#                                      # default 420), then a bench row loading both from the cache
+#                                      # (AT_ARGS: the rewrites, default both, interleave form)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -86,6 +90,24 @@ bench_aoti() {
 }
 
 case "${1:-}" in
+autotune)
+  # compile with max-autotune (inductor times Triton templates against cuDNN/cuBLAS) at
+  # AT_BUCKET: the UNet and the VAE decoder built in two processes at once (the engine cache
+  # keeps each stage's artifacts), then one bench process that loads both from the cache
+  b=${AT_BUCKET:-4}
+  read -r -a more <<< "${AT_ARGS---phase-upsample --channels-last-norm}"
+  opts=(--engine compile --dtype fp16 --compile-mode max-autotune --compile-freezing
+        --compile-graph-capture manual "${more[@]}")
+  for st in unet vae_decode; do
+    ( time timeout "${AT_BUILD_S:-420}" "$PY" -m musetalk_rt engines build "${opts[@]}" \
+        --batch-sizes "$b" --stages "$st" "${SYN[@]}" ) > "$L/build_at_b${b}_$st.txt" 2>&1 &
+  done
+  wait
+  tail -n 6 "$L"/build_at_b"$b"_*.txt
+  timeout "$(left 590)" "$PY" -m musetalk_rt bench "${opts[@]}" --batch-sizes "$b" --iters 100 \
+    "${SYN[@]}" --out "$R" > "$L/bench_at_b$b.txt" 2>&1
+  tail -n 5 "$L/bench_at_b$b.txt"
+  ;;
 channels)
   if [ "${AUDIO_PATH:-1}" = 1 ]; then
     timeout 90 "$PY" experiments/audio_path_probe.py --engine canvas --weights synthetic \
@@ -95,7 +117,7 @@ channels)
   fi
   left=$((${CH_BUDGET_S:-590} - SECONDS))
   [ "$left" -ge 60 ] || { echo "channels: ${left} s left of CH_BUDGET_S, no live probe" >&2; exit 3; }
-  timeout "$left" "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
+  timeout -k 75 "$left" "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
     --repeat "${REPEAT:-5}" --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
     --dtype fp16 --batch-sizes "${BUCKETS:-16}" --work /tmp/lp --out "$R" --start-timeout-s 240 \
     $([ "${ENGINE:-compile}" = compile ] && echo --compile-freezing) \

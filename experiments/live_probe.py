@@ -127,9 +127,36 @@ def probe(n: int, args, extra: list[str]) -> dict:
         cmd += ["--channel", f"{name}={args.avatar}"]
     live = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(live.stdout.readline, "")), daemon=True
-    ).start()
+    log_path = Path(args.work) / f"live_n{n}.log"
+    reader = threading.Thread(target=_keep_log, args=(live, lines, log_path), daemon=True)
+    reader.start()
+    try:
+        return _drive(n, args, extra, live, lines, reader, port, names)
+    finally:  # also when this probe is stopped (SIGTERM, a time limit): the live ends cleanly
+        if live.poll() is None:
+            live.send_signal(signal.SIGTERM)
+            try:
+                live.wait(60)
+            except subprocess.TimeoutExpired:
+                live.kill()
+        reader.join(5)
+
+
+def _keep_log(live: subprocess.Popen, lines: list[str], path: Path) -> None:
+    """Collect the live process's output, line by line into ``lines`` and the log file.
+
+    The file is written as the lines come, so a probe cut short by a time limit still leaves
+    the log of what happened (the start-up, the status lines, the final summary if any).
+    """
+    with path.open("w") as f:
+        for ln in iter(live.stdout.readline, ""):
+            lines.append(ln)
+            f.write(ln)
+            f.flush()
+
+
+def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
+    """Wait for the live process, run the senders, stop it and build the probe's row."""
     t0 = time.monotonic()
     while not any("ingest listening" in ln for ln in lines):
         if live.poll() is not None or time.monotonic() - t0 > args.start_timeout_s:
@@ -161,11 +188,11 @@ def probe(n: int, args, extra: list[str]) -> dict:
     time.sleep(args.tail_s)
     live.send_signal(signal.SIGTERM)
     live.wait(120)
+    reader.join(10)  # the output's last lines (the pipe closes with the process)
     log = "".join(lines)
     summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
     delay = [ln for ln in log.splitlines() if ln.startswith("playout delay")]
     canvas = [ln for ln in log.splitlines() if ln.startswith("whisper canvases")]
-    (Path(args.work) / f"live_n{n}.log").write_text(log)
     chans = summary["live"]
     return {
         "channels": n,
@@ -231,6 +258,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/live_probe")
     ap.add_argument("--out", type=Path, default=Path("."))
     args, extra = ap.parse_known_args()
+    # stopped by a time limit: unwind (the live process gets SIGTERM and writes its summary)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     Path(args.work).mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     _prepare(args)

@@ -102,10 +102,17 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         after_restart = len(reader.packets) - before_restart
         reader.stop.set()
         live.send_signal(signal.SIGTERM)  # graceful: the recording must get its trailer
+        deadline = time.monotonic() + 30
+        while not any(ln.startswith("stopping") for ln in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # a second signal while it stops (a supervisor and a time limit both signal; Ctrl-C
+        # twice) is acknowledged: the recording still gets its trailer
+        live.send_signal(signal.SIGTERM)
         out, _ = live.communicate(timeout=120)
         lines.append(out or "")
     log = "".join(lines)
     assert live.returncode == 0, log[-3000:]
+    assert "SIGTERM: already stopping" in log
     summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
     ch = summary["live"][0]
     rtmp_stats = ch["outputs"][rtmp.url("***")]  # the stream key is never shown

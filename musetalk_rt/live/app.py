@@ -281,8 +281,14 @@ async def _serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():  # a second signal before the shutdown's own handler is set
+                _acknowledge(sig.name)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     await server.start()
     print(
         f"ingest listening on port {server.port}: "
@@ -305,6 +311,38 @@ async def _serve(
         status.cancel()
     print("stopping …", flush=True)
     await server.stop()
+
+
+def _acknowledge(name: str) -> None:
+    sys.stderr.write(f"{name}: already stopping, finishing the recordings (again: abort)\n")
+    sys.stderr.flush()
+
+
+def _shield_shutdown() -> None:
+    """Let the shutdown finish when SIGTERM or SIGINT comes again (recordings need trailers).
+
+    A second signal is common: a supervisor and a time limit signal the whole process group,
+    an operator presses Ctrl-C twice. Without this, Python's default handler (or a
+    KeyboardInterrupt in the middle of closing the outputs) would end the process before the
+    recordings got their trailers. The next signal is acknowledged; a third one in a row
+    aborts at once, for a shutdown that hangs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    repeats = 0
+
+    def again(signum, _frame) -> None:
+        nonlocal repeats
+        repeats += 1
+        name = signal.Signals(signum).name
+        if repeats >= 2:
+            sys.stderr.write(f"{name} again: aborting; recordings may lack their trailer\n")
+            sys.stderr.flush()
+            os._exit(130)
+        _acknowledge(name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, again)
 
 
 def run(args) -> int:
@@ -516,6 +554,7 @@ def run(args) -> int:
     try:
         asyncio.run(_serve(server, channels, worker, args.duration_s, args.status_interval_s))
     finally:
+        _shield_shutdown()
         wake.stop()
         if sampler is not None:
             sampler.stop()
