@@ -222,6 +222,7 @@ def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
             k: summary.get(k)
             for k in (
                 "gpu_frames",
+                "gpu_busy_s",
                 "mean_batch",
                 "overlapped_batches",
                 "worker_idle_s",
@@ -274,7 +275,8 @@ def main() -> int:
         print(
             f"{n:>3} channels: D {r['delay_ms']} ms, speech {r['speech_frames']}, late "
             f"{r['late_frames']}, voice-to-frame p95 {r['voice_to_frame_p95_ms_max']} ms, "
-            f"batches {r['gpu_batches']}, window lead p05 {r['window_lead_p05_ms_min']} ms, "
+            f"batches {r['gpu_batches']} (GPU busy {r.get('gpu_busy_s')} s), "
+            f"window lead p05 {r['window_lead_p05_ms_min']} ms, "
             f"late windows {r['late_windows']}, thread wake-up delay "
             f"{r['thread_wake_delay_ms']}",
             flush=True,

@@ -548,6 +548,8 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits(tmp_path):
 
         def launch(self, batch, clock):
             events.append(("launch", len(batch)))
+            # each frame got its avatar cycle frame's reference latents (row k holds k)
+            assert batch.latents[:, 0, 0, 0].tolist() == [float(c) for c in batch.cycle_ids]
             batch.faces = np.zeros((len(batch), 256, 256, 3), np.uint8)
             return batch
 
@@ -563,7 +565,8 @@ def test_gpu_worker_overlaps_two_batches_only_when_a_full_one_waits(tmp_path):
             self.pending, self.generated = set(), {}
             self.stats, self.passed_over = ChannelStats(), PassedOver()
             self.avatar = SimpleNamespace(
-                latents=torch.zeros(3, 8, 32, 32), cycle_frame=lambda m: m % 3
+                latents=torch.arange(3.0).view(3, 1, 1, 1).expand(3, 8, 32, 32).contiguous(),
+                cycle_frame=lambda m: m % 3,
             )
 
         def due_jobs(self, now, horizon_s):

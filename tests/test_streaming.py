@@ -23,6 +23,7 @@ from musetalk_rt.audio.stream import AudioInput
 from musetalk_rt.audio.vad import (
     SileroVadNet,
     SpeechGate,
+    VadBatcher,
     VadConfig,
     VoiceActivity,
     load_silero_vad,
@@ -294,6 +295,66 @@ def test_vad_gives_the_same_calls_for_any_push_size(fixture_file):
     for probs, segs in results[1:]:
         np.testing.assert_allclose(probs, results[0][0], atol=1e-5)
         assert segs == results[0][1] and len(segs) >= 1
+
+
+def test_vad_batcher_serves_many_streams_with_the_one_stream_results(fixture_file):
+    """Live channels share one voice-activity thread (:class:`VadBatcher`): four streams cut in
+    different chunk sizes, pushed from four threads at once, get the probabilities and segments
+    a stream of its own gets; a stream's bad input fails that call alone; after close the calls
+    run on the caller's thread."""
+    import threading
+
+    net = load_silero_vad()
+    audio = _eng16k(fixture_file)[: 16000 * 8]
+    alone = VoiceActivity(net)
+    alone.push(audio)
+    want_segs = [(s.start_ms, s.end_ms) for s in alone.finish()]
+    batcher = VadBatcher(net, gather_s=0.005, streams=4)
+    vas = [VoiceActivity(batcher) for _ in range(4)]
+    chunks = (320, 512, 1000, 16000)
+
+    def feed(va, chunk):
+        for i in range(0, len(audio), chunk):
+            va.push(audio[i : i + chunk])
+
+    threads = [threading.Thread(target=feed, args=a) for a in zip(vas, chunks, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for va in vas:
+        np.testing.assert_allclose(va.probs, alone.probs, atol=1e-5)
+        assert [(s.start_ms, s.end_ms) for s in va.finish()] == want_segs
+    pushes_with_windows = sum(
+        sum(1 for i in range(0, len(audio), c) if (i + c) // 512 > i // 512) for c in chunks
+    )
+    assert batcher.requests == pushes_with_windows and batcher.calls <= batcher.requests
+
+    # all streams present: one batched call for the three (the gather would wait 30 s)
+    slow = VadBatcher(net, gather_s=30.0, streams=3)
+    x = torch.from_numpy(audio[: 3 * 576].reshape(3, 576).copy())
+    out: list = [None] * 3
+    ts = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, slow.run(x[: i + 1], None)))
+        for i in range(3)
+    ]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert slow.calls == 1 and slow.requests == 3
+    for i in range(3):
+        np.testing.assert_allclose(out[i][0], net.run(x[: i + 1], None)[0], atol=1e-5)
+    slow.close()
+
+    with pytest.raises(RuntimeError):
+        batcher.run(torch.zeros(2, 7), None)  # the wrong window size: that caller's error
+    probs, state = batcher.run(x[:2], None)  # the thread still serves the others
+    np.testing.assert_allclose(probs, net.run(x[:2], None)[0], atol=1e-5)
+    batcher.close()
+    batcher.close()
+    assert not batcher._thread.is_alive()
+    assert batcher.run(x[:1], state)[0] == pytest.approx(net.run(x[:1], state)[0], abs=1e-5)
 
 
 def _speech_bounds(x: np.ndarray, sr: int = 16000) -> tuple[float, float]:

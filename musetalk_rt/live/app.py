@@ -351,7 +351,7 @@ def run(args) -> int:
 
     from musetalk_rt.audio.canvas_engine import CanvasEncoder
     from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig, encode_canvases
-    from musetalk_rt.audio.vad import load_silero_vad
+    from musetalk_rt.audio.vad import VadBatcher, load_silero_vad
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.cli import _device, engines_build_command
     from musetalk_rt.live.channel import LiveChannel
@@ -483,6 +483,9 @@ def run(args) -> int:
         flush=True,
     )
     vad_net = load_silero_vad()
+    # several channels share one voice-activity thread, their windows batched (a channel's own
+    # network calls cost each feature thread ~20 interpreter-lock round trips per 32 ms window)
+    vad = VadBatcher(vad_net, streams=len(avatars)) if len(avatars) > 1 else vad_net
     encoder = BatchedEncoder(
         models.whisper, models.feature_extractor, max_batch=canvas_enc.max_batch, engine=canvas_enc
     )
@@ -501,7 +504,7 @@ def run(args) -> int:
                 a,
                 models.whisper,
                 models.feature_extractor,
-                vad_net,
+                vad,
                 stream_cfg,
                 delay_s,
                 outs,
@@ -567,6 +570,8 @@ def run(args) -> int:
         worker.stop()
         for ch in channels:
             ch.stop()
+        if isinstance(vad, VadBatcher):
+            vad.close()
         if frame_log:
             frame_log.close()
     result = {

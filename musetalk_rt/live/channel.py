@@ -133,7 +133,8 @@ class LiveChannel:
         avatar: Prepared avatar (same weights as the models).
         whisper: Whisper encoder (shared).
         feature_extractor: transformers ``WhisperFeatureExtractor``.
-        vad_net: silero-vad network (shared; holds no state).
+        vad_net: silero-vad network (shared; holds no state), or a
+            :class:`~musetalk_rt.audio.vad.VadBatcher` that runs it for all channels.
         stream_config: Incremental feature settings.
         delay_s: Playout delay ``D``.
         outputs: Where frames go.
