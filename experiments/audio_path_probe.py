@@ -67,6 +67,7 @@ def _avatar(size: int = 64):
 
 def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
     from musetalk_rt.audio.incremental import BatchedEncoder, StreamingConfig
+    from musetalk_rt.audio.vad import VadBatcher
     from musetalk_rt.live.channel import LiveChannel
     from musetalk_rt.live.outproc import ProcessOutput
     from musetalk_rt.live.output import Output
@@ -85,6 +86,9 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         engine = CanvasEncoder(models.whisper, fe, whisper_dtype(args.dtype))
         device_of = models.whisper
     encoder = BatchedEncoder(device_of, fe, max_batch=16, engine=engine)
+    # as the live process: several channels share one voice-activity thread
+    shared_vad = n > 1 and args.vad == "shared"
+    vad = VadBatcher(vad_net, streams=n) if shared_vad else vad_net
     size = args.output_size
     chans = [
         LiveChannel(
@@ -92,7 +96,7 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
             _avatar(size),
             device_of,
             fe,
-            vad_net,
+            vad,
             cfg,
             args.delay_ms / 1000,
             [
@@ -110,6 +114,7 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         for i in range(n)
     ]
     wake = WakeProbe().start()
+    cpu0 = time.process_time()
     for ch in chans:
         ch.start()
     chunk = 320  # 20 ms
@@ -135,6 +140,8 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
     for ch in chans:
         ch.stop()
     encoder.close()
+    if shared_vad:
+        vad.close()
     wake.stop()
     leads = [ch.stats.window_lead_ms for ch in chans]
     p05 = [sorted(x)[int(0.05 * (len(x) - 1))] for x in leads if x]
@@ -145,6 +152,8 @@ def run(n: int, audio: np.ndarray, args, vad_net, fe) -> dict:
         "ms_per_canvas": args.ms_per_canvas if args.engine == "stub" else None,
         "switch_interval_ms": args.switch_ms,
         "hop": args.hop,
+        "vad": "shared" if shared_vad else "per channel",
+        "cpu_s": round(time.process_time() - cpu0, 2),
         "lookahead_ms": cfg.lookahead_ms,
         "delay_ms": args.delay_ms,
         "speech_s": round(len(audio) / 16000, 1),
@@ -172,6 +181,12 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=int, default=350)
     ap.add_argument("--lookahead-ms", type=int, default=80, help="extra look-ahead")
     ap.add_argument("--hop", type=int, default=1)
+    ap.add_argument(
+        "--vad",
+        choices=("shared", "per-channel"),
+        default="shared",
+        help="one voice-activity thread for all channels (the live default) or one per channel",
+    )
     ap.add_argument(
         "--engine",
         choices=["stub", "canvas"],
@@ -216,10 +231,10 @@ def main() -> int:
         rows.append(r)
         print(
             f"{n:>3} channels, {args.engine} {args.ms_per_canvas} ms/canvas, switch "
-            f"{args.switch_ms} ms: window lead p05 "
+            f"{args.switch_ms} ms, vad {r['vad']}: window lead p05 "
             f"{r['window_lead_p05_ms_min']} ms (p50 {r['window_lead_p50_ms_median']}), "
             f"late windows {r['late_windows']}, encoder calls {r['encoder_calls']}, "
-            f"wake-up delay {r['thread_wake_delay_ms']}",
+            f"wake-up delay {r['thread_wake_delay_ms']}, CPU {r['cpu_s']} s",
             flush=True,
         )
         write_rows([r], args.out, "audio_path_probe.jsonl")  # each row as soon as it exists
