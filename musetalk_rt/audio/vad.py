@@ -125,7 +125,10 @@ class VadBatcher:
     16 live channels, one network per channel thread cost 7.4 CPU-seconds per channel in
     135 s, each of the ~20 small torch calls per window releasing and retaking the interpreter
     lock that the GPU worker needs too; batched, a window costs a fraction of those calls.
-    The probabilities equal one-stream runs (tested to 1e-5).
+    The probabilities equal one-stream runs (tested to 1e-5). Batch sizes are padded to powers
+    of two and those shapes are run once at construction: the CPU convolutions' first call at a
+    new shape costs a few ms, which on a 2-core CPU at 12 channels made late windows in the
+    first seconds.
 
     Overflow policy: none needed — each caller waits for its own answer, so at most one request
     per stream is queued. After :meth:`close` a call runs the network on the caller's thread.
@@ -146,6 +149,19 @@ class VadBatcher:
         self._lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._warm(4 * (streams or 1))
+
+    @torch.inference_mode()
+    def _warm(self, max_windows: int) -> None:
+        """Run every padded shape up to ``max_windows`` windows (and streams) once."""
+        size = self.net.lstm_cell.hidden_size
+        p = 1
+        while p <= _pow2(max_windows):
+            self.net.features(torch.zeros(p, CONTEXT_SAMPLES + WINDOW_SAMPLES))
+            if p <= _pow2(self.streams or 1):
+                z = torch.zeros(p, size)
+                self.net.step(z, (z, z))
+            p *= 2
 
     def run(self, x: torch.Tensor, state: VadState) -> tuple[list[float], VadState]:
         """Like :meth:`SileroVadNet.run`, batched with the other streams' calls."""
@@ -198,17 +214,26 @@ class VadBatcher:
         try:
             counts = [x.shape[0] for x, _, _ in batch]
             starts = np.cumsum([0, *counts[:-1]])
-            feats = self.net.features(torch.cat([x for x, _, _ in batch]))  # [sum n, 128]
+            total = sum(counts)
+            pad = _pow2(total) - total  # padded rows: few shapes, each one seen at start-up
+            x = torch.cat(
+                [x for x, _, _ in batch]
+                + ([batch[0][0].new_zeros(pad, CONTEXT_SAMPLES + WINDOW_SAMPLES)] * (pad > 0))
+            )
+            feats = self.net.features(x)  # [sum n + pad, 128]
             zeros = torch.zeros(1, self.net.lstm_cell.hidden_size)
             h = [zeros if s is None else s[0] for _, s, _ in batch]  # each [1, 128]
             c = [zeros if s is None else s[1] for _, s, _ in batch]
             probs: list[list[float]] = [[] for _ in batch]
             for r in range(max(counts)):  # window position r of every stream that has one
                 live = [i for i, n in enumerate(counts) if n > r]
-                rows = feats[torch.as_tensor(starts[live] + r)]  # [k, 128]
-                state = (torch.cat([h[i] for i in live]), torch.cat([c[i] for i in live]))
-                p, (hx, cx) = self.net.step(rows, state)  # [k], [k, 128] x 2
-                for j, (i, pj) in enumerate(zip(live, p.tolist(), strict=True)):
+                k = len(live)
+                idx = np.concatenate([starts[live] + r, np.zeros(_pow2(k) - k, np.int64)])
+                rows = feats[torch.from_numpy(idx)]  # [k + pad, 128]
+                hs = [h[i] for i in live] + [zeros] * (_pow2(k) - k)
+                cs = [c[i] for i in live] + [zeros] * (_pow2(k) - k)
+                p, (hx, cx) = self.net.step(rows, (torch.cat(hs), torch.cat(cs)))  # [k + pad]
+                for j, (i, pj) in enumerate(zip(live, p[:k].tolist(), strict=True)):
                     h[i], c[i] = hx[j : j + 1], cx[j : j + 1]
                     probs[i].append(pj)
             self.calls += 1
@@ -249,6 +274,11 @@ class Segment:
 
     start_ms: float
     end_ms: float | None = None
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class VoiceActivity:

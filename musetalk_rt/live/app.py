@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-threads",
         type=int,
         help="torch's CPU thread pool (default: torch's, one per core; on a GPU host only the "
-        "voice activity runs there, entered by every channel's thread at once)",
+        "voice activity runs there: one shared thread for several channels, else the channel's)",
     )
     p.add_argument(
         "--switch-interval-ms",
