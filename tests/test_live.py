@@ -147,6 +147,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         "musetalk_gpu_worker_fill_wait_seconds_total",
         "musetalk_gpu_worker_shed_frames_total",
         "musetalk_gpu_worker_frame_wait_ms",
+        "musetalk_gpu_busy_seconds_total",
     ):
         assert name in text, name
     assert summary["thread_wake_delay_ms"]["samples"] > 100
