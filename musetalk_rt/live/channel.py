@@ -13,7 +13,10 @@ Threads and queues (each bounded, each with its overflow policy):
 - the **feature thread** resamples nothing (ingest did), stores audio per frame, runs the
   incremental whisper extractor and the VAD — on all the chunks that queued up since its last
   turn at once (at most ``MAX_GATHER``), so a thread that fell behind catches up in a few calls;
-  and it skips the windows of frames already on screen (lost anyway) instead of computing them;
+  and it skips the windows of frames already on screen (lost anyway) instead of computing them.
+  With several channels the VAD network runs in one shared thread
+  (:class:`~musetalk_rt.audio.vad.VadBatcher`) that batches the waiting channels' windows, and
+  the whisper canvases go through the shared batched encoder;
 - the shared GPU worker (:mod:`.worker`) picks frames that are speech, have their window and are
   due soon, and stores the blended frames;
 - the **clock thread** emits frame ``m`` at its deadline: the generated frame if ready (cross-
