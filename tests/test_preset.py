@@ -20,12 +20,14 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_event_preset_cites_rows_that_exist_and_agree():
+def _preset_and_cited_rows(path: Path) -> tuple[dict, dict]:
+    """A preset's ``[live]`` values and, per key, the rows its sources select (all must exist)."""
     import tomllib
 
-    live = tomllib.loads(EVENT.read_text())["live"]
+    live = tomllib.loads(path.read_text())["live"]
     sources = live.pop("sources")
     assert set(sources) == set(live), "every value cites its rows"
+    cited_rows: dict = {}
     for key, cited in sources.items():
         for src in cited:
             file, _, sel = src.partition("#")
@@ -33,6 +35,15 @@ def test_event_preset_cites_rows_that_exist_and_agree():
             rows = _rows(REPO / file)
             hits = [r for r in rows if str(r.get(field)) == want]
             assert hits, f"{key}: no row with {field}={want} in {file}"
+            cited_rows.setdefault(key, []).extend(hits)
+    return live, cited_rows
+
+
+def test_event_preset_cites_rows_that_exist_and_agree():
+    import tomllib
+
+    live, _ = _preset_and_cited_rows(EVENT)
+    sources = tomllib.loads(EVENT.read_text())["live"]["sources"]
     # the live run it cites ran these very settings
     run = sources["engine"][0].split("#run=")[1]
     e2e = _rows(REPO / sources["engine"][0].split("#")[0])
@@ -46,6 +57,39 @@ def test_event_preset_cites_rows_that_exist_and_agree():
         r["scenario"] == "compile-fp16-b4" and (r.get("engine_options") or {}).get("freezing")
         for r in bench
     )
+
+
+def test_channels_preset_cites_the_many_channel_runs_that_used_it():
+    """``configs/channels.toml``: every value cites live-probe rows, and the runs it cites (16
+    channels for 5 minutes, 20 for 2) used exactly these settings and had no late frame."""
+    live, cited = _preset_and_cited_rows(REPO / "configs" / "channels.toml")
+    runs = [r for rows in cited.values() for r in rows if r.get("git_sha", "").startswith("90c8")]
+    assert {(r["channels"], r["speech_s"]) for r in runs} == {(16, 300.0), (20, 120.0)}
+    for r in runs:
+        assert r["late_frames"] == 0 and r["speech_frames"] > 0 and r["late_windows"] == 0
+        assert (r["engine"], r["dtype"]) == (live["engine"], live["dtype"])
+        assert r["batch_sizes"] == ",".join(map(str, live["batch_sizes"]))
+        extra = r["extra_args"]
+        assert "--compile-freezing" in extra and "--channels-last-norm" in extra
+        for flag, key in (
+            ("--phase-upsample", "phase_upsample"),
+            ("--stream-hop", "stream_hop"),
+            ("--delay-ms", "delay_ms"),
+        ):
+            assert extra[extra.index(flag) + 1] == str(live[key]), flag
+    # the runs did not name a capture: they had the live process's compile default, manual
+    from musetalk_rt.live.app import live_engine_options
+
+    for r in runs:
+        assert "--compile-graph-capture" not in r["extra_args"]
+    plain = build_parser().parse_args(["--avatar", "a", "--engine", "compile"])
+    assert live_engine_options(plain)["graph_capture"] == live["compile_graph_capture"]
+    args = parse_with_preset(
+        build_parser(),
+        ["--config", str(REPO / "configs" / "channels.toml"), "--avatar", "a", "--record", "r"],
+    )
+    assert (args.batch_sizes, args.stream_hop, args.delay_ms) == ([16, 32], 5, 1000)
+    assert (args.phase_upsample, args.channels_last_norm) == ("transpose", True)
 
 
 def test_preset_values_are_defaults_and_the_command_line_wins():
