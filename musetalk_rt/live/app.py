@@ -725,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--config",
         help="TOML file: its [live] table is an event preset (defaults for these options; "
-        "configs/event.toml), its [groq] table sets models, voice, timeouts",
+        "configs/event.toml for one channel, configs/channels.toml for many), its [groq] table "
+        "sets models, voice, timeouts",
     )
     _add_streaming_options(p)
     _add_compile_options(p)
