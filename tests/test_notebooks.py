@@ -158,6 +158,12 @@ def test_parse_metrics_and_series():
     later = {**m, 'musetalk_late_frames_total{channel="c1"}': 6}
     res = DryRunResult(metrics=[(0.0, m), (1.0, later)])
     assert res.series("musetalk_late_frames_total", "c1") == ([0.0, 1.0], [5.0, 6.0])
+    assert res.gpu_busy_share() is None and "GPU worker" not in res.summary()  # not measured
+    gpu = [(0.0, {**m, "musetalk_gpu_busy_seconds_total{}": 1.0}), (4.0, {**later})]
+    gpu[1][1]["musetalk_gpu_busy_seconds_total{}"] = 4.0
+    res = DryRunResult(metrics=gpu)
+    assert res.gpu_busy_share() == pytest.approx(0.75)
+    assert "GPU worker: 12 batches; their GPU time 75%" in res.summary()
 
 
 def test_environment_checks_name_the_fix(tmp_path):

@@ -55,7 +55,24 @@ class DryRunResult:
                 f"{last.get('musetalk_voice_to_frame_p95_ms' + lab, 0):.0f} ms"
                 + (f", sender: {self.sends[ch]}" if self.sends.get(ch) else "")
             )
+        busy = self.gpu_busy_share()
+        if busy is not None:
+            lines.append(
+                f"GPU worker: {last.get('musetalk_gpu_batches_total{}', 0):.0f} batches; their GPU "
+                f"time {busy:.0%} of the time between the first and last metrics reads (near "
+                "100%: the GPU is the limit; far below with late frames: the host side is)"
+            )
         return "\n".join(lines)
+
+    def gpu_busy_share(self) -> float | None:
+        """The GPU worker's batch time on the GPU over the metrics span (None: not measured).
+
+        From ``musetalk_gpu_busy_seconds_total`` (CUDA events; 0 on the CPU, where it is None).
+        """
+        ts, vs = self.series("musetalk_gpu_busy_seconds_total")
+        if len(ts) < 2 or ts[-1] <= ts[0] or vs[-1] <= 0:
+            return None
+        return (vs[-1] - vs[0]) / (ts[-1] - ts[0])
 
     def series(self, name: str, channel: str | None = None) -> tuple[list[float], list[float]]:
         """Times and values of one metric (one channel's, when labelled by channel)."""
