@@ -1087,3 +1087,70 @@ def test_a_frame_log_that_cannot_be_written_never_stops_its_writers(tmp_path, ca
     with caplog.at_level("ERROR", logger="musetalk_rt.framelog"):
         fresh.write(ev="frame", bad=object())  # not JSON-serialisable: logged, no raise
     assert fresh._file.closed and "not JSON serializable" in caplog.text
+
+
+def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(tiny_models, fixture_file):
+    """One failed voice-activity batch and one failed feature call: the channel's feature thread
+    logs and counts them (``audio_errors``) and goes on; the failed VAD windows count as
+    silence, so the speech decisions after them sit at the times a clean run gives."""
+    import queue as queue_mod
+    import threading
+
+    from musetalk_rt.audio.incremental import StreamingConfig
+    from musetalk_rt.audio.vad import VoiceActivity, load_silero_vad
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel
+    from musetalk_rt.media import load_audio
+
+    net = load_silero_vad()
+    audio = load_audio(fixture_file("eng.wav")).to_mono_16k()[: 16000 * 6]
+    clean = VoiceActivity(net)
+    clean.push(audio)
+    clean_segments = [(s.start_ms, s.end_ms) for s in clean.finish()]
+    assert clean_segments
+
+    class FlakyNet:  # fails its 2nd call, in the silence before the first word
+        def __init__(self):
+            self.calls = 0
+
+        def run(self, x, state):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("simulated VAD failure")
+            return net.run(x, state)
+
+    ch = LiveChannel.__new__(LiveChannel)  # the feature thread's state only: no outputs, no clock
+    ch.name, ch.t0, ch.delay_s, ch.next_out = "c0", time.monotonic(), 30.0, 0
+    ch.whisper, ch.fe, ch.encoder = tiny_models.whisper, tiny_models.feature_extractor, None
+    ch.vad_net, ch.stream_config = FlakyNet(), StreamingConfig(hop_frames=5)
+    ch.audio_q, ch._stop, ch._lock = queue_mod.Queue(), threading.Event(), threading.Lock()
+    ch._sessions, ch.stats, ch.frame_log = [], ChannelStats(), None
+    ch.windows, ch.arrival, ch._audio = {}, {}, {}
+    real_add = LiveChannel._add_audio
+    pushes = []
+
+    def add_audio(s, block):  # the 8th push: its feature call fails after its VAD call
+        pushes.append(len(block))
+        if len(pushes) == 8:
+            s.vad.push(np.concatenate([c for c, _ in block]))
+            raise RuntimeError("simulated feature failure")
+        real_add(ch, s, block)
+
+    ch._add_audio = add_audio
+    thread = threading.Thread(target=ch._feature_loop, daemon=True)
+    thread.start()
+    ch.audio_q.put(("open", (ch.t0, None)))
+    for i in range(0, len(audio), 320):
+        ch.audio_q.put(("audio", (audio[i : i + 320], time.monotonic())))
+        time.sleep(0.001)  # chunk by chunk, so the failures hit single chunks
+    ch.audio_q.put(("close", None))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not ch._sessions or ch._sessions[0].end_frame is None):
+        time.sleep(0.05)
+    ch._stop.set()
+    thread.join(5)
+    assert ch.stats.audio_errors == 2 and ch.stats.sessions == 1
+    s = ch._sessions[0]
+    assert s.end_frame == -(-len(audio) // 640)  # every sample on its frame
+    got = [(x.start_ms, x.end_ms) for x in s.vad.segments]
+    assert got == clean_segments  # the failed windows (silence) moved no decision
+    assert ch.windows and max(ch.windows) >= s.end_frame - 5  # features went on to the end

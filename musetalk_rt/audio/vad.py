@@ -333,7 +333,12 @@ class VoiceActivity:
         return self._speaking
 
     def push(self, audio_16k: np.ndarray) -> None:
-        """Analyse new audio (any length; whole 32 ms windows are processed)."""
+        """Analyse new audio (any length; whole 32 ms windows are processed).
+
+        Raises:
+            Exception: The network's error; those windows were counted as silence first, so
+                the stream's timeline stays aligned and the next push works as before.
+        """
         self._pending = np.concatenate([self._pending, np.asarray(audio_16k, np.float32)])
         n = self._pending.size // WINDOW_SAMPLES
         if n == 0:
@@ -343,8 +348,13 @@ class VoiceActivity:
         # each window with the previous one's last 64 samples: [n, 576]
         context = np.concatenate([self._context[None], block[:-1, -CONTEXT_SAMPLES:]])
         x = torch.from_numpy(np.concatenate([context, block], axis=1))
-        probs, self._state = self.net.run(x, self._state)
         self._context = block[-1, -CONTEXT_SAMPLES:].copy()
+        try:
+            probs, self._state = self.net.run(x, self._state)
+        except Exception:  # the windows count as silence, so later ones keep their times
+            for _ in range(n):
+                self._decide(0.0)
+            raise
         for p in probs:
             self._decide(p)
 

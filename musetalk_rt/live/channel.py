@@ -114,6 +114,7 @@ class ChannelStats:
     sessions: int = 0
     late_windows: int = 0  # audio windows that reached the channel after their frame left
     skipped_windows: int = 0  # windows not computed: their frame had left before the audio came
+    audio_errors: int = 0  # failed VAD or feature calls (logged; the audio path went on)
     voice_to_frame_ms: list[float] = field(default_factory=list)  # last 500
     # how long before its frame's deadline each window reached the channel (last 500): the
     # slack left for the GPU batch and the blend; near zero or negative = the audio path lags
@@ -296,10 +297,28 @@ class LiveChannel:
                         held = item
                         break
                     block.append(item[1])
-                self._add_audio(cur, block)
+                self._guarded(self._add_audio, cur, block)
             elif kind == "close" and cur is not None:
-                self._close(cur)
+                self._guarded(self._close, cur)
                 cur = None
+
+    def _guarded(self, fn, *args) -> None:
+        """Run an audio-path step; an error is logged and counted and the thread goes on.
+
+        The show must not lose a channel's lips to one bad call (a CUDA error in the encoder, a
+        failed voice-activity batch): frames without windows show idle, later audio is served.
+        """
+        try:
+            fn(*args)
+        except Exception:
+            self._audio_error("audio path")
+
+    def _audio_error(self, what: str) -> None:
+        """Count and log the exception being handled (the first ones with their traceback)."""
+        self.stats.audio_errors += 1
+        n = self.stats.audio_errors
+        if n <= 3 or n % 100 == 0:
+            log.exception("channel %s: %s error #%d; going on", self.name, what, n)
 
     def _close(self, s: _Session) -> None:
         self._take(s, s.extractor.flush())
@@ -330,7 +349,10 @@ class LiveChannel:
                     self.arrival[m] = arrived  # when the ingest handed over its last sample
         t_start = time.monotonic()
         pcm = block[0][0] if len(block) == 1 else np.concatenate([c for c, _ in block])
-        s.vad.push(pcm)
+        try:
+            s.vad.push(pcm)  # on an error its windows count as silence: the timeline holds
+        except Exception:
+            self._audio_error("voice activity")
         t_vad = time.monotonic()
         # behind: frames up to the one on screen now are lost anyway; their windows are not
         # computed (on the shared encoder they would also delay every other channel's)

@@ -32,6 +32,7 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
         ("sessions", "counter", "sender sessions"),
         ("late_windows", "counter", "audio windows that came after their frame was shown"),
         ("skipped_windows", "counter", "windows not computed: their frame was shown before"),
+        ("audio_errors", "counter", "failed voice-activity or feature calls (logged, survived)"),
     ):
         metric(f"{key}_total", kind, text, [({"channel": ch.name}, s[key]) for ch, s in st])
     metric(
