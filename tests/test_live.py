@@ -984,6 +984,9 @@ def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_f
     # 352 ms + (112 - 60) ms + 50 ms = 454 ms -> 500 ms
     assert "audio windows come 60 ms before their frame" in line
     assert "need 112 ms" in line and line.endswith("restart with --delay-ms 500")
+    assert "GPU busy" not in line  # not measured (on the CPU): not shown
+    worker.gpu_busy_s = 18.0  # the batches' GPU time in these 30 s (CUDA events)
+    assert ", GPU busy 60%" in status_line([channel(120.0, 0)], worker, None, 30.0)[0]
     assert "hint" not in status_line([channel(150.0, 30)], worker, None, 30.0)[0]  # lead enough
     assert "hint" not in status_line([channel(60.0, 0)], worker, None, 30.0)[0]  # nothing late
     idle = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)  # no batch measured yet

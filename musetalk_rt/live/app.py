@@ -189,8 +189,9 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
     """One line on how the show goes since the last one, for the crew's terminal and the logs.
 
     It tells apart where late frames come from: the GPU (frames skipped, or not back in time)
-    or the audio path (windows that reached their channel after the frame had left); and the
-    worker's idle seconds tell a starved worker from a saturated one.
+    or the audio path (windows that reached their channel after the frame had left); the
+    worker's idle seconds tell a starved worker from a saturated one, and the batches' share of
+    GPU time (CUDA only) a saturated GPU from a host side that cannot feed it.
 
     Args:
         channels: The live channels.
@@ -212,6 +213,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         "late_windows": sum(s["late_windows"] for s in st),
         "skipped_windows": sum(s["skipped_windows"] for s in st),
         "idle_s": worker.idle_s,
+        "gpu_busy_s": worker.gpu_busy_s,
     }
     d = {k: v - (prev or {}).get(k, 0) for k, v in snap.items()}
     p95 = [s["voice_to_frame_p95_ms"] for s in st if s["voice_to_frame_p95_ms"] is not None]
@@ -229,6 +231,8 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
             else ""
         )
         + f", worker idle {d['idle_s']:.1f} s"
+        # the batches' GPU time (CUDA events; none on the CPU): near 100% the GPU is the limit
+        + (f", GPU busy {d['gpu_busy_s'] / max(elapsed_s, 1e-9):.0%}" if d["gpu_busy_s"] else "")
         + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
         + (f", outputs down {outs_down}" if outs_down else "")
         + (delay_hint(channels, worker, st) if d["late"] else "")
