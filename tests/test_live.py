@@ -1092,14 +1092,16 @@ def test_a_frame_log_that_cannot_be_written_never_stops_its_writers(tmp_path, ca
     assert fresh._file.closed and "not JSON serializable" in caplog.text
 
 
-def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(tiny_models, fixture_file):
+def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
+    tiny_models, fixture_file, monkeypatch
+):
     """One failed voice-activity batch and one failed feature call: the channel's feature thread
     logs and counts them (``audio_errors``) and goes on; the failed VAD windows count as
     silence, so the speech decisions after them sit at the times a clean run gives."""
     import queue as queue_mod
     import threading
 
-    from musetalk_rt.audio.incremental import StreamingConfig
+    from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
     from musetalk_rt.audio.vad import VoiceActivity, load_silero_vad
     from musetalk_rt.live.channel import ChannelStats, LiveChannel
     from musetalk_rt.media import load_audio
@@ -1128,17 +1130,18 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(tiny_model
     ch.audio_q, ch._stop, ch._lock = queue_mod.Queue(), threading.Event(), threading.Lock()
     ch._sessions, ch.stats, ch.frame_log = [], ChannelStats(), None
     ch.windows, ch.arrival, ch._audio = {}, {}, {}
-    real_add = LiveChannel._add_audio
-    pushes = []
+    real_push = IncrementalFeatureExtractor.push
+    fed = {}
 
-    def add_audio(s, block):  # the 8th push: its feature call fails after its VAD call
-        pushes.append(len(block))
-        if len(pushes) == 8:
-            s.vad.push(np.concatenate([c for c, _ in block]))
+    def push(self, pcm):  # the feature call that reaches 4 s of a session fails, once
+        n = fed.get(id(self), 0)
+        fed[id(self)] = n + pcm.size
+        if n < 4 * 16000 <= n + pcm.size and not fed.get("failed"):
+            fed["failed"] = True
             raise RuntimeError("simulated feature failure")
-        real_add(ch, s, block)
+        return real_push(self, pcm)
 
-    ch._add_audio = add_audio
+    monkeypatch.setattr(IncrementalFeatureExtractor, "push", push)
     thread = threading.Thread(target=ch._feature_loop, daemon=True)
     thread.start()
     ch.audio_q.put(("open", (ch.t0, None)))
@@ -1156,4 +1159,9 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(tiny_model
     assert s.end_frame == -(-len(audio) // 640)  # every sample on its frame
     got = [(x.start_ms, x.end_ms) for x in s.vad.segments]
     assert got == clean_segments  # the failed windows (silence) moved no decision
-    assert ch.windows and max(ch.windows) >= s.end_frame - 5  # features went on to the end
+    # the extractor restarted at the frame the audio had reached when its call failed (in the
+    # 5th second, after the audio of that call, at most 1 s); from there every frame of the
+    # session got its window, on its own frame
+    assert 100 <= s.first_frame <= 125
+    assert set(range(s.first_frame, s.end_frame)) <= set(ch.windows)
+    assert max(ch.windows) == s.end_frame - 1

@@ -57,6 +57,9 @@ class _Session:
     vad: VoiceActivity
     samples: int = 0
     end_frame: int | None = None
+    # the session frame of the extractor's frame 0: moves when a failed feature call restarts
+    # the extractor at the frame the audio had reached, so later windows keep their frames
+    first_frame: int = 0
 
 
 class PassedOver:
@@ -321,7 +324,10 @@ class LiveChannel:
             log.exception("channel %s: %s error #%d; going on", self.name, what, n)
 
     def _close(self, s: _Session) -> None:
-        self._take(s, s.extractor.flush())
+        try:
+            self._take(s, s.extractor.flush())
+        except Exception:  # the session still ends: its frames must not stay "speech"
+            self._audio_error("features")
         s.vad.finish()
         s.end_frame = s.base_frame + -(-s.samples // AUDIO_PER_FRAME)
 
@@ -356,8 +362,14 @@ class LiveChannel:
         t_vad = time.monotonic()
         # behind: frames up to the one on screen now are lost anyway; their windows are not
         # computed (on the shared encoder they would also delay every other channel's)
-        self.stats.skipped_windows += s.extractor.skip_to(self.next_out + 1 - s.base_frame)
-        chunk = s.extractor.push(pcm)
+        try:
+            skipped = s.extractor.skip_to(self.next_out + 1 - s.base_frame - s.first_frame)
+            chunk = s.extractor.push(pcm)
+        except Exception:
+            self._audio_error("features")
+            self._restart_features(s)
+            return
+        self.stats.skipped_windows += skipped
         if self.frame_log and chunk is not None:
             newest = block[-1][1]
             # where a window's lead goes: the ingest (its newest sample against the media
@@ -374,6 +386,27 @@ class LiveChannel:
             parts = None
         self._take(s, chunk, parts)
 
+    def _restart_features(self, s: _Session) -> None:
+        """After a failed feature call: a new extractor from the frame the audio has reached.
+
+        Its state after the error is unknown (the audio of the failed call may or may not be
+        in it), so it is replaced by one that starts at that frame, fed the frame's audio so
+        far: the windows after it keep their frames (lips in sync), with less past context at
+        first, as at a session start; the frames in between show idle.
+        """
+        f = s.samples // AUDIO_PER_FRAME
+        s.extractor = IncrementalFeatureExtractor(
+            self.whisper, self.fe, self.stream_config, shared=self.encoder
+        )
+        s.first_frame = f
+        part = s.samples - f * AUDIO_PER_FRAME
+        if part:
+            audio = self._audio.get(s.base_frame + f, np.zeros(AUDIO_PER_FRAME, np.float32))
+            try:
+                self._take(s, s.extractor.push(audio[:part]))
+            except Exception:
+                self._audio_error("features")
+
     def _take(self, s: _Session, chunk, parts: dict | None = None) -> None:
         if chunk is None:
             return
@@ -381,7 +414,7 @@ class LiveChannel:
         leads = []
         late = 0
         for i in range(len(chunk)):
-            m = s.base_frame + chunk.start_frame + i
+            m = s.base_frame + s.first_frame + chunk.start_frame + i
             leads.append((self.t0 + self.delay_s + m / FPS - now) * 1000.0)
             if m >= self.next_out:
                 self.windows[m] = chunk.windows[i]
@@ -393,7 +426,7 @@ class LiveChannel:
             self.frame_log.write(
                 ev="windows",
                 ch=self.name,
-                frame=s.base_frame + chunk.start_frame,
+                frame=s.base_frame + s.first_frame + chunk.start_frame,
                 n=len(leads),
                 t=now,
                 lead_ms=round(min(leads), 3),
