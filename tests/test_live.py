@@ -1096,8 +1096,10 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     tiny_models, fixture_file, monkeypatch
 ):
     """One failed voice-activity batch and one failed feature call: the channel's feature thread
-    logs and counts them (``audio_errors``) and goes on; the failed VAD windows count as
-    silence, so the speech decisions after them sit at the times a clean run gives."""
+    logs and counts them (``audio_errors``) and goes on. The failed VAD windows count as silence,
+    so the speech decisions after them sit at the times a clean run gives; the extractor that
+    failed is replaced by one starting at the frame the audio had reached, so every later frame
+    gets its window on its own frame."""
     import queue as queue_mod
     import threading
 
