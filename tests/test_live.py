@@ -795,7 +795,7 @@ def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
         name="c0", t0=time.monotonic(), delay_s=0.2, next_out=11, windows={},
         stats=ChannelStats(), frame_log=log,
     )  # fmt: skip
-    session = SimpleNamespace(base_frame=10)
+    session = SimpleNamespace(base_frame=10, first_frame=0)
 
     class Chunk:  # what the feature extractor hands over: frames from start_frame on
         start_frame, windows = 0, ["w10", "w11"]  # frame 10 has left already
@@ -968,6 +968,7 @@ def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_f
             "speech_frames": 100,
             "late_windows": 0,
             "skipped_windows": 0,
+            "audio_errors": 0,
             "voice_to_frame_p95_ms": 300.0,
             "window_lead_p05_ms": lead_p05_ms,
         }
@@ -987,6 +988,10 @@ def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_f
     assert "GPU busy" not in line  # not measured (on the CPU): not shown
     worker.gpu_busy_s = 18.0  # the batches' GPU time in these 30 s (CUDA events)
     assert ", GPU busy 60%" in status_line([channel(120.0, 0)], worker, None, 30.0)[0]
+    failing = channel(120.0, 0)
+    failing.stats.as_dict()["audio_errors"] = 2  # failed VAD/feature calls since the last line
+    assert ", audio path errors 2 (see the log)" in status_line([failing], worker, None, 30.0)[0]
+    assert "audio path errors" not in line
     assert "hint" not in status_line([channel(150.0, 30)], worker, None, 30.0)[0]  # lead enough
     assert "hint" not in status_line([channel(60.0, 0)], worker, None, 30.0)[0]  # nothing late
     idle = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)  # no batch measured yet
@@ -1161,9 +1166,47 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     assert s.end_frame == -(-len(audio) // 640)  # every sample on its frame
     got = [(x.start_ms, x.end_ms) for x in s.vad.segments]
     assert got == clean_segments  # the failed windows (silence) moved no decision
-    # the extractor restarted at the frame the audio had reached when its call failed (in the
+    # the extractor restarted at the frame boundary after the audio of its failed call (in the
     # 5th second, after the audio of that call, at most 1 s); from there every frame of the
     # session got its window, on its own frame
-    assert 100 <= s.first_frame <= 125
+    assert 100 <= s.first_frame <= 126 and s.drop_samples == 0
     assert set(range(s.first_frame, s.end_frame)) <= set(ch.windows)
     assert max(ch.windows) == s.end_frame - 1
+
+
+def test_gpu_worker_gathers_each_channels_own_avatar_latents():
+    """The worker keeps every avatar's reference latents in one tensor (an avatar shared by two
+    channels once) and gathers a batch's rows with one index: each frame gets its own channel's
+    avatar at its cycle frame."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from musetalk_rt.live.worker import GpuWorker
+
+    def avatar(base, n):  # row k of this avatar holds base + k
+        lat = (base + torch.arange(float(n))).view(n, 1, 1, 1).expand(n, 8, 32, 32).contiguous()
+        return SimpleNamespace(latents=lat, cycle_frame=lambda m: m % n)
+
+    a, b = avatar(100, 3), avatar(200, 5)
+    chans = [SimpleNamespace(name=n, avatar=av) for n, av in (("x", a), ("y", b), ("z", a))]
+    seen = []
+
+    class Gen:
+        batch_sizes = [8]
+        device = torch.device("cpu")
+
+        def launch(self, batch, clock):
+            seen.append(batch.latents[:, 0, 0, 0].tolist())
+            batch.faces = np.zeros((len(batch), 256, 256, 3), np.uint8)
+
+    worker = GpuWorker(Gen(), chans, horizon_s=1.0, blend_threads=1)
+    assert worker._latents.shape[0] == 3 + 5  # the shared avatar once
+    for ch in chans:
+        ch.windows = {m: torch.zeros(50, 384) for m in range(5)}
+        ch.pending = set()
+    work = [(chans[0], 1), (chans[1], 4), (chans[2], 2), (chans[1], 0), (chans[0], 3)]
+    launched = worker._launch(work)
+    assert launched is not None and len(launched.wins) == 5  # held until collected
+    assert seen == [[101.0, 204.0, 102.0, 200.0, 100.0]]
+    worker.stop()

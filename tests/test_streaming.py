@@ -300,8 +300,9 @@ def test_vad_gives_the_same_calls_for_any_push_size(fixture_file):
 def test_vad_batcher_serves_many_streams_with_the_one_stream_results(fixture_file):
     """Live channels share one voice-activity thread (:class:`VadBatcher`): four streams cut in
     different chunk sizes, pushed from four threads at once, get the probabilities and segments
-    a stream of its own gets; a stream's bad input fails that call alone; after close the calls
-    run on the caller's thread."""
+    a stream of its own gets; a stream's bad input fails that call alone, also when batched with
+    another; a stalled batcher never holds a caller past ``wait_s``; after close the calls run on
+    the caller's thread."""
     import threading
 
     net = load_silero_vad()
@@ -328,7 +329,7 @@ def test_vad_batcher_serves_many_streams_with_the_one_stream_results(fixture_fil
     pushes_with_windows = sum(
         sum(1 for i in range(0, len(audio), c) if (i + c) // 512 > i // 512) for c in chunks
     )
-    assert batcher.requests == pushes_with_windows and batcher.calls <= batcher.requests
+    assert batcher.requests == pushes_with_windows and batcher.timeouts == 0
 
     # all streams present: one batched call for the three (the gather would wait 30 s)
     slow = VadBatcher(net, gather_s=30.0, streams=3)
@@ -346,6 +347,32 @@ def test_vad_batcher_serves_many_streams_with_the_one_stream_results(fixture_fil
     for i in range(3):
         np.testing.assert_allclose(out[i][0], net.run(x[: i + 1], None)[0], atol=1e-5)
     slow.close()
+
+    # a bad request batched with a good one: the batch is retried one by one, so only the bad
+    # one's caller gets the error
+    pair = VadBatcher(net, gather_s=30.0, streams=2)
+    res: dict = {}
+
+    def call(key, xx):
+        try:
+            res[key] = pair.run(xx, None)
+        except RuntimeError as exc:
+            res[key] = exc
+
+    ts = [threading.Thread(target=call, args=a) for a in (("bad", torch.zeros(2, 7)), ("ok", x))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert isinstance(res["bad"], RuntimeError)
+    np.testing.assert_allclose(res["ok"][0], net.run(x, None)[0], atol=1e-5)
+    pair.close()
+    # a stalled batcher (here: waiting 30 s for a second stream) never holds a caller longer
+    # than wait_s: the caller runs the network itself
+    stalled = VadBatcher(net, gather_s=30.0, streams=2, wait_s=0.2)
+    np.testing.assert_allclose(stalled.run(x[:1], None)[0], net.run(x[:1], None)[0], atol=1e-5)
+    assert stalled.timeouts == 1
+    stalled.close(timeout_s=0.1)
 
     with pytest.raises(RuntimeError):
         batcher.run(torch.zeros(2, 7), None)  # the wrong window size: that caller's error

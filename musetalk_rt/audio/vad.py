@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,9 @@ class SileroVadNet(nn.Module):
         to ~1e-6.
         """
         lstm = self.__dict__.get("_seq_lstm")
-        if lstm is None:  # made once, after the weights were loaded; not a registered module
+        # made once, after the weights were loaded, on the CPU where the VAD runs (not a
+        # registered module: load weights or move the network before its first run)
+        if lstm is None:
             cell = self.lstm_cell
             lstm = nn.LSTM(cell.input_size, cell.hidden_size).eval().requires_grad_(False)
             for ours, theirs in (("ih", "ih_l0"), ("hh", "hh_l0")):
@@ -127,7 +130,7 @@ class SileroVadNet(nn.Module):
                 getattr(lstm, f"bias_{theirs}").copy_(getattr(cell, f"bias_{ours}"))
             self.__dict__["_seq_lstm"] = lstm
         counts = [f.shape[0] for f in feats]
-        zeros = torch.zeros(1, self.lstm_cell.hidden_size)
+        zeros = feats[0].new_zeros(1, self.lstm_cell.hidden_size)
         h0 = torch.cat([zeros if s is None else s[0] for s in states]).unsqueeze(0)  # [1, B, 128]
         c0 = torch.cat([zeros if s is None else s[1] for s in states]).unsqueeze(0)
         if len(feats) == 1:
@@ -169,18 +172,29 @@ class VadBatcher:
     first seconds.
 
     Overflow policy: none needed — each caller waits for its own answer, so at most one request
-    per stream is queued. After :meth:`close` a call runs the network on the caller's thread.
+    per stream is queued. A failed batch is retried request by request, so a bad request fails
+    its own caller only. A caller that waits longer than ``wait_s`` (a stalled batcher) runs the
+    network on its own thread; so does every call after :meth:`close`.
 
     Args:
         net: The silero-vad network.
         gather_s: How long after a request the batch waits for the other streams' requests.
         streams: How many streams use it: a batch with that many requests runs at once.
+        wait_s: The longest a caller waits for its answer before computing it itself.
     """
 
-    def __init__(self, net: SileroVadNet, gather_s: float = 0.01, streams: int | None = None):
+    def __init__(
+        self,
+        net: SileroVadNet,
+        gather_s: float = 0.01,
+        streams: int | None = None,
+        wait_s: float = 2.0,
+    ):
         self.net = net
         self.gather_s = gather_s
         self.streams = streams
+        self.wait_s = wait_s
+        self.timeouts = 0  # callers that gave up waiting and ran the network themselves
         self.calls = 0  # batched network calls
         self.requests = 0  # requests served in them
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -206,10 +220,15 @@ class VadBatcher:
             if self._closed:
                 return self.net.run(x, state)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="vad batcher", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._loop, name="vad batcher", daemon=True)
+                thread.start()  # kept only once running: a failed start is retried next call
+                self._thread = thread
             self._q.put((x, state, fut))
-        return fut.result()
+        try:
+            return fut.result(timeout=self.wait_s)
+        except FutureTimeout:  # the batcher stalled: never hold a channel's audio path on it
+            self.timeouts += 1
+            return self.net.run(x, state)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Serve what is queued, stop the thread; later calls run on their own thread."""
@@ -257,9 +276,12 @@ class VadBatcher:
             probs, states = self.net.recur(list(feats), [s for _, s, _ in batch])
             self.calls += 1
             self.requests += len(batch)
-        except Exception as exc:  # every waiting stream gets the error, the thread goes on
-            for _, _, fut in batch:
-                fut.set_exception(exc)
+        except Exception:  # one by one: a bad request fails its own caller, not the others
+            for x, st, fut in batch:
+                try:
+                    fut.set_result(self.net.run(x, st))
+                except Exception as exc:
+                    fut.set_exception(exc)
             return
         for (_, _, fut), p, st in zip(batch, probs, states, strict=True):
             fut.set_result((p, st))

@@ -212,6 +212,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         "batches": worker.batches,
         "late_windows": sum(s["late_windows"] for s in st),
         "skipped_windows": sum(s["skipped_windows"] for s in st),
+        "audio_errors": sum(s["audio_errors"] for s in st),
         "idle_s": worker.idle_s,
         "gpu_busy_s": worker.gpu_busy_s,
     }
@@ -230,6 +231,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
             if d["late_windows"] or d["skipped_windows"]
             else ""
         )
+        + (f", audio path errors {d['audio_errors']} (see the log)" if d["audio_errors"] else "")
         + f", worker idle {d['idle_s']:.1f} s"
         # the batches' GPU time (CUDA events; none on the CPU): near 100% the GPU is the limit
         + (f", GPU busy {d['gpu_busy_s'] / max(elapsed_s, 1e-9):.0%}" if d["gpu_busy_s"] else "")

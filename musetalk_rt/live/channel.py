@@ -60,6 +60,7 @@ class _Session:
     # the session frame of the extractor's frame 0: moves when a failed feature call restarts
     # the extractor at the frame the audio had reached, so later windows keep their frames
     first_frame: int = 0
+    drop_samples: int = 0  # samples the extractor skips after a restart (up to a frame boundary)
 
 
 class PassedOver:
@@ -325,7 +326,8 @@ class LiveChannel:
 
     def _close(self, s: _Session) -> None:
         try:
-            self._take(s, s.extractor.flush())
+            if s.extractor is not None:
+                self._take(s, s.extractor.flush())
         except Exception:  # the session still ends: its frames must not stay "speech"
             self._audio_error("features")
         s.vad.finish()
@@ -362,14 +364,22 @@ class LiveChannel:
         t_vad = time.monotonic()
         # behind: frames up to the one on screen now are lost anyway; their windows are not
         # computed (on the shared encoder they would also delay every other channel's)
+        if s.extractor is None:  # a restart failed: again, from after this audio
+            self._restart_features(s)
+            return
+        feat_pcm = pcm
+        if s.drop_samples:  # the end of the frame a restart began after
+            cut = min(s.drop_samples, pcm.size)
+            feat_pcm, s.drop_samples = pcm[cut:], s.drop_samples - cut
         try:
-            skipped = s.extractor.skip_to(self.next_out + 1 - s.base_frame - s.first_frame)
-            chunk = s.extractor.push(pcm)
+            self.stats.skipped_windows += s.extractor.skip_to(
+                self.next_out + 1 - s.base_frame - s.first_frame
+            )
+            chunk = s.extractor.push(feat_pcm) if feat_pcm.size else None
         except Exception:
             self._audio_error("features")
             self._restart_features(s)
             return
-        self.stats.skipped_windows += skipped
         if self.frame_log and chunk is not None:
             newest = block[-1][1]
             # where a window's lead goes: the ingest (its newest sample against the media
@@ -387,25 +397,24 @@ class LiveChannel:
         self._take(s, chunk, parts)
 
     def _restart_features(self, s: _Session) -> None:
-        """After a failed feature call: a new extractor from the frame the audio has reached.
+        """After a failed feature call: a new extractor from the next frame boundary on.
 
-        Its state after the error is unknown (the audio of the failed call may or may not be
-        in it), so it is replaced by one that starts at that frame, fed the frame's audio so
-        far: the windows after it keep their frames (lips in sync), with less past context at
-        first, as at a session start; the frames in between show idle.
+        The old one's state after the error is unknown (the audio of the failed call may or may
+        not be in it), so it is replaced by one whose frame 0 is the first whole frame after the
+        audio received so far; the rest of the current frame is dropped before it. The windows
+        after it keep their frames (lips in sync), with less past context at first, as at a
+        session start; the frames in between show idle. If even that fails, the extractor is
+        None and the next call tries again.
         """
-        f = s.samples // AUDIO_PER_FRAME
-        s.extractor = IncrementalFeatureExtractor(
-            self.whisper, self.fe, self.stream_config, shared=self.encoder
-        )
-        s.first_frame = f
-        part = s.samples - f * AUDIO_PER_FRAME
-        if part:
-            audio = self._audio.get(s.base_frame + f, np.zeros(AUDIO_PER_FRAME, np.float32))
-            try:
-                self._take(s, s.extractor.push(audio[:part]))
-            except Exception:
-                self._audio_error("features")
+        f = -(-s.samples // AUDIO_PER_FRAME)
+        s.extractor, s.first_frame = None, f
+        s.drop_samples = f * AUDIO_PER_FRAME - s.samples
+        try:
+            s.extractor = IncrementalFeatureExtractor(
+                self.whisper, self.fe, self.stream_config, shared=self.encoder
+            )
+        except Exception:
+            self._audio_error("features")
 
     def _take(self, s: _Session, chunk, parts: dict | None = None) -> None:
         if chunk is None:

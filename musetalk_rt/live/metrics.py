@@ -93,7 +93,8 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
     metric(
         "gpu_busy_seconds_total",
         "counter",
-        "the GPU worker's batches' time on the GPU (CUDA events; against wall time: how busy)",
+        "the GPU worker's batches' time on the GPU (CUDA events, an upper bound; per wall second: "
+        "how busy)",
         [({}, round(worker.gpu_busy_s, 3))],
     )
     metric(

@@ -277,14 +277,14 @@ class GpuWorker:
         events = None
         if dev.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
+            events[0].record(torch.cuda.current_stream(dev))
         try:
             self.gen.launch(batch, self.clock)
         except Exception:
             _release(work)
             raise
         if events is not None:
-            events[1].record()
+            events[1].record(torch.cuda.current_stream(dev))
         # the windows were made on the audio path's stream and are read on this one: holding
         # them until the batch is collected keeps their memory from reuse (no record_stream)
         return _Launched(work, cyc, batch, t0, earliest_s, wins=wins, events=events)
@@ -369,7 +369,9 @@ class _Launched:
     overlapped: bool = False  # launched while another was in flight
     wins: list | None = None  # the audio windows, held until the batch is collected
     # CUDA events around the batch's GPU work: the start completes when the stream reaches it
-    # (after the batch before), so their interval is this batch's GPU time
+    # (after the batch before), so their interval is this batch's GPU time — an upper bound: a
+    # GPU that ran dry while the host was still queuing the batch's kernels counts that gap too
+    # (small with CUDA graphs, where a stage is one launch; large for eager)
     events: tuple | None = None
 
 

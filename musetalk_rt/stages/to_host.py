@@ -61,7 +61,7 @@ class ToHostStage(Stage):
         host = buf[:n]
         host.copy_(faces, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))  # the images' device, not device 0
         batch.host_copy = (host, done)
         return batch
 
