@@ -62,6 +62,11 @@ class _Session:
     first_frame: int = 0
     drop_samples: int = 0  # samples the extractor skips after a restart (up to a frame boundary)
 
+    @property
+    def frames_begun(self) -> int:
+        """Session frames the audio so far reaches into (the last one may be partial)."""
+        return -(-self.samples // AUDIO_PER_FRAME)
+
 
 class PassedOver:
     """The frames the GPU worker passed over (no time left), settled when the clock shows them.
@@ -270,9 +275,7 @@ class LiveChannel:
                 start = max(now_frame, self._session_end_frame())
                 cur = _Session(
                     start,
-                    IncrementalFeatureExtractor(
-                        self.whisper, self.fe, self.stream_config, shared=self.encoder
-                    ),
+                    self._new_extractor(),
                     VoiceActivity(self.vad_net),
                 )
                 cur.vad.keep_probs = False
@@ -331,7 +334,7 @@ class LiveChannel:
         except Exception:  # the session still ends: its frames must not stay "speech"
             self._audio_error("features")
         s.vad.finish()
-        s.end_frame = s.base_frame + -(-s.samples // AUDIO_PER_FRAME)
+        s.end_frame = s.base_frame + s.frames_begun
 
     def _session_end_frame(self) -> int:
         if not self._sessions:
@@ -406,15 +409,19 @@ class LiveChannel:
         session start; the frames in between show idle. If even that fails, the extractor is
         None and the next call tries again.
         """
-        f = -(-s.samples // AUDIO_PER_FRAME)
+        f = s.frames_begun
         s.extractor, s.first_frame = None, f
         s.drop_samples = f * AUDIO_PER_FRAME - s.samples
         try:
-            s.extractor = IncrementalFeatureExtractor(
-                self.whisper, self.fe, self.stream_config, shared=self.encoder
-            )
+            s.extractor = self._new_extractor()
         except Exception:
             self._audio_error("features")
+
+    def _new_extractor(self) -> IncrementalFeatureExtractor:
+        """A session's whisper feature extractor, on the channels' shared batched encoder."""
+        return IncrementalFeatureExtractor(
+            self.whisper, self.fe, self.stream_config, shared=self.encoder
+        )
 
     def _take(self, s: _Session, chunk, parts: dict | None = None) -> None:
         if chunk is None:
