@@ -35,6 +35,7 @@ import torch
 import musetalk_rt
 from musetalk_rt.engines import parse_dtype, select_engine
 from musetalk_rt.engines.parity import check_parity
+from musetalk_rt.errors import UserError
 from musetalk_rt.modeling import UNetStep, VaeDecodeStep
 from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 from musetalk_rt.weights import Models
@@ -315,6 +316,11 @@ def run_bench(
             dtype = parse_dtype(dtype_name)
             opts = (engine_options or {}).get(engine_name, {})
             engine, reason = select_engine(engine_name, device, dtype, **opts)
+            if fuse_stages and getattr(engine, "autotune_stages", ()):
+                raise UserError(
+                    "--fuse-stages builds UNet and VAE decode as one module; --autotune-stages "
+                    "needs them apart (drop one of the two)"
+                )
             unet = UNetStage(models.unet, engine, dtype, device)
             vae = VaeDecodeStage(models.vae, engine, dtype, device)
             log(f"building {engine_name}/{dtype_name} for batches {batch_sizes} …")

@@ -220,3 +220,68 @@ def test_stage_clock_stays_bounded_over_a_long_run_and_counts_every_stage(monkey
     assert before < 2000.0 and clock.pending() > 0
     assert clock.totals_ms()["unet"] == pytest.approx(1000 * 2.0)  # waits: all 1,000 stages
     assert clock.pending() == 0 and "to_host" in clock.totals_ms()
+
+
+def test_autotune_stages_tune_only_the_named_stage(tiny_models):
+    from musetalk_rt.cli import _engine_options, build_parser
+
+    args = build_parser().parse_args(["bench", "--autotune-stages", "unet"])
+    opts = _engine_options(args)
+    assert opts == {"autotune_stages": "unet"}
+    engine, _ = select_engine("compile", "cpu", torch.float32, backend="aot_eager", **opts)
+    assert engine.cache_options()["autotune_stages"] == ["unet"]  # in the bench row
+    ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
+    u, v = _stages(tiny_models, engine, torch.float32, [2])
+    assert "mode=max-autotune" in u.runner.report.reason
+    assert "mode=default" in v.runner.report.reason
+    res = check_parity(ref_u.run, ref_v.run, u.run, v.run, 2, CPU)
+    assert res.passed and res.latent_rel_err < 1e-4, res
+    # each stage's cache key is the key of the engine it was built as: a UNet tuned this way
+    # is the UNet of --compile-mode max-autotune, the VAE the plain one
+    tuned = get_engine("compile", backend="aot_eager", mode="max-autotune")
+    plain = get_engine("compile", backend="aot_eager")
+    fp = "synthetic-test"
+    key_u, key_v = u.cache_key([2], fp), v.cache_key([2], fp)
+    assert key_u == UNetStage(tiny_models.unet, tuned, torch.float32, CPU).cache_key([2], fp)
+    assert key_v == VaeDecodeStage(tiny_models.vae, plain, torch.float32, CPU).cache_key([2], fp)
+    assert engine.autotune_stages == ("unet",)  # the caller's engine is not changed
+
+
+def test_autotune_stages_per_stage_for_aoti():
+    engine = get_engine("aoti", autotune_stages="vae_decode, vae_decode")
+    assert engine.autotune_stages == ("vae_decode",)
+    assert engine.for_stage("vae_decode").max_autotune
+    assert not engine.for_stage("unet").max_autotune
+    assert engine.for_stage("unet").cache_options() == get_engine("aoti").cache_options()
+    assert get_engine("aoti").for_stage("unet").max_autotune is False
+
+
+@pytest.mark.parametrize(
+    ("name", "opts", "message"),
+    [
+        ("compile", {"autotune_stages": "unet,vae"}, "unknown stage 'vae'; choose from unet"),
+        ("compile", {"autotune_stages": "unet", "mode": "max-autotune"}, "drop --compile-mode"),
+        ("aoti", {"autotune_stages": "unet", "max_autotune": True}, "drop --aoti-max-autotune"),
+        ("eager", {"autotune_stages": "unet"}, "does not take the options autotune_stages"),
+    ],
+)
+def test_autotune_stages_bad_input_says_what_to_do(name, opts, message):
+    with pytest.raises(UserError, match=message):
+        get_engine(name, **opts)
+
+
+def test_bench_refuses_autotune_stages_with_fused_stages(tiny_models):
+    from musetalk_rt.bench import run_bench
+
+    with pytest.raises(UserError, match="--fuse-stages builds UNet and VAE decode as one"):
+        run_bench(
+            tiny_models,
+            ["compile"],
+            ["fp32"],
+            [2],
+            warmup=1,
+            iters=1,
+            engine_options={"compile": {"backend": "aot_eager", "autotune_stages": "unet"}},
+            log=lambda line: None,
+            fuse_stages=True,
+        )

@@ -51,7 +51,14 @@ import torch
 import torch._inductor
 from torch import nn
 
-from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
+from musetalk_rt.engines.base import (
+    Engine,
+    EngineReport,
+    Runner,
+    check_autotune_stages,
+    dtype_name,
+    register,
+)
 from musetalk_rt.engines.compile import _ManualGraphStep
 from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options, upsample_form
 from musetalk_rt.errors import UserError
@@ -263,6 +270,8 @@ class AotiEngine(ExportedEngine):
             (see the module docstring); the package's own C++ loop launches the kernels.
         weights: Where a package keeps the weights (``blob`` or ``so``; see the module).
         max_autotune: Inductor's max-autotune while compiling (slow builds, paid once).
+        autotune_stages: Stages built with max-autotune (the others without); an alternative
+            to ``max_autotune``, which tunes every stage.
         phase_upsample: Compute each nearest-2x upsample + 3x3 conv from the small input
             (:mod:`musetalk_rt.engines.rewrites`): ``True``/``"interleave"`` or ``"transpose"``.
     """
@@ -278,6 +287,7 @@ class AotiEngine(ExportedEngine):
         weights: str = "blob",
         max_autotune: bool = False,
         phase_upsample: bool | str = False,
+        autotune_stages: Sequence[str] | str = (),
     ):
         super().__init__(cuda_graphs)
         self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
@@ -285,11 +295,27 @@ class AotiEngine(ExportedEngine):
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
         self.weights = weights
         self.max_autotune = max_autotune
+        self.autotune_stages = check_autotune_stages(autotune_stages)
+        if self.autotune_stages and max_autotune:
+            raise UserError(
+                "--autotune-stages gives max-autotune to the stages it names; drop "
+                "--aoti-max-autotune, or drop --autotune-stages to tune every stage"
+            )
+
+    def for_stage(self, stage: str) -> Engine:
+        if not self.autotune_stages:
+            return self
+        engine = copy.copy(self)
+        engine.autotune_stages = ()  # resolved: the stage's key says max_autotune or not
+        engine.max_autotune = stage in self.autotune_stages
+        return engine
 
     def cache_options(self) -> dict:
         opts = {"weights": self.weights}  # the package is the same with or without graphs
         if self.max_autotune:  # (absent when off: keys of engines built before stay valid)
             opts["max_autotune"] = True
+        if self.autotune_stages:
+            opts["autotune_stages"] = list(self.autotune_stages)
         return opts | rewrite_options(self.phase_upsample, False)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:

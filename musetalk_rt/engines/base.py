@@ -21,6 +21,23 @@ DTYPES: dict[str, torch.dtype] = {
 
 ExampleInputs = Callable[[int], tuple[torch.Tensor, ...]]
 
+MODEL_STAGES = ("unet", "vae_decode")  # the stages an engine builds (musetalk_rt.stages)
+
+
+def check_autotune_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate ``autotune_stages`` (names or one comma-separated string); sorted, unique.
+
+    Raises:
+        UserError: A name that is not a model stage (the message lists them).
+    """
+    names = stages.split(",") if isinstance(stages, str) else list(stages)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in MODEL_STAGES]
+    if unknown:
+        choose = ", ".join(MODEL_STAGES)
+        raise UserError(f"--autotune-stages: unknown stage {unknown[0]!r}; choose from {choose}")
+    return tuple(sorted(set(names)))
+
 
 def parse_dtype(name: str) -> torch.dtype:
     """``fp32`` | ``fp16`` | ``bf16`` -> torch dtype (one clear error otherwise)."""
@@ -139,6 +156,14 @@ class Engine(ABC):
     def cache_options(self) -> dict:
         """Options that change what ``build`` produces (part of the engine-cache key)."""
         return {}
+
+    def for_stage(self, stage: str) -> Engine:
+        """The engine that builds ``stage``: per-stage options resolved (default: this one).
+
+        Args:
+            stage: A name from :data:`MODEL_STAGES`.
+        """
+        return self
 
     def load_cache(self, folder: Path) -> bool:
         """Prime the next ``build`` from a cached engine folder; False if this engine cannot."""

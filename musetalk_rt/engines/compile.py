@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from musetalk_rt.engines.base import Engine, EngineReport, Runner, dtype_name, register
+from musetalk_rt.engines.base import (
+    Engine,
+    EngineReport,
+    Runner,
+    check_autotune_stages,
+    dtype_name,
+    register,
+)
 from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options, upsample_form
 from musetalk_rt.errors import UserError
 
@@ -122,6 +129,10 @@ class CompileEngine(Engine):
             conv).
         channels_last_norm: Rewrite each group norm to reduce per channel over the pixels
             (contiguous in channels-last memory), then merge into group statistics.
+        autotune_stages: Stages compiled in mode ``max-autotune`` (the others in ``mode``):
+            inductor's Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small matmuls and
+            convolutions at batch 4, not on the VAE decoder's large convolutions, and the
+            tuning costs minutes of build per stage (experiments/LOG.md, 2026-12-03).
     """
 
     name = "compile"
@@ -140,6 +151,7 @@ class CompileEngine(Engine):
         graph_capture: str = "trees",
         phase_upsample: bool | str = False,
         channels_last_norm: bool = False,
+        autotune_stages: Sequence[str] | str = (),
     ):
         if graph_capture not in GRAPH_CAPTURES:
             choices = ", ".join(GRAPH_CAPTURES)
@@ -155,6 +167,21 @@ class CompileEngine(Engine):
         self.graph_capture = graph_capture
         self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
         self.channels_last_norm = channels_last_norm
+        self.autotune_stages = check_autotune_stages(autotune_stages)
+        if self.autotune_stages and (mode or "").startswith("max-autotune"):
+            raise UserError(
+                "--autotune-stages gives max-autotune to the stages it names; drop "
+                "--compile-mode max-autotune, or drop --autotune-stages to tune every stage"
+            )
+
+    def for_stage(self, stage: str) -> Engine:
+        if not self.autotune_stages:
+            return self
+        engine = copy.copy(self)
+        engine.autotune_stages = ()  # resolved: the stage's key names its own mode
+        if stage in self.autotune_stages:
+            engine.mode = "max-autotune"
+        return engine
 
     CACHE_FILE = "compile_cache.bin"
 
@@ -170,6 +197,8 @@ class CompileEngine(Engine):
             "cudnn_benchmark": self.cudnn_benchmark,
             "graph_capture": self.graph_capture,
         }
+        if self.autotune_stages:  # (absent when unset: keys of engines built before stay valid)
+            opts["autotune_stages"] = list(self.autotune_stages)
         return opts | rewrite_options(self.phase_upsample, self.channels_last_norm)
 
     def load_cache(self, folder: Path) -> bool:

@@ -24,7 +24,7 @@ class _ModelStage(Stage):
         seed: int = 0,
     ):
         self.module = module
-        self.engine = engine
+        self.engine = engine.for_stage(self.name)  # per-stage options (e.g. autotune_stages)
         self.dtype = dtype
         self.device = torch.device(device)
         self.seed = seed
