@@ -57,6 +57,7 @@ from musetalk_rt.engines.base import (
     Runner,
     check_autotune_stages,
     dtype_name,
+    engine_for_stage,
     register,
 )
 from musetalk_rt.engines.compile import _ManualGraphStep
@@ -295,20 +296,11 @@ class AotiEngine(ExportedEngine):
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
         self.weights = weights
         self.max_autotune = max_autotune
-        self.autotune_stages = check_autotune_stages(autotune_stages)
-        if self.autotune_stages and max_autotune:
-            raise UserError(
-                "--autotune-stages gives max-autotune to the stages it names; drop "
-                "--aoti-max-autotune, or drop --autotune-stages to tune every stage"
-            )
+        tuned_everywhere = "--aoti-max-autotune" if max_autotune else None
+        self.autotune_stages = check_autotune_stages(autotune_stages, tuned_everywhere)
 
     def for_stage(self, stage: str) -> Engine:
-        if not self.autotune_stages:
-            return self
-        engine = copy.copy(self)
-        engine.autotune_stages = ()  # resolved: the stage's key says max_autotune or not
-        engine.max_autotune = stage in self.autotune_stages
-        return engine
+        return engine_for_stage(self, stage, max_autotune=True)
 
     def cache_options(self) -> dict:
         opts = {"weights": self.weights}  # the package is the same with or without graphs

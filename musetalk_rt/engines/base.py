@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -24,11 +25,17 @@ ExampleInputs = Callable[[int], tuple[torch.Tensor, ...]]
 MODEL_STAGES = ("unet", "vae_decode")  # the stages an engine builds (musetalk_rt.stages)
 
 
-def check_autotune_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
+def check_autotune_stages(
+    stages: Sequence[str] | str, tuned_everywhere: str | None = None
+) -> tuple[str, ...]:
     """Validate ``autotune_stages`` (names or one comma-separated string); sorted, unique.
 
+    Args:
+        stages: Stage names.
+        tuned_everywhere: The option that already tunes every stage, when it is set (a clash).
+
     Raises:
-        UserError: A name that is not a model stage (the message lists them).
+        UserError: A name that is not a model stage, or a clash with ``tuned_everywhere``.
     """
     names = stages.split(",") if isinstance(stages, str) else list(stages)
     names = [n.strip() for n in names if n.strip()]
@@ -36,7 +43,29 @@ def check_autotune_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
     if unknown:
         choose = ", ".join(MODEL_STAGES)
         raise UserError(f"--autotune-stages: unknown stage {unknown[0]!r}; choose from {choose}")
+    if names and tuned_everywhere:
+        raise UserError(
+            "--autotune-stages gives max-autotune to the stages it names; drop "
+            f"{tuned_everywhere}, or drop --autotune-stages to tune every stage"
+        )
     return tuple(sorted(set(names)))
+
+
+def engine_for_stage(engine: Engine, stage: str, **tuned) -> Engine:
+    """``engine`` for ``stage`` with its ``autotune_stages`` resolved.
+
+    Returns ``engine`` itself when it has none; else a shallow copy without them, with the
+    attributes ``tuned`` set when ``stage`` is one of them (the copy's cache key is then that of
+    the engine the stage is built as).
+    """
+    if not getattr(engine, "autotune_stages", ()):
+        return engine
+    resolved = copy.copy(engine)
+    resolved.autotune_stages = ()
+    if stage in engine.autotune_stages:
+        for name, value in tuned.items():
+            setattr(resolved, name, value)
+    return resolved
 
 
 def parse_dtype(name: str) -> torch.dtype:

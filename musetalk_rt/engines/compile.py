@@ -37,6 +37,7 @@ from musetalk_rt.engines.base import (
     Runner,
     check_autotune_stages,
     dtype_name,
+    engine_for_stage,
     register,
 )
 from musetalk_rt.engines.rewrites import apply_rewrites, rewrite_options, upsample_form
@@ -167,21 +168,11 @@ class CompileEngine(Engine):
         self.graph_capture = graph_capture
         self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
         self.channels_last_norm = channels_last_norm
-        self.autotune_stages = check_autotune_stages(autotune_stages)
-        if self.autotune_stages and (mode or "").startswith("max-autotune"):
-            raise UserError(
-                "--autotune-stages gives max-autotune to the stages it names; drop "
-                "--compile-mode max-autotune, or drop --autotune-stages to tune every stage"
-            )
+        tuned_everywhere = f"--compile-mode {mode}" if (mode or "").startswith("max-") else None
+        self.autotune_stages = check_autotune_stages(autotune_stages, tuned_everywhere)
 
     def for_stage(self, stage: str) -> Engine:
-        if not self.autotune_stages:
-            return self
-        engine = copy.copy(self)
-        engine.autotune_stages = ()  # resolved: the stage's key names its own mode
-        if stage in self.autotune_stages:
-            engine.mode = "max-autotune"
-        return engine
+        return engine_for_stage(self, stage, mode="max-autotune")
 
     CACHE_FILE = "compile_cache.bin"
 
