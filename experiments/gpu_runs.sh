@@ -293,7 +293,7 @@ aoti-rows)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|baseline|kernels|rewrites|groupnorm|rows" >&2
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac
