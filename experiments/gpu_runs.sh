@@ -38,13 +38,14 @@
 #                                      # process per stage and bucket, all at once), a bench per
 #                                      # bucket, the warm engines build at B4 (first frame from the
 #                                      # cache), then eager rows at B1/4/8/16/32
-#   experiments/gpu_runs.sh autotune   # compile at AT_BUCKET (default 4) with max-autotune for
-#                                      # the AT_STAGES (default unet; "unet,vae_decode" tunes
-#                                      # both), UNet and VAE built in two processes at once
-#                                      # (AT_BUILD_S each, default 420; the UNet's tuning took
-#                                      # longer than 430 s on an H200), then a bench row loading
-#                                      # both from the cache (AT_ARGS: the rewrites, default both,
-#                                      # interleave form)
+#   experiments/gpu_runs.sh autotune   # compile at AT_BUCKET (default 4) with GEMM/conv
+#                                      # autotuning for the AT_STAGES (default unet;
+#                                      # "unet,vae_decode" tunes both), UNet and VAE built in two
+#                                      # processes at once (AT_BUILD_S each, default 420), then a
+#                                      # bench row loading both from the cache (AT_ARGS: the
+#                                      # rewrites, default both, interleave form); inductor's
+#                                      # tuning record goes to $OUT/autotune_cache.tgz and is
+#                                      # seeded from AT_SEED (default .carry/autotune_cache.tgz)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -94,19 +95,39 @@ bench_aoti() {
 
 case "${1:-}" in
 autotune)
-  # compile with max-autotune (inductor times Triton templates against cuDNN/cuBLAS) for
-  # AT_STAGES at AT_BUCKET: the UNet and the VAE decoder built in two processes at once (the
-  # engine cache keeps each stage's artifacts), then one bench process that loads both
+  # compile with inductor's GEMM/convolution autotuning (Triton templates timed against
+  # cuDNN/cuBLAS; no coordinate descent) for AT_STAGES at AT_BUCKET: the UNet and the VAE
+  # decoder built in two processes at once (the engine cache keeps each stage's artifacts), then
+  # one bench process that loads both, when both built. Inductor's own record of tuned
+  # operations (a small JSON it rewrites after each one) is seeded from AT_SEED when that file
+  # exists and saved to $OUT/autotune_cache.tgz, so a build cut short can go on in a later call.
   b=${AT_BUCKET:-4}
   read -r -a more <<< "${AT_ARGS---phase-upsample --channels-last-norm}"
   opts=(--engine compile --dtype fp16 --autotune-stages "${AT_STAGES:-unet}" --compile-freezing
         --compile-graph-capture manual "${more[@]}")
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}
+  seed=${AT_SEED:-.carry/autotune_cache.tgz}
+  if [ -f "$seed" ]; then
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$seed" -C "$TORCHINDUCTOR_CACHE_DIR"
+    echo "autotune: seeded from $seed"
+  fi
+  pids=()
   for st in unet vae_decode; do
     ( time timeout "${AT_BUILD_S:-420}" "$PY" -m musetalk_rt engines build "${opts[@]}" \
         --batch-sizes "$b" --stages "$st" "${SYN[@]}" ) > "$L/build_at_b${b}_$st.txt" 2>&1 &
+    pids+=($!)
   done
-  wait
+  built=1
+  for p in "${pids[@]}"; do wait "$p" || built=0; done
   tail -n 6 "$L"/build_at_b"$b"_*.txt
+  for st in unet vae_decode; do
+    echo "$st: $(grep -c '^AUTOTUNE ' "$L/build_at_b${b}_$st.txt") operations tuned"
+  done
+  if [ -d "$TORCHINDUCTOR_CACHE_DIR/cache" ]; then
+    tar czf "$OUT/autotune_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" cache
+  fi
+  du -sh "$TORCHINDUCTOR_CACHE_DIR" ~/.triton/cache 2>/dev/null
+  [ "$built" = 1 ] || { echo "autotune: a build did not finish; no bench" >&2; exit 3; }
   timeout "$(left 590)" "$PY" -m musetalk_rt bench "${opts[@]}" --batch-sizes "$b" --iters 100 \
     "${SYN[@]}" --out "$R" > "$L/bench_at_b$b.txt" 2>&1
   tail -n 5 "$L/bench_at_b$b.txt"

@@ -167,10 +167,12 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--autotune-stages",
         metavar="STAGES",
-        help="compile and aoti: max-autotune for these stages only, comma-separated from unet, "
-        "vae_decode (e.g. unet: Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small "
-        "convolutions at batch 4 on an H200, not on the VAE's; each tuned stage adds many "
-        "minutes to its build, which the engine cache keeps)",
+        help="compile and aoti: autotune the matmuls and convolutions of these stages only, "
+        "comma-separated from unet, vae_decode (compile: inductor's max_autotune_gemm, without "
+        "the coordinate-descent tuning that --compile-mode max-autotune adds; aoti: its "
+        "max-autotune). E.g. unet: Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small "
+        "convolutions at batch 4 on an H200, not on the VAE's; each tuned stage adds minutes "
+        "to its build, which the engine cache keeps",
     )
     g.add_argument(
         "--aoti-cuda-graphs",

@@ -232,19 +232,38 @@ def test_autotune_stages_tune_only_the_named_stage(tiny_models):
     assert engine.cache_options()["autotune_stages"] == ["unet"]  # in the bench row
     ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
     u, v = _stages(tiny_models, engine, torch.float32, [2])
-    assert "mode=max-autotune" in u.runner.report.reason
-    assert "mode=default" in v.runner.report.reason
+    assert engine.for_stage("unet").gemm_autotune
+    assert not engine.for_stage("vae_decode").gemm_autotune
+    assert "autotuning" not in u.runner.report.reason  # aot_eager: inductor's option only
     res = check_parity(ref_u.run, ref_v.run, u.run, v.run, 2, CPU)
     assert res.passed and res.latent_rel_err < 1e-4, res
     # each stage's cache key is the key of the engine it was built as: a UNet tuned this way
-    # is the UNet of --compile-mode max-autotune, the VAE the plain one
-    tuned = get_engine("compile", backend="aot_eager", mode="max-autotune")
+    # is the UNet of an engine with gemm_autotune, the VAE the plain one
+    tuned = get_engine("compile", backend="aot_eager", gemm_autotune=True)
     plain = get_engine("compile", backend="aot_eager")
     fp = "synthetic-test"
     key_u, key_v = u.cache_key([2], fp), v.cache_key([2], fp)
     assert key_u == UNetStage(tiny_models.unet, tuned, torch.float32, CPU).cache_key([2], fp)
+    assert key_u != UNetStage(tiny_models.unet, plain, torch.float32, CPU).cache_key([2], fp)
     assert key_v == VaeDecodeStage(tiny_models.vae, plain, torch.float32, CPU).cache_key([2], fp)
     assert engine.autotune_stages == ("unet",)  # the caller's engine is not changed
+
+
+def test_gemm_autotune_keeps_the_mode_and_adds_no_coordinate_descent():
+    from musetalk_rt.engines.compile import compile_args
+
+    # torch.compile takes a mode or options: the mode's own options stay, the GEMM tuning is
+    # added, and nothing turns coordinate descent on (mode max-autotune would)
+    assert compile_args("reduce-overhead", max_autotune_gemm=True) == (
+        None,
+        {"triton.cudagraphs": True, "max_autotune_gemm": True},
+    )
+    mode, opts = compile_args(None, max_autotune_gemm=True)
+    assert mode is None and opts == {"max_autotune_gemm": True}
+    assert "coordinate_descent_tuning" not in opts
+    torch.compile(torch.nn.Identity(), mode=mode, options=opts)  # inductor knows every option
+    with pytest.raises(UserError, match="unknown compile mode 'fast'; choose one of"):
+        compile_args("fast", max_autotune_gemm=True)
 
 
 def test_autotune_stages_per_stage_for_aoti():

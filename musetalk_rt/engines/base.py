@@ -45,7 +45,7 @@ def check_autotune_stages(
         raise UserError(f"--autotune-stages: unknown stage {unknown[0]!r}; choose from {choose}")
     if names and tuned_everywhere:
         raise UserError(
-            "--autotune-stages gives max-autotune to the stages it names; drop "
+            "--autotune-stages tunes the stages it names; drop "
             f"{tuned_everywhere}, or drop --autotune-stages to tune every stage"
         )
     return tuple(sorted(set(names)))

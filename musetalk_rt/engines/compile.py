@@ -46,6 +46,22 @@ from musetalk_rt.errors import UserError
 GRAPH_CAPTURES = ("trees", "manual")
 
 
+def compile_args(mode: str | None, **options) -> tuple[None, dict]:
+    """``torch.compile``'s (mode, options) for ``mode`` with inductor ``options`` on top.
+
+    ``torch.compile`` takes a mode or options, not both: the mode becomes its options.
+
+    Raises:
+        UserError: ``mode`` is not one of inductor's modes.
+    """
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if (mode or "default") not in modes:
+        raise UserError(f"unknown compile mode {mode!r}; choose one of {', '.join(modes)}")
+    return None, {**modes[mode or "default"], **options}
+
+
 def _clone(out):
     """Clone a tensor or tuple of tensors (a graph's outputs are overwritten by the next replay)."""
     return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
@@ -130,10 +146,15 @@ class CompileEngine(Engine):
             conv).
         channels_last_norm: Rewrite each group norm to reduce per channel over the pixels
             (contiguous in channels-last memory), then merge into group statistics.
-        autotune_stages: Stages compiled in mode ``max-autotune`` (the others in ``mode``):
-            inductor's Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small matmuls and
+        autotune_stages: Stages built with ``gemm_autotune`` (the others without): inductor's
+            Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small matmuls and
             convolutions at batch 4, not on the VAE decoder's large convolutions, and the
             tuning costs minutes of build per stage (experiments/LOG.md, 2026-12-03).
+        gemm_autotune: Inductor's ``max_autotune_gemm``: each matmul and convolution times
+            Triton templates against cuDNN/cuBLAS and keeps the fastest. Unlike mode
+            ``max-autotune`` it leaves pointwise kernels alone and adds no coordinate-descent
+            tuning (that mode turns it on whatever ``coordinate_descent`` says), which cost
+            minutes of a UNet build without a measured gain.
     """
 
     name = "compile"
@@ -153,6 +174,7 @@ class CompileEngine(Engine):
         phase_upsample: bool | str = False,
         channels_last_norm: bool = False,
         autotune_stages: Sequence[str] | str = (),
+        gemm_autotune: bool = False,
     ):
         if graph_capture not in GRAPH_CAPTURES:
             choices = ", ".join(GRAPH_CAPTURES)
@@ -168,11 +190,12 @@ class CompileEngine(Engine):
         self.graph_capture = graph_capture
         self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
         self.channels_last_norm = channels_last_norm
+        self.gemm_autotune = gemm_autotune
         tuned_everywhere = f"--compile-mode {mode}" if (mode or "").startswith("max-") else None
         self.autotune_stages = check_autotune_stages(autotune_stages, tuned_everywhere)
 
     def for_stage(self, stage: str) -> Engine:
-        return engine_for_stage(self, stage, mode="max-autotune")
+        return engine_for_stage(self, stage, gemm_autotune=True)
 
     CACHE_FILE = "compile_cache.bin"
 
@@ -190,6 +213,8 @@ class CompileEngine(Engine):
         }
         if self.autotune_stages:  # (absent when unset: keys of engines built before stay valid)
             opts["autotune_stages"] = list(self.autotune_stages)
+        if self.gemm_autotune:  # (absent when off, as above)
+            opts["gemm_autotune"] = True
         return opts | rewrite_options(self.phase_upsample, self.channels_last_norm)
 
     def load_cache(self, folder: Path) -> bool:
@@ -253,7 +278,18 @@ class CompileEngine(Engine):
 
         inductor_config.freezing = self.freezing
         inductor_config.coordinate_descent_tuning = self.coordinate_descent
-        compiled = torch.compile(m, fullgraph=True, dynamic=False, backend=self.backend, mode=mode)
+        gemm_tuned = self.gemm_autotune and self.backend == "inductor"
+        compile_mode, options = mode, None
+        if gemm_tuned:  # the mode (for the report) becomes options
+            compile_mode, options = compile_args(mode, max_autotune_gemm=True)
+        compiled = torch.compile(
+            m,
+            fullgraph=True,
+            dynamic=False,
+            backend=self.backend,
+            mode=compile_mode,
+            options=options,
+        )
         report = EngineReport(
             self.name,
             dtype_name(dtype),
@@ -264,6 +300,7 @@ class CompileEngine(Engine):
             + (", CUDA graphs (inductor cudagraph trees)" if tree_graphs else "")
             + (", CUDA graphs (manual capture)" if manual_graphs else "")
             + (", freezing" if self.freezing else "")
+            + (", GEMM/convolution autotuning (max_autotune_gemm)" if gemm_tuned else "")
             + (f", fused qkv ({n_fused} attentions)" if self.fuse_qkv else "")
             + rewritten
             + (", cudnn.benchmark" if self.cudnn_benchmark and on_cuda else ""),
