@@ -146,10 +146,10 @@ class CompileEngine(Engine):
             conv).
         channels_last_norm: Rewrite each group norm to reduce per channel over the pixels
             (contiguous in channels-last memory), then merge into group statistics.
-        autotune_stages: Stages built with ``gemm_autotune`` (the others without): inductor's
-            Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small matmuls and
-            convolutions at batch 4, not on the VAE decoder's large convolutions, and the
-            tuning costs minutes of build per stage (experiments/LOG.md, 2026-12-03).
+        autotune_stages: Stages built with ``gemm_autotune`` (the others without). At batch 4
+            on an H200 inductor's Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small
+            matmuls and convolutions timed one by one, yet the tuned UNet ran slower (5.11
+            against 4.20 ms) after ~14 minutes of tuning (experiments/LOG.md, 2026-12-03).
         gemm_autotune: Inductor's ``max_autotune_gemm``: each matmul and convolution times
             Triton templates against cuDNN/cuBLAS and keeps the fastest. Unlike mode
             ``max-autotune`` it leaves pointwise kernels alone and adds no coordinate-descent
