@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The open GPU runs of the live (many channels) and engines (aoti, the bench rows) work, in
-# stages that each fit one 10-minute device call. Rows go to $OUT/res, logs to $OUT/logs_<stage>.tgz.
+# stages that each fit one 10-minute GPU run. Rows go to $OUT/res, logs to $OUT/logs_<stage>.tgz.
 #
 #   experiments/gpu_runs.sh channels [N]  # audio path with outputs in processes (16 channels),
 #                                      # then the 5-minute live probe at N channels (default 12:
