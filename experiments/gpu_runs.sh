@@ -24,7 +24,9 @@
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
 #                                      # without graphs at each of KERNEL_COMPILE (default "4 32",
 #                                      # one process each; KERNEL_ARGS more engine options, e.g.
-#                                      # --phase-upsample), built at once, profiled in turns
+#                                      # --phase-upsample; KERNEL_ARGS2 a second set beside it,
+#                                      # KERNEL_EAGER= none; KERNEL_TIMEOUT_S each, default 560),
+#                                      # built at once, profiled in turns
 #   experiments/gpu_runs.sh rewrites   # compile rows (manual capture) per RW_JOBS item
 #                                      # (BUCKET:OPTIONS; default B4 and B32 with no rewrite,
 #                                      # --phase-upsample, both rewrites), one process each, built
@@ -43,9 +45,7 @@
 #                                      # "unet,vae_decode" tunes both), UNet and VAE built in two
 #                                      # processes at once (AT_BUILD_S each, default 420), then a
 #                                      # bench row loading both from the cache (AT_ARGS: the
-#                                      # rewrites, default both, interleave form); inductor's
-#                                      # tuning record goes to $OUT/autotune_cache.tgz and is
-#                                      # seeded from AT_SEED (default .carry/autotune_cache.tgz)
+#                                      # rewrites, default both, interleave form)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -58,7 +58,9 @@
 # 5), CH_BUDGET_S (channels: the probe ends by this second of the stage, default 590), WAV
 # (default .carry/eng.wav; 60 s of speech), AOTI_ARGS (more options for every aoti build and
 # bench, e.g. "--aoti-max-autotune"), PY (default python3), OUT (default out/gpu_runs),
-# MUSETALK_RT_GIT_SHA for rows from a copy without .git, ROWS_ARGS (rows: more options for each
+# AT_SEED (every stage: inductor's tuning record to start from, default
+# .carry/autotune_cache.tgz; the record is saved as $OUT/autotune_cache.tgz), MUSETALK_RT_GIT_SHA
+# for rows from a copy without .git, ROWS_ARGS (rows: more options for each
 # compile row, e.g. "--phase-upsample transpose --channels-last-norm"), ROWS_TIMEOUT_S (rows:
 # each compile process, default 500), AOTI_BUILD_S (aoti-rows: each build, default 330; aoti-bg:
 # default 900), E2E_ARGS (e2e1: more engine options).
@@ -73,7 +75,23 @@ STAGE=${1:-none}
 L=/tmp/gpu_runs_logs/$(date +%H%M%S)_$STAGE
 mkdir -p "$R" "$L"
 SYN=(--weights synthetic --device cuda --models-dir models)
-pack() { tar czf "$OUT/logs_$STAGE.tgz" -C "$(dirname "$L")" "$(basename "$L")"; }
+# inductor's record of autotuned operations (a small JSON it rewrites after each one, keyed by
+# GPU and toolchain): seeded from AT_SEED when that file exists, saved with the logs, so that an
+# autotuned build cut short goes on where it stopped and a later one skips the tuning (a record
+# already on the host is kept)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}
+SEED=${AT_SEED:-.carry/autotune_cache.tgz}
+if [ -f "$SEED" ]; then
+  mkdir -p "$TORCHINDUCTOR_CACHE_DIR" &&
+    tar xzf "$SEED" --skip-old-files -C "$TORCHINDUCTOR_CACHE_DIR" &&
+    echo "inductor's tuning record seeded from $SEED"
+fi
+pack() {
+  tar czf "$OUT/logs_$STAGE.tgz" -C "$(dirname "$L")" "$(basename "$L")"
+  if [ -d "$TORCHINDUCTOR_CACHE_DIR/cache" ]; then
+    tar czf "$OUT/autotune_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" cache
+  fi
+}
 trap pack EXIT
 # seconds left before a deadline of this stage: left DEADLINE_S
 left() { echo $(($1 - SECONDS)); }
@@ -98,19 +116,11 @@ autotune)
   # compile with inductor's GEMM/convolution autotuning (Triton templates timed against
   # cuDNN/cuBLAS; no coordinate descent) for AT_STAGES at AT_BUCKET: the UNet and the VAE
   # decoder built in two processes at once (the engine cache keeps each stage's artifacts), then
-  # one bench process that loads both, when both built. Inductor's own record of tuned
-  # operations (a small JSON it rewrites after each one) is seeded from AT_SEED when that file
-  # exists and saved to $OUT/autotune_cache.tgz, so a build cut short can go on in a later call.
+  # one bench process that loads both, when both built (the tuning record: see AT_SEED above)
   b=${AT_BUCKET:-4}
   read -r -a more <<< "${AT_ARGS---phase-upsample --channels-last-norm}"
   opts=(--engine compile --dtype fp16 --autotune-stages "${AT_STAGES:-unet}" --compile-freezing
         --compile-graph-capture manual "${more[@]}")
-  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}
-  seed=${AT_SEED:-.carry/autotune_cache.tgz}
-  if [ -f "$seed" ]; then
-    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$seed" -C "$TORCHINDUCTOR_CACHE_DIR"
-    echo "autotune: seeded from $seed"
-  fi
   pids=()
   for st in unet vae_decode; do
     ( time timeout "${AT_BUILD_S:-420}" "$PY" -m musetalk_rt engines build "${opts[@]}" \
@@ -123,9 +133,6 @@ autotune)
   for st in unet vae_decode; do
     echo "$st: $(grep -c '^AUTOTUNE ' "$L/build_at_b${b}_$st.txt") operations tuned"
   done
-  if [ -d "$TORCHINDUCTOR_CACHE_DIR/cache" ]; then
-    tar czf "$OUT/autotune_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" cache
-  fi
   du -sh "$TORCHINDUCTOR_CACHE_DIR" ~/.triton/cache 2>/dev/null
   [ "$built" = 1 ] || { echo "autotune: a build did not finish; no bench" >&2; exit 3; }
   timeout "$(left 590)" "$PY" -m musetalk_rt bench "${opts[@]}" --batch-sizes "$b" --iters 100 \
@@ -222,15 +229,22 @@ baseline)
   ;;
 kernels)
   rm -rf /tmp/gpu_turns_k  # a warm host keeps the last call's turn marks: start clean
-  n=$((1 + $(wc -w <<< "${KERNEL_COMPILE-4 32}")))
-  turns=(--gpu-turns /tmp/gpu_turns_k --gpu-peers "$n")
-  timeout 560 "$PY" experiments/kernel_profile.py --engines eager \
-    --batch-sizes "${KERNEL_EAGER:-1,4,16,32}" --out "$R" "${turns[@]}" \
-    > "$L/kernels_eager.txt" 2>&1 &
-  for b in ${KERNEL_COMPILE-4 32}; do
-    timeout 560 "$PY" experiments/kernel_profile.py --engines compile --batch-sizes "$b" \
-      --compile-freezing ${KERNEL_ARGS:-} --out "$R" "${turns[@]}" \
-      > "$L/kernels_compile_b$b.txt" 2>&1 &
+  sets=("${KERNEL_ARGS:-}")
+  [ -n "${KERNEL_ARGS2+x}" ] && sets+=("$KERNEL_ARGS2")
+  n_compile=$(($(wc -w <<< "${KERNEL_COMPILE-4 32}") * ${#sets[@]}))
+  [ -n "${KERNEL_EAGER-1,4,16,32}" ] && n_eager=1 || n_eager=0
+  turns=(--gpu-turns /tmp/gpu_turns_k --gpu-peers "$((n_eager + n_compile))")
+  if [ "$n_eager" = 1 ]; then
+    timeout "${KERNEL_TIMEOUT_S:-560}" "$PY" experiments/kernel_profile.py --engines eager \
+      --batch-sizes "${KERNEL_EAGER-1,4,16,32}" --out "$R" "${turns[@]}" \
+      > "$L/kernels_eager.txt" 2>&1 &
+  fi
+  for i in "${!sets[@]}"; do
+    for b in ${KERNEL_COMPILE-4 32}; do
+      timeout "${KERNEL_TIMEOUT_S:-560}" "$PY" experiments/kernel_profile.py --engines compile \
+        --batch-sizes "$b" --compile-freezing ${sets[$i]} --out "$R" "${turns[@]}" \
+        > "$L/kernels_compile_b${b}_set$i.txt" 2>&1 &
+    done
   done
   wait
   echo "kernels: ${SECONDS} s"

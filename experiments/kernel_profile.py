@@ -37,14 +37,19 @@ REWRITES = ("phase_upsample", "channels_last_norm")
 
 
 def rewrite_tag(opts: dict) -> str:
-    """The rewrites on in ``opts`` for a scenario name, e.g. ``_phase_upsample_transpose``.
+    """The rewrites and tuned stages in ``opts`` for a scenario name, e.g. ``_phase_upsample``.
 
     A rewrite recorded as ``True`` (the upsampler's first form, or the norm rewrite) is its name
-    alone; another value follows it.
+    alone; another value follows it. Stages in ``autotune_stages`` end it (``_autotune_unet``).
     """
-    return "".join(
+    tag = "".join(
         f"_{k}" + ("" if opts[k] is True else f"_{opts[k]}") for k in REWRITES if opts.get(k)
     )
+    stages = opts.get("autotune_stages")
+    if stages:
+        names = stages.split(",") if isinstance(stages, str) else stages
+        tag += "_autotune_" + "+".join(sorted(n.strip() for n in names if n.strip()))
+    return tag
 
 
 def main(argv: list[str] | None = None) -> int:

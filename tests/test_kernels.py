@@ -109,3 +109,6 @@ def test_kernel_profile_script_writes_a_row_and_one_json_line(tmp_path, capsys):
     assert tag({"phase_upsample": "transpose", "channels_last_norm": True}) == (
         "_phase_upsample_transpose_channels_last_norm"
     )
+    assert tag({"phase_upsample": True, "autotune_stages": "vae_decode,unet"}) == (
+        "_phase_upsample_autotune_unet+vae_decode"
+    )
