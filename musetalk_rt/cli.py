@@ -191,7 +191,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compile-cd-tuning",
         action="store_true",
-        help="inductor coordinate-descent tuning of kernels (longer compile)",
+        help="inductor coordinate-descent tuning of kernels (longer compile; --compile-mode "
+        "max-autotune turns it on by itself)",
     )
     g.add_argument(
         "--compile-fuse-qkv",
