@@ -153,8 +153,7 @@ class CompileEngine(Engine):
         gemm_autotune: Inductor's ``max_autotune_gemm``: each matmul and convolution times
             Triton templates against cuDNN/cuBLAS and keeps the fastest. Unlike mode
             ``max-autotune`` it leaves pointwise kernels alone and adds no coordinate-descent
-            tuning (that mode turns it on whatever ``coordinate_descent`` says), which cost
-            minutes of a UNet build without a measured gain.
+            tuning (that mode turns it on whatever ``coordinate_descent`` says).
     """
 
     name = "compile"
