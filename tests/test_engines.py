@@ -266,6 +266,25 @@ def test_gemm_autotune_keeps_the_mode_and_adds_no_coordinate_descent():
         compile_args("fast", max_autotune_gemm=True)
 
 
+def test_readme_table_keeps_autotuned_rows_apart():
+    from musetalk_rt.workbench.report import config_label, perf_table
+
+    plain = {"freezing": True, "phase_upsample": True}
+    row = {"engine": "compile", "dtype": "fp16", "engine_options": plain, "batch": 4}
+    row |= {"gpu": "NVIDIA H200", "driver": "580", "quality": {"psnr_db": 57.8}}
+    tuned = dict(row, engine_options=plain | {"autotune_stages": ["unet"]}, fps=399.7, time="1")
+    assert config_label(tuned) == "compile fp16 (freezing, phase-upsample, autotune-stages=unet)"
+    both = {"autotune_stages": ["unet", "vae_decode"], "gemm_autotune": True}
+    assert config_label(dict(row, engine_options=both)).endswith(
+        "(autotune-stages=unet+vae_decode, gemm-autotune)"
+    )
+    aoti = {"engine": "aoti", "dtype": "fp16", "engine_options": {"max_autotune": True}}
+    assert config_label(aoti) == "aoti fp16 (max-autotune)"
+    # a newer untuned row does not hide the tuned one: two lines
+    table = perf_table([tuned, dict(row, fps=438.2, time="2")])
+    assert "| 399.7 |" in table and "| 438.2 |" in table
+
+
 def test_autotune_stages_per_stage_for_aoti():
     engine = get_engine("aoti", autotune_stages="vae_decode, vae_decode")
     assert engine.autotune_stages == ("vae_decode",)

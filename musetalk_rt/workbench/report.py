@@ -26,7 +26,20 @@ DEFAULT_OPTIONS = {
     "phase_upsample": False,  # engine rewrites (recorded only when on)
     "channels_last_norm": False,
     "rewrites_version": None,  # rows of the rewrites' first version did not record it
+    "autotune_stages": None,  # autotuning (recorded only when on)
+    "gemm_autotune": False,
+    "max_autotune": False,
 }
+
+
+def _option(name: str, value) -> str:
+    """One engine option for a label: ``name`` alone when True, else ``name=value``."""
+    name = name.replace("_", "-")
+    if value is True:
+        return name
+    if isinstance(value, list | tuple):
+        value = "+".join(str(v) for v in value)
+    return f"{name}={value}"
 
 
 def config_label(row: dict) -> str:
@@ -36,9 +49,7 @@ def config_label(row: dict) -> str:
         return f"{row['engine']} {row['dtype']} (options not recorded)"
     opts = opts or {}
     extra = [
-        k.replace("_", "-") if v is True else f"{k.replace('_', '-')}={v}"
-        for k, v in opts.items()
-        if k in DEFAULT_OPTIONS and v != DEFAULT_OPTIONS[k]
+        _option(k, v) for k, v in opts.items() if k in DEFAULT_OPTIONS and v != DEFAULT_OPTIONS[k]
     ]
     if "fused" in str(row.get("stages", "")):
         extra.append("fused stages")
