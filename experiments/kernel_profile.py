@@ -29,6 +29,7 @@ from pathlib import Path
 
 from musetalk_rt.bench import GpuTurns, environment, write_rows
 from musetalk_rt.cli import _add_compile_options, _engine_options
+from musetalk_rt.engines.base import check_autotune_stages
 from musetalk_rt.weights import load_models
 from musetalk_rt.workbench.kernels import format_breakdown, kernel_breakdown
 from musetalk_rt.workbench.profile import make_generator
@@ -45,11 +46,8 @@ def rewrite_tag(opts: dict) -> str:
     tag = "".join(
         f"_{k}" + ("" if opts[k] is True else f"_{opts[k]}") for k in REWRITES if opts.get(k)
     )
-    stages = opts.get("autotune_stages")
-    if stages:
-        names = stages.split(",") if isinstance(stages, str) else stages
-        tag += "_autotune_" + "+".join(sorted(n.strip() for n in names if n.strip()))
-    return tag
+    stages = check_autotune_stages(opts.get("autotune_stages") or ())
+    return tag + ("_autotune_" + "+".join(stages) if stages else "")
 
 
 def main(argv: list[str] | None = None) -> int:
