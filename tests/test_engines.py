@@ -250,20 +250,20 @@ def test_autotune_stages_tune_only_the_named_stage(tiny_models):
 
 
 def test_gemm_autotune_keeps_the_mode_and_adds_no_coordinate_descent():
-    from musetalk_rt.engines.compile import compile_args
+    from musetalk_rt.engines.compile import mode_options
 
     # torch.compile takes a mode or options: the mode's own options stay, the GEMM tuning is
     # added, and nothing turns coordinate descent on (mode max-autotune would)
-    assert compile_args("reduce-overhead", max_autotune_gemm=True) == (
-        None,
-        {"triton.cudagraphs": True, "max_autotune_gemm": True},
-    )
-    mode, opts = compile_args(None, max_autotune_gemm=True)
-    assert mode is None and opts == {"max_autotune_gemm": True}
+    assert mode_options("reduce-overhead", max_autotune_gemm=True) == {
+        "triton.cudagraphs": True,
+        "max_autotune_gemm": True,
+    }
+    opts = mode_options(None, max_autotune_gemm=True)
+    assert opts == {"max_autotune_gemm": True}
     assert "coordinate_descent_tuning" not in opts
-    torch.compile(torch.nn.Identity(), mode=mode, options=opts)  # inductor knows every option
+    torch.compile(torch.nn.Identity(), options=opts)  # inductor knows every option
     with pytest.raises(UserError, match="unknown compile mode 'fast'; choose one of"):
-        compile_args("fast", max_autotune_gemm=True)
+        mode_options("fast", max_autotune_gemm=True)
 
 
 def test_readme_table_keeps_autotuned_rows_apart():

@@ -46,10 +46,10 @@ from musetalk_rt.errors import UserError
 GRAPH_CAPTURES = ("trees", "manual")
 
 
-def compile_args(mode: str | None, **options) -> tuple[None, dict]:
-    """``torch.compile``'s (mode, options) for ``mode`` with inductor ``options`` on top.
+def mode_options(mode: str | None, **options) -> dict:
+    """Inductor's options of ``mode`` with ``options`` on top.
 
-    ``torch.compile`` takes a mode or options, not both: the mode becomes its options.
+    ``torch.compile`` takes a mode or options, not both: pass these as options, without a mode.
 
     Raises:
         UserError: ``mode`` is not one of inductor's modes.
@@ -59,7 +59,7 @@ def compile_args(mode: str | None, **options) -> tuple[None, dict]:
     modes = list_mode_options()
     if (mode or "default") not in modes:
         raise UserError(f"unknown compile mode {mode!r}; choose one of {', '.join(modes)}")
-    return None, {**modes[mode or "default"], **options}
+    return {**modes[mode or "default"], **options}
 
 
 def _clone(out):
@@ -278,15 +278,14 @@ class CompileEngine(Engine):
         inductor_config.freezing = self.freezing
         inductor_config.coordinate_descent_tuning = self.coordinate_descent
         gemm_tuned = self.gemm_autotune and self.backend == "inductor"
-        compile_mode, options = mode, None
-        if gemm_tuned:  # the mode (for the report) becomes options
-            compile_mode, options = compile_args(mode, max_autotune_gemm=True)
+        # tuned: the mode (still named in the report) becomes options
+        options = mode_options(mode, max_autotune_gemm=True) if gemm_tuned else None
         compiled = torch.compile(
             m,
             fullgraph=True,
             dynamic=False,
             backend=self.backend,
-            mode=compile_mode,
+            mode=mode if options is None else None,
             options=options,
         )
         report = EngineReport(
