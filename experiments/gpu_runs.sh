@@ -232,11 +232,12 @@ kernels)
   sets=("${KERNEL_ARGS:-}")
   [ -n "${KERNEL_ARGS2+x}" ] && sets+=("$KERNEL_ARGS2")
   n_compile=$(($(wc -w <<< "${KERNEL_COMPILE-4 32}") * ${#sets[@]}))
-  [ -n "${KERNEL_EAGER-1,4,16,32}" ] && n_eager=1 || n_eager=0
+  eager=${KERNEL_EAGER-1,4,16,32}  # set empty: no eager profile
+  [ -n "$eager" ] && n_eager=1 || n_eager=0
   turns=(--gpu-turns /tmp/gpu_turns_k --gpu-peers "$((n_eager + n_compile))")
   if [ "$n_eager" = 1 ]; then
     timeout "${KERNEL_TIMEOUT_S:-560}" "$PY" experiments/kernel_profile.py --engines eager \
-      --batch-sizes "${KERNEL_EAGER-1,4,16,32}" --out "$R" "${turns[@]}" \
+      --batch-sizes "$eager" --out "$R" "${turns[@]}" \
       > "$L/kernels_eager.txt" 2>&1 &
   fi
   for i in "${!sets[@]}"; do
