@@ -142,6 +142,7 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
     assert row["unet_p50_ms"] is None and row["vae_decode_p50_ms"] is None
     assert row["quality"]["passed"] and row["quality"]["latent_rel_err"] < 1e-4
     assert row["engine_options"]["fuse_qkv"] and row["gpu_p50_ms"] is None
+    assert "overlap_fps" not in row  # stages overlapped: CUDA and separate stages only
     assert row["gpu_turns"] == {"peers": 2, "ready_peers": 1}
     assert "compile-fp32-b2" in table(rows)
 
