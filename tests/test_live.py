@@ -734,7 +734,8 @@ def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
     now = 1000.0
     jobs = [(now + 0.2, 0, 1), (now + 0.3, 0, 2)]
     assert not worker._can_wait(jobs, now)  # no batch measured yet
-    worker._batch_s.extend([0.05, 0.08, 0.06])  # the slowest counts: 80 ms
+    for s in (0.05, 0.08, 0.06):  # the slowest counts: 80 ms
+        worker._note_batch(2, s)
     worker._blend_s.extend([0.01, 0.01])
     assert worker._can_wait(jobs, now)  # 200 ms left > 80 + 10 + 20 ms
     assert not worker._can_wait(jobs, now + 0.095)  # 105 ms left: launch now
@@ -742,6 +743,37 @@ def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
     assert not worker._can_wait(full, now)  # a full bucket never waits
     worker.fill = False
     assert not worker._can_wait(jobs, now)
+    worker.stop()
+
+
+def test_a_filling_batch_counts_the_largest_buckets_time_not_only_a_smaller_ones():
+    """A partial batch may grow into the largest bucket while it waits, so the fill wait counts
+    that bucket's time: the start-up measurement until a batch of it has been collected, and no
+    wait at all with neither. (On an H200 at 20 channels a batch of 29 waited on the figure of
+    one batch of bucket 16, 34 ms, then took bucket 32's 56 ms: a frame late.)"""
+    from types import SimpleNamespace
+
+    import torch
+
+    from musetalk_rt.live.worker import GpuWorker
+
+    gen = SimpleNamespace(batch_sizes=[32, 16], device=torch.device("cpu"))
+    now = 1000.0
+    jobs = [(now + 0.07, 0, m) for m in range(29)]  # 70 ms before the earliest deadline
+    bare = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1, fill=True, fill_guard_s=0.02)
+    bare._note_batch(1, 0.034)  # bucket 16 only
+    assert not bare._can_wait(jobs, now)  # bucket 32 never measured: no waiting on a guess
+    assert not bare._can_wait(jobs, now - 1.0)
+    bare.stop()
+    worker = GpuWorker(
+        gen, [], horizon_s=1.0, blend_threads=1, fill=True, fill_guard_s=0.02, full_batch_s=0.055
+    )
+    worker._note_batch(1, 0.034)
+    assert not worker._can_wait(jobs, now)  # 70 ms < 55 + 20 ms: launch now
+    assert worker._can_wait(jobs, now - 0.01)  # 80 ms left: may wait
+    worker._note_batch(17, 0.065)  # bucket 32 measured: its figure replaces the start-up one
+    assert not worker._can_wait(jobs, now - 0.01)  # 80 ms < 65 + 20 ms
+    assert worker._can_wait(jobs, now - 0.03)  # 100 ms left
     worker.stop()
 
 

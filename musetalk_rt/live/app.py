@@ -528,6 +528,7 @@ def run(args) -> int:
         shed=not args.no_load_shedding,
         fill=False if args.no_batch_fill else None,
         frame_log=frame_log,
+        full_batch_s=compute_s,
     )
     sinks = {ch.name: ch for ch in channels}
     speech_sinks = []

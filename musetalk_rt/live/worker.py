@@ -36,7 +36,12 @@ every frame (experiments/LOG.md). ``shed=False`` turns it off (``--no-load-shedd
 Filling batches (on CUDA): a batch costs the same GPU time however few frames it carries (it is
 padded to its bucket), so a partial batch waits for more frames while its earliest deadline
 allows — while that deadline is further away than the slowest of the last batches'
-launch-to-faces times plus a blend plus ``fill_guard_s``. On an H200 at 12 channels the worker
+launch-to-faces times plus a blend plus ``fill_guard_s``. A waiting batch may grow into the
+largest bucket, so that bucket's time always counts: its last batches', or before one has been
+collected the start-up measurement (``full_batch_s``); with neither, a partial batch does not
+wait. (On an H200 at 20 channels the only late frame of 5 minutes came from the second batch of
+the run: the one batch measured so far was of bucket 16, 34 ms, and a batch of 29 frames waited
+until 55 ms before its deadline, then took bucket 32's 56 ms.) On an H200 at 12 channels the worker
 launched whatever was due as soon as it could: 11.4 frames per batch of 16 on average, one batch
 per 54 ms, the GPU busy with padding while the whisper calls waited beside it. Frames are shown
 at their deadline either way, so waiting costs no latency. ``fill=False`` turns it off
@@ -81,6 +86,8 @@ class GpuWorker:
             the GPU is done; on the CPU a launch computes the batch, so overlapping would only
             hold back the finished one's blends).
         frame_log: A :class:`~.framelog.FrameLog` that gets a ``batch`` record per batch.
+        full_batch_s: Launch-to-faces seconds of a batch of the largest bucket measured at
+            start-up: what a filling batch may cost until such a batch has been collected.
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class GpuWorker:
         fill: bool | None = None,
         fill_guard_s: float = 0.02,
         frame_log=None,
+        full_batch_s: float | None = None,
     ):
         self.gen = generator
         self.channels = channels
@@ -117,6 +125,11 @@ class GpuWorker:
         self.blend_wait_s = 0.0  # time blocked on the blend backpressure
         self.shed = shed
         self._batch_s: deque[float] = deque(maxlen=8)  # launch -> faces on the host, seconds
+        # the same for batches of the largest bucket only (more frames than the next bucket)
+        buckets = sorted(generator.batch_sizes)
+        self._full_from = buckets[-2] + 1 if len(buckets) > 1 else 1
+        self._full_s: deque[float] = deque(maxlen=8)
+        self.full_batch_s = full_batch_s
         self._blend_s: deque[float] = deque(maxlen=32)  # one blend, seconds
         # every avatar's reference latents in one device tensor (an avatar shared by channels
         # once): a batch gathers its rows in one call, not one indexing call per frame
@@ -188,10 +201,19 @@ class GpuWorker:
 
     def _can_wait(self, jobs: list, now: float) -> bool:
         """Whether a partial batch may wait for more frames (see the module docstring)."""
-        if not self.fill or not jobs or len(jobs) >= self.max_batch or not self._batch_s:
+        if not self.fill or not jobs or len(jobs) >= self.max_batch:
             return False
-        need_s = max(self._batch_s) + self._blend_median_s() + self.fill_guard_s
+        full = self._full_s or ([self.full_batch_s] if self.full_batch_s else [])
+        if not full:  # the bucket a waiting batch may grow into has no figure yet
+            return False
+        need_s = max([*self._batch_s, *full]) + self._blend_median_s() + self.fill_guard_s
         return jobs[0][0] - now > need_s
+
+    def _note_batch(self, frames: int, seconds: float) -> None:
+        """Record one collected batch's launch-to-faces time (``frames``: its frame count)."""
+        self._batch_s.append(seconds)
+        if frames >= self._full_from:
+            self._full_s.append(seconds)
 
     def _due(self, now: float) -> list:
         jobs = [
@@ -300,7 +322,7 @@ class GpuWorker:
             time.sleep(0.05)
             return
         faces_t = time.monotonic()
-        self._batch_s.append(faces_t - t0)
+        self._note_batch(len(work), faces_t - t0)
         if launched.events is not None:
             start, end = launched.events
             end.synchronize()  # recorded right after the copy that finish() waited for
