@@ -748,9 +748,9 @@ def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
 
 def test_a_filling_batch_counts_the_largest_buckets_time_not_only_a_smaller_ones():
     """A partial batch may grow into the largest bucket while it waits, so the fill wait counts
-    that bucket's time: the start-up measurement until a batch of it has been collected, and no
-    wait at all with neither. (On an H200 at 20 channels a batch of 29 waited on the figure of
-    one batch of bucket 16, 34 ms, then took bucket 32's 56 ms: a frame late.)"""
+    that bucket's time: twice the start-up measurement (taken on an idle GPU) until a batch of it
+    has been collected, and no wait at all with neither. (On an H200 at 20 channels a batch of
+    29 waited on the figure of one batch of bucket 16, 34 ms, then took bucket 32's 56 ms.)"""
     from types import SimpleNamespace
 
     import torch
@@ -769,8 +769,8 @@ def test_a_filling_batch_counts_the_largest_buckets_time_not_only_a_smaller_ones
         gen, [], horizon_s=1.0, blend_threads=1, fill=True, fill_guard_s=0.02, full_batch_s=0.055
     )
     worker._note_batch(1, 0.034)
-    assert not worker._can_wait(jobs, now)  # 70 ms < 55 + 20 ms: launch now
-    assert worker._can_wait(jobs, now - 0.01)  # 80 ms left: may wait
+    assert not worker._can_wait(jobs, now - 0.05)  # 120 ms < 2 x 55 + 20 ms: launch now
+    assert worker._can_wait(jobs, now - 0.07)  # 140 ms left: may wait
     worker._note_batch(17, 0.065)  # bucket 32 measured: its figure replaces the start-up one
     assert not worker._can_wait(jobs, now - 0.01)  # 80 ms < 65 + 20 ms
     assert worker._can_wait(jobs, now - 0.03)  # 100 ms left

@@ -36,16 +36,20 @@ every frame (experiments/LOG.md). ``shed=False`` turns it off (``--no-load-shedd
 Filling batches (on CUDA): a batch costs the same GPU time however few frames it carries (it is
 padded to its bucket), so a partial batch waits for more frames while its earliest deadline
 allows — while that deadline is further away than the slowest of the last batches'
-launch-to-faces times plus a blend plus ``fill_guard_s``. A waiting batch may grow into the
-largest bucket, so that bucket's time always counts: its last batches', or before one has been
-collected the start-up measurement (``full_batch_s``); with neither, a partial batch does not
-wait. (On an H200 at 20 channels the only late frame of 5 minutes came from the second batch of
-the run: the one batch measured so far was of bucket 16, 34 ms, and a batch of 29 frames waited
-until 55 ms before its deadline, then took bucket 32's 56 ms.) On an H200 at 12 channels the worker
+launch-to-faces times plus a blend plus ``fill_guard_s``. On an H200 at 12 channels the worker
 launched whatever was due as soon as it could: 11.4 frames per batch of 16 on average, one batch
 per 54 ms, the GPU busy with padding while the whisper calls waited beside it. Frames are shown
 at their deadline either way, so waiting costs no latency. ``fill=False`` turns it off
 (``--no-batch-fill``); on the CPU it is off (a CPU batch's time grows with its frames).
+
+A waiting batch may grow into the largest bucket, so that bucket's time always counts: its last
+batches', or before one has been collected twice the start-up measurement (``full_batch_s``,
+taken on an idle GPU, while a batch launched beside another waits for it); with neither, a
+partial batch does not wait. On an H200 at 20 channels the only late frame of a 5-minute run
+came from the run's second batch: the one batch measured so far was of bucket 16 (34 ms), and a
+batch of 29 frames waited until 55 ms before its deadline, then took bucket 32's 56 ms; with the
+start-up figure counted once, the next run's first batch of bucket 32 waited until 78 ms before
+its deadline and took 82.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ class GpuWorker:
             hold back the finished one's blends).
         frame_log: A :class:`~.framelog.FrameLog` that gets a ``batch`` record per batch.
         full_batch_s: Launch-to-faces seconds of a batch of the largest bucket measured at
-            start-up: what a filling batch may cost until such a batch has been collected.
+            start-up; twice it is what a filling batch may cost until such a batch is collected.
     """
 
     def __init__(
@@ -203,7 +207,7 @@ class GpuWorker:
         """Whether a partial batch may wait for more frames (see the module docstring)."""
         if not self.fill or not jobs or len(jobs) >= self.max_batch:
             return False
-        full = self._full_s or ([self.full_batch_s] if self.full_batch_s else [])
+        full = self._full_s or ([2 * self.full_batch_s] if self.full_batch_s else [])
         if not full:  # the bucket a waiting batch may grow into has no figure yet
             return False
         need_s = max([*self._batch_s, *full]) + self._blend_median_s() + self.fill_guard_s
