@@ -76,9 +76,9 @@ L=/tmp/gpu_runs_logs/$(date +%H%M%S)_$STAGE
 mkdir -p "$R" "$L"
 SYN=(--weights synthetic --device cuda --models-dir models)
 # inductor's record of autotuned operations (a small JSON it rewrites after each one, keyed by
-# GPU and toolchain): seeded from AT_SEED when that file exists, saved with the logs, so that an
-# autotuned build cut short goes on where it stopped and a later one skips the tuning (a record
-# already on the host is kept)
+# GPU and toolchain) and its kernels' tuned launch configs: seeded from AT_SEED when that file
+# exists, saved with the logs, so that an autotuned (or coordinate-descent) build cut short goes
+# on where it stopped and a later one skips the tuning (files already on the host are kept)
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}
 SEED=${AT_SEED:-.carry/autotune_cache.tgz}
 if [ -f "$SEED" ]; then
@@ -88,9 +88,11 @@ if [ -f "$SEED" ]; then
 fi
 pack() {
   tar czf "$OUT/logs_$STAGE.tgz" -C "$(dirname "$L")" "$(basename "$L")"
-  if [ -d "$TORCHINDUCTOR_CACHE_DIR/cache" ]; then
-    tar czf "$OUT/autotune_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" cache
-  fi
+  # the record of tuned operations and every kernel's chosen launch config (`*.best_config`,
+  # beside the kernel's source, named by its hash: coordinate descent's results among them)
+  ( cd "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null &&
+    { [ -d cache ] && echo cache; find . -name '*.best_config' -printf '%P\n'; } |
+      tar czf "$OUT/autotune_cache.tgz" -T - ) || true
 }
 trap pack EXIT
 # seconds left before a deadline of this stage: left DEADLINE_S
