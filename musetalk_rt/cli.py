@@ -191,8 +191,9 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compile-cd-tuning",
         action="store_true",
-        help="inductor coordinate-descent tuning of kernels (longer compile; --compile-mode "
-        "max-autotune turns it on by itself)",
+        help="inductor coordinate-descent tuning of every generated kernel's launch config: "
+        "a first build of 6-7 min per bucket instead of 1-1.5 (H200: batch 32 "
+        "+5.7%%, batch 4 +2.3%%); --compile-mode max-autotune turns it on by itself",
     )
     g.add_argument(
         "--compile-fuse-qkv",
