@@ -9,7 +9,13 @@ with one JSON line for scripts.
 ``p50_ms`` (and ``fps``) time one step from an idle GPU: the host's work before the first kernel
 (casts, guards, graph launch) is inside it. ``gpu_p50_ms`` times the same step queued behind a
 GPU sleep, so the host has issued it before the GPU reaches it: the GPU's own time. Their
-difference is the launch latency a pipelined caller could hide.
+difference is the launch latency a pipelined caller could hide — or, for long steps, not only
+that: the sleep also lets a card that runs at its power limit cool for a moment, so each queued
+step may run at higher clocks than back to back. ``sustained_ms_per_batch`` (CUDA) times many
+steps back to back on one stream behind one sleep (the GPU never idles, the host never waits):
+the throughput a busy worker gets. ``host_issue_ms`` is the host's time to issue one such step
+(far below the GPU's time: the step is GPU-bound). ``sm_clock_mhz`` samples the SM clock after
+each timing (None without NVML).
 
 ``overlap_fps`` (CUDA, separate stages): the steady-state throughput when the UNet of batch n+1
 runs on one CUDA stream beside the VAE decode of batch n on another, queued behind a GPU sleep;
@@ -161,13 +167,44 @@ def _time_step(
     return times
 
 
+def _time_sustained(
+    step: Callable[[], None], device: torch.device, iters: int
+) -> tuple[float, float]:
+    """``iters`` steps back to back on one stream, queued behind one GPU sleep (CUDA).
+
+    Returns:
+        ``(gpu_ms_per_step, host_issue_ms_per_step)``.
+    """
+    begin = torch.cuda.Event(enable_timing=True)
+    finish = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(GPU_SLEEP_CYCLES)  # the host queues ahead of the GPU
+    begin.record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    host_ms = (time.perf_counter() - t0) * 1000.0 / iters
+    finish.record()
+    finish.synchronize()
+    return begin.elapsed_time(finish) / iters, host_ms
+
+
+def _sm_clock_mhz(device: torch.device) -> int | None:
+    """The SM clock now (NVML, through torch); None where NVML is not available."""
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # no pynvml / NVML on this host: the clock is simply not reported
+        return None
+
+
 def _measure(
     unet, vae, batch: int, device: torch.device, warmup: int, iters: int, fused=None
 ) -> tuple[dict[str, list[float]], list[float], list[float] | None, dict]:
     """Time the UNet alone, the VAE decode alone, both chained, and the chain GPU-bound (ms).
 
     With ``fused`` (a runner of both stages as one module), only the chain is timed. The last
-    item is the overlapped-stages figures (CUDA with separate stages; empty otherwise).
+    item is the CUDA-only figures: the sustained chain, the SM clocks and, with separate stages,
+    the overlapped stages (empty on other devices).
     """
     g = torch.Generator().manual_seed(batch)
     latents = torch.randn(batch, 8, 32, 32, generator=g).to(device)  # [B, 8, 32, 32]
@@ -192,11 +229,23 @@ def _measure(
         total = _time_step(chain, device, warmup, iters)
         gpu = _time_step(chain, device, 1, iters, gpu_bound=True) if device.type == "cuda" else None
         overlap = {}
+        if device.type == "cuda":
+            clocks = {"after_steps": _sm_clock_mhz(device)}
+            sustained_ms, host_ms = _time_sustained(chain, device, max(iters, 20))
+            clocks["after_sustained"] = _sm_clock_mhz(device)
+            _time_step(chain, device, 0, 3, gpu_bound=True)
+            clocks["after_gpu_bound"] = _sm_clock_mhz(device)
+            overlap = {
+                "sustained_ms_per_batch": round(sustained_ms, 3),
+                "sustained_fps": round(batch * 1000.0 / sustained_ms, 1),
+                "host_issue_ms": round(host_ms, 3),
+                "sm_clock_mhz": clocks,
+            }
         if device.type == "cuda" and fused is None:
             ms_per_batch, latencies, exact = _time_overlapped(
                 unet, vae, latents, audio, device, max(iters, 20)
             )
-            overlap = {
+            overlap |= {
                 "overlap_ms_per_batch": round(ms_per_batch, 3),
                 "overlap_fps": round(batch * 1000.0 / ms_per_batch, 1),
                 "overlap_p50_ms": round(statistics.median(latencies), 3),
@@ -464,7 +513,15 @@ def run_bench(
                 rows.append(row)
                 if on_row:
                     on_row(row)
-                both = f", stages overlapped {overlap['overlap_fps']} fps" if overlap else ""
+                both = (
+                    f", sustained {overlap['sustained_fps']} fps"
+                    if "sustained_fps" in overlap
+                    else ""
+                ) + (
+                    f", stages overlapped {overlap['overlap_fps']} fps"
+                    if "overlap_fps" in overlap
+                    else ""
+                )
                 log(
                     f"  {row['scenario']}: {row['p50_ms']} ms, {row['fps']} fps{both}, "
                     f"PSNR {quality.psnr_db} dB"

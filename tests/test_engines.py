@@ -143,6 +143,7 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
     assert row["quality"]["passed"] and row["quality"]["latent_rel_err"] < 1e-4
     assert row["engine_options"]["fuse_qkv"] and row["gpu_p50_ms"] is None
     assert "overlap_fps" not in row  # stages overlapped: CUDA and separate stages only
+    assert "sustained_fps" not in row and "sm_clock_mhz" not in row  # CUDA only
     assert row["gpu_turns"] == {"peers": 2, "ready_peers": 1}
     assert "compile-fp32-b2" in table(rows)
 
@@ -324,3 +325,12 @@ def test_bench_refuses_autotune_stages_with_fused_stages(tiny_models):
             log=lambda line: None,
             fuse_stages=True,
         )
+
+
+def test_sm_clock_is_none_where_nvml_cannot_read_it():
+    """The bench's clock sample never fails a row: without a GPU (or NVML) it is None."""
+    from musetalk_rt import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the clock is readable or not depending on NVML")
+    assert bench._sm_clock_mhz(torch.device("cpu")) is None
