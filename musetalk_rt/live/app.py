@@ -362,6 +362,7 @@ def run(args) -> int:
     from musetalk_rt.cli import _device, engines_build_command
     from musetalk_rt.live.channel import LiveChannel
     from musetalk_rt.live.framelog import FrameLog
+    from musetalk_rt.live.gcwatch import GcWatch, freeze_startup_heap
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
     from musetalk_rt.live.metrics import metrics_text
     from musetalk_rt.live.outproc import ProcessOutput
@@ -544,11 +545,20 @@ def run(args) -> int:
             f"{budget_s:.1f} s before the fallback speaks",
             flush=True,
         )
+    if not args.no_gc_freeze:  # everything built so far lives as long as the process
+        frozen, collect_ms = freeze_startup_heap()
+        print(
+            f"start-up heap: {frozen} objects frozen after one full garbage collection "
+            f"({collect_ms:.0f} ms, what each later full collection would have stopped every "
+            "thread for)",
+            flush=True,
+        )
+    gc_watch = GcWatch().start()
     wake = WakeProbe().start()
     server = IngestServer(
         sinks,
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
-        metrics=lambda: metrics_text(channels, worker, speech_sinks, wake),
+        metrics=lambda: metrics_text(channels, worker, speech_sinks, wake, gc_watch),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
     sampler = None
@@ -566,6 +576,7 @@ def run(args) -> int:
     finally:
         _shield_shutdown()
         wake.stop()
+        gc_watch.stop()
         if sampler is not None:
             sampler.stop()
             sampler.write(args.profile)
@@ -586,6 +597,7 @@ def run(args) -> int:
         "delay_ms": round(delay_s * 1000),
         **worker.stats_dict(),
         "thread_wake_delay_ms": wake.summary(),
+        "gc": gc_watch.summary(),
     }
     if speech_sinks:
         result["speech"] = [{"channel": sp.channel.name, **sp.stats_dict()} for sp in speech_sinks]
@@ -682,6 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="how long a Python thread may hold the interpreter lock while another waits "
         "(default: Python's, 5 ms; /metrics' thread_wake_delay_ms shows what waiting costs)",
+    )
+    p.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the objects built at start-up to Python's garbage collector (by default they "
+        "are frozen after one collection: a full collection walks them all, hundreds of ms with "
+        "every thread stopped; /metrics' gc_pause_ms_max shows the pauses either way)",
     )
     p.add_argument("--duration-s", type=float, help="stop after this long (dry runs, tests)")
     p.add_argument(

@@ -7,10 +7,13 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -> str:
+def metrics_text(
+    channels: list, worker, speech: list | tuple = (), wake=None, gc_watch=None
+) -> str:
     """Counters and gauges of every channel, output, the GPU worker and the Groq speech path.
 
     ``wake``: the process's :class:`~.wakeprobe.WakeProbe` (thread wake-up delay), if any.
+    ``gc_watch``: its :class:`~.gcwatch.GcWatch` (garbage-collection pauses), if any.
     """
     out: list[str] = []
 
@@ -134,6 +137,26 @@ def metrics_text(channels: list, worker, speech: list | tuple = (), wake=None) -
             "how much later than asked a sleeping Python thread runs again (interpreter lock "
             "and core contention; every thread pays it after each GPU wait or queue)",
             [({"quantile": "0.5"}, w["p50_ms"] or 0), ({"quantile": "0.99"}, w["p99_ms"] or 0)],
+        )
+    if gc_watch is not None:
+        gens = range(3)
+        metric(
+            "gc_collections_total",
+            "counter",
+            "Python garbage collections, per generation (2 = full)",
+            [({"generation": g}, gc_watch.collections[g]) for g in gens],
+        )
+        metric(
+            "gc_pause_ms_max",
+            "gauge",
+            "the longest garbage collection so far, per generation (every thread stops for it)",
+            [({"generation": g}, round(gc_watch.pause_ms_max[g], 3)) for g in gens],
+        )
+        metric(
+            "gc_frozen_objects",
+            "gauge",
+            "objects frozen after start-up (never walked by a collection)",
+            [({}, gc_watch.summary()["frozen_objects"])],
         )
     sp = [(x, x.stats_dict()) for x in speech]
     for key, text in (
