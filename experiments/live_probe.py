@@ -232,6 +232,7 @@ def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
                 "expected_ms",
                 "stage_ms",
                 "thread_wake_delay_ms",
+                "gc",
             )
         },
         "status_series": status_series(log),
@@ -278,7 +279,8 @@ def main() -> int:
             f"batches {r['gpu_batches']} (GPU busy {r.get('gpu_busy_s')} s), "
             f"window lead p05 {r['window_lead_p05_ms_min']} ms, "
             f"late windows {r['late_windows']}, thread wake-up delay "
-            f"{r['thread_wake_delay_ms']}",
+            f"{r['thread_wake_delay_ms']}, longest garbage collections "
+            f"{(r.get('gc') or {}).get('longest')}",
             flush=True,
         )
         write_rows([r], args.out, "live_probe.jsonl")  # each row as soon as it exists
