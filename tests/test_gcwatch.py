@@ -72,7 +72,11 @@ def test_metrics_expose_the_pauses_and_the_frozen_heap(unfrozen):
     finally:
         watch.stop()
     freeze_startup_heap()
-    text = metrics_text([], _idle_worker(), gc_watch=watch)
+    worker = _idle_worker()
+    try:
+        text = metrics_text([], worker, gc_watch=watch)
+    finally:
+        worker.stop()
     assert 'musetalk_gc_collections_total{generation="2"}' in text
     assert 'musetalk_gc_pause_ms_max{generation="0"}' in text
     line = next(ln for ln in text.splitlines() if ln.startswith("musetalk_gc_frozen_objects"))
@@ -89,3 +93,34 @@ def _idle_worker():
 
     gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))
     return GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
+
+
+def test_status_line_names_full_collections_since_the_last_line():
+    from types import SimpleNamespace
+
+    from musetalk_rt.live.app import status_line
+
+    stats = {
+        "late_frames": 0,
+        "speech_frames": 10,
+        "late_windows": 0,
+        "skipped_windows": 0,
+        "audio_errors": 0,
+        "voice_to_frame_p95_ms": None,
+        "window_lead_p05_ms": None,
+    }
+    ch = SimpleNamespace(stats=SimpleNamespace(as_dict=lambda: stats), outputs=[], delay_s=0.2)
+    worker = _idle_worker()
+    watch = GcWatch().start()
+    try:
+        line, snap = status_line([ch], worker, None, 2.0, watch)
+        before = watch.collections[2]
+        gc.collect(2)
+        line, _ = status_line([ch], worker, snap, 2.0, watch)
+    finally:
+        watch.stop()
+        worker.stop()
+    n = watch.collections[2] - before
+    assert n >= 1 and f", full garbage collections {n} (longest so far " in line
+    quiet, _ = status_line([ch], worker, None, 2.0)  # no watch: nothing said
+    assert "garbage" not in quiet

@@ -185,7 +185,9 @@ def derive_delay_s(
     return lookahead_s + 0.02 + canvas_s + 2 * compute_s + margin_s + extra_s
 
 
-def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> tuple[str, dict]:
+def status_line(
+    channels: list, worker, prev: dict | None, elapsed_s: float, gc_watch=None
+) -> tuple[str, dict]:
     """One line on how the show goes since the last one, for the crew's terminal and the logs.
 
     It tells apart where late frames come from: the GPU (frames skipped, or not back in time)
@@ -198,6 +200,8 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         worker: The GPU worker.
         prev: The snapshot the last line returned (None for the first).
         elapsed_s: Seconds since that snapshot (or since the start).
+        gc_watch: The process's :class:`~.gcwatch.GcWatch`: full garbage collections since the
+            last line are named (every thread stopped for them).
 
     Returns:
         The line and the snapshot to pass next time.
@@ -215,6 +219,7 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         "audio_errors": sum(s["audio_errors"] for s in st),
         "idle_s": worker.idle_s,
         "gpu_busy_s": worker.gpu_busy_s,
+        "gc_full": gc_watch.collections[2] if gc_watch is not None else 0,
     }
     d = {k: v - (prev or {}).get(k, 0) for k, v in snap.items()}
     p95 = [s["voice_to_frame_p95_ms"] for s in st if s["voice_to_frame_p95_ms"] is not None]
@@ -237,6 +242,12 @@ def status_line(channels: list, worker, prev: dict | None, elapsed_s: float) -> 
         + (f", GPU busy {d['gpu_busy_s'] / max(elapsed_s, 1e-9):.0%}" if d["gpu_busy_s"] else "")
         + (f", voice-to-frame p95 {max(p95):.0f} ms" if p95 else "")
         + (f", outputs down {outs_down}" if outs_down else "")
+        + (
+            f", full garbage collections {d['gc_full']} (longest so far "
+            f"{gc_watch.pause_ms_max[2]:.0f} ms)"
+            if d["gc_full"]
+            else ""
+        )
         + (delay_hint(channels, worker, st) if d["late"] else "")
     )
     return line, snap
@@ -271,18 +282,23 @@ def delay_hint(channels: list, worker, stats: list[dict]) -> str:
     )
 
 
-async def _report_status(channels, worker, interval_s: float) -> None:
+async def _report_status(channels, worker, interval_s: float, gc_watch=None) -> None:
     prev, t = None, time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()
-        line, prev = status_line(channels, worker, prev, now - t)
+        line, prev = status_line(channels, worker, prev, now - t, gc_watch)
         t = now
         log.info("%s", line)
 
 
 async def _serve(
-    server, channels, worker, duration_s: float | None, status_interval_s: float = 0
+    server,
+    channels,
+    worker,
+    duration_s: float | None,
+    status_interval_s: float = 0,
+    gc_watch=None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -302,7 +318,7 @@ async def _serve(
         flush=True,
     )
     status = (
-        asyncio.create_task(_report_status(channels, worker, status_interval_s))
+        asyncio.create_task(_report_status(channels, worker, status_interval_s, gc_watch))
         if status_interval_s > 0
         else None
     )
@@ -572,7 +588,9 @@ def run(args) -> int:
         sp.start()
     worker.start()
     try:
-        asyncio.run(_serve(server, channels, worker, args.duration_s, args.status_interval_s))
+        asyncio.run(
+            _serve(server, channels, worker, args.duration_s, args.status_interval_s, gc_watch)
+        )
     finally:
         _shield_shutdown()
         wake.stop()
