@@ -12,10 +12,12 @@ GPU sleep, so the host has issued it before the GPU reaches it: the GPU's own ti
 difference is the launch latency a pipelined caller could hide — or, for long steps, not only
 that: the sleep also lets a card that runs at its power limit cool for a moment, so each queued
 step may run at higher clocks than back to back. ``sustained_ms_per_batch`` (CUDA) times many
-steps back to back on one stream behind one sleep (the GPU never idles, the host never waits):
-the throughput a busy worker gets. ``host_issue_ms`` is the host's time to issue one such step
-(far below the GPU's time: the step is GPU-bound). ``sm_clock_mhz`` samples the SM clock after
-each timing (None without NVML).
+steps back to back on one stream behind one sleep (the GPU never idles between steps): the
+model half's own throughput under continuous load (a live worker adds the copy to the host and
+the blend). ``host_issue_ms`` is the host's time to issue one such step; when it is not far below
+the GPU's time, the host is the limit. ``sm_clock_mhz`` samples the SM clock (NVML, else
+``nvidia-smi``; None without either) while such a queue runs — back to back, and each step
+behind its own sleep as ``gpu_p50_ms`` runs them — and with the GPU idle.
 
 ``overlap_fps`` (CUDA, separate stages): the steady-state throughput when the UNet of batch n+1
 runs on one CUDA stream beside the VAE decode of batch n on another, queued behind a GPU sleep;
@@ -37,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -167,33 +170,70 @@ def _time_step(
     return times
 
 
-def _time_sustained(
-    step: Callable[[], None], device: torch.device, iters: int
-) -> tuple[float, float]:
-    """``iters`` steps back to back on one stream, queued behind one GPU sleep (CUDA).
+def _time_queued(
+    step: Callable[[], None], device: torch.device, iters: int, sleep_each: bool = False
+) -> tuple[float, float, int | None]:
+    """``iters`` steps queued on one stream behind a GPU sleep (CUDA), the clock read meanwhile.
+
+    Args:
+        step: One step.
+        device: The CUDA device.
+        iters: Steps queued.
+        sleep_each: Each step behind its own sleep (as ``gpu_p50_ms`` runs them), else back
+            to back behind one.
 
     Returns:
-        ``(gpu_ms_per_step, host_issue_ms_per_step)``.
+        ``(gpu_ms_per_step, host_issue_ms_per_step, sm_clock_mhz)``: back to back, the span
+        from the first step's start to the last one's end over ``iters``; each behind a sleep,
+        the median step. The clock is read after the host has queued every step, while the GPU
+        works through them.
     """
-    begin = torch.cuda.Event(enable_timing=True)
-    finish = torch.cuda.Event(enable_timing=True)
+
+    def ev() -> torch.cuda.Event:
+        return torch.cuda.Event(enable_timing=True)
+
+    marks = [(ev(), ev()) for _ in range(iters)]
     torch.cuda.synchronize(device)
     torch.cuda._sleep(GPU_SLEEP_CYCLES)  # the host queues ahead of the GPU
-    begin.record()
     t0 = time.perf_counter()
-    for _ in range(iters):
+    for start, end in marks:
+        if sleep_each:
+            torch.cuda._sleep(GPU_SLEEP_CYCLES)
+        start.record()
         step()
+        end.record()
     host_ms = (time.perf_counter() - t0) * 1000.0 / iters
-    finish.record()
-    finish.synchronize()
-    return begin.elapsed_time(finish) / iters, host_ms
+    clock = _sm_clock_mhz(device)
+    marks[-1][1].synchronize()
+    if sleep_each:
+        gpu_ms = statistics.median(a.elapsed_time(b) for a, b in marks)
+    else:
+        gpu_ms = marks[0][0].elapsed_time(marks[-1][1]) / iters
+    return gpu_ms, host_ms, clock
 
 
 def _sm_clock_mhz(device: torch.device) -> int | None:
-    """The SM clock now (NVML, through torch); None where NVML is not available."""
+    """The card's SM clock now (MHz): NVML through torch, else ``nvidia-smi``; None without."""
     try:
         return int(torch.cuda.clock_rate(device))
-    except Exception:  # no pynvml / NVML on this host: the clock is simply not reported
+    except Exception:  # torch reads NVML through the optional pynvml: try the tool instead
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    index = device.index if device.index is not None else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
+    if index < len(visible) and visible[index].isdigit():
+        index = int(visible[index])  # nvidia-smi counts the host's cards, not the visible ones
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", str(index)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return int(out.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 
 
@@ -230,11 +270,14 @@ def _measure(
         gpu = _time_step(chain, device, 1, iters, gpu_bound=True) if device.type == "cuda" else None
         overlap = {}
         if device.type == "cuda":
-            clocks = {"after_steps": _sm_clock_mhz(device)}
-            sustained_ms, host_ms = _time_sustained(chain, device, max(iters, 20))
-            clocks["after_sustained"] = _sm_clock_mhz(device)
-            _time_step(chain, device, 0, 3, gpu_bound=True)
-            clocks["after_gpu_bound"] = _sm_clock_mhz(device)
+            n = max(iters, 20)
+            sustained_ms, host_ms, clock_on = _time_queued(chain, device, n)
+            _, _, clock_each = _time_queued(chain, device, n, sleep_each=True)
+            clocks = {
+                "back_to_back": clock_on,
+                "each_behind_a_sleep": clock_each,
+                "idle": _sm_clock_mhz(device),
+            }
             overlap = {
                 "sustained_ms_per_batch": round(sustained_ms, 3),
                 "sustained_fps": round(batch * 1000.0 / sustained_ms, 1),

@@ -327,10 +327,43 @@ def test_bench_refuses_autotune_stages_with_fused_stages(tiny_models):
         )
 
 
-def test_sm_clock_is_none_where_nvml_cannot_read_it():
-    """The bench's clock sample never fails a row: without a GPU (or NVML) it is None."""
+def test_sm_clock_reads_nvml_then_nvidia_smi_else_none(monkeypatch):
+    """The bench's clock sample: NVML through torch, else ``nvidia-smi`` (the card the device
+    index names among the visible ones), else None — never an error in a row."""
+    import subprocess
+    from types import SimpleNamespace
+
     from musetalk_rt import bench
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the clock is readable or not depending on NVML")
-    assert bench._sm_clock_mhz(torch.device("cpu")) is None
+    cuda1 = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1980)
+    assert bench._sm_clock_mhz(cuda1) == 1980
+
+    def no_nvml(device=None):
+        raise ModuleNotFoundError("pynvml does not seem to be installed")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench._sm_clock_mhz(cuda1) is None  # neither NVML nor the tool
+
+    calls = []
+
+    def smi(cmd, **kw):
+        calls.append(cmd)
+        return SimpleNamespace(stdout="1755\n", returncode=0)
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(bench.subprocess, "run", smi)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert bench._sm_clock_mhz(cuda1) == 1755
+    assert calls[-1][-2:] == ["-i", "6"]  # the host's card behind visible device 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5e1f")  # UUIDs: the index as given
+    assert bench._sm_clock_mhz(cuda1) == 1755 and calls[-1][-1] == "1"
+
+    def fails(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, 5)
+
+    monkeypatch.setattr(bench.subprocess, "run", fails)
+    assert bench._sm_clock_mhz(cuda1) is None
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: SimpleNamespace(stdout="[N/A]"))
+    assert bench._sm_clock_mhz(cuda1) is None

@@ -3,10 +3,11 @@
 A full (generation 2) collection walks every object the collector tracks, with every thread of
 the process stopped. After start-up the live process holds hundreds of thousands of them that
 live as long as it does — torch, transformers and diffusers, the models' modules, compiled
-graphs: on a 2-core host ~450k objects and 270–310 ms per full collection with the full-size
+graphs: on a 2-core host ~450k objects and 274–314 ms per full collection with the full-size
 models (eager), 825k objects and 480–690 ms with the compile engine built for the tiny ones
 (``experiments/LOG.md``, 2026-12-03 16:40). Python starts one whenever enough new objects have
-survived, at a moment nobody chooses; 300 ms is seven frames at 25 fps, longer than the
+survived, at a moment nobody chooses (seldom: in steady state the process frees about as many
+as it makes); 300 ms is seven frames at 25 fps, longer than the
 one-channel playout margin. :func:`freeze_startup_heap` collects once after start-up
 and moves the survivors to the permanent generation (:func:`gc.freeze`): later collections skip
 them. :class:`GcWatch` times every collection (``gc.callbacks``), so a pause that still happens
@@ -39,8 +40,12 @@ class GcWatch:
     Collections run one at a time under the interpreter lock, in whichever thread triggered
     them; the callback keeps its start time on the instance.
 
+    A pause is the collection's wall time: every other Python thread waits for it, unless a
+    finalizer it runs lets them in.
+
     Args:
-        keep: Longest pauses kept, with the generation and the process time they happened.
+        keep: Longest pauses kept, with the generation and when they happened (seconds since
+            the watch started, and ``time.monotonic()``, the frame log's clock).
     """
 
     def __init__(self, keep: int = 8):
@@ -48,7 +53,7 @@ class GcWatch:
         self.pause_ms_total = [0.0, 0.0, 0.0]
         self.pause_ms_max = [0.0, 0.0, 0.0]
         self.keep = keep
-        self.longest: list[tuple[float, int, float]] = []  # (at_s, generation, ms), longest first
+        self.longest: list[tuple[float, int, float]] = []  # (monotonic_s, gen, ms), longest first
         self._t0: float | None = None
         self._started = time.monotonic()
 
@@ -65,7 +70,7 @@ class GcWatch:
         self.pause_ms_total[g] += ms
         self.pause_ms_max[g] = max(self.pause_ms_max[g], ms)
         if len(self.longest) < self.keep or ms > self.longest[-1][2]:
-            self.longest.append((round(time.monotonic() - self._started, 3), g, round(ms, 3)))
+            self.longest.append((time.monotonic(), g, round(ms, 3)))
             self.longest.sort(key=lambda p: -p[2])
             del self.longest[self.keep :]
 
@@ -90,6 +95,15 @@ class GcWatch:
             "collections": list(self.collections),
             "pause_ms_total": [round(x, 3) for x in self.pause_ms_total],
             "pause_ms_max": [round(x, 3) for x in self.pause_ms_max],
-            "longest": [{"at_s": at, "generation": g, "ms": ms} for at, g, ms in self.longest],
+            "longest": [
+                {
+                    "at_s": round(t - self._started, 3),
+                    "monotonic_s": round(t, 3),
+                    "generation": g,
+                    "ms": ms,
+                }
+                for t, g, ms in self.longest
+            ],
+            "started_monotonic_s": round(self._started, 3),
             "frozen_objects": gc.get_freeze_count(),
         }
