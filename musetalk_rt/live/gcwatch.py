@@ -3,8 +3,8 @@
 A full (generation 2) collection walks every object the collector tracks, with every thread of
 the process stopped. After start-up the live process holds hundreds of thousands of them that
 live as long as it does — torch, transformers and diffusers, the models' modules, compiled
-graphs: on a 2-core host ~450k objects and 274–314 ms per full collection with the full-size
-models (eager), 825k objects and 480–690 ms with the compile engine built for the tiny ones
+graphs: on a 2-core host ~450k objects and 224–314 ms per full collection with the full-size
+models (eager), 825k objects and 430–690 ms with the compile engine built for the tiny ones
 (``experiments/LOG.md``, 2026-12-03 16:40). Python starts one whenever enough new objects have
 survived, at a moment nobody chooses (seldom: in steady state the process frees about as many
 as it makes); 300 ms is seven frames at 25 fps, longer than the
