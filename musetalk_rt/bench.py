@@ -140,6 +140,10 @@ def _percentile(values: list[float], q: float) -> float:
 GPU_SLEEP_CYCLES = 10_000_000  # ~5 ms at H100 clocks: longer than any step's host-side issue
 
 
+def _timing_event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)
+
+
 def _time_step(
     step: Callable[[], None],
     device: torch.device,
@@ -154,7 +158,7 @@ def _time_step(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = _timing_event(), _timing_event()
             if gpu_bound:
                 torch.cuda._sleep(GPU_SLEEP_CYCLES)
             start.record()
@@ -172,7 +176,7 @@ def _time_step(
 
 def _time_queued(
     step: Callable[[], None], device: torch.device, iters: int, sleep_each: bool = False
-) -> tuple[float, float, int | None]:
+) -> tuple[list[float], float, float, int | None]:
     """``iters`` steps queued on one stream behind a GPU sleep (CUDA), the clock read meanwhile.
 
     Args:
@@ -183,16 +187,12 @@ def _time_queued(
             to back behind one.
 
     Returns:
-        ``(gpu_ms_per_step, host_issue_ms_per_step, sm_clock_mhz)``: back to back, the span
-        from the first step's start to the last one's end over ``iters``; each behind a sleep,
-        the median step. The clock is read after the host has queued every step, while the GPU
-        works through them.
+        ``(step_ms, span_ms_per_step, host_issue_ms_per_step, sm_clock_mhz)``: each step's
+        milliseconds, and the span from the first step's start to the last one's end over
+        ``iters`` (back to back: the steady-state time per step). The clock is read after the
+        host has queued every step, while the GPU works through them.
     """
-
-    def ev() -> torch.cuda.Event:
-        return torch.cuda.Event(enable_timing=True)
-
-    marks = [(ev(), ev()) for _ in range(iters)]
+    marks = [(_timing_event(), _timing_event()) for _ in range(iters)]
     torch.cuda.synchronize(device)
     torch.cuda._sleep(GPU_SLEEP_CYCLES)  # the host queues ahead of the GPU
     t0 = time.perf_counter()
@@ -205,11 +205,8 @@ def _time_queued(
     host_ms = (time.perf_counter() - t0) * 1000.0 / iters
     clock = _sm_clock_mhz(device)
     marks[-1][1].synchronize()
-    if sleep_each:
-        gpu_ms = statistics.median(a.elapsed_time(b) for a, b in marks)
-    else:
-        gpu_ms = marks[0][0].elapsed_time(marks[-1][1]) / iters
-    return gpu_ms, host_ms, clock
+    span_ms = marks[0][0].elapsed_time(marks[-1][1]) / iters
+    return [a.elapsed_time(b) for a, b in marks], span_ms, host_ms, clock
 
 
 def _sm_clock_mhz(device: torch.device) -> int | None:
@@ -267,12 +264,11 @@ def _measure(
                 return vae.run(unet.run(latents, audio))
 
         total = _time_step(chain, device, warmup, iters)
-        gpu = _time_step(chain, device, 1, iters, gpu_bound=True) if device.type == "cuda" else None
-        overlap = {}
+        gpu, overlap = None, {}
         if device.type == "cuda":
-            n = max(iters, 20)
-            sustained_ms, host_ms, clock_on = _time_queued(chain, device, n)
-            _, _, clock_each = _time_queued(chain, device, n, sleep_each=True)
+            # the GPU's own time of one step: each behind a sleep, so the host is ahead of it
+            gpu, _, _, clock_each = _time_queued(chain, device, iters, sleep_each=True)
+            _, sustained_ms, host_ms, clock_on = _time_queued(chain, device, max(iters, 20))
             clocks = {
                 "back_to_back": clock_on,
                 "each_behind_a_sleep": clock_each,
@@ -310,8 +306,7 @@ def _time_overlapped(
     cur = torch.cuda.current_stream(device)
     s_unet, s_vae = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
-    def ev() -> torch.cuda.Event:
-        return torch.cuda.Event(enable_timing=True)
+    ev = _timing_event
 
     def pipeline(n: int) -> tuple[float, list[float], torch.Tensor]:
         starts, ends, images = [ev() for _ in range(n)], [ev() for _ in range(n)], None
