@@ -275,6 +275,8 @@ def test_bad_senders_on_one_channel_never_disturb_the_other(tiny_models, fixture
         "b=astro",
         "--record",
         str(tmp_path / "{channel}.mp4"),
+        "--gpu-wait",  # no effect on the CPU: only the option's path through start-up
+        "block",
     )
     good = subprocess.Popen(
         [
@@ -447,6 +449,19 @@ def test_live_compile_engine_defaults_to_the_manual_graph_capture():
     explicit = [*base, "--engine", "compile", "--compile-graph-capture", "trees"]
     assert "graph_capture" not in live_engine_options(p.parse_args(explicit))
     assert live_engine_options(p.parse_args([*base, "--engine", "eager"])) == {}
+
+
+def test_live_gpu_wait_spins_unless_told_to_block(capsys):
+    """``--gpu-wait block`` makes the faces' copy event a blocking one (the default spins)."""
+    from musetalk_rt.live.app import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["--avatar", "a"]).gpu_wait == "spin"
+    assert p.parse_args(["--avatar", "a", "--gpu-wait", "block"]).gpu_wait == "block"
+    with pytest.raises(SystemExit) as exit_:
+        p.parse_args(["--avatar", "a", "--gpu-wait", "nap"])
+    assert exit_.value.code == 2
+    assert "--gpu-wait: invalid choice: 'nap'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

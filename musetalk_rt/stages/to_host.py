@@ -32,12 +32,17 @@ class ToHostStage(Stage):
     Args:
         device: Where the images are.
         ring: Pinned host buffers used in turn.
+        blocking: Make :meth:`finish` sleep until the copy is done (a CUDA event made with
+            ``blocking=True``) instead of spinning on a core, CUDA's default. Spinning answers
+            a few microseconds sooner; sleeping leaves the core to the rest of the process (the
+            live worker waits ~80% of the time at many channels).
     """
 
     name = "to_host"
 
-    def __init__(self, device: torch.device, ring: int = 3):
+    def __init__(self, device: torch.device, ring: int = 3, blocking: bool = False):
         self.device = torch.device(device)
+        self.blocking = blocking
         self._ring: list[torch.Tensor | None] = [None] * ring
         self._next = 0
 
@@ -60,7 +65,7 @@ class ToHostStage(Stage):
             )
         host = buf[:n]
         host.copy_(faces, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=self.blocking)
         done.record(torch.cuda.current_stream(self.device))  # the images' device, not device 0
         batch.host_copy = (host, done)
         return batch
@@ -69,7 +74,7 @@ class ToHostStage(Stage):
         """Wait for :meth:`start`'s copy (the batch's GPU work ends with it); set ``faces``."""
         if batch.host_copy is not None:
             host, done = batch.host_copy
-            done.synchronize()  # releases the interpreter lock while it waits
+            done.synchronize()  # releases the interpreter lock; spins or sleeps (``blocking``)
             batch.faces = host.numpy().copy()  # the pinned buffer is reused later
             batch.host_copy = None
         return batch
