@@ -33,9 +33,10 @@ class ToHostStage(Stage):
         device: Where the images are.
         ring: Pinned host buffers used in turn.
         blocking: Make :meth:`finish` sleep until the copy is done (a CUDA event made with
-            ``blocking=True``) instead of spinning on a core, CUDA's default. Spinning answers
-            a few microseconds sooner; sleeping leaves the core to the rest of the process (the
-            live worker waits ~80% of the time at many channels).
+            ``blocking=True``) instead of spinning on a core, CUDA's default. Sleeping leaves
+            the core to the rest of the host; the waiter then has to be scheduled again when
+            the GPU is done, which on a busy host may take longer (``live --gpu-wait`` says what
+            was measured).
     """
 
     name = "to_host"
