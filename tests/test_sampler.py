@@ -45,6 +45,22 @@ def test_sampler_reports_each_threads_hot_place(tmp_path):
     assert 0 < rep["threads"]["busy"]["cpu_share"] <= 1.05
     # the thread that started the sampler is measured from the start too, not from its own
     assert rep["threads"]["MainThread"]["cpu_share"] <= 1.05  # (this process's imports)
+    # and what the sampling itself cost (the other threads' Python waited meanwhile)
+    assert rep["sampler_ms_per_sample"] > 0 and 0 < rep["sampler_share"] < 1
+
+
+def test_places_are_named_module_colon_function():
+    import sys
+    from pathlib import Path
+
+    from musetalk_rt.live.sampler import _label, _where
+
+    frame = sys._getframe()
+    code = frame.f_code
+    assert _label(code) == f"{Path(code.co_filename).stem}:{code.co_name}"
+    assert _label(code) is _label(code)  # named once per code object, then looked up
+    here = "test_sampler:test_places_are_named_module_colon_function"
+    assert _where(frame, 2).startswith(f"{here} < ")
 
 
 def test_thread_cpu_seconds_read_from_proc():

@@ -722,8 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA's own; at 16 channels on an H200 the worker used 56%% of a core, most of it "
         "there) or sleep until the GPU is done. Measured once, at 20 channels on an H200 with "
         "--profile on: the worker's CPU fell to 8%% of a core, but 31%% of the talking frames "
-        "were late (none in an earlier run of that setting spinning, without --profile); not "
-        "separated from the profiler's cost, so spin stays the default",
+        "were late (none in an earlier run of that setting spinning, without --profile); the "
+        "profiler as it was then holds the interpreter lock ~20%% of the time with that many "
+        "threads (on a 2-core host; now ~6%%), so spin stays the default until a run without it",
     )
     p.add_argument(
         "--no-gc-freeze",
@@ -764,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         metavar="FILE.json",
         help="sample every thread's stack; write where each thread was (share of samples) and "
-        "its CPU seconds",
+        "its CPU seconds. Sampling holds the interpreter lock (the file's sampler_share: ~6%% "
+        "with 72 threads, as many as 20 channels run, on a 2-core host), so profile with margin",
     )
     g = p.add_argument_group("Groq speech (key from $GROQ_API_KEY; settings in --config [groq])")
     g.add_argument(
