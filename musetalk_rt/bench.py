@@ -19,7 +19,10 @@ queue: a few steps ahead the host waits for the GPU at each one (on an H200 the 
 of a queue of captured steps came to 84–93% of the GPU's step), so the mean says nothing of the
 host's own cost. ``sm_clock_mhz`` samples the SM clock (NVML, else
 ``nvidia-smi``; None without either) while such a queue runs — back to back, and each step
-behind its own sleep as ``gpu_p50_ms`` runs them — and with the GPU idle.
+behind its own sleep as ``gpu_p50_ms`` runs them — and with the GPU idle (NVML's reading lags
+the load: right after a queue it still shows the busy clock), beside the card's maximum
+(``nvidia-smi``). On an H200 at batch 32 the clock back to back was 1575 MHz of 1980: the card
+is power-limited there, and the sleep lets it run the next step faster (1665 MHz).
 
 ``overlap_fps`` (CUDA, separate stages): the steady-state throughput when the UNet of batch n+1
 runs on one CUDA stream beside the VAE decode of batch n on another, queued behind a GPU sleep;
@@ -215,12 +218,17 @@ def _time_queued(
     return [a.elapsed_time(b) for a, b in marks], span_ms, host_ms, clock
 
 
-def _sm_clock_mhz(device: torch.device) -> int | None:
-    """The card's SM clock now (MHz): NVML through torch, else ``nvidia-smi``; None without."""
-    try:
-        return int(torch.cuda.clock_rate(device))
-    except Exception:  # torch reads NVML through the optional pynvml: try the tool instead
-        pass
+def _sm_clock_mhz(device: torch.device, maximum: bool = False) -> int | None:
+    """The card's SM clock now (MHz): NVML through torch, else ``nvidia-smi``; None without.
+
+    ``maximum``: the card's highest SM clock instead (``nvidia-smi`` only), what "now" is read
+    against — a busy card below it is held back by its power or heat limit.
+    """
+    if not maximum:
+        try:
+            return int(torch.cuda.clock_rate(device))
+        except Exception:  # torch reads NVML through the optional pynvml: try the tool instead
+            pass
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
@@ -230,7 +238,13 @@ def _sm_clock_mhz(device: torch.device) -> int | None:
         index = int(visible[index])  # nvidia-smi counts the host's cards, not the visible ones
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", str(index)],
+            [
+                smi,
+                f"--query-gpu={'clocks.max.sm' if maximum else 'clocks.sm'}",
+                "--format=csv,noheader,nounits",
+                "-i",
+                str(index),
+            ],
             capture_output=True,
             text=True,
             timeout=5,
@@ -279,6 +293,7 @@ def _measure(
                 "back_to_back": clock_on,
                 "each_behind_a_sleep": clock_each,
                 "idle": _sm_clock_mhz(device),
+                "max": _sm_clock_mhz(device, maximum=True),
             }
             overlap = {
                 "sustained_ms_per_batch": round(sustained_ms, 3),
@@ -566,6 +581,9 @@ def run_bench(
                     if "overlap_fps" in overlap
                     else ""
                 )
+                clock = overlap.get("sm_clock_mhz", {}).get("back_to_back")
+                if clock:  # below the card's maximum: power- or heat-limited (README)
+                    both += f", SM clock {clock} MHz back to back"
                 log(
                     f"  {row['scenario']}: {row['p50_ms']} ms, {row['fps']} fps{both}, "
                     f"PSNR {quality.psnr_db} dB"

@@ -359,6 +359,10 @@ def test_sm_clock_reads_nvml_then_nvidia_smi_else_none(monkeypatch):
     assert calls[-1][-2:] == ["-i", "6"]  # the host's card behind visible device 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5e1f")  # UUIDs: the index as given
     assert bench._sm_clock_mhz(cuda1) == 1755 and calls[-1][-1] == "1"
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1980)
+    assert bench._sm_clock_mhz(cuda1, maximum=True) == 1755  # the tool, not NVML's clock now
+    assert "--query-gpu=clocks.max.sm" in calls[-1]
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
 
     def fails(cmd, **kw):
         raise subprocess.TimeoutExpired(cmd, 5)
