@@ -620,10 +620,14 @@ def write_rows(rows: list[dict], out_dir: Path, name: str = "bench.jsonl") -> Pa
 
 
 def table(rows: list[dict]) -> str:
-    """A human-readable table of bench rows."""
+    """A human-readable table of bench rows.
+
+    ``gpu ms`` is the GPU-bound step, ``sust ms`` the step back to back and ``MHz`` the SM clock
+    meanwhile (CUDA; see the module docstring).
+    """
     head = (
-        f"{'scenario':<24}{'p50 ms':>9}{'p95 ms':>9}{'fps':>8}{'gpu ms':>8}{'unet':>8}{'vae':>8}"
-        f"{'build s':>9}{'PSNR dB':>9}{'lat err':>10}{'mem MB':>8}"
+        f"{'scenario':<24}{'p50 ms':>9}{'p95 ms':>9}{'fps':>8}{'gpu ms':>8}{'sust ms':>8}"
+        f"{'MHz':>6}{'unet':>8}{'vae':>8}{'build s':>9}{'PSNR dB':>9}{'lat err':>10}{'mem MB':>8}"
     )
 
     def ms(v) -> str:
@@ -632,9 +636,11 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         q = r["quality"]
+        mhz = (r.get("sm_clock_mhz") or {}).get("back_to_back")  # the clock under load
         lines.append(
             f"{r['scenario']:<24}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['fps']:>8.1f}"
-            f"{ms(r.get('gpu_p50_ms'))}{ms(r['unet_p50_ms'])}{ms(r['vae_decode_p50_ms'])}"
+            f"{ms(r.get('gpu_p50_ms'))}{ms(r.get('sustained_ms_per_batch'))}"
+            f"{mhz if mhz else '-':>6}{ms(r['unet_p50_ms'])}{ms(r['vae_decode_p50_ms'])}"
             f"{r['build_s']:>9.1f}"
             f"{q['psnr_db']:>9.2f}{q['latent_rel_err']:>10.2e}{r['peak_mem_mb'] or 0:>8}"
         )
