@@ -452,7 +452,8 @@ def test_live_compile_engine_defaults_to_the_manual_graph_capture():
 
 
 def test_live_gpu_wait_spins_unless_told_to_block(capsys):
-    """``--gpu-wait block`` makes the faces' copy event a blocking one (the default spins)."""
+    """``--gpu-wait`` parses to spin by default, block when asked, and refuses anything else
+    (the event it makes blocking exists on CUDA only: measured on a GPU host, not here)."""
     from musetalk_rt.live.app import build_parser
 
     p = build_parser()

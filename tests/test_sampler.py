@@ -59,6 +59,12 @@ def test_places_are_named_module_colon_function():
     code = frame.f_code
     assert _label(code) == f"{Path(code.co_filename).stem}:{code.co_name}"
     assert _label(code) is _label(code)  # named once per code object, then looked up
+    for filename, stem in (
+        ("/usr/bin/tool", "tool"),
+        (".hidden", ".hidden"),
+        ("<string>", "<string>"),
+    ):
+        assert _label(compile("pass", filename, "exec")) == f"{stem}:<module>"
     here = "test_sampler:test_places_are_named_module_colon_function"
     assert _where(frame, 2).startswith(f"{here} < ")
 

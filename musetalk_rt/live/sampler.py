@@ -6,11 +6,11 @@ Profilers that attach from outside need ptrace rights that containers often with
 samples from inside: every ``interval_s`` it reads ``sys._current_frames()`` and counts, per
 thread, the innermost frames of our package (and the library frame below them). The report
 (``--profile FILE.json``) lists, per thread, the share of samples in each place — a thread
-waiting on a queue or a lock shows as that wait. Each sample holds the interpreter lock while it
-walks every thread's stack, and the report says what that cost (``sampler_share``): on a 2-core
-host at 100 Hz, 3.5% of the time with 40 threads and 5.8% with 72 (a 20-channel process) —
-after each place's name was cached per code object; before, 12% and 20%, enough to make a
-20-channel run late.
+waiting on a queue or a lock shows as that wait. Each pass holds the interpreter lock while it
+walks every thread's stack, and the report says what the passes took (``sampler_share``, an
+upper bound). Each place's name is made once per code object: naming every frame of every pass
+afresh made a pass of 72 threads (a 20-channel process) cost 20% of the time at 100 Hz on a
+2-core host, 5.8% now (``experiments/sampler_cost.py``; 12% and 3.5% with 40 threads).
 
 A share of samples is where a thread *was*, not what it ran: a thread waiting for the
 interpreter lock shows in the Python function it waits in, so under contention a cheap place
@@ -29,16 +29,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# code object -> "module:function"; it keeps the code objects it has seen (only while profiling)
-_LABELS: dict = {}
+# id(code) -> (code, "module:function"). By identity: code objects compare equal across files
+# when their name, first line and body match. Holding the code keeps its id from being reused;
+# cleared when a sampler stops.
+_LABELS: dict[int, tuple] = {}
 
 
 def _label(code) -> str:
-    label = _LABELS.get(code)
-    if label is None:
-        stem = code.co_filename.rpartition("/")[2].rpartition(".")[0] or code.co_filename
-        label = _LABELS[code] = f"{stem}:{code.co_name}"
-    return label
+    entry = _LABELS.get(id(code))
+    if entry is None or entry[0] is not code:
+        base = code.co_filename.rpartition("/")[2]
+        entry = _LABELS[id(code)] = (code, f"{base.rpartition('.')[0] or base}:{code.co_name}")
+    return entry[1]
 
 
 def _where(frame, depth: int = 3) -> str:
@@ -76,7 +78,9 @@ class StackSampler:
         self.interval_s, self.depth = interval_s, depth
         self.counts: dict[str, Counter] = {}
         self.samples = 0
-        self.busy_s = 0.0  # the sampler's own time, most of it holding the interpreter lock
+        # the passes' wall time: an upper bound on the interpreter lock they held (a pass that
+        # loses the lock midway waits for it inside this time; the /proc reads are in it too)
+        self.busy_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stack sampler", daemon=True)
         self._t0 = 0.0
@@ -100,25 +104,30 @@ class StackSampler:
             entry = self._cpu.setdefault(t.native_id, [t.name, cpu if baseline else 0.0, cpu])
             entry[2] = cpu
 
-    def _run(self) -> None:
+    def sample_once(self) -> None:
+        """One pass: every other thread's place (and, once a second, every thread's CPU time)."""
+        t0 = time.perf_counter()
+        if self.samples % self._cpu_every == 0:
+            self._read_cpu()
         me = threading.get_ident()
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            if ident == me:
+                continue
+            name = names.get(ident, str(ident))
+            self.counts.setdefault(name, Counter())[_where(frame, self.depth)] += 1
+        self.samples += 1
+        self.busy_s += time.perf_counter() - t0
+
+    def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            t0 = time.perf_counter()
-            if self.samples % self._cpu_every == 0:
-                self._read_cpu()
-            names = {t.ident: t.name for t in threading.enumerate()}
-            for ident, frame in sys._current_frames().items():
-                if ident == me:
-                    continue
-                name = names.get(ident, str(ident))
-                self.counts.setdefault(name, Counter())[_where(frame, self.depth)] += 1
-            self.samples += 1
-            self.busy_s += time.perf_counter() - t0
+            self.sample_once()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2.0)
         self._read_cpu()
+        _LABELS.clear()  # the code objects seen while profiling
 
     def report(self, top: int = 8) -> dict:
         """Per thread: its top places with their share of the samples, and its CPU time."""
@@ -140,7 +149,7 @@ class StackSampler:
             "duration_s": round(duration_s, 1),
             "interval_s": self.interval_s,
             "samples": self.samples,
-            # what sampling cost: the other threads could not run Python meanwhile
+            # what sampling cost at most: the other threads could not run Python meanwhile
             "sampler_ms_per_sample": round(1000 * self.busy_s / max(self.samples, 1), 3),
             "sampler_share": round(self.busy_s / max(duration_s, 1e-9), 4),
             "threads": threads,
