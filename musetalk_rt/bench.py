@@ -19,10 +19,11 @@ queue: a few steps ahead the host waits for the GPU at each one (on an H200 the 
 of a queue of captured steps came to 84–93% of the GPU's step), so the mean says nothing of the
 host's own cost. ``sm_clock_mhz`` samples the SM clock (NVML, else
 ``nvidia-smi``; None without either) while such a queue runs — back to back, and each step
-behind its own sleep as ``gpu_p50_ms`` runs them — and with the GPU idle (NVML's reading lags
+behind its own sleep as ``gpu_p50_ms`` runs them, with ``card_load`` (power draw and NVML's
+clock limits: ``sw_power_cap`` or a thermal slowdown) — and with the GPU idle (NVML's reading lags
 the load: right after a queue it still shows the busy clock), beside the card's maximum
-(``nvidia-smi``). On an H200 at batch 32 the clock back to back was 1575 MHz of 1980: the card
-is power-limited there, and the sleep lets it run the next step faster (1665 MHz).
+(``nvidia-smi``). On an H200 at batch 32 the clock back to back was 1575 MHz of 1980 (its
+power limit, most likely), and the sleep let it run the next step faster (1665 MHz).
 
 ``overlap_fps`` (CUDA, separate stages): the steady-state throughput when the UNet of batch n+1
 runs on one CUDA stream beside the VAE decode of batch n on another, queued behind a GPU sleep;
@@ -181,8 +182,8 @@ def _time_step(
 
 def _time_queued(
     step: Callable[[], None], device: torch.device, iters: int, sleep_each: bool = False
-) -> tuple[list[float], float, float, int | None]:
-    """``iters`` steps queued on one stream behind a GPU sleep (CUDA), the clock read meanwhile.
+) -> tuple[list[float], float, float, dict]:
+    """``iters`` steps queued on one stream behind a GPU sleep (CUDA), the card read meanwhile.
 
     Args:
         step: One step.
@@ -192,11 +193,12 @@ def _time_queued(
             to back behind one.
 
     Returns:
-        ``(step_ms, span_ms_per_step, host_issue_ms, sm_clock_mhz)``: each step's
+        ``(step_ms, span_ms_per_step, host_issue_ms, card)``: each step's
         milliseconds, and the span from the first step's start to the last one's end over
         ``iters`` (back to back: the steady-state time per step). ``host_issue_ms`` is the
         quickest step's issue on the host: once it is a few steps ahead, the host waits for the
-        GPU at each step, so the quickest is the host's own cost. The clock is read after the
+        GPU at each step, so the quickest is the host's own cost. ``card`` is its SM clock
+        (``sm_clock_mhz``), power draw and clock limits (:func:`_load_state`), read after the
         host has queued every step, while the GPU works through them.
     """
     marks = [(_timing_event(), _timing_event()) for _ in range(iters)]
@@ -212,10 +214,35 @@ def _time_queued(
         end.record()
         issue_ms.append((time.perf_counter() - t0) * 1000.0)
     host_ms = min(issue_ms)
-    clock = _sm_clock_mhz(device)
+    card = {"sm_clock_mhz": _sm_clock_mhz(device), **_load_state(device)}
     marks[-1][1].synchronize()
     span_ms = marks[0][0].elapsed_time(marks[-1][1]) / iters
-    return [a.elapsed_time(b) for a, b in marks], span_ms, host_ms, clock
+    return [a.elapsed_time(b) for a, b in marks], span_ms, host_ms, card
+
+
+def _host_index(device: torch.device) -> int:
+    """The card's index among the host's (what NVML and ``nvidia-smi`` count)."""
+    index = device.index if device.index is not None else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
+    if index < len(visible) and visible[index].isdigit():
+        index = int(visible[index])  # the host's card behind visible device ``index``
+    return index
+
+
+def _smi(device: torch.device, fields: list[str]) -> list[str] | None:
+    """One ``nvidia-smi`` query of ``fields`` for the device's card; None without the tool."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    cmd = [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(
+            [*cmd, "-i", str(_host_index(device))], capture_output=True, text=True, timeout=5
+        )
+        values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    return values if len(values) == len(fields) else None
 
 
 def _sm_clock_mhz(device: torch.device, maximum: bool = False) -> int | None:
@@ -229,29 +256,49 @@ def _sm_clock_mhz(device: torch.device, maximum: bool = False) -> int | None:
             return int(torch.cuda.clock_rate(device))
         except Exception:  # torch reads NVML through the optional pynvml: try the tool instead
             pass
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    index = device.index if device.index is not None else 0
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
-    if index < len(visible) and visible[index].isdigit():
-        index = int(visible[index])  # nvidia-smi counts the host's cards, not the visible ones
+    values = _smi(device, ["clocks.max.sm" if maximum else "clocks.sm"])
     try:
-        out = subprocess.run(
-            [
-                smi,
-                f"--query-gpu={'clocks.max.sm' if maximum else 'clocks.sm'}",
-                "--format=csv,noheader,nounits",
-                "-i",
-                str(index),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return int(out.stdout.strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return int(values[0]) if values else None
+    except ValueError:  # "[N/A]"
         return None
+
+
+# NVML's clock event ("throttle") reasons, by bit
+CLOCK_LIMITS = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+
+
+def _load_state(device: torch.device) -> dict:
+    """The card's power draw (W) and why its clock is held down now: NVML, else ``nvidia-smi``.
+
+    Read while a queue runs, it tells a power limit (``sw_power_cap``) from a heat one
+    (``*_thermal_slowdown``). Empty without either source.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(_host_index(device))
+        power_w = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0  # mW
+        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        mask = int((reasons or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)(handle))
+    except Exception:  # no pynvml, or no NVML: the tool
+        values = _smi(device, ["power.draw", "clocks_event_reasons.active"])
+        try:
+            power_w, mask = float(values[0]), int(values[1], 16)
+        except (TypeError, ValueError):
+            return {}
+    limits = [name for bit, name in CLOCK_LIMITS.items() if mask & bit]
+    return {"power_w": round(power_w, 1), "clock_limits": limits or ["none"]}
 
 
 def _measure(
@@ -287,11 +334,11 @@ def _measure(
         gpu, overlap = None, {}
         if device.type == "cuda":
             # the GPU's own time of one step: each behind a sleep, so the host is ahead of it
-            gpu, _, _, clock_each = _time_queued(chain, device, iters, sleep_each=True)
-            _, sustained_ms, host_ms, clock_on = _time_queued(chain, device, max(iters, 20))
+            gpu, _, _, card_each = _time_queued(chain, device, iters, sleep_each=True)
+            _, sustained_ms, host_ms, card_on = _time_queued(chain, device, max(iters, 20))
             clocks = {
-                "back_to_back": clock_on,
-                "each_behind_a_sleep": clock_each,
+                "back_to_back": card_on.pop("sm_clock_mhz"),
+                "each_behind_a_sleep": card_each.pop("sm_clock_mhz"),
                 "idle": _sm_clock_mhz(device),
                 "max": _sm_clock_mhz(device, maximum=True),
             }
@@ -300,6 +347,8 @@ def _measure(
                 "sustained_fps": round(batch * 1000.0 / sustained_ms, 1),
                 "host_issue_ms": round(host_ms, 3),
                 "sm_clock_mhz": clocks,
+                # power draw (W) and clock limits under each load: power- or heat-limited?
+                "card_load": {"back_to_back": card_on, "each_behind_a_sleep": card_each},
             }
         if device.type == "cuda" and fused is None:
             ms_per_batch, latencies, exact = _time_overlapped(

@@ -373,3 +373,45 @@ def test_sm_clock_reads_nvml_then_nvidia_smi_else_none(monkeypatch):
     assert bench._sm_clock_mhz(cuda1) is None
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: SimpleNamespace(stdout="[N/A]"))
     assert bench._sm_clock_mhz(cuda1) is None
+
+
+def test_card_load_tells_a_power_limit_from_a_heat_one(monkeypatch):
+    """Power draw and the clock's limits while a queue runs: NVML, else ``nvidia-smi``, else
+    nothing — never an error in a row."""
+    import sys
+    from types import SimpleNamespace
+
+    from musetalk_rt import bench
+
+    cuda1 = torch.device("cuda", 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    handles = []
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: handles.append(i) or f"h{i}",
+        nvmlDeviceGetPowerUsage=lambda h: 687_512,  # mW
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4,
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert bench._load_state(cuda1) == {"power_w": 687.5, "clock_limits": ["sw_power_cap"]}
+    assert handles == [6]  # NVML counts the host's cards, as nvidia-smi does
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the tool
+    calls = []
+
+    def smi(cmd, **kw):
+        calls.append(cmd)
+        return SimpleNamespace(stdout="412.30, 0x0000000000000060\n")
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(bench.subprocess, "run", smi)
+    state = bench._load_state(cuda1)
+    assert state == {
+        "power_w": 412.3,
+        "clock_limits": ["sw_thermal_slowdown", "hw_thermal_slowdown"],
+    }
+    assert "--query-gpu=power.draw,clocks_event_reasons.active" in calls[-1]
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: SimpleNamespace(stdout="0\n"))
+    assert bench._load_state(cuda1) == {}  # a field short: nothing, not a guess
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench._load_state(cuda1) == {}

@@ -723,8 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
         "there) or sleep until the GPU is done. Measured once, at 20 channels on an H200 with "
         "--profile on: the worker's CPU fell to 8%% of a core, but 31%% of the talking frames "
         "were late (none in an earlier run of that setting spinning, without --profile); the "
-        "profiler as it was then holds the interpreter lock ~20%% of the time with that many "
-        "threads (on a 2-core host; now ~6%%), so spin stays the default until a run without it",
+        "profiler's passes then took up to ~31%% of the time (now ~6x cheaper), so spin stays "
+        "the default until a run without it",
     )
     p.add_argument(
         "--no-gc-freeze",
@@ -765,8 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         metavar="FILE.json",
         help="sample every thread's stack; write where each thread was (share of samples) and "
-        "its CPU seconds. Sampling holds the interpreter lock (the file's sampler_share: ~6%% "
-        "with 72 threads, as many as 20 channels run, on a 2-core host), so profile with margin",
+        "its CPU seconds. Each pass holds the interpreter lock (the file's sampler_share says "
+        "how long: ~2%% with 72 waiting threads on a 2-core host, more in a busy process), so "
+        "profile with margin to spare",
     )
     g = p.add_argument_group("Groq speech (key from $GROQ_API_KEY; settings in --config [groq])")
     g.add_argument(

@@ -9,8 +9,9 @@ thread, the innermost frames of our package (and the library frame below them). 
 waiting on a queue or a lock shows as that wait. Each pass holds the interpreter lock while it
 walks every thread's stack, and the report says what the passes took (``sampler_share``, an
 upper bound). Each place's name is made once per code object: naming every frame of every pass
-afresh made a pass of 72 threads (a 20-channel process) cost 20% of the time at 100 Hz on a
-2-core host, 5.8% now (``experiments/sampler_cost.py``; 12% and 3.5% with 40 threads).
+afresh made a pass over 72 waiting threads (as many as a 20-channel process runs) take ~14% of
+the time at 100 Hz on a 2-core host, ~2% now (``experiments/sampler_cost.py``); in a real
+20-channel run on an H200 host the passes took up to ~31%.
 
 A share of samples is where a thread *was*, not what it ran: a thread waiting for the
 interpreter lock shows in the Python function it waits in, so under contention a cheap place
