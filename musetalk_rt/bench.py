@@ -108,19 +108,8 @@ def environment(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         env["gpu"] = props.name
         env["capability"] = f"{props.major}.{props.minor}"
-        try:
-            env["driver"] = (
-                subprocess.run(
-                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                )
-                .stdout.strip()
-                .splitlines()[0]
-            )
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            env["driver"] = "unknown"
+        driver = _smi(device, ["driver_version"], timeout_s=10)
+        env["driver"] = driver[0] if driver else "unknown"
     else:
         env["gpu"] = f"cpu ({platform.processor() or platform.machine()})"
         env["driver"] = None
@@ -229,7 +218,7 @@ def _host_index(device: torch.device) -> int:
     return index
 
 
-def _smi(device: torch.device, fields: list[str]) -> list[str] | None:
+def _smi(device: torch.device, fields: list[str], timeout_s: float = 5) -> list[str] | None:
     """One ``nvidia-smi`` query of ``fields`` for the device's card; None without the tool."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -237,7 +226,10 @@ def _smi(device: torch.device, fields: list[str]) -> list[str] | None:
     cmd = [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
     try:
         out = subprocess.run(
-            [*cmd, "-i", str(_host_index(device))], capture_output=True, text=True, timeout=5
+            [*cmd, "-i", str(_host_index(device))],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
         values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
     except (OSError, subprocess.SubprocessError, IndexError):

@@ -347,6 +347,9 @@ def test_sm_clock_reads_nvml_then_nvidia_smi_else_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     assert bench._sm_clock_mhz(cuda1) is None  # neither NVML nor the tool
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert bench.environment(cuda1)["driver"] == "unknown"  # the rows' driver: the same query
 
     calls = []
 
@@ -361,6 +364,9 @@ def test_sm_clock_reads_nvml_then_nvidia_smi_else_none(monkeypatch):
     assert calls[-1][-2:] == ["-i", "6"]  # the host's card behind visible device 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5e1f")  # UUIDs: the index as given
     assert bench._sm_clock_mhz(cuda1) == 1755 and calls[-1][-1] == "1"
+    assert bench.environment(cuda1)["driver"] == "1755"  # the same query, its one field
+    (query,) = [c for c in calls if "--query-gpu=driver_version" in c]
+    assert query[-2:] == ["-i", "1"]
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1980)
     assert bench._sm_clock_mhz(cuda1, maximum=True) == 1755  # the tool, not NVML's clock now
     assert "--query-gpu=clocks.max.sm" in calls[-1]
