@@ -74,6 +74,8 @@ _STATUS_FIELDS = {
     "late_windows": r"audio windows too late (\d+)",
     "skipped_windows": r"\(and (\d+) skipped\)",
     "worker_idle_s": r"worker idle ([\d.]+) s",
+    "host_busy_pct": r"host CPU (\d+)% of",
+    "host_busy_max_pct": r"busiest second (\d+)%",
 }
 
 
@@ -233,6 +235,7 @@ def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
                 "stage_ms",
                 "thread_wake_delay_ms",
                 "gc",
+                "host_cpu",
             )
         },
         "status_series": status_series(log),
@@ -280,7 +283,7 @@ def main() -> int:
             f"window lead p05 {r['window_lead_p05_ms_min']} ms, "
             f"late windows {r['late_windows']}, thread wake-up delay "
             f"{r['thread_wake_delay_ms']}, longest garbage collections "
-            f"{(r.get('gc') or {}).get('longest')}",
+            f"{(r.get('gc') or {}).get('longest')}, host CPU {r.get('host_cpu')}",
             flush=True,
         )
         write_rows([r], args.out, "live_probe.jsonl")  # each row as soon as it exists

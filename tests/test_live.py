@@ -151,9 +151,16 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         'musetalk_gc_collections_total{generation="0"}',
         'musetalk_gc_pause_ms_max{generation="2"}',
         "musetalk_gc_frozen_objects",
+        'musetalk_host_cpu_ratio{state="busy"}',
+        'musetalk_cpu_cores{who="encoders"}',
     ):
         assert name in text, name
     assert summary["thread_wake_delay_ms"]["samples"] > 100
+    # the host's CPU once a second: this process and its encoder processes (the recording and
+    # the RTMP output run as children) both used some
+    host = summary["host_cpu"]
+    assert host["samples"] > 10 and 0 < host["busy_pct_mean"] <= 100
+    assert host["process_cores_mean"] > 0 and host["encoder_cores_mean"] > 0
     # the start-up heap was frozen (torch, the models): later collections do not walk it
     assert "objects frozen after one full garbage collection" in log
     assert summary["gc"]["frozen_objects"] > 10_000 and len(summary["gc"]["collections"]) == 3
@@ -161,6 +168,7 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     status = [ln for ln in log.splitlines() if "status: 1 channel(s)" in ln]
     assert len(status) >= 5 and any(", talking frames on time 0," not in ln for ln in status)
     assert all(", worker idle " in ln for ln in status)  # a starved worker tells itself apart
+    assert all(", host CPU " in ln for ln in status)
     # the worker's own account: every generated frame in a batch, its stage times counted
     assert summary["gpu_frames"] >= ch["speech_frames"] and summary["gpu_batches"] > 0
     assert 1 <= summary["mean_batch"] <= 16 and summary["stage_ms"]["unet"] > 0

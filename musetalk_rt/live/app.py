@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from musetalk_rt.errors import UserError
+from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
 
 log = logging.getLogger("musetalk_rt.live")
 
@@ -186,7 +187,12 @@ def derive_delay_s(
 
 
 def status_line(
-    channels: list, worker, prev: dict | None, elapsed_s: float, gc_watch=None
+    channels: list,
+    worker,
+    prev: dict | None,
+    elapsed_s: float,
+    gc_watch=None,
+    host: dict | None = None,
 ) -> tuple[str, dict]:
     """One line on how the show goes since the last one, for the crew's terminal and the logs.
 
@@ -202,6 +208,8 @@ def status_line(
         elapsed_s: Seconds since that snapshot (or since the start).
         gc_watch: The process's :class:`~.gcwatch.GcWatch`: full garbage collections since the
             last line are named (every thread stopped for them).
+        host: The host's CPU load since the last line (:meth:`.hostload.HostLoad.take`), or
+            None: with late frames and saturated cores, the line says so.
 
     Returns:
         The line and the snapshot to pass next time.
@@ -248,7 +256,8 @@ def status_line(
             if d["gc_full"]
             else ""
         )
-        + (delay_hint(channels, worker, st) if d["late"] else "")
+        + status_part(host)
+        + (delay_hint(channels, worker, st) + host_hint(host) if d["late"] else "")
     )
     return line, snap
 
@@ -282,12 +291,15 @@ def delay_hint(channels: list, worker, stats: list[dict]) -> str:
     )
 
 
-async def _report_status(channels, worker, interval_s: float, gc_watch=None) -> None:
+async def _report_status(
+    channels, worker, interval_s: float, gc_watch=None, host_load=None
+) -> None:
     prev, t = None, time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()
-        line, prev = status_line(channels, worker, prev, now - t, gc_watch)
+        host = host_load.take() if host_load is not None else None
+        line, prev = status_line(channels, worker, prev, now - t, gc_watch, host)
         t = now
         log.info("%s", line)
 
@@ -299,6 +311,7 @@ async def _serve(
     duration_s: float | None,
     status_interval_s: float = 0,
     gc_watch=None,
+    host_load=None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -318,7 +331,9 @@ async def _serve(
         flush=True,
     )
     status = (
-        asyncio.create_task(_report_status(channels, worker, status_interval_s, gc_watch))
+        asyncio.create_task(
+            _report_status(channels, worker, status_interval_s, gc_watch, host_load)
+        )
         if status_interval_s > 0
         else None
     )
@@ -572,10 +587,11 @@ def run(args) -> int:
         )
     gc_watch = GcWatch().start()
     wake = WakeProbe().start()
+    host_load = HostLoad(frame_log=frame_log).start()
     server = IngestServer(
         sinks,
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
-        metrics=lambda: metrics_text(channels, worker, speech_sinks, wake, gc_watch),
+        metrics=lambda: metrics_text(channels, worker, speech_sinks, wake, gc_watch, host_load),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
     sampler = None
@@ -590,11 +606,20 @@ def run(args) -> int:
     worker.start()
     try:
         asyncio.run(
-            _serve(server, channels, worker, args.duration_s, args.status_interval_s, gc_watch)
+            _serve(
+                server,
+                channels,
+                worker,
+                args.duration_s,
+                args.status_interval_s,
+                gc_watch,
+                host_load,
+            )
         )
     finally:
         _shield_shutdown()
         wake.stop()
+        host_load.stop()
         gc_watch.stop()
         if sampler is not None:
             sampler.stop()
@@ -617,6 +642,7 @@ def run(args) -> int:
         **worker.stats_dict(),
         "thread_wake_delay_ms": wake.summary(),
         "gc": gc_watch.summary(),
+        "host_cpu": host_load.summary(),
     }
     if speech_sinks:
         result["speech"] = [{"channel": sp.channel.name, **sp.stats_dict()} for sp in speech_sinks]

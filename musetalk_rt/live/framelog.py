@@ -35,6 +35,9 @@ Records (the key ``ev`` says which):
   ``speech`` (the voice activity decision for the frame), ``arrival`` (when the ingest handed the
   frame's last audio sample to the channel; null when no sender fed it), ``emitted`` (when the
   clock handed the frame to the outputs) and ``written`` (when the encoder and muxer returned).
+- ``host``: once a second, the host's CPU (:mod:`.hostload`): ``t``, ``busy``, ``iowait``,
+  ``steal`` (shares of all cores' time since the last record), ``process_cores`` and
+  ``encoder_cores`` (CPU used by this process and by its encoder processes, in cores).
 
 ``python -m musetalk_rt.live.framelog FILE [--bin-s 10]`` prints where the time went, one row
 per interval (:func:`summarize`): the windows' lead and its parts, the batches, the late frames.
@@ -119,7 +122,9 @@ def summarize(path: str | Path, bin_s: float = 10.0, run: int = -1) -> list[dict
     Per row: windows handed over and their groups' lead (p05, p50 ms: a group's first window)
     with its parts (``ingest_lag`` p50/p95, ``queued`` p95, ``vad`` p95, ``features`` p50/p95
     ms); batches, their mean size, launch-to-faces p50/p95 ms and launch lead p05 ms; talking
-    frames shown and late (one output per channel is counted: the first seen).
+    frames shown and late (one output per channel is counted: the first seen); the host's CPU
+    (``host`` records: mean busy and steal percent, this process's and its encoders' cores;
+    None in files written before those records existed).
 
     Raises:
         UserError: The file cannot be read, a record is malformed, ``bin_s`` is not a positive
@@ -155,6 +160,10 @@ def summarize(path: str | Path, bin_s: float = 10.0, run: int = -1) -> list[dict
     if rows is None:
         raise UserError(f"{path}: no channel start record; is it a --frame-log file?")
     return rows
+
+
+def _mean(values: list[float], scale: float = 1.0) -> float | None:
+    return round(scale * sum(values) / len(values), 1) if values else None
 
 
 class _BadRecord(Exception):
@@ -196,6 +205,10 @@ def _rows(recs: list[tuple[int, dict]], bin_s: float) -> list[dict] | None:
             if first_out.setdefault(str(r.get("ch")), r.get("out")) != r.get("out"):
                 continue
             bins[int((num(i, r, "emitted") - t0) // bin_s)][r["kind"]].append(1)
+        elif ev == "host":
+            b = bins[int((num(i, r, "t") - t0) // bin_s)]
+            for key in ("busy", "steal", "process_cores", "encoder_cores"):
+                b[f"host_{key}"].append(num(i, r, key))
     rows = []
     for k in sorted(bins):
         b = bins[k]
@@ -218,6 +231,10 @@ def _rows(recs: list[tuple[int, dict]], bin_s: float) -> list[dict] | None:
                 "launch_lead_p05_ms": _pct(b["launch_lead"], 0.05),
                 "talking_on_time": len(b["speech"]),
                 "late": len(b["late"]),
+                "host_busy_pct": _mean(b["host_busy"], 100.0),
+                "steal_pct": _mean(b["host_steal"], 100.0),
+                "process_cores": _mean(b["host_process_cores"]),
+                "encoder_cores": _mean(b["host_encoder_cores"]),
             }
         )
     return rows
@@ -228,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m musetalk_rt.live.framelog",
         description="Where the time went in a live --frame-log: per interval, the audio "
-        "windows' lead and its parts, the GPU batches and the late frames.",
+        "windows' lead and its parts, the GPU batches, the late frames and the host's CPU.",
     )
     p.add_argument("file", help="a file written by the live process's --frame-log")
     p.add_argument("--bin-s", type=float, default=10.0, help="interval, seconds (default 10)")

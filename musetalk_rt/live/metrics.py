@@ -8,12 +8,19 @@ def _esc(v: str) -> str:
 
 
 def metrics_text(
-    channels: list, worker, speech: list | tuple = (), wake=None, gc_watch=None
+    channels: list,
+    worker,
+    speech: list | tuple = (),
+    wake=None,
+    gc_watch=None,
+    host_load=None,
 ) -> str:
     """Counters and gauges of every channel, output, the GPU worker and the Groq speech path.
 
     ``wake``: the process's :class:`~.wakeprobe.WakeProbe` (thread wake-up delay), if any.
     ``gc_watch``: its :class:`~.gcwatch.GcWatch` (garbage-collection pauses), if any.
+    ``host_load``: its :class:`~.hostload.HostLoad` (the host's CPU over the last second), if
+    any; nothing is shown before its first sample or where ``/proc`` is missing.
     """
     out: list[str] = []
 
@@ -158,6 +165,23 @@ def metrics_text(
             "objects frozen after start-up (never walked by a collection)",
             [({}, gc_watch.summary()["frozen_objects"])],
         )
+    last = host_load.last if host_load is not None else None
+    if last is not None:
+        metric(
+            "host_cpu_ratio",
+            "gauge",
+            "share of all the host's cores over the last second: busy (steal included), "
+            "iowait, steal (taken by the hypervisor for another tenant)",
+            [({"state": k}, last[k]) for k in ("busy", "iowait", "steal")],
+        )
+        metric(
+            "cpu_cores",
+            "gauge",
+            "CPU used over the last second, in cores: this process (every thread) and its "
+            "encoder child processes",
+            [({"who": "process"}, last["process_cores"]),
+             ({"who": "encoders"}, last["encoder_cores"])],
+        )  # fmt: skip
     sp = [(x, x.stats_dict()) for x in speech]
     for key, text in (
         ("utterances", "utterances cut from the input"),
