@@ -72,7 +72,14 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
     record = tmp_path / "rec.mp4"
     port = free_port()
     with RtmpServer() as rtmp:
-        live, lines, reader = _start_live_to_rtmp(avatars, port, rtmp, record)
+        # The tiny models run near real time on 2 CPU cores and, beside the whisper canvases and
+        # two encoders, below it while the voice lasts (a batch of 4 took 150-350 ms here): a
+        # 6 s playout delay leaves the backlog room, and one torch thread keeps the worker's
+        # kernels from waiting on a sibling thread that lost its core (late frames measured on
+        # one such host: 25-39 of ~75 at 4 s and two threads, 13 at one thread)
+        live, lines, reader = _start_live_to_rtmp(
+            avatars, port, rtmp, record, "--delay-ms", "6000", "--cpu-threads", "1"
+        )
         sent = subprocess.run(
             [
                 sys.executable,
@@ -211,11 +218,12 @@ def _assert_recording(record, ch: dict, log: str, idle_after: int, onset_frames:
     assert not moving[-idle_after:].any() and not speech[-idle_after:].any()
 
 
-def _start_live_to_rtmp(avatars, port, rtmp, record):
-    """The live process on channel ``astro`` (RTMP, a recording, status lines) and a reader."""
+def _start_live_to_rtmp(avatars, port, rtmp, record, *more):
+    """The live process on channel ``astro`` (RTMP, a recording, status lines) and a reader;
+    ``more``: further live options (a later option wins over ``_start_live``'s)."""
     url = rtmp.url("astro")
     args = ("--avatar", "astro", "--rtmp", url, "--record", str(record), "--status-interval-s", "2")
-    live, lines = _start_live(avatars, port, *args)
+    live, lines = _start_live(avatars, port, *args, *more)
     reader = _Reader(url)
     reader.start()
     return live, lines, reader
