@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from musetalk_rt.live.gcwatch import GcWatch, freeze_startup_heap
-from musetalk_rt.live.metrics import metrics_text
+from musetalk_rt.testing.live import idle_metrics, idle_worker, stats_channel
 
 
 @pytest.fixture
@@ -72,45 +72,18 @@ def test_metrics_expose_the_pauses_and_the_frozen_heap(unfrozen):
     finally:
         watch.stop()
     freeze_startup_heap()
-    worker = _idle_worker()
-    try:
-        text = metrics_text([], worker, gc_watch=watch)
-    finally:
-        worker.stop()
+    text = idle_metrics(gc_watch=watch)
     assert 'musetalk_gc_collections_total{generation="2"}' in text
     assert 'musetalk_gc_pause_ms_max{generation="0"}' in text
     line = next(ln for ln in text.splitlines() if ln.startswith("musetalk_gc_frozen_objects"))
     assert int(line.split()[-1]) == gc.get_freeze_count() > 0
 
 
-def _idle_worker():
-    """A GPU worker with no channels that never ran (its counters all zero)."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from musetalk_rt.live.worker import GpuWorker
-
-    gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))
-    return GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
-
-
 def test_status_line_names_full_collections_since_the_last_line():
-    from types import SimpleNamespace
-
     from musetalk_rt.live.app import status_line
 
-    stats = {
-        "late_frames": 0,
-        "speech_frames": 10,
-        "late_windows": 0,
-        "skipped_windows": 0,
-        "audio_errors": 0,
-        "voice_to_frame_p95_ms": None,
-        "window_lead_p05_ms": None,
-    }
-    ch = SimpleNamespace(stats=SimpleNamespace(as_dict=lambda: stats), outputs=[], delay_s=0.2)
-    worker = _idle_worker()
+    ch = stats_channel()
+    worker = idle_worker()
     watch = GcWatch().start()
     try:
         line, snap = status_line([ch], worker, None, 2.0, watch)

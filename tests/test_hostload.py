@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +18,7 @@ from musetalk_rt.live.hostload import (
     parse_cpu_line,
     status_part,
 )
+from musetalk_rt.testing.live import idle_metrics, idle_worker, stats_channel
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -68,7 +68,6 @@ def test_cpu_seconds_reads_past_a_command_name_with_spaces_and_parentheses():
 
 def test_sampler_on_a_fake_proc_feeds_status_metrics_frame_log_and_summary(tmp_path):
     from musetalk_rt.live.framelog import FrameLog, summarize
-    from musetalk_rt.live.metrics import metrics_text
 
     proc = tmp_path / "proc"
     _fake_proc(proc, (100, 0, 50, 800, 30, 10, 5, 5), {101: 1.0, 102: 2.0})
@@ -104,11 +103,7 @@ def test_sampler_on_a_fake_proc_feeds_status_metrics_frame_log_and_summary(tmp_p
     assert summary["samples"] == 2 and summary["busy_pct_max"] == 95.0
     assert summary["busy_pct_mean"] == 52.5 and summary["steal_pct_mean"] == 2.5
 
-    worker = _idle_worker()
-    try:
-        text = metrics_text([], worker, host_load=load)
-    finally:
-        worker.stop()
+    text = idle_metrics(host_load=load)
     assert 'musetalk_host_cpu_ratio{state="busy"} 0.1' in text
     assert 'musetalk_cpu_cores{who="encoders"} 0.0' in text
 
@@ -116,16 +111,6 @@ def test_sampler_on_a_fake_proc_feeds_status_metrics_frame_log_and_summary(tmp_p
     rows = summarize(log_path, bin_s=60.0)
     assert rows[0]["host_busy_pct"] == 52.5 and rows[0]["steal_pct"] == 2.5
     assert rows[0]["encoder_cores"] is not None
-
-
-def _idle_worker():
-    """A GPU worker with no channels that never ran (its counters all zero)."""
-    import torch
-
-    from musetalk_rt.live.worker import GpuWorker
-
-    gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))
-    return GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
 
 
 def test_without_proc_nothing_is_sampled_and_nothing_is_shown(tmp_path):
@@ -160,19 +145,10 @@ def test_the_real_proc_sees_this_process_and_a_busy_child():
 def test_status_line_shows_the_host_and_blames_saturated_cores_for_late_frames():
     from musetalk_rt.live.app import status_line
 
-    stats = {
-        "late_frames": 7,
-        "speech_frames": 10,
-        "late_windows": 0,
-        "skipped_windows": 0,
-        "audio_errors": 0,
-        "voice_to_frame_p95_ms": None,
-        "window_lead_p05_ms": None,
-    }
-    ch = SimpleNamespace(stats=SimpleNamespace(as_dict=lambda: stats), outputs=[], delay_s=0.2)
+    ch = stats_channel(late_frames=7)
     host = {"busy": 0.7, "busy_max": 0.97, "steal": 0.0, "process_cores": 3.2,
             "encoder_cores": 9.5}  # fmt: skip
-    worker = _idle_worker()
+    worker = idle_worker()
     try:
         line, _ = status_line([ch], worker, None, 30.0, host=host)
         calm, _ = status_line([ch], worker, None, 30.0, host={**host, "busy_max": 0.6})
