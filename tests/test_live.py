@@ -1029,29 +1029,13 @@ def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_f
     """Late frames whose audio windows arrive less than two batches and a blend before their
     deadline: the status line says so and names a ``--delay-ms`` that covers the shortfall; with
     enough lead, or nothing late, it stays quiet."""
-    from types import SimpleNamespace
-
-    import torch
-
     from musetalk_rt.live.app import status_line
-    from musetalk_rt.live.worker import GpuWorker
+    from musetalk_rt.testing.live import idle_worker, stats_channel
 
     def channel(lead_p05_ms, late):
-        stats = {
-            "late_frames": late,
-            "speech_frames": 100,
-            "late_windows": 0,
-            "skipped_windows": 0,
-            "audio_errors": 0,
-            "voice_to_frame_p95_ms": 300.0,
-            "window_lead_p05_ms": lead_p05_ms,
-        }
-        return SimpleNamespace(
-            stats=SimpleNamespace(as_dict=lambda: stats), outputs=[], delay_s=0.352
-        )
+        return stats_channel(late, 100, 0.352, 300.0, lead_p05_ms)
 
-    gen = SimpleNamespace(batch_sizes=[16], device=torch.device("cpu"))
-    worker = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
+    worker = idle_worker((16,))
     worker._batch_s.extend([0.05, 0.055, 0.06])  # median 55 ms
     worker._blend_s.extend([0.002, 0.002])
     assert worker.frame_wait_s() == pytest.approx(0.112)
@@ -1068,7 +1052,7 @@ def test_status_line_names_a_longer_delay_when_windows_come_too_close_to_their_f
     assert "audio path errors" not in line
     assert "hint" not in status_line([channel(150.0, 30)], worker, None, 30.0)[0]  # lead enough
     assert "hint" not in status_line([channel(60.0, 0)], worker, None, 30.0)[0]  # nothing late
-    idle = GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)  # no batch measured yet
+    idle = idle_worker((16,))  # no batch measured yet
     assert "hint" not in status_line([channel(60.0, 30)], idle, None, 30.0)[0]
     worker.stop()
     idle.stop()

@@ -10,26 +10,35 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 
-def idle_worker():
+def idle_worker(batch_sizes: tuple[int, ...] = (2,)):
     """A CPU GPU-worker with no channels that never ran; call ``stop()`` when done."""
     import torch
 
     from musetalk_rt.live.worker import GpuWorker
 
-    gen = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"))
+    gen = SimpleNamespace(batch_sizes=list(batch_sizes), device=torch.device("cpu"))
     return GpuWorker(gen, [], horizon_s=1.0, blend_threads=1)
 
 
-def stats_channel(late_frames: int = 0, speech_frames: int = 10, delay_s: float = 0.2):
-    """A channel whose statistics say so many talking frames on time and late, nothing else."""
+def stats_channel(
+    late_frames: int = 0,
+    speech_frames: int = 10,
+    delay_s: float = 0.2,
+    voice_to_frame_p95_ms: float | None = None,
+    window_lead_p05_ms: float | None = None,
+):
+    """A channel whose statistics say so many talking frames on time and late, nothing else.
+
+    ``ch.stats.as_dict()`` returns the same dict each time: a test may change a count in it.
+    """
     stats = {
         "late_frames": late_frames,
         "speech_frames": speech_frames,
         "late_windows": 0,
         "skipped_windows": 0,
         "audio_errors": 0,
-        "voice_to_frame_p95_ms": None,
-        "window_lead_p05_ms": None,
+        "voice_to_frame_p95_ms": voice_to_frame_p95_ms,
+        "window_lead_p05_ms": window_lead_p05_ms,
     }
     return SimpleNamespace(
         stats=SimpleNamespace(as_dict=lambda: stats), outputs=[], delay_s=delay_s
