@@ -33,6 +33,7 @@ from pathlib import Path
 log = logging.getLogger("musetalk_rt.live")
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_FIGURES = ("busy", "iowait", "steal", "process_cores", "encoder_cores")  # a sample's figures
 
 
 def parse_cpu_line(text: str) -> dict | None:
@@ -106,7 +107,7 @@ class HostLoad:
         self.last: dict | None = None  # the latest sample
         self._lock = threading.Lock()
         self._interval: list[dict] = []  # samples since the last take()
-        self._sums: dict[str, float] = {}
+        self._sums = dict.fromkeys(_FIGURES, 0.0)
         self._count = 0
         self._busy_max = 0.0
         self._prev: tuple | None = None
@@ -179,8 +180,8 @@ class HostLoad:
             self._interval.append(rec)
             self._count += 1
             self._busy_max = max(self._busy_max, rec["busy"])
-            for k in ("busy", "iowait", "steal", "process_cores", "encoder_cores"):
-                self._sums[k] = self._sums.get(k, 0.0) + rec[k]
+            for k in _FIGURES:
+                self._sums[k] += rec[k]
         if self.frame_log is not None:
             self.frame_log.write(ev="host", **rec)
         return rec
