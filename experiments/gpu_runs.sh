@@ -55,7 +55,8 @@
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
 # log, which says when windows and frames came, always goes to $OUT/frames.jsonl.gz), BUCKETS
 # (channels: the worker's buckets, default 16), REPEAT (channels: times the WAV is sent, default
-# 5), CH_BUDGET_S (channels: the probe ends by this second of the stage, default 590), WAV
+# 5), CH_BUDGET_S (channels: the probe ends by this second of the stage, default 590),
+# START_TIMEOUT_S (channels: seconds the live process may take to start, default 330), WAV
 # (default .carry/eng.wav; 60 s of speech), AOTI_ARGS (more options for every aoti build and
 # bench, e.g. "--aoti-max-autotune"), PY (default python3), OUT (default out/gpu_runs),
 # AT_SEED (every stage: inductor's tuning record to start from, default
@@ -152,7 +153,8 @@ channels)
   [ "$left" -ge 60 ] || { echo "channels: ${left} s left of CH_BUDGET_S, no live probe" >&2; exit 3; }
   timeout -k 75 "$left" "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
     --repeat "${REPEAT:-5}" --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
-    --dtype fp16 --batch-sizes "${BUCKETS:-16}" --work /tmp/lp --out "$R" --start-timeout-s 240 \
+    --dtype fp16 --batch-sizes "${BUCKETS:-16}" --work /tmp/lp --out "$R" \
+    --start-timeout-s "${START_TIMEOUT_S:-330}" \
     $([ "${ENGINE:-compile}" = compile ] && echo --compile-freezing) \
     --frame-log "/tmp/lp/frames_n{n}.jsonl" ${LIVE_ARGS:-} \
     > "$L/live_probe.txt" 2>&1

@@ -61,6 +61,7 @@ class FaceGenerator:
     ):
         self.models = models
         self.device = models.device
+        self.log = log
         torch_dtype = parse_dtype(dtype)
         eng, self.reason = select_engine(
             engine, self.device, torch_dtype, fallback=fallback, log=log, **(engine_options or {})
@@ -111,10 +112,14 @@ class FaceGenerator:
                 f"(for these weights and this GPU); build it first: {build_command}"
             )
         fp = self.models.fingerprint
-        self.reports = [
-            self.unet.prepare(self.batch_sizes, cache_root, fp),
-            self.vae.prepare(self.batch_sizes, cache_root, fp),
-        ]
+        self.reports = []
+        for stage in (self.unet, self.vae):
+            if self.engine_name != "eager":  # a build of seconds to minutes: say what it is at
+                self.log(
+                    f"engine: preparing {stage.name} ({self.engine_name}/{self.dtype_name}, "
+                    f"buckets {','.join(map(str, self.batch_sizes))}) …"
+                )
+            self.reports.append(stage.prepare(self.batch_sizes, cache_root, fp))
         for r in self.reports:
             r.reason = f"{r.reason}; chosen: {self.reason}"
         return self.reports

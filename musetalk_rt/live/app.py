@@ -471,7 +471,7 @@ def run(args) -> int:
         args.batch_sizes,
         args.fallback,
         live_engine_options(args),
-        log=print,
+        log=lambda line: print(line, flush=True),
     )
     gen.to_host.blocking = args.gpu_wait == "block"
     for r in gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes)):
