@@ -1,8 +1,12 @@
 """Packaging stays consistent: environment.yml, pyproject, Makefile, README, CLI entry point."""
 
+import argparse
+import importlib
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 if sys.version_info >= (3, 11):
@@ -46,3 +50,55 @@ def test_makefile_installs_torch_first_and_ci_calls_make_test():
     mk = (ROOT / "Makefile").read_text()
     assert mk.index("TORCH_SPEC)") < mk.index('-e ".[dev]"')
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _help_text(command: str, capsys) -> str:
+    """The ``--help`` of a command line as the README writes it (``musetalk-rt avatar prepare``)."""
+    words = command.split()
+    if words[0] == "musetalk-rt":
+        from musetalk_rt.cli import build_parser
+
+        parser, rest = build_parser(), words[1:]
+    elif words[:3] == ["python", "-m", "musetalk_rt.live"]:
+        from musetalk_rt.live.app import build_parser as live_parser
+
+        parser, rest = live_parser(), []
+    else:  # a module that builds its parser inside main(): ask it for --help
+        module = importlib.import_module(words[2])
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        return capsys.readouterr().out
+    for word in rest:  # walk down the sub-commands the line names (`bench e2e`, `avatar info`)
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = word.split("|")[0]
+        if not subs or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    return parser.format_help()
+
+
+def test_readme_command_lines_match_the_help(capsys):
+    """Every option the README's command summary shows exists in that command's ``--help``, and
+    every engine it names is a registered one; `render` and `engines build` name them all."""
+    from musetalk_rt.engines import available_engines
+
+    text = (ROOT / "README.md").read_text().split("\n## Commands\n", 1)[1]
+    block = text.split("```", 2)[1]
+    entries: list[str] = []
+    for line in block.splitlines()[1:]:
+        if line.startswith(("musetalk-rt ", "python -m ")):
+            entries.append(line)
+        elif line.strip() and entries:
+            entries[-1] += " " + line.strip()
+    assert len(entries) >= 12
+    engines = set(available_engines())
+    for entry in entries:
+        command = re.split(r" \[| --| [A-Z]", entry, maxsplit=1)[0]
+        help_text = _help_text(command, capsys)
+        for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", entry):
+            assert re.search(rf"{option}\b", help_text), f"README: {command} {option} not in --help"
+        for value in re.findall(r"--engine ([a-z|,]+)", entry):
+            named = set(re.split(r"[|,]", value))
+            assert named <= engines, f"README: {command} names unknown engines {named - engines}"
+            if command in ("musetalk-rt render", "musetalk-rt engines build"):
+                assert named >= engines - {"eager"}, f"README: {command} leaves out an engine"
