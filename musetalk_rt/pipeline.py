@@ -12,6 +12,7 @@ one clip both ways compares the two paths end to end.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ def render(
     streaming: StreamingConfig | None = None,
     engine_cache: Path | None = None,
     build_command: str | None = None,
+    encode_thread: bool | None = None,
 ) -> RenderReport:
     """Render ``audio_path`` spoken by ``avatar`` into ``out_path`` (H.264 + AAC MP4).
 
@@ -217,12 +219,15 @@ def render(
         engine_cache: ``models_dir`` whose ``engines/`` may hold prebuilt engines.
         build_command: Refuse an ahead-of-time engine missing from ``engine_cache`` and print
             this command (see :meth:`FaceGenerator.prepare`).
+        encode_thread: Encode in a thread of its own while the next batch runs
+            (:class:`~musetalk_rt.media.BackgroundWriter`); None: when the models run on a GPU.
+            The stage table's ``encode_wait`` is the part of the encoding the render waited for.
 
     Raises:
         UserError: Bad audio, an avatar prepared with other weights, a bad batch size, a
             missing prebuilt engine.
     """
-    from musetalk_rt.media import Mp4Writer, load_audio
+    from musetalk_rt.media import BackgroundWriter, InlineWriter, Mp4Writer, load_audio
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -261,7 +266,17 @@ def render(
     blend = BlendStage(avatar)
     w, h = avatar.size
     meta = {"comment": models.describe(), "encoder": "musetalk_rt"}
-    with Mp4Writer(out_path, w, h, fps=FPS, audio=clip, metadata=meta) as writer:
+    encode_timer = functools.partial(clock.stage, "encode", on_host=True)
+    if encode_thread is None:  # a model on the CPU would only take turns with x264 for its cores
+        encode_thread = torch.device(models.device).type == "cuda"
+    with (
+        Mp4Writer(out_path, w, h, fps=FPS, audio=clip, metadata=meta) as mp4,
+        (
+            BackgroundWriter(mp4, max_frames=max(32, 2 * batch_size), on_encode=encode_timer)
+            if encode_thread  # x264 encodes in its own thread while the GPU runs the next batch
+            else InlineWriter(mp4, on_encode=encode_timer)
+        ) as writer,
+    ):
         for start in range(0, n_frames, batch_size):
             ids = list(range(start, min(start + batch_size, n_frames)))
             talk = [f for f in ids if weights is None or weights[f] > 0]
@@ -274,18 +289,21 @@ def render(
                     blend(batch)
                     for f, frame in zip(talk, batch.frames, strict=True):
                         out[f] = frame if weights is None else crossfade(out[f], frame, weights[f])
-            with clock.stage("encode", on_host=True):
-                for f in ids:
-                    writer.write(out[f])
-        with clock.stage("encode", on_host=True):
-            written = writer.close()
+            for f in ids:
+                writer.write(out[f])
+        written = writer.close()
+        encode_wait_s = writer.waited_s
     wall = time.perf_counter() - t_start
     return RenderReport(
         out=str(out_path),
         frames=written,
         audio_s=clip.duration_s,
         wall_s=wall,
-        stage_ms={**clock.totals_ms(), "prepare(engine build)": prepare_s * 1000.0},
+        stage_ms={
+            **clock.totals_ms(),
+            "prepare(engine build)": prepare_s * 1000.0,
+            "encode_wait": encode_wait_s * 1000.0,  # the part of encode the render waited for
+        },
         engines=[r.as_dict() for r in reports],
         weights=models.describe(),
         batch_size=batch_size,

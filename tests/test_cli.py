@@ -57,6 +57,37 @@ def test_render_eng_wav_1500_frames_60s_aac(yongen_avatar, fixture_file, tmp_pat
     assert "noise" in res.stdout  # the output says plainly that tiny weights make noise
 
 
+def test_render_encodes_in_a_thread_on_request_with_the_same_result(
+    tiny_models, yongen_avatar, fixture_file, tmp_path
+):
+    """A GPU render encodes in a thread of its own (the default where the models run on a GPU);
+    forced on here, its file decodes to the same frames and sound as the inline encoder's."""
+    from musetalk_rt.avatar import load_avatar
+    from musetalk_rt.media import load_audio, read_video
+    from musetalk_rt.pipeline import render
+
+    clip = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000:32000]  # 1 s: 25 frames
+    wav = tmp_path / "one_s.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(clip, -1, 1) * 32767).astype("<i2").tobytes())
+    avatar = load_avatar("yongen", yongen_avatar)
+    reports, frames = {}, {}
+    for thread in (False, True):
+        out = tmp_path / f"thread_{thread}.mp4"
+        reports[thread] = render(
+            tiny_models, avatar, wav, out, batch_size=8, log=lambda _: None, encode_thread=thread
+        )
+        frames[thread] = read_video(out)[0]
+        assert probe_media(out)["audio_duration_s"] == pytest.approx(1.0, abs=0.05)
+    assert reports[True].frames == reports[False].frames == len(frames[True]) == 25
+    assert all(np.array_equal(a, b) for a, b in zip(frames[False], frames[True], strict=True))
+    for report in reports.values():  # the table says how much of the encoding was waited for
+        assert report.stage_ms["encode"] > 0 and report.stage_ms["encode_wait"] > 0
+
+
 def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, capsys):
     out = tmp_path / "y.mp4"
     code = main(
@@ -72,7 +103,12 @@ def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, cap
             "8",
         )
     )
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    # a build that may take minutes says which stage it is at, before it starts
+    lines = printed.out.splitlines()
+    unet = lines.index("engine: preparing unet (compile/fp32, buckets 8) …")
+    assert lines[unet + 1] == "engine: preparing vae_decode (compile/fp32, buckets 8) …"
     info = probe_media(out)
     assert info["video_frames"] == 200 and info["audio_channels"] == 2
     assert info["audio_sample_rate"] == 48000 and abs(info["audio_duration_s"] - 8.0) < 0.05

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 import wave
 import zlib
 from fractions import Fraction
@@ -15,6 +16,8 @@ import pytest
 from musetalk_rt.errors import UserError
 from musetalk_rt.media import (
     AudioClip,
+    BackgroundWriter,
+    InlineWriter,
     Mp4Writer,
     check_frames,
     load_audio,
@@ -234,6 +237,103 @@ def test_mp4_writer_exception_leaves_no_file(tmp_path):
             raise RuntimeError("boom")
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _decoded(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_background_writer_writes_the_same_file_as_inline(tmp_path):
+    """The thread changes when frames are encoded, not what: same frames, same order, same
+    audio, the stage timer called once per frame (in the thread)."""
+    clip = sine_clip([440.0], duration_s=1.2, sample_rate=16000)
+    frames = [gradient_frame(48, 64, i) for i in range(30)]
+    timed = []
+
+    class Timer:
+        def __enter__(self):
+            timed.append(threading.current_thread().name)
+
+        def __exit__(self, *exc):
+            return None
+
+    results = {}
+    for name, make in (
+        ("inline", lambda mp4: InlineWriter(mp4, on_encode=Timer)),
+        ("thread", lambda mp4: BackgroundWriter(mp4, max_frames=4, on_encode=Timer)),
+    ):
+        path = tmp_path / f"{name}.mp4"
+        with Mp4Writer(path, 64, 48, audio=clip) as mp4, make(mp4) as writer:
+            for frame in frames:
+                writer.write(frame)
+            results[name] = (writer.close(), path)
+    assert results["inline"][0] == results["thread"][0] == 30
+    a, b = (_decoded(results[k][1]) for k in ("inline", "thread"))
+    assert len(a) == len(b) == 30 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert probe_media(results["thread"][1])["audio_duration_s"] == pytest.approx(1.2, abs=0.07)
+    assert timed == ["MainThread"] * 31 + ["encode"] * 30 + ["MainThread"]  # + each flush
+
+
+class _GatedWriter:
+    """Takes a frame only when the gate is open; fails on frame ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.gate = threading.Event()
+        self.taken: list[int] = []
+        self.fail_at = fail_at
+        self.closed = False
+
+    def write(self, frame):
+        self.gate.wait()
+        if len(self.taken) == self.fail_at:
+            raise OSError("No space left on device")
+        self.taken.append(int(frame))
+
+    def close(self):
+        self.closed = True
+        return len(self.taken)
+
+
+def test_background_writer_blocks_when_full_and_drops_nothing():
+    sink = _GatedWriter()
+    writer = BackgroundWriter(sink, max_frames=2)
+    for i in range(3):  # one in the encoder's hands, two waiting
+        writer.write(i)
+    fourth = threading.Thread(target=writer.write, args=(3,))
+    fourth.start()
+    fourth.join(0.3)
+    assert fourth.is_alive()  # the queue is full and the encoder is held: write blocks
+    sink.gate.set()
+    fourth.join(10)
+    assert not fourth.is_alive()
+    assert writer.close() == 4 and sink.taken == [0, 1, 2, 3] and sink.closed
+    assert writer.waited_s > 0
+
+
+def test_background_writer_hands_the_encoder_error_to_the_producer():
+    sink = _GatedWriter(fail_at=2)
+    sink.gate.set()
+    writer = BackgroundWriter(sink, max_frames=1)
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(100):  # the producer learns of it at a later write, never hangs
+            writer.write(i)
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert sink.taken == [0, 1] and not sink.closed
+
+
+def test_background_writer_error_in_the_render_loop_leaves_no_file(tmp_path):
+    path = tmp_path / "crash.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with Mp4Writer(path, 32, 32) as mp4, BackgroundWriter(mp4, max_frames=2) as writer:
+            for i in range(5):
+                writer.write(gradient_frame(32, 32, i))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    assert not writer._thread.is_alive()
+    with pytest.raises(ValueError, match="at least 1"):
+        BackgroundWriter(InlineWriter(None), max_frames=0)
 
 
 # ---- bad input ------------------------------------------------------------------------------
