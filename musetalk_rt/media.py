@@ -693,6 +693,7 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max_frames)
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._finishing = False
         self._thread = threading.Thread(target=self._run, name="encode", daemon=True)
         self._thread.start()
 
@@ -713,16 +714,25 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, frame: np.ndarray) -> None:
-        """Queue one frame (blocks while ``max_frames`` wait); raises the thread's error."""
+    def _check_open(self) -> None:
         self._raise_if_failed()
+        if self._finishing or not self._thread.is_alive():
+            raise ValueError("BackgroundWriter is closed")
+
+    def write(self, frame: np.ndarray) -> None:
+        """Queue one frame (blocks while ``max_frames`` wait); raises the thread's error.
+
+        Raises:
+            ValueError: The writer was closed (its thread takes nothing more).
+        """
+        self._check_open()
         t0 = time.perf_counter()
         while True:
             try:
                 self._queue.put(frame, timeout=0.1)
                 break
             except queue.Full:
-                self._raise_if_failed()  # the thread died: its queue will never drain
+                self._check_open()  # the thread ended: its queue will never drain
         self.waited_s += time.perf_counter() - t0
 
     def close(self):
@@ -739,6 +749,7 @@ class BackgroundWriter:
         return result
 
     def _finish(self) -> None:
+        self._finishing = True
         if self._thread.is_alive():
             while True:
                 try:
@@ -747,7 +758,16 @@ class BackgroundWriter:
                 except queue.Full:
                     if self._stop.is_set():
                         break  # the thread has ended and will take nothing more
-            self._thread.join()
+        # Wait for the thread even through a second Ctrl-C: the writer's own exit must not
+        # close the file while the thread is inside an encode (it ends within one frame).
+        interrupted = None
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt as err:
+                interrupted = err
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> BackgroundWriter:
         return self

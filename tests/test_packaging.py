@@ -52,8 +52,9 @@ def test_makefile_installs_torch_first_and_ci_calls_make_test():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def _help_text(command: str, capsys) -> str:
-    """The ``--help`` of a command line as the README writes it (``musetalk-rt avatar prepare``)."""
+def _options_of(command: str, capsys) -> set[str]:
+    """The option names of a command line as the README writes it (``musetalk-rt avatar
+    prepare``); every sub-command word it names must exist."""
     words = command.split()
     if words[0] == "musetalk-rt":
         from musetalk_rt.cli import build_parser
@@ -63,18 +64,25 @@ def _help_text(command: str, capsys) -> str:
         from musetalk_rt.live.app import build_parser as live_parser
 
         parser, rest = live_parser(), []
-    else:  # a module that builds its parser inside main(): ask it for --help
+    else:  # a module that builds its parser inside main(): read the options off its --help
         module = importlib.import_module(words[2])
         with pytest.raises(SystemExit):
             module.main(["--help"])
-        return capsys.readouterr().out
+        return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out))
     for word in rest:  # walk down the sub-commands the line names (`bench e2e`, `avatar info`)
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        name = word.split("|")[0]
-        if not subs or name not in subs[0].choices:
-            break
-        parser = subs[0].choices[name]
-    return parser.format_help()
+        choices = (
+            subs[0].choices
+            if subs
+            else next(
+                (a.choices for a in parser._actions if not a.option_strings and a.choices), {}
+            )
+        )
+        names = word.split("|")
+        assert all(n in choices for n in names), f"README: {command}: no sub-command {word}"
+        if subs:
+            parser = subs[0].choices[names[0]]
+    return {o for a in parser._actions for o in a.option_strings}
 
 
 def test_readme_command_lines_match_the_help(capsys):
@@ -94,9 +102,9 @@ def test_readme_command_lines_match_the_help(capsys):
     engines = set(available_engines())
     for entry in entries:
         command = re.split(r" \[| --| [A-Z]", entry, maxsplit=1)[0]
-        help_text = _help_text(command, capsys)
+        options = _options_of(command, capsys)
         for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", entry):
-            assert re.search(rf"{option}\b", help_text), f"README: {command} {option} not in --help"
+            assert option in options, f"README: {command} {option} not in --help"
         for value in re.findall(r"--engine ([a-z|,]+)", entry):
             named = set(re.split(r"[|,]", value))
             assert named <= engines, f"README: {command} names unknown engines {named - engines}"
