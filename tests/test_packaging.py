@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")  # a long option in a command line or a help
 
 
 def test_environment_yml_is_thin_and_consistent():
@@ -68,7 +69,7 @@ def _options_of(command: str, capsys) -> set[str]:
         module = importlib.import_module(words[2])
         with pytest.raises(SystemExit):
             module.main(["--help"])
-        return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out))
+        return set(OPTION.findall(capsys.readouterr().out))
     for word in rest:  # walk down the sub-commands the line names (`bench e2e`, `avatar info`)
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         choices = (
@@ -103,7 +104,7 @@ def test_readme_command_lines_match_the_help(capsys):
     for entry in entries:
         command = re.split(r" \[| --| [A-Z]", entry, maxsplit=1)[0]
         options = _options_of(command, capsys)
-        for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", entry):
+        for option in OPTION.findall(entry):
             assert option in options, f"README: {command} {option} not in --help"
         for value in re.findall(r"--engine ([a-z|,]+)", entry):
             named = set(re.split(r"[|,]", value))
