@@ -69,6 +69,38 @@ def test_compile_engine_buckets_pad_and_split(tiny_models):
         assert res.passed and res.latent_rel_err < 1e-4, (b, res)
 
 
+def test_a_padded_batch_reaches_a_compiled_bucket_in_its_memory_format():
+    """A partial batch is padded, then put in the bucket's memory format: no re-compile.
+
+    Seen on an H200: a render whose last batch was partial re-compiled the UNet and the VAE
+    (dynamo: "stride mismatch at index 1"), because the padding returned NCHW memory.
+    """
+    from torch._dynamo.utils import counters
+
+    from musetalk_rt.engines.base import EngineReport, Runner
+
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1).to(memory_format=torch.channels_last).eval()
+    compiled = torch.compile(conv, backend="eager", fullgraph=True, dynamic=False)
+    seen = []
+
+    def bucket_fn(x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return compiled(x)
+
+    report = EngineReport("compile", "fp32", "cpu", [4])
+    runner = Runner({4: bucket_fn}, torch.float32, report, memory_format=torch.channels_last)
+    with torch.inference_mode():  # the build's call, as the compile engine makes it
+        bucket_fn(torch.randn(4, 8, 32, 32).contiguous(memory_format=torch.channels_last))
+    graphs = counters["stats"]["unique_graphs"]
+    for b in (4, 3, 1):  # NCHW latents, as a render passes them; 3 and 1 are padded to 4
+        x = torch.randn(b, 8, 32, 32)
+        out = runner(x)
+        assert out.shape == (b, 4, 32, 32)
+        torch.testing.assert_close(out, conv(x))
+    assert seen == [True] * 4
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled again
+
+
 def test_to_host_mapping_matches_musetalk():
     images = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.2]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
     faces = ToHostStage(CPU)(FrameBatch([0], [0], images=images)).faces

@@ -145,9 +145,8 @@ class Runner:
 
     @torch.inference_mode()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        inputs = tuple(self._cast(x) for x in inputs)
         if self.buckets is None:
-            return self.fns[0](*inputs)
+            return self.fns[0](*(self._cast(x) for x in inputs))
         b = inputs[0].shape[0]
         if b > self.buckets[-1]:  # split into the largest bucket
             step = self.buckets[-1]
@@ -156,7 +155,10 @@ class Runner:
         bucket = next(k for k in self.buckets if k >= b)
         if bucket != b:  # pad by repeating the last row; the padding's output is discarded
             inputs = tuple(torch.cat([x, x[-1:].expand(bucket - b, *x.shape[1:])]) for x in inputs)
-        out = self.fns[bucket](*inputs)
+        # cast after the padding: the concatenation returns NCHW memory whatever its inputs'
+        # format, and a compiled bucket guards on strides (a partial batch in channels-last
+        # would otherwise re-compile the whole module at its first call, 30-60 s on a GPU)
+        out = self.fns[bucket](*(self._cast(x) for x in inputs))
         return out[:b] if bucket != b else out
 
 
