@@ -46,6 +46,11 @@
 #                                      # processes at once (AT_BUILD_S each, default 420), then a
 #                                      # bench row loading both from the cache (AT_ARGS: the
 #                                      # rewrites, default both, interleave form)
+#   experiments/gpu_runs.sh render     # render's x264 encoder inline against in a thread, the
+#                                      # talking-avatar fixture (.carry/yongen.mp4, 704x1216)
+#                                      # and the WAV: eager, then compile, fp16 B16, each after an
+#                                      # untimed 10 s render, twice per mode (RENDER_ENGINES,
+#                                      # RENDER_REPEAT, RENDER_BATCH, RENDER_VIDEO)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -214,6 +219,18 @@ aoti-bench)
   tail -n 2 /tmp/aoti_bg/*.txt
   bench_aoti ${AOTI_BUCKETS:-16 32 8 1}
   ;;
+render)
+  rv=(--video "${RENDER_VIDEO:-.carry/yongen.mp4}" --bbox 250,300,470,560 --audio "$WAV"
+      --weights synthetic --dtype fp16 --batch-size "${RENDER_BATCH:-16}" --out "$R"
+      --repeat "${RENDER_REPEAT:-2}" --warmup-s 10)
+  for e in ${RENDER_ENGINES:-eager compile}; do
+    # recompiles logged: a compile render once paid for a second build at its partial batch
+    TORCH_LOGS=recompiles timeout "$(left 580)" "$PY" experiments/render_encode.py "${rv[@]}" \
+      --engines "$e" > "$L/render_$e.txt" 2>&1
+    grep -h "Recompiling\|guard failure\|mismatch" "$L/render_$e.txt" | cut -c1-200
+    tail -n 1 "$L/render_$e.txt"
+  done
+  ;;
 e2e1)
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
   timeout 400 "$PY" -m musetalk_rt bench e2e --engine compile --dtype fp16 --batch-sizes 4 \
@@ -333,7 +350,7 @@ aoti-rows)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|aoti|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac

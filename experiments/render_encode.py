@@ -1,0 +1,164 @@
+"""The render's x264 encoder inline against in a thread of its own, on the machine at hand.
+
+``render`` encodes in a :class:`~musetalk_rt.media.BackgroundWriter` thread when the models run
+on a GPU (the encoder works on batch n while the GPU runs batch n+1) and inline on a CPU, where
+the two would only take turns for the same cores (2 cores: 81 s threaded against 72 s inline).
+This measures the GPU side of that choice: the talking-avatar fixture (704x1216 output frames)
+is prepared with the chosen weights, then the same speech is rendered ``--repeat`` times per
+engine, inline and threaded in alternation (so a drift of the host's clocks hits both), and each
+render's wall time without its engine build is one row. ``--warmup-s`` renders that many seconds
+of the speech first, untimed (its row says ``warmup``): the first render of a process can pay for
+work the build left undone, which would land on whichever mode came first. The output frames of
+the two modes are compared (identical, or the last line says so).
+
+    python experiments/render_encode.py --video yongen.mp4 --bbox 250,300,470,560 \
+        --audio eng.wav --weights synthetic --engines eager,compile --out experiments/results/X
+
+One JSONL row per render goes to ``<out>/render_encode.jsonl``; the last line printed is a
+summary JSON line (median wall per engine and mode, and the threaded speed-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from musetalk_rt.bench import environment, write_rows
+
+
+def _frames_digest(path: Path) -> tuple[int, str]:
+    """Frame count and a digest of the decoded video frames (the encode is deterministic)."""
+    import hashlib
+
+    import av
+
+    h = hashlib.sha256()
+    n = 0
+    with av.open(str(path)) as c:
+        for frame in c.decode(video=0):
+            h.update(frame.to_ndarray(format="rgb24").tobytes())
+            n += 1
+    return n, h.hexdigest()[:16]
+
+
+def main() -> int:
+    from musetalk_rt.avatar import load_avatar, parse_bbox, prepare_avatar
+    from musetalk_rt.pipeline import render
+    from musetalk_rt.weights import load_models
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--video", type=Path, required=True, help="avatar source video")
+    p.add_argument("--bbox", required=True, help="face box x1,y1,x2,y2 in the source frames")
+    p.add_argument("--audio", type=Path, required=True, help="speech to render")
+    p.add_argument("--weights", default="synthetic", choices=["synthetic", "tiny", "real"])
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--engines", default="eager,compile", help="comma-separated engine names")
+    p.add_argument("--dtype", default="fp16")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=2, help="renders per engine and mode")
+    p.add_argument("--warmup-s", type=float, default=0.0, help="untimed first render's audio")
+    p.add_argument("--out", type=Path, default=Path("out/render_encode"))
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    models = load_models(args.weights, args.models_dir, device=device)
+    work = Path(tempfile.mkdtemp(prefix="render_encode_"))
+    t0 = time.perf_counter()
+    prepare_avatar(
+        args.video, "avatar", models, work / "avatars", bbox=parse_bbox(args.bbox), log=print
+    )
+    print(f"avatar prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+    avatar = load_avatar("avatar", work / "avatars")
+    env = environment(device)
+    warmup_audio = None
+    if args.warmup_s > 0:
+        import wave
+
+        import numpy as np
+
+        from musetalk_rt.media import load_audio
+
+        clip = load_audio(args.audio)
+        n = min(clip.num_samples, int(args.warmup_s * clip.sample_rate))
+        pcm = (np.clip(clip.samples[:, :n].T, -1.0, 1.0) * 32767.0).astype("<i2")  # [n, C]
+        warmup_audio = work / "warmup.wav"
+        with wave.open(str(warmup_audio), "wb") as w:
+            w.setnchannels(clip.channels)
+            w.setsampwidth(2)
+            w.setframerate(clip.sample_rate)
+            w.writeframes(pcm.tobytes())
+    rows = []
+    for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        digests = {}
+        plan = [("warmup", False, -1)] if warmup_audio is not None else []
+        plan += [(m, m == "thread", i) for i in range(args.repeat) for m in ("inline", "thread")]
+        for mode, threaded, i in plan:
+            out = work / f"{engine}_{mode}_{i}.mp4"
+            rep = render(
+                models,
+                avatar,
+                warmup_audio if mode == "warmup" else args.audio,
+                out,
+                engine=engine,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                log=lambda s: print(s, flush=True),
+                encode_thread=threaded,
+            )
+            build_s = rep.stage_ms["prepare(engine build)"] / 1000.0
+            frames, digest = _frames_digest(out)
+            if mode != "warmup":
+                digests.setdefault(mode, digest)
+            row = {
+                "engine": engine,
+                "dtype": args.dtype,
+                "batch": args.batch_size,
+                "weights": args.weights,
+                "mode": mode,
+                "run": i,
+                "frames": rep.frames,
+                "decoded_frames": frames,
+                "size": f"{avatar.size[0]}x{avatar.size[1]}",
+                "wall_s": round(rep.wall_s, 3),
+                "build_s": round(build_s, 3),
+                "render_s": round(rep.wall_s - build_s, 3),  # the wall without the build
+                "render_fps": round(rep.frames / (rep.wall_s - build_s), 1),
+                "stage_ms": {k: round(v, 1) for k, v in rep.stage_ms.items()},
+                "frames_digest": digest,
+                **env,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            rows.append(row)
+            write_rows([row], args.out, "render_encode.jsonl")
+            print(json.dumps(row), flush=True)
+            out.unlink()
+        if len(set(digests.values())) > 1:
+            print(f"{engine}: inline and threaded frames differ: {digests}", flush=True)
+    summary = {}
+    for engine in sorted({r["engine"] for r in rows}):
+        med = {
+            m: statistics.median(
+                r["render_s"] for r in rows if r["engine"] == engine and r["mode"] == m
+            )
+            for m in ("inline", "thread")
+        }
+        timed = [r for r in rows if r["engine"] == engine and r["mode"] != "warmup"]
+        summary[engine] = {
+            "inline_s": round(med["inline"], 2),
+            "thread_s": round(med["thread"], 2),
+            "speedup": round(med["inline"] / med["thread"], 3),
+            "same_frames": len({r["frames_digest"] for r in timed}) == 1,
+        }
+    print(json.dumps({"render_encode": summary, "gpu": env["gpu"], "git_sha": env["git_sha"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
