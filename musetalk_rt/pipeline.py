@@ -48,6 +48,8 @@ class FaceGenerator:
         fallback: Engine to use when ``engine`` cannot run here.
         engine_options: Passed to the engine constructor.
         log: Progress lines.
+        blocking_wait: Wait for a batch's faces asleep in the driver instead of spinning on a
+            core (:class:`~musetalk_rt.stages.ToHostStage`'s ``blocking``; CUDA only).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class FaceGenerator:
         fallback: str | None = None,
         engine_options: dict | None = None,
         log: Callable[[str], None] = print,
+        blocking_wait: bool = False,
     ):
         self.models = models
         self.device = models.device
@@ -70,7 +73,7 @@ class FaceGenerator:
         self.engine_name, self.dtype_name = eng.name, dtype  # the engine in use (after fallback)
         self.unet = UNetStage(models.unet, eng, torch_dtype, self.device)
         self.vae = VaeDecodeStage(models.vae, eng, torch_dtype, self.device)
-        self.to_host = ToHostStage(self.device)
+        self.to_host = ToHostStage(self.device, blocking=blocking_wait)
         self.batch_sizes = sorted(set(batch_sizes))
         self.reports: list[EngineReport] = []
 

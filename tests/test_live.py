@@ -467,10 +467,14 @@ def test_live_compile_engine_defaults_to_the_manual_graph_capture():
     assert live_engine_options(p.parse_args([*base, "--engine", "eager"])) == {}
 
 
-def test_live_gpu_wait_spins_unless_told_to_block(capsys):
+def test_live_gpu_wait_spins_unless_told_to_block(capsys, tiny_models):
     """``--gpu-wait`` parses to spin by default, block when asked, and refuses anything else
     (the event it makes blocking exists on CUDA only: measured on a GPU host, not here)."""
     from musetalk_rt.live.app import build_parser
+    from musetalk_rt.pipeline import FaceGenerator
+
+    assert FaceGenerator(tiny_models).to_host.blocking is False
+    assert FaceGenerator(tiny_models, blocking_wait=True).to_host.blocking is True
 
     p = build_parser()
     assert p.parse_args(["--avatar", "a"]).gpu_wait == "spin"

@@ -472,8 +472,8 @@ def run(args) -> int:
         args.fallback,
         live_engine_options(args),
         log=lambda line: print(line, flush=True),
+        blocking_wait=args.gpu_wait == "block",
     )
-    gen.to_host.blocking = args.gpu_wait == "block"
     for r in gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes)):
         print(f"engine: {r.summary()}", flush=True)
     canvas_enc = CanvasEncoder(models.whisper, models.feature_extractor, whisper_dtype(args.dtype))
