@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2, help="renders per engine and mode")
+    p.add_argument("--x264-preset", default="veryfast", help="x264 preset of every render")
     p.add_argument("--warmup-s", type=float, default=0.0, help="untimed first render's audio")
     p.add_argument("--out", type=Path, default=Path("out/render_encode"))
     args = p.parse_args()
@@ -111,6 +112,7 @@ def main() -> int:
                 batch_size=args.batch_size,
                 log=lambda s: print(s, flush=True),
                 encode_thread=threaded,
+                x264_preset=args.x264_preset,
             )
             build_s = rep.stage_ms["prepare(engine build)"] / 1000.0
             frames, digest = _frames_digest(out)
@@ -122,6 +124,7 @@ def main() -> int:
                 "batch": args.batch_size,
                 "weights": args.weights,
                 "mode": mode,
+                "x264_preset": args.x264_preset,
                 "run": i,
                 "frames": rep.frames,
                 "decoded_frames": frames,

@@ -381,6 +381,7 @@ def cmd_render(args) -> int:
         streaming=_streaming_config(args) if args.streaming else None,
         engine_cache=args.models_dir,
         build_command=engines_build_command(args, [args.batch_size]),
+        x264_preset=args.x264_preset,
     )
     print(report.table())
     print(
@@ -625,6 +626,7 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from musetalk_rt.engines import DTYPES, available_engines
+    from musetalk_rt.media import X264_PRESETS
 
     parser = argparse.ArgumentParser(
         prog="musetalk-rt",
@@ -706,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", help="engine to use if --engine cannot run here (logged)")
     p.add_argument(
         "--compile-backend", help="torch.compile backend for --engine compile (default: inductor)"
+    )
+    p.add_argument(
+        "--x264-preset",
+        default="veryfast",
+        choices=X264_PRESETS,
+        help="x264 speed preset of the video (default: veryfast); on a GPU host the encoder "
+        "sets a compiled render's pace at large frame sizes, and a faster preset trades file "
+        "size for speed at the same quality setting",
     )
     _add_common(p)
     p.set_defaults(func=cmd_render)

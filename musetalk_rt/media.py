@@ -421,6 +421,19 @@ def _writer_audio(audio: AudioClip) -> tuple[np.ndarray, int, str]:
     return samples, rate, layout
 
 
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)  # x264's speed presets, fastest first
+
+
 class Mp4Writer:
     """Write RGB frames (and optionally audio) to an H.264/AAC MP4 file.
 
@@ -462,6 +475,10 @@ class Mp4Writer:
             raise ValueError(f"width and height must be positive, got {width}x{height}")
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
+        if preset not in X264_PRESETS:
+            raise UserError(
+                f"unknown x264 preset {preset!r}; choose one of {', '.join(X264_PRESETS)}"
+            )
         self.path = Path(path)
         self.width = int(width)
         self.height = int(height)

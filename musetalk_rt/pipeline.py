@@ -203,6 +203,7 @@ def render(
     engine_cache: Path | None = None,
     build_command: str | None = None,
     encode_thread: bool | None = None,
+    x264_preset: str = "veryfast",
 ) -> RenderReport:
     """Render ``audio_path`` spoken by ``avatar`` into ``out_path`` (H.264 + AAC MP4).
 
@@ -225,6 +226,7 @@ def render(
         encode_thread: Encode in a thread of its own while the next batch runs
             (:class:`~musetalk_rt.media.BackgroundWriter`); None: when the models run on a GPU.
             The stage table's ``encode_wait`` is the part of the encoding the render waited for.
+        x264_preset: x264 speed preset of the video.
 
     Raises:
         UserError: Bad audio, an avatar prepared with other weights, a bad batch size, a
@@ -273,7 +275,7 @@ def render(
     if encode_thread is None:  # a model on the CPU would only take turns with x264 for its cores
         encode_thread = torch.device(models.device).type == "cuda"
     with (
-        Mp4Writer(out_path, w, h, fps=FPS, audio=clip, metadata=meta) as mp4,
+        Mp4Writer(out_path, w, h, fps=FPS, audio=clip, preset=x264_preset, metadata=meta) as mp4,
         (
             BackgroundWriter(mp4, max_frames=max(32, 2 * batch_size), on_encode=encode_timer)
             if encode_thread  # x264 encodes in its own thread while the GPU runs the next batch

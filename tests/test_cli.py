@@ -5,6 +5,7 @@ import subprocess
 import sys
 import wave
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -101,6 +102,8 @@ def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, cap
             "aot_eager",
             "--batch-size",
             "8",
+            "--x264-preset",
+            "ultrafast",
         )
     )
     printed = capsys.readouterr()
@@ -112,6 +115,18 @@ def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, cap
     info = probe_media(out)
     assert info["video_frames"] == 200 and info["audio_channels"] == 2
     assert info["audio_sample_rate"] == 48000 and abs(info["audio_duration_s"] - 8.0) < 0.05
+    with av.open(str(out)) as container:  # x264's settings, written into its first packet
+        assert b" subme=0 " in bytes(next(container.demux(video=0)))  # ultrafast's
+
+
+def test_render_refuses_an_unknown_x264_preset_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["render", "--avatar", "a", "--audio", "a.wav", "--out", "o.mp4", "--x264-preset", "x"]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--x264-preset: invalid choice: 'x' (choose from" in err and "ultrafast" in err
 
 
 def test_bench_writes_rows_and_ends_with_json(tmp_path, capsys):

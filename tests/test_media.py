@@ -228,6 +228,27 @@ def test_mp4_writer_without_audio(tmp_path):
     assert len(frames) == 1 and frames[0].shape == (16, 16, 3) and fps == 25.0
 
 
+def _x264_options(path: Path) -> str:
+    """The settings x264 writes into its first packet (an SEI message: "options: cabac=…")."""
+    with av.open(str(path)) as container:
+        data = bytes(next(container.demux(video=0)))
+    return data.split(b"options: ", 1)[1].split(b"\x00", 1)[0].decode("ascii", "replace")
+
+
+@pytest.mark.parametrize(("preset", "subme"), [("ultrafast", 0), ("veryfast", 2), ("medium", 7)])
+def test_mp4_writer_preset_reaches_x264(tmp_path, preset, subme):
+    path = tmp_path / f"{preset}.mp4"
+    with Mp4Writer(path, 32, 32, preset=preset) as writer:
+        writer.write(gradient_frame(32, 32, 0))
+    assert f" subme={subme} " in _x264_options(path)  # the preset's sub-pixel refinement level
+
+
+def test_mp4_writer_unknown_preset_is_one_clear_error_and_no_file(tmp_path):
+    with pytest.raises(UserError, match="unknown x264 preset 'turbo'; choose one of ultrafast,"):
+        Mp4Writer(tmp_path / "t.mp4", 32, 32, preset="turbo")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mp4_writer_exception_leaves_no_file(tmp_path):
     path = tmp_path / "crash.mp4"
     with pytest.raises(RuntimeError, match="boom"):
