@@ -50,7 +50,7 @@
 #                                      # talking-avatar fixture (.carry/yongen.mp4, 704x1216)
 #                                      # and the WAV: eager, then compile, fp16 B16, each after an
 #                                      # untimed 10 s render, twice per mode (RENDER_ENGINES,
-#                                      # RENDER_REPEAT, RENDER_BATCH, RENDER_VIDEO, RENDER_PRESET)
+#                                      # RENDER_REPEAT, RENDER_BATCH, RENDER_VIDEO, RENDER_PRESETS)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -222,7 +222,7 @@ aoti-bench)
 render)
   rv=(--video "${RENDER_VIDEO:-.carry/yongen.mp4}" --bbox 250,300,470,560 --audio "$WAV"
       --weights synthetic --dtype fp16 --batch-size "${RENDER_BATCH:-16}" --out "$R"
-      --repeat "${RENDER_REPEAT:-2}" --warmup-s 10 --x264-preset "${RENDER_PRESET:-veryfast}")
+      --repeat "${RENDER_REPEAT:-2}" --warmup-s 10 --x264-presets "${RENDER_PRESETS:-veryfast}")
   for e in ${RENDER_ENGINES:-eager compile}; do
     # recompiles logged: a compile render once paid for a second build at its partial batch
     TORCH_LOGS=recompiles timeout "$(left 580)" "$PY" experiments/render_encode.py "${rv[@]}" \

@@ -15,7 +15,7 @@ the two modes are compared (identical, or the last line says so).
         --audio eng.wav --weights synthetic --engines eager,compile --out experiments/results/X
 
 One JSONL row per render goes to ``<out>/render_encode.jsonl``; the last line printed is a
-summary JSON line (median wall per engine and mode, and the threaded speed-up).
+summary JSON line (median wall per engine, x264 preset and mode, and the threaded speed-up).
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def main() -> int:
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2, help="renders per engine and mode")
-    p.add_argument("--x264-preset", default="veryfast", help="x264 preset of every render")
+    p.add_argument(
+        "--x264-presets", default="veryfast", help="comma-separated x264 presets, each timed"
+    )
     p.add_argument("--warmup-s", type=float, default=0.0, help="untimed first render's audio")
     p.add_argument("--out", type=Path, default=Path("out/render_encode"))
     args = p.parse_args()
@@ -98,10 +100,16 @@ def main() -> int:
     rows = []
     for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
         digests = {}
-        plan = [("warmup", False, -1)] if warmup_audio is not None else []
-        plan += [(m, m == "thread", i) for i in range(args.repeat) for m in ("inline", "thread")]
-        for mode, threaded, i in plan:
-            out = work / f"{engine}_{mode}_{i}.mp4"
+        presets = [p.strip() for p in args.x264_presets.split(",") if p.strip()]
+        plan = [("warmup", False, -1, presets[0])] if warmup_audio is not None else []
+        plan += [
+            (m, m == "thread", i, preset)
+            for i in range(args.repeat)
+            for preset in presets
+            for m in ("inline", "thread")
+        ]
+        for mode, threaded, i, preset in plan:
+            out = work / f"{engine}_{preset}_{mode}_{i}.mp4"
             rep = render(
                 models,
                 avatar,
@@ -112,19 +120,19 @@ def main() -> int:
                 batch_size=args.batch_size,
                 log=lambda s: print(s, flush=True),
                 encode_thread=threaded,
-                x264_preset=args.x264_preset,
+                x264_preset=preset,
             )
             build_s = rep.stage_ms["prepare(engine build)"] / 1000.0
             frames, digest = _frames_digest(out)
             if mode != "warmup":
-                digests.setdefault(mode, digest)
+                digests.setdefault((preset, mode), digest)
             row = {
                 "engine": engine,
                 "dtype": args.dtype,
                 "batch": args.batch_size,
                 "weights": args.weights,
                 "mode": mode,
-                "x264_preset": args.x264_preset,
+                "x264_preset": preset,
                 "run": i,
                 "frames": rep.frames,
                 "decoded_frames": frames,
@@ -135,6 +143,7 @@ def main() -> int:
                 "render_fps": round(rep.frames / (rep.wall_s - build_s), 1),
                 "stage_ms": {k: round(v, 1) for k, v in rep.stage_ms.items()},
                 "frames_digest": digest,
+                "file_mb": round(out.stat().st_size / 1e6, 2),  # the preset's size cost
                 **env,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
@@ -142,18 +151,24 @@ def main() -> int:
             write_rows([row], args.out, "render_encode.jsonl")
             print(json.dumps(row), flush=True)
             out.unlink()
-        if len(set(digests.values())) > 1:
-            print(f"{engine}: inline and threaded frames differ: {digests}", flush=True)
+        for preset in presets:
+            pair = {digests.get((preset, m)) for m in ("inline", "thread")}
+            if len(pair) > 1:
+                print(f"{engine}/{preset}: inline and threaded frames differ: {pair}", flush=True)
     summary = {}
-    for engine in sorted({r["engine"] for r in rows}):
+    for engine, preset in sorted({(r["engine"], r["x264_preset"]) for r in rows}):
+        timed = [
+            r
+            for r in rows
+            if r["engine"] == engine and r["x264_preset"] == preset and r["mode"] != "warmup"
+        ]
+        if not timed:
+            continue
         med = {
-            m: statistics.median(
-                r["render_s"] for r in rows if r["engine"] == engine and r["mode"] == m
-            )
+            m: statistics.median(r["render_s"] for r in timed if r["mode"] == m)
             for m in ("inline", "thread")
         }
-        timed = [r for r in rows if r["engine"] == engine and r["mode"] != "warmup"]
-        summary[engine] = {
+        summary[f"{engine}/{preset}"] = {
             "inline_s": round(med["inline"], 2),
             "thread_s": round(med["thread"], 2),
             "speedup": round(med["inline"] / med["thread"], 3),
