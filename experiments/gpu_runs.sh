@@ -224,11 +224,12 @@ render)
       --weights synthetic --dtype fp16 --batch-size "${RENDER_BATCH:-16}" --out "$R"
       --repeat "${RENDER_REPEAT:-2}" --warmup-s 10 --x264-presets "${RENDER_PRESETS:-veryfast}")
   for e in ${RENDER_ENGINES:-eager compile}; do
+    [ "$(left 580)" -gt 30 ] || { echo "render: no time left for $e" >&2; break; }
     # recompiles logged: a compile render once paid for a second build at its partial batch
     TORCH_LOGS=recompiles timeout "$(left 580)" "$PY" experiments/render_encode.py "${rv[@]}" \
       --engines "$e" > "$L/render_$e.txt" 2>&1
     grep -h "Recompiling\|guard failure\|mismatch" "$L/render_$e.txt" | cut -c1-200
-    tail -n 1 "$L/render_$e.txt"
+    grep '^{"render_encode"' "$L/render_$e.txt" | tail -n 1  # the last summary, even if cut short
   done
   ;;
 e2e1)

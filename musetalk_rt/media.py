@@ -431,6 +431,7 @@ X264_PRESETS = (
     "slow",
     "slower",
     "veryslow",
+    "placebo",
 )  # x264's speed presets, fastest first
 
 

@@ -229,13 +229,23 @@ def render(
         x264_preset: x264 speed preset of the video.
 
     Raises:
-        UserError: Bad audio, an avatar prepared with other weights, a bad batch size, a
-            missing prebuilt engine.
+        UserError: Bad audio, an avatar prepared with other weights, a bad batch size or x264
+            preset, a missing prebuilt engine.
     """
-    from musetalk_rt.media import BackgroundWriter, InlineWriter, Mp4Writer, load_audio
+    from musetalk_rt.media import (
+        X264_PRESETS,
+        BackgroundWriter,
+        InlineWriter,
+        Mp4Writer,
+        load_audio,
+    )
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if x264_preset not in X264_PRESETS:  # before minutes of engine build, not after
+        raise UserError(
+            f"unknown x264 preset {x264_preset!r}; choose one of {', '.join(X264_PRESETS)}"
+        )
     if avatar.manifest["weights"]["fingerprint"] != models.fingerprint:
         raise UserError(
             f"avatar {avatar.avatar_id!r} was prepared with {avatar.manifest['weights']['kind']} "

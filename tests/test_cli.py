@@ -119,6 +119,18 @@ def test_render_stereo_48k_in_process(yongen_avatar, fixture_file, tmp_path, cap
         assert b" subme=0 " in bytes(next(container.demux(video=0)))  # ultrafast's
 
 
+def test_render_checks_the_x264_preset_before_any_work(tiny_models, yongen_avatar, tmp_path):
+    """A bad preset from Python is refused before the audio is read or an engine is built."""
+    from musetalk_rt.avatar import load_avatar
+    from musetalk_rt.errors import UserError
+    from musetalk_rt.pipeline import render
+
+    avatar = load_avatar("yongen", yongen_avatar)
+    with pytest.raises(UserError, match="unknown x264 preset 'turbo'; choose one of ultrafast"):
+        render(tiny_models, avatar, tmp_path / "none.wav", tmp_path / "o.mp4", x264_preset="turbo")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_render_refuses_an_unknown_x264_preset_naming_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(

@@ -89,15 +89,17 @@ def test_a_padded_batch_reaches_a_compiled_bucket_in_its_memory_format():
 
     report = EngineReport("compile", "fp32", "cpu", [4])
     runner = Runner({4: bucket_fn}, torch.float32, report, memory_format=torch.channels_last)
+    assert runner.buckets == [4]
     with torch.inference_mode():  # the build's call, as the compile engine makes it
         bucket_fn(torch.randn(4, 8, 32, 32).contiguous(memory_format=torch.channels_last))
     graphs = counters["stats"]["unique_graphs"]
-    for b in (4, 3, 1):  # NCHW latents, as a render passes them; 3 and 1 are padded to 4
+    # NCHW latents, as a render passes them: 3, 2 and 1 are padded to 4; 5 splits into 4 + 1
+    for b in (4, 3, 2, 1, 5):
         x = torch.randn(b, 8, 32, 32)
         out = runner(x)
         assert out.shape == (b, 4, 32, 32)
         torch.testing.assert_close(out, conv(x))
-    assert seen == [True] * 4
+    assert seen == [True] * 7
     assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled again
 
 

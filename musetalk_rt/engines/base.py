@@ -155,9 +155,10 @@ class Runner:
         bucket = next(k for k in self.buckets if k >= b)
         if bucket != b:  # pad by repeating the last row; the padding's output is discarded
             inputs = tuple(torch.cat([x, x[-1:].expand(bucket - b, *x.shape[1:])]) for x in inputs)
-        # cast after the padding: the concatenation returns NCHW memory whatever its inputs'
-        # format, and a compiled bucket guards on strides (a partial batch in channels-last
-        # would otherwise re-compile the whole module at its first call, 30-60 s on a GPU)
+        # cast after the padding: a concatenation with an expanded row repeated twice or more
+        # comes back in NCHW memory whatever its inputs' format, and a compiled bucket guards
+        # on strides (such a batch re-compiled the whole module at its first call, 30-60 s on a
+        # GPU)
         out = self.fns[bucket](*(self._cast(x) for x in inputs))
         return out[:b] if bucket != b else out
 
