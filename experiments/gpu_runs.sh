@@ -51,6 +51,10 @@
 #                                      # and the WAV: eager, then compile, fp16 B16, each after an
 #                                      # untimed 10 s render, twice per mode (RENDER_ENGINES,
 #                                      # RENDER_REPEAT, RENDER_BATCH, RENDER_VIDEO, RENDER_PRESETS)
+#   experiments/gpu_runs.sh aoti-graph # where a CUDA graph around an aoti package breaks: small
+#                                      # modules (one kind of op each) and both stages at B4,
+#                                      # each capture variant in a fresh process
+#                                      # (experiments/aoti_graph_probe.py; AG_TARGETS, AG_ARGS)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -349,9 +353,14 @@ aoti-rows)
     > "$L/bench_eager.txt" 2>&1
   tail -n 6 "$L/bench_eager.txt"
   ;;
+aoti-graph)
+  timeout 590 "$PY" experiments/aoti_graph_probe.py --out "$R" \
+    ${AG_TARGETS:+--targets "$AG_TARGETS"} ${AG_ARGS:-} 2>&1 | tee "$L/aoti_graph_probe.txt" |
+    grep -v Warning | tail -n 60
+  ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|aoti|aoti-graph|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac

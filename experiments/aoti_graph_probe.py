@@ -1,0 +1,411 @@
+"""Why does a CUDA graph around an AOTInductor package fail? Bisected in fresh processes.
+
+On an H200 (torch 2.11, experiments/LOG.md 2026-12-01) the batch-4 UNet and VAE-decoder packages
+loaded and ran, but a ``torch.cuda.CUDAGraph`` captured around their call failed: with the
+package's default runner "operation not permitted when stream is capturing", with
+``run_single_threaded`` an illegal memory access. So ``aoti`` runs without graphs, and at small
+batches the host's launches set its pace (B4: 202-280 fps against ~450 for ``compile`` with a
+captured graph). This probe finds where the capture breaks, on:
+
+* small modules, one kind of operation each (``conv``, ``gn``, ``attn``, ``linear``, ``up``)
+  and all of them together (``mix``), to tell a kind of kernel apart from the runtime;
+* the real stages (``vae_decode``, ``unet``) with full-size synthetic weights.
+
+Each target is compiled to a package the way the engine compiles (fp16, the engine's C++
+compiler choice and weights layout), then every variant runs in a fresh process (an illegal
+address poisons the CUDA context) and reports the phase it reached:
+
+* ``nograph`` — the package called directly (the engine's default);
+* ``graph`` — the engine's own capture (:class:`~musetalk_rt.engines.compile._ManualGraphStep`:
+  warm-up on a side stream, capture on a fresh one);
+* ``graph_same_stream`` — warm-up and capture on one stream;
+* ``graph_relaxed`` — capture with ``capture_error_mode="relaxed"``;
+* ``graph_threaded`` — the default (multi-threaded) runner under the engine's capture;
+* ``graph_nograd`` — ``graph`` under ``torch.no_grad()`` instead of ``torch.inference_mode()``.
+
+A graph variant passes when two replays on two inputs equal the direct calls on the same
+inputs (max abs difference). With ``--sanitize TARGETS`` the ``graph`` variant of those targets
+also runs under ``compute-sanitizer`` (when the host has it) and its first reports are kept.
+Afterwards the passing graph variants of the real stages are timed one process at a time.
+
+    python experiments/aoti_graph_probe.py --device cuda --out OUT [--targets conv,gn,vae_decode]
+
+One JSONL row per (target, variant) into ``<out>/aoti_graph_probe.jsonl``, a table, and one
+JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+TOYS = ("conv", "gn", "attn", "linear", "up", "mix")
+STAGES = ("vae_decode", "unet")
+VARIANTS = (
+    "nograph",
+    "graph",
+    "graph_same_stream",
+    "graph_relaxed",
+    "graph_threaded",
+    "graph_nograd",
+)
+
+
+class Toy(nn.Module):
+    """One kind of operation (or all of them) at a decoder-like size: ``[B, 64, 32, 32]``."""
+
+    def __init__(self, kind: str, ch: int = 64):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm = nn.GroupNorm(32, ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = nn.Linear(ch, ch)
+        self.ff = nn.Linear(ch, 4 * ch)
+        self.ff2 = nn.Linear(4 * ch, ch)
+        self.up = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = self.qkv(t).view(b, h * w, 3, 4, c // 4).permute(2, 0, 3, 1, 4)  # [B, 4, HW, C/4]
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        return x + self.proj(a).transpose(1, 2).reshape(b, c, h, w)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        t = t + self.ff2(F.gelu(self.ff(t)))
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 64, 32, 32]
+        k = self.kind
+        if k in ("conv", "mix"):
+            x = F.silu(self.conv(x))
+        if k in ("gn", "mix"):
+            x = F.silu(self.norm(x))
+        if k in ("attn", "mix"):
+            x = self._attn(x)
+        if k in ("linear", "mix"):
+            x = self._linear(x)
+        if k in ("up", "mix"):
+            x = self.up(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, 64, 64, 64]
+        return x
+
+
+def _dtype(device: str) -> torch.dtype:
+    return torch.float16 if device == "cuda" else torch.float32  # (CPU: a smoke test only)
+
+
+def _module_and_inputs(target: str, batch: int, device: str):
+    """The target's fp32 module (CPU) and two input sets (fp16 on CUDA, on the device)."""
+    g = torch.Generator().manual_seed(batch)
+    if target in TOYS:
+        torch.manual_seed(0)
+        mod = Toy(target)
+        shapes = [(batch, 64, 32, 32)]
+    else:
+        from musetalk_rt.modeling import UNetStep, VaeDecodeStep
+        from musetalk_rt.weights import load_models
+
+        models = load_models("synthetic", device="cpu")
+        if target == "unet":
+            mod, shapes = UNetStep(models.unet), [(batch, 8, 32, 32), (batch, 50, 384)]
+        else:
+            mod, shapes = VaeDecodeStep(models.vae), [(batch, 4, 32, 32)]
+    sets = [
+        [torch.randn(s, generator=g).to(device=device, dtype=_dtype(device)) for s in shapes]
+        for _ in range(2)
+    ]
+    return mod, sets
+
+
+def build(target: str, batch: int, device: str, folder: Path) -> None:
+    """Compile ``target`` to ``folder/<target>.pt2`` as the aoti engine does; save its inputs."""
+    from safetensors.torch import save_file
+
+    from musetalk_rt.engines.aoti import AotiEngine, export_bucket, prepare_module
+
+    mod, sets = _module_and_inputs(target, batch, device)
+    t0 = time.perf_counter()
+    m = prepare_module(mod, _dtype(device), torch.device(device))
+    eng = AotiEngine()
+    with torch.inference_mode():
+        path = eng._compile(export_bucket(m, tuple(sets[0])), tuple(sets[0]), folder / "tmp.pt2")
+    shutil.move(str(path), folder / f"{target}.pt2")
+    tensors = {
+        f"s{i}_{j}": x.cpu().contiguous() for i, xs in enumerate(sets) for j, x in enumerate(xs)
+    }
+    save_file(tensors, str(folder / f"{target}_inputs.safetensors"))
+    print(f"BUILT {target} {time.perf_counter() - t0:.1f} s ({eng.compiler_note})", flush=True)
+
+
+def _first(y):
+    return y[0] if isinstance(y, (list, tuple)) else y
+
+
+def _sync_phase(phase: str) -> None:
+    torch.cuda.synchronize()
+    print(f"PHASE {phase} ok", flush=True)
+
+
+def run(target: str, variant: str, folder: Path, iters: int) -> dict:
+    """One variant in this (fresh) process; returns its result row."""
+    from safetensors.torch import load_file
+
+    from musetalk_rt.engines.aoti import load_package
+    from musetalk_rt.engines.compile import _ManualGraphStep
+
+    raw = load_file(str(folder / f"{target}_inputs.safetensors"))
+    n = len({k.split("_")[1] for k in raw})
+    sets = [[raw[f"s{i}_{j}"].cuda() for j in range(n)] for i in range(2)]
+    row: dict = {"target": target, "variant": variant, "phase": "load"}
+    t0 = time.perf_counter()
+    fn = load_package(folder / f"{target}.pt2", run_single_threaded=variant != "graph_threaded")
+    row["load_s"] = round(time.perf_counter() - t0, 2)
+    with torch.no_grad() if variant == "graph_nograd" else torch.inference_mode():
+        row["phase"] = "direct"
+        refs = [_first(fn(*xs)).clone() for xs in sets]  # [B, ...] the direct calls
+        _sync_phase("direct")
+        if variant == "nograph":
+            step = fn
+        else:
+            row["phase"] = "capture"
+            static = [x.clone() for x in sets[0]]
+            if variant in ("graph", "graph_threaded", "graph_nograd"):
+                step = _ManualGraphStep(fn, sets[0])
+            else:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        fn(*static)
+                torch.cuda.current_stream().wait_stream(s)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                kw = {"stream": s} if variant == "graph_same_stream" else {}
+                if variant == "graph_relaxed":
+                    kw["capture_error_mode"] = "relaxed"
+                with torch.cuda.graph(graph, **kw):
+                    out = _first(fn(*static))
+
+                def step(*xs, graph=graph, static=static, out=out):
+                    for d, x in zip(static, xs, strict=True):
+                        d.copy_(x)
+                    graph.replay()
+                    return out.clone()
+
+            _sync_phase("capture")
+        row["phase"] = "replay"
+        diffs = []
+        for xs, ref in zip(sets, refs, strict=True):
+            y = _first(step(*xs))
+            torch.cuda.synchronize()
+            diffs.append((y.float() - ref.float()).abs().max().item())
+        _sync_phase("replay")
+        row["max_abs_diff"] = max(diffs)
+        row["phase"] = "done"
+        if iters:
+            ms = []
+            for _ in range(iters):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                a.record()
+                step(*sets[0])
+                b.record()
+                b.synchronize()
+                ms.append(a.elapsed_time(b))
+            row["p50_ms"] = round(statistics.median(ms), 3)
+    row["passed"] = row["max_abs_diff"] < 1e-3  # a replay runs the same kernels: 0 expected
+    return row
+
+
+def _child(args: list[str], env: dict | None, timeout_s: float, prefix: list[str] | None = None):
+    cmd = (prefix or []) + [sys.executable, __file__, *args]
+    try:
+        p = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, **(env or {})},
+        )
+        text, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+        rc = "timeout"
+    return rc, text
+
+
+def _row_from(target: str, variant: str, rc, text: str) -> dict:
+    lines = text.strip().splitlines()
+    for ln in reversed(lines):
+        if ln.startswith("RESULT "):
+            row = json.loads(ln[7:])
+            break
+    else:
+        phases = [ln.split()[1] for ln in lines if ln.startswith("PHASE ")]
+        row = {
+            "target": target,
+            "variant": variant,
+            "phase": "after " + (phases[-1] if phases else "start"),
+            "passed": False,
+        }
+    row["returncode"] = rc
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    if not row.get("passed"):
+        row["error"] = errs[-1][:300] if errs else (lines[-1][:300] if lines else "")
+        row["tail"] = lines[-12:]
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd")
+    b = sub.add_parser("build")
+    b.add_argument("target")
+    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--dir", type=Path, required=True)
+    b.add_argument("--device", default="cuda")
+    r = sub.add_parser("run")
+    r.add_argument("target")
+    r.add_argument("variant", choices=VARIANTS)
+    r.add_argument("--dir", type=Path, required=True)
+    r.add_argument("--iters", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--targets", default=",".join(TOYS + STAGES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--sanitize", default="conv", help="targets whose graph runs sanitized")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--build-timeout-s", type=float, default=300)
+    ap.add_argument("--iters", type=int, default=50, help="timed calls per passing stage row")
+    ap.add_argument("--time-limit-s", type=float, default=540, help="no sanitizer or timing after")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    if args.cmd == "build":
+        build(args.target, args.batch, args.device, args.dir)
+        return 0
+    if args.cmd == "run":
+        try:
+            row = run(args.target, args.variant, args.dir, args.iters)
+        except Exception as e:  # noqa: BLE001 - the row says what failed and where
+            row = {
+                "target": args.target,
+                "variant": args.variant,
+                "passed": False,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:240]}",
+            }
+            print(f"FAILED {row['error']}", flush=True)
+        print("RESULT " + json.dumps(row), flush=True)
+        return 0
+
+    if not torch.cuda.is_available():
+        print("aoti_graph_probe: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    targets = [t for t in args.targets.split(",") if t]
+    variants = [v for v in args.variants.split(",") if v]
+    work = Path(tempfile.mkdtemp(prefix="aoti-graph-"))
+    card = torch.cuda.get_device_name()
+    common = {"card": card, "torch": torch.__version__, "dtype": "fp16", "batch": args.batch}
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(targets)) as pool:  # every build at once
+        builds = dict(
+            zip(
+                targets,
+                pool.map(
+                    lambda t: _child(
+                        ["build", t, "--batch", str(args.batch), "--dir", str(work)],
+                        None,
+                        args.build_timeout_s,
+                    ),
+                    targets,
+                ),
+                strict=True,
+            )
+        )
+    built = [t for t in targets if (work / f"{t}.pt2").is_file()]
+    for t, (rc, text) in builds.items():
+        line = next((ln for ln in text.splitlines() if ln.startswith("BUILT")), None)
+        print(line or f"BUILD FAILED {t} rc={rc}: {text.strip().splitlines()[-3:]}", flush=True)
+    print(f"builds: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def check(t: str) -> list[dict]:
+        rows = []
+        for v in variants:
+            rc, text = _child(["run", t, v, "--dir", str(work)], None, 180)
+            rows.append(_row_from(t, v, rc, text))
+        return rows
+
+    rows: list[dict] = []
+    with ThreadPoolExecutor(max(1, len(built))) as pool:  # targets at once, variants in turn
+        for rs in pool.map(check, built):
+            rows += rs
+    san = shutil.which("compute-sanitizer") or next(
+        (str(p) for p in Path("/usr/local").glob("cuda*/bin/compute-sanitizer")), None
+    )
+    for t in [t for t in args.sanitize.split(",") if t in built]:
+        if time.perf_counter() - t0 > args.time_limit_s - 120:
+            break
+        if san is None:
+            rows.append({"target": t, "variant": "graph_sanitized", "error": "no sanitizer"})
+            break
+        rc, text = _child(
+            ["run", t, "graph", "--dir", str(work)],
+            None,
+            300,
+            prefix=[san, "--tool", "memcheck", "--print-limit", "4"],
+        )
+        row = _row_from(t, "graph_sanitized", rc, text)
+        row["sanitizer"] = [ln for ln in text.splitlines() if ln.startswith("=========")][:40]
+        rows.append(row)
+    for row in [r for r in rows if r["target"] in STAGES and r.get("passed")]:  # timed, alone
+        if time.perf_counter() - t0 > args.time_limit_s - 20:
+            break
+        rc, text = _child(
+            ["run", row["target"], row["variant"], "--dir", str(work), "--iters", str(args.iters)],
+            None,
+            180,
+        )
+        timed = _row_from(row["target"], row["variant"], rc, text)
+        row["p50_ms"] = timed.get("p50_ms")
+    for row in rows:
+        row.update(common)
+    from musetalk_rt.bench import write_rows
+
+    write_rows(rows, args.out, "aoti_graph_probe.jsonl")
+    print(
+        f"{'target':11} {'variant':18} {'passed':6} {'phase':15} {'diff':>9} {'p50 ms':>7}  error"
+    )
+    for r in rows:
+        print(
+            f"{r['target']:11} {r['variant']:18} {str(r.get('passed')):6} "
+            f"{str(r.get('phase')):15} {r.get('max_abs_diff', ''):>9} "
+            f"{str(r.get('p50_ms', '')):>7}  {r.get('error', '')[:90]}"
+        )
+    summary = {
+        "aoti_graph_probe": str(args.out / "aoti_graph_probe.jsonl"),
+        "card": card,
+        "passed": sorted({f"{r['target']}:{r['variant']}" for r in rows if r.get("passed")}),
+        "failed": sorted({f"{r['target']}:{r['variant']}" for r in rows if not r.get("passed")}),
+    }
+    print(json.dumps(summary))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
