@@ -55,6 +55,12 @@
 #                                      # modules (one kind of op each) and both stages at B4,
 #                                      # each capture variant in a fresh process
 #                                      # (experiments/aoti_graph_probe.py; AG_TARGETS, AG_ARGS)
+#   experiments/gpu_runs.sh aoti-fast  # aoti at AF_BUCKET (default 4) with CUDA graphs, per
+#                                      # AF_JOBS item (NAME:OPTIONS, ';'-separated; default the
+#                                      # plain package, freezing + channels-last, and those with
+#                                      # both rewrites): each stage built in its own process, all
+#                                      # at once (the capture and gate in the building process),
+#                                      # then a bench row per item from the engine cache, in turns
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -353,6 +359,31 @@ aoti-rows)
     > "$L/bench_eager.txt" 2>&1
   tail -n 6 "$L/bench_eager.txt"
   ;;
+aoti-fast)
+  b=${AF_BUCKET:-4}
+  IFS=';' read -r -a jobs <<< "${AF_JOBS:-plain:;frz:--compile-freezing --aoti-channels-last;frz_rw:--compile-freezing --aoti-channels-last --phase-upsample --channels-last-norm}"
+  for j in "${jobs[@]}"; do
+    name=${j%%:*}
+    read -r -a opts <<< "${j#*:}"
+    for st in unet vae_decode; do
+      timeout "${AF_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
+        --batch-sizes "$b" --stages "$st" --aoti-cuda-graphs "${opts[@]}" "${SYN[@]}" \
+        > "$L/build_${name}_b${b}_$st.txt" 2>&1 &
+    done
+  done
+  wait
+  echo "aoti built: ${SECONDS} s"
+  for f in "$L"/build_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 3 | cut -c1-220; done
+  for j in "${jobs[@]}"; do
+    name=${j%%:*}
+    read -r -a opts <<< "${j#*:}"
+    [ "$(left 575)" -gt 30 ] || break
+    timeout "$(left 585)" "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 --batch-sizes "$b" \
+      --iters 50 --aoti-cuda-graphs "${opts[@]}" "${SYN[@]}" --out "$R" \
+      > "$L/bench_${name}_b$b.txt" 2>&1
+    echo "== bench $name"; tail -n 1 "$L/bench_${name}_b$b.txt" | cut -c1-400
+  done
+  ;;
 aoti-graph)
   timeout 590 "$PY" experiments/aoti_graph_probe.py --out "$R" \
     ${AG_TARGETS:+--targets "$AG_TARGETS"} ${AG_ARGS:-} 2>&1 | tee "$L/aoti_graph_probe.txt" |
@@ -360,7 +391,7 @@ aoti-graph)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-graph|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|aoti|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac

@@ -133,6 +133,8 @@ def _engine_options(args) -> dict:
         opts["phase_upsample"] = args.phase_upsample == "interleave" or args.phase_upsample
     if getattr(args, "channels_last_norm", False):
         opts["channels_last_norm"] = True
+    if getattr(args, "aoti_channels_last", False) and not getattr(args, "no_channels_last", False):
+        opts["channels_last"] = True
     if getattr(args, "aoti_cuda_graphs", False) and not getattr(args, "no_cuda_graphs", False):
         opts["cuda_graphs"] = True
     return opts
@@ -181,17 +183,25 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         "an H200 with torch 2.11: illegal memory access; off by default)",
     )
     g.add_argument(
+        "--aoti-channels-last",
+        action="store_true",
+        help="aoti only: weights and 4-D inputs in channels-last memory, 1x1 convolutions as "
+        "matmuls (what the compile engine does on CUDA by default)",
+    )
+    g.add_argument(
         "--no-channels-last", action="store_true", help="keep the contiguous memory format on CUDA"
     )
     g.add_argument(
         "--compile-freezing",
         action="store_true",
-        help="inductor freezing: fold weights as constants (inference only)",
+        help="compile and aoti: inductor freezing — the weights folded as constants and the "
+        "convolutions' weights re-laid out once at build time (inference only)",
     )
     g.add_argument(
         "--compile-cd-tuning",
         action="store_true",
-        help="inductor coordinate-descent tuning of every generated kernel's launch config: "
+        help="compile and aoti: inductor coordinate-descent tuning of every generated kernel's "
+        "launch config: "
         "a first build of 6-7 min per bucket instead of 1-1.5 with three builds sharing 16 "
         "cores, 2 min again on a host with inductor's caches (H200: batch 32 "
         "+5.7%%, batch 4 +2.3%%); --compile-mode max-autotune turns it on by itself",
@@ -221,7 +231,7 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--channels-last-norm",
         action="store_true",
-        help="compile only: group norms reduce per channel over the pixels, then merge into "
+        help="compile and aoti: group norms reduce per channel over the pixels, then merge into "
         "group statistics (checked by the gate; on an H200 +2.4%% at batch 4, none at 32)",
     )
     g.add_argument(

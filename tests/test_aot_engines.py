@@ -107,6 +107,61 @@ def test_aoti_compiles_with_the_picked_compiler_and_max_autotune(tmp_path, monke
     assert "max_autotune" not in seen
 
 
+def test_aoti_layout_freezing_and_tuning_options_reach_inductor_and_the_key(
+    tmp_path, monkeypatch, tiny_models
+):
+    """The compile engine's best settings on an aoti package: each is in the inductor configs,
+    in the cache key (absent when off, so keys of packages built before stay valid) and in the
+    command-line mapping; a channels-last package gets channels-last example inputs."""
+    seen = {}
+
+    def fake_compile_and_package(program, package_path, inductor_configs):
+        seen.update(inductor_configs, grad=torch.is_grad_enabled())
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile_and_package)
+    opts = dict(channels_last=True, freezing=True, coordinate_descent=True)
+    eng = get_engine("aoti", channels_last_norm=True, **opts)
+    x = torch.zeros(1, 4, 8, 8)
+    eng._compile(None, (x,), tmp_path / "b1.pt2")
+    assert seen["freezing"] is True and seen["coordinate_descent_tuning"] is True
+    assert seen["grad"] is False  # inductor freezes only a graph compiled without autograd
+    assert "conv_1x1_as_mm" not in seen  # a CUDA layout choice; on the CPU nothing changes
+    key = eng.cache_options()
+    assert all(key[k] is True for k in opts) and key["channels_last_norm"] is True
+    plain = get_engine("aoti").cache_options()
+    assert not set(opts) & set(plain) and "channels_last_norm" not in plain
+    seen.clear()
+    get_engine("aoti")._compile(None, (x,), tmp_path / "b1.pt2")
+    assert "freezing" not in seen and "coordinate_descent_tuning" not in seen
+    # the example inputs a package is compiled for take the runner's memory format
+    unet, vae = _stage_pair(tiny_models)
+    for stage in (unet, vae):
+        xs = aoti.bucket_inputs(stage.example_inputs, 2, torch.float32, CPU, torch.channels_last)
+        assert [x.is_contiguous(memory_format=torch.channels_last) for x in xs if x.dim() == 4]
+        assert all(x.is_contiguous() for x in xs if x.dim() != 4)
+    # the command line: the compile engine's flags, --aoti-channels-last, --no-channels-last wins
+    from musetalk_rt.cli import _engine_options, build_parser
+
+    args = build_parser().parse_args(
+        "engines build --engine aoti --compile-freezing --compile-cd-tuning --channels-last-norm "
+        "--aoti-channels-last --aoti-cuda-graphs".split()
+    )
+    got = _engine_options(args)
+    assert got == {
+        "freezing": True,
+        "coordinate_descent": True,
+        "channels_last_norm": True,
+        "channels_last": True,
+        "cuda_graphs": True,
+    }
+    get_engine("aoti", **got)  # every option is one the engine takes
+    args = build_parser().parse_args(
+        "engines build --engine aoti --aoti-channels-last --no-channels-last".split()
+    )
+    assert _engine_options(args)["channels_last"] is False
+
+
 def test_aoti_loads_single_threaded_when_it_captures_cuda_graphs(tmp_path, monkeypatch):
     """A CUDA graph can capture only the single-threaded AOTInductor runner (the default one's
     thread synchronisation invalidated the capture on an H200); graphs are opt-in."""

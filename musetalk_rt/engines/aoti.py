@@ -81,11 +81,20 @@ def export_friendly(module: nn.Module) -> nn.Module:
 
 
 def bucket_inputs(
-    example_inputs, batch: int, dtype: torch.dtype, device: torch.device
+    example_inputs,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[torch.Tensor, ...]:
-    """The inputs of one bucket as the runner passes them: cast, on the device, inference."""
+    """The inputs of one bucket as the runner passes them: cast, on the device, inference.
+
+    A package is compiled for its example inputs' strides, so 4-D inputs take the memory format
+    the runner converts them to (:class:`~musetalk_rt.engines.base.Runner`).
+    """
     with torch.inference_mode():
-        return tuple(x.to(device=device, dtype=dtype).clone() for x in example_inputs(batch))
+        xs = tuple(x.to(device=device, dtype=dtype).clone() for x in example_inputs(batch))
+        return tuple(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x for x in xs)
 
 
 def export_bucket(
@@ -97,12 +106,19 @@ def export_bucket(
 
 
 def prepare_module(
-    module: nn.Module, dtype: torch.dtype, device: torch.device, phase_upsample: bool | str = False
+    module: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    phase_upsample: bool | str = False,
+    channels_last_norm: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> nn.Module:
     """The engine's copy of ``module``: rewritten, cast, on the device, export-friendly."""
     m = copy.deepcopy(module)
-    apply_rewrites(m, phase_upsample, False)
+    apply_rewrites(m, phase_upsample, channels_last_norm)
     m = m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if memory_format is not torch.contiguous_format:
+        m = m.to(memory_format=memory_format)
     return export_friendly(m)
 
 
@@ -187,6 +203,8 @@ class ExportedEngine(Engine):
     what = ""  # what the files are, for the report
 
     phase_upsample: str | bool = False  # upsample + conv from the small input (engines.rewrites)
+    channels_last_norm: bool = False  # group norms reduced per channel (engines.rewrites)
+    channels_last: bool = False  # the module's weights and 4-D inputs in channels-last memory
 
     def __init__(self, cuda_graphs: bool = True):
         self.cuda_graphs = cuda_graphs
@@ -222,6 +240,7 @@ class ExportedEngine(Engine):
         device = torch.device(device)
         on_cuda = device.type == "cuda"
         graphs = on_cuda and self.cuda_graphs
+        fmt = torch.channels_last if self.channels_last and on_cuda else torch.contiguous_format
         cached, self._cached = self._cached, None
         built: dict[str, Path] = {}  # cache file name -> file written by this build
         buckets = sorted(set(batch_sizes))
@@ -231,7 +250,7 @@ class ExportedEngine(Engine):
         report = EngineReport(self.name, dtype_name(dtype), str(device), buckets)
         fns = {}
         for b in buckets:
-            inputs = bucket_inputs(example_inputs, b, dtype, device)  # [B, ...] per input
+            inputs = bucket_inputs(example_inputs, b, dtype, device, fmt)  # [B, ...] per input
             t0 = time.perf_counter()
             path = cached / self.file_name(b) if cached is not None else None
             if path is not None and path.is_file():
@@ -239,7 +258,9 @@ class ExportedEngine(Engine):
             else:
                 if m is None:
                     # the cast copy (fp16 comes from here), with the engine's rewrites
-                    m = prepare_module(module, dtype, device, self.phase_upsample)
+                    m = prepare_module(
+                        module, dtype, device, self.phase_upsample, self.channels_last_norm, fmt
+                    )
                 path = self._compile(export_bucket(m, inputs), inputs, work / self.file_name(b))
                 built[path.name] = path
             run = self._load(path)
@@ -253,10 +274,14 @@ class ExportedEngine(Engine):
         report.reason = (
             f"{self.what} ({loaded} loaded from the engine cache, {len(built)} built)"
             + (", CUDA graphs (manual capture)" if graphs else "")
+            + (", channels_last" if fmt is torch.channels_last else "")
             + (f", phase upsample ({self.phase_upsample})" if self.phase_upsample else "")
+            + (", channels-last group norm" if self.channels_last_norm else "")
+            + (", freezing" if getattr(self, "freezing", False) else "")
+            + (", coordinate-descent tuning" if getattr(self, "coordinate_descent", False) else "")
             + (f"; {self.compiler_note}" if built and self.compiler_note else "")
         )
-        runner = Runner(fns, dtype, report, artifacts=built)
+        runner = Runner(fns, dtype, report, memory_format=fmt, artifacts=built)
         weakref.finalize(runner, shutil.rmtree, str(work), True)  # the files live as long
         return runner
 
@@ -275,6 +300,13 @@ class AotiEngine(ExportedEngine):
             to ``max_autotune``, which tunes every stage.
         phase_upsample: Compute each nearest-2x upsample + 3x3 conv from the small input
             (:mod:`musetalk_rt.engines.rewrites`): ``True``/``"interleave"`` or ``"transpose"``.
+        channels_last_norm: Group norms reduce per channel over the pixels (rewrites).
+        channels_last: The module's weights and 4-D inputs in channels-last memory and 1x1
+            convolutions as matmuls, as the compile engine on CUDA (CUDA only).
+        freezing: Inductor freezing while compiling: the weights are folded as constants and
+            the convolutions' weights re-laid out once in the package, not at every call.
+        coordinate_descent: Inductor's coordinate-descent tuning of every generated kernel's
+            launch configuration (a slower build, paid once).
     """
 
     name = "aoti"
@@ -289,9 +321,17 @@ class AotiEngine(ExportedEngine):
         max_autotune: bool = False,
         phase_upsample: bool | str = False,
         autotune_stages: Sequence[str] | str = (),
+        channels_last_norm: bool = False,
+        channels_last: bool = False,
+        freezing: bool = False,
+        coordinate_descent: bool = False,
     ):
         super().__init__(cuda_graphs)
         self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
+        self.channels_last_norm = channels_last_norm
+        self.channels_last = channels_last
+        self.freezing = freezing
+        self.coordinate_descent = coordinate_descent
         if weights not in AOTI_WEIGHTS:
             raise UserError(f"aoti weights {weights!r}: choose one of {', '.join(AOTI_WEIGHTS)}")
         self.weights = weights
@@ -308,7 +348,10 @@ class AotiEngine(ExportedEngine):
             opts["max_autotune"] = True
         if self.autotune_stages:
             opts["autotune_stages"] = list(self.autotune_stages)
-        return opts | rewrite_options(self.phase_upsample, False)
+        for name in ("channels_last", "freezing", "coordinate_descent"):  # absent when off
+            if getattr(self, name):
+                opts[name] = True
+        return opts | rewrite_options(self.phase_upsample, self.channels_last_norm)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "cpu" and dtype == torch.float16:
@@ -330,11 +373,18 @@ class AotiEngine(ExportedEngine):
         if self.weights == "blob":  # weights beside the shared object, inside the package
             configs["aot_inductor.package_constants_in_so"] = False
             configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
-        return Path(
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(path), inductor_configs=configs
+        if self.channels_last and inputs[0].is_cuda:
+            configs["conv_1x1_as_mm"] = True
+        if self.freezing:
+            configs["freezing"] = True
+        if self.coordinate_descent:
+            configs["coordinate_descent_tuning"] = True
+        with torch.no_grad():  # (inductor freezes only a graph compiled without autograd)
+            return Path(
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(path), inductor_configs=configs
+                )
             )
-        )
 
     def _load(self, path: Path):
         # The container's default run synchronises its worker threads with CUDA events, which a
