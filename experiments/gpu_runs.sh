@@ -59,8 +59,9 @@
 #                                      # AF_JOBS item (NAME:OPTIONS, ';'-separated; default the
 #                                      # plain package, freezing + channels-last, and those with
 #                                      # both rewrites): each stage built in its own process, all
-#                                      # at once (the capture and gate in the building process),
-#                                      # then a bench row per item from the engine cache, in turns
+#                                      # at once (gated without graphs; AF_BUILD_GRAPHS=1 captures
+#                                      # in the building process), then a bench row per item from
+#                                      # the engine cache with graphs, in turns, and one without
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -367,7 +368,8 @@ aoti-fast)
     read -r -a opts <<< "${j#*:}"
     for st in unet vae_decode; do
       timeout "${AF_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-        --batch-sizes "$b" --stages "$st" --aoti-cuda-graphs "${opts[@]}" "${SYN[@]}" \
+        --batch-sizes "$b" --stages "$st" $([ "${AF_BUILD_GRAPHS:-0}" = 1 ] && echo --aoti-cuda-graphs) "${opts[@]}" \
+        "${SYN[@]}" \
         > "$L/build_${name}_b${b}_$st.txt" 2>&1 &
     done
   done
@@ -383,6 +385,12 @@ aoti-fast)
       > "$L/bench_${name}_b$b.txt" 2>&1
     echo "== bench $name"; tail -n 1 "$L/bench_${name}_b$b.txt" | cut -c1-400
   done
+  j=${jobs[${#jobs[@]}-1]}
+  read -r -a opts <<< "${j#*:}"
+  [ "$(left 575)" -gt 30 ] && timeout "$(left 585)" "$PY" -m musetalk_rt bench --engine aoti \
+    --dtype fp16 --batch-sizes "$b" --iters 50 "${opts[@]}" "${SYN[@]}" --out "$R" \
+    > "$L/bench_${j%%:*}_nograph_b$b.txt" 2>&1
+  echo "== bench ${j%%:*} without graphs"; tail -n 1 "$L/bench_${j%%:*}_nograph_b$b.txt" | cut -c1-400
   ;;
 aoti-graph)
   timeout 590 "$PY" experiments/aoti_graph_probe.py --out "$R" \
