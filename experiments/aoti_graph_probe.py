@@ -23,7 +23,12 @@ address poisons the CUDA context) and reports the phase it reached:
 * ``graph_same_stream`` — warm-up and capture on one stream;
 * ``graph_relaxed`` — capture with ``capture_error_mode="relaxed"``;
 * ``graph_threaded`` — the default (multi-threaded) runner under the engine's capture;
-* ``graph_nograd`` — ``graph`` under ``torch.no_grad()`` instead of ``torch.inference_mode()``.
+* ``graph_nograd`` — ``graph`` under ``torch.no_grad()`` instead of ``torch.inference_mode()``;
+* ``engine`` — the engine's own build loop with graphs, loading the package from a cache folder
+  (``b<B>.pt2``, as the engine cache names it); ``engine_models`` — the same after loading the
+  full-size synthetic models onto the GPU and importing the command line, as ``bench`` does.
+  ``engine_build`` compiles the package in the same process first, as ``engines build`` does.
+  With an ``A+B`` target both stages go through it in one process, as in ``bench``.
 
 A graph variant passes when two replays on two inputs equal the direct calls on the same
 inputs (max abs difference). With ``--sanitize TARGETS`` the ``graph`` variant of those targets
@@ -54,6 +59,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+CUDA = torch.device("cuda")
 TOYS = ("conv", "gn", "attn", "linear", "up", "mix")
 STAGES = ("vae_decode", "unet")
 VARIANTS = (
@@ -64,6 +70,9 @@ VARIANTS = (
     "graph_relaxed",
     "graph_threaded",
     "graph_nograd",
+    "engine",
+    "engine_models",
+    "engine_build",
 )
 
 
@@ -201,6 +210,68 @@ def run_pair(targets: list[str], variant: str, folder: Path) -> dict:
             torch.cuda.synchronize()
             diffs.append((y.float() - ref.float()).abs().max().item())
         _sync_phase("replay")
+    row["max_abs_diff"] = max(diffs)
+    row["phase"] = "done"
+    row["passed"] = row["max_abs_diff"] < 1e-3
+    return row
+
+
+def run_engine(targets: list[str], variant: str, folder: Path) -> dict:
+    """The engine's own build loop with graphs, against the direct calls.
+
+    :class:`~musetalk_rt.engines.aoti.AotiEngine` with ``cuda_graphs=True`` loads each target
+    from a cache folder whose package is ``b<B>.pt2``, as the engine cache names them.
+
+    ``engine``: in this bare process; ``engine_models``: after loading the full-size synthetic
+    models onto the GPU and importing the command line, as ``bench`` and ``engines build`` do;
+    ``engine_build``: the package compiled in this process first, as ``engines build`` does.
+    Bisects between the probe's capture (which works) and the engine's (which did not).
+    """
+    from safetensors.torch import load_file
+
+    from musetalk_rt.engines.aoti import AotiEngine, load_package
+
+    row: dict = {"target": "+".join(targets), "variant": variant, "phase": "setup"}
+    if variant == "engine_models":
+        import musetalk_rt.cli  # noqa: F401 - every import the command line makes
+        from musetalk_rt.weights import load_models
+
+        models = load_models("synthetic", device="cuda")  # held to the end, as the CLI does
+        row["models_on_gpu"] = models.device.type == "cuda"
+    cases = []
+    for t in targets:
+        raw = load_file(str(folder / f"{t}_inputs.safetensors"))
+        n = len({k.split("_")[1] for k in raw})
+        xs = [raw[f"s0_{j}"] for j in range(n)]  # CPU, as a stage's example_inputs gives them
+        batch = xs[0].shape[0]
+        cache = folder / f"cache_{t}"
+        cache.mkdir(exist_ok=True)
+        if not (cache / f"b{batch}.pt2").exists():
+            shutil.copy(folder / f"{t}.pt2", cache / f"b{batch}.pt2")
+        direct = load_package(folder / f"{t}.pt2")
+        with torch.inference_mode():
+            ref = _first(direct(*[x.cuda() for x in xs])).clone()
+        del direct
+        cases.append((t, xs, batch, cache, ref))
+    _sync_phase("direct")
+    row["phase"] = "build"
+    runners = []
+    for t, xs, batch, cache, _ in cases:
+        eng = AotiEngine(cuda_graphs=True)
+        module = None
+        if variant == "engine_build":  # built in this process, as `engines build` does
+            module, _ = _module_and_inputs(t, batch, "cuda")
+        else:
+            assert eng.load_cache(cache)
+        runners.append(eng.build(module, lambda b, xs=xs: tuple(xs), [batch], torch.float16, CUDA))
+        _sync_phase(f"build {t}")
+    row["phase"] = "replay"
+    diffs = []
+    for runner, (_, xs, _, _, ref) in zip(runners, cases, strict=True):
+        y = runner(*[x.cuda() for x in xs])
+        torch.cuda.synchronize()
+        diffs.append((y.float() - ref.float()).abs().max().item())
+    _sync_phase("replay")
     row["max_abs_diff"] = max(diffs)
     row["phase"] = "done"
     row["passed"] = row["max_abs_diff"] < 1e-3
@@ -351,7 +422,9 @@ def main() -> int:
         return 0
     if args.cmd == "run":
         try:
-            if "+" in args.target:  # two packages in one process
+            if args.variant.startswith("engine"):  # the engine's build loop, per target
+                row = run_engine(args.target.split("+"), args.variant, args.dir)
+            elif "+" in args.target:  # two packages in one process
                 row = run_pair(args.target.split("+"), args.variant, args.dir)
             else:
                 row = run(args.target, args.variant, args.dir, args.iters)
@@ -403,7 +476,8 @@ def main() -> int:
     def check(t: str) -> list[dict]:
         rows = []
         for v in variants:
-            rc, text = _child(["run", t, v, "--dir", str(work)], None, 180)
+            limit_s = 420 if v == "engine_build" else 180  # (that one compiles, minutes)
+            rc, text = _child(["run", t, v, "--dir", str(work)], None, limit_s)
             rows.append(_row_from(t, v, rc, text))
         return rows
 

@@ -54,7 +54,9 @@
 #   experiments/gpu_runs.sh aoti-graph # where a CUDA graph around an aoti package breaks: small
 #                                      # modules (one kind of op each) and both stages at B4,
 #                                      # each capture variant in a fresh process
-#                                      # (experiments/aoti_graph_probe.py; AG_TARGETS, AG_ARGS)
+#                                      # (experiments/aoti_graph_probe.py; AG_TARGETS, default
+#                                      # both stages; AG_ARGS, default the engine's build loop
+#                                      # against the probe's capture)
 #   experiments/gpu_runs.sh aoti-fast  # aoti at AF_BUCKET (default 4) with CUDA graphs, per
 #                                      # AF_JOBS item (NAME:OPTIONS, ';'-separated; default the
 #                                      # plain package, freezing + channels-last, and those with
@@ -393,8 +395,11 @@ aoti-fast)
   echo "== bench ${j%%:*} without graphs"; tail -n 1 "$L/bench_${j%%:*}_nograph_b$b.txt" | cut -c1-400
   ;;
 aoti-graph)
+  # default: the engine's build loop against the probe's capture, both stages and the pair
   timeout 590 "$PY" experiments/aoti_graph_probe.py --out "$R" \
-    ${AG_TARGETS:+--targets "$AG_TARGETS"} ${AG_ARGS:-} 2>&1 | tee "$L/aoti_graph_probe.txt" |
+    --targets "${AG_TARGETS:-unet,vae_decode}" \
+    ${AG_ARGS:---variants graph,engine,engine_models,engine_build --sanitize none --iters 0} \
+    2>&1 | tee "$L/aoti_graph_probe.txt" |
     grep -v Warning | tail -n 60
   ;;
 *)

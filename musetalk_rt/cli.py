@@ -204,8 +204,9 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--aoti-cuda-graphs",
         action="store_true",
-        help="aoti only, experimental: capture each loaded package in a CUDA graph (failed on "
-        "an H200 with torch 2.11: illegal memory access; off by default)",
+        help="aoti only, experimental: capture each loaded package in a CUDA graph (off by "
+        "default: on an H200 with torch 2.11 the engine's capture dies with an illegal memory "
+        "access, although the same capture in experiments/aoti_graph_probe.py works)",
     )
     g.add_argument(
         "--aoti-channels-last",
