@@ -141,6 +141,37 @@ def test_render_refuses_an_unknown_x264_preset_naming_the_choices(capsys):
     assert "--x264-preset: invalid choice: 'x' (choose from" in err and "ultrafast" in err
 
 
+def test_bench_hands_each_engine_the_options_it_takes(monkeypatch, capsys, tmp_path):
+    """``bench --engine eager,compile,aoti`` splits the options among the engines (aoti's were
+    once dropped: only compile got any); an option none of them takes is one line, exit 2."""
+    from musetalk_rt import bench
+    from musetalk_rt.cli import per_engine_options
+
+    got = per_engine_options(
+        ["eager", "compile", "aoti"],
+        {"freezing": True, "graph_capture": "manual", "weights": "so", "cuda_graphs": True},
+    )
+    assert got == {
+        "eager": {},
+        "compile": {"freezing": True, "graph_capture": "manual", "cuda_graphs": True},
+        "aoti": {"freezing": True, "weights": "so", "cuda_graphs": True},
+    }
+    seen = {}
+
+    def fake_run_bench(models, engines, dtypes, batch_sizes, engine_options, **kw):
+        seen.update(engine_options)
+        return []
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    argv = "bench --weights tiny --device cpu --engine aoti --dtype fp32 --aoti-weights so"
+    main([*argv.split(), "--phase-upsample", "--compile-freezing", "--out", str(tmp_path)])
+    assert seen["aoti"] == {"weights": "so", "phase_upsample": True, "freezing": True}
+    capsys.readouterr()
+    assert main("bench --weights tiny --engine eager --compile-freezing".split()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "freezing" in err[0] and "eager" in err[0]
+
+
 def test_bench_writes_rows_and_ends_with_json(tmp_path, capsys):
     code = main(
         [
