@@ -318,6 +318,9 @@ def test_readme_table_keeps_autotuned_rows_apart():
     )
     aoti = {"engine": "aoti", "dtype": "fp16", "engine_options": {"max_autotune": True}}
     assert config_label(aoti) == "aoti fp16 (max-autotune)"
+    # aoti is contiguous unless asked: its channels-last rows get a line of their own
+    fast = {"freezing": True, "channels_last": True, "weights": "blob"}
+    assert config_label(dict(aoti, engine_options=fast)) == "aoti fp16 (freezing, channels-last)"
     # a newer untuned row does not hide the tuned one: two lines
     table = perf_table([tuned, dict(row, fps=438.2, time="2")])
     assert "| 399.7 |" in table and "| 438.2 |" in table

@@ -30,6 +30,8 @@ DEFAULT_OPTIONS = {
     "gemm_autotune": False,
     "max_autotune": False,
 }
+# where an engine's default differs from the table above (aoti: contiguous unless asked)
+ENGINE_DEFAULTS = {"aoti": {"channels_last": False}}
 
 
 def _option(name: str, value) -> str:
@@ -48,9 +50,8 @@ def config_label(row: dict) -> str:
     if opts is None and row.get("engine") != "eager":  # rows from before options were recorded
         return f"{row['engine']} {row['dtype']} (options not recorded)"
     opts = opts or {}
-    extra = [
-        _option(k, v) for k, v in opts.items() if k in DEFAULT_OPTIONS and v != DEFAULT_OPTIONS[k]
-    ]
+    defaults = DEFAULT_OPTIONS | ENGINE_DEFAULTS.get(row.get("engine"), {})
+    extra = [_option(k, v) for k, v in opts.items() if k in defaults and v != defaults[k]]
     if "fused" in str(row.get("stages", "")):
         extra.append("fused stages")
     return f"{row['engine']} {row['dtype']}" + (f" ({', '.join(extra)})" if extra else "")
