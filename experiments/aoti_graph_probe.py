@@ -165,6 +165,15 @@ def build(target: str, batch: int, device: str, folder: Path) -> None:
     print(f"BUILT {target} {time.perf_counter() - t0:.1f} s ({eng.compiler_note})", flush=True)
 
 
+def _load_inputs(folder: Path, target: str) -> list[list[torch.Tensor]]:
+    """The two input sets ``build`` saved for ``target`` (CPU tensors)."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(folder / f"{target}_inputs.safetensors"))
+    n = len({k.split("_")[1] for k in raw})
+    return [[raw[f"s{i}_{j}"] for j in range(n)] for i in range(2)]
+
+
 def _first(y):
     return y[0] if isinstance(y, (list, tuple)) else y
 
@@ -195,17 +204,13 @@ def run_pair(targets: list[str], variant: str, folder: Path) -> dict:
     Each is called directly, then (graph variants) captured with the engine's capture, then both
     are replayed and compared with the direct calls.
     """
-    from safetensors.torch import load_file
-
     from musetalk_rt.engines.aoti import load_package
     from musetalk_rt.engines.compile import _ManualGraphStep
 
     row: dict = {"target": "+".join(targets), "variant": variant, "phase": "load"}
     fns, sets = [], []
     for t in targets:
-        raw = load_file(str(folder / f"{t}_inputs.safetensors"))
-        n = len({k.split("_")[1] for k in raw})
-        sets.append([raw[f"s0_{j}"].cuda() for j in range(n)])
+        sets.append([x.cuda() for x in _load_inputs(folder, t)[0]])
         fns.append(load_package(folder / f"{t}.pt2", run_single_threaded=True))
     with torch.inference_mode():
         row["phase"] = "direct"
@@ -232,8 +237,6 @@ def run_engine(targets: list[str], variant: str, folder: Path) -> dict:
     ``engine_build``: the package compiled in this process first, as ``engines build`` does.
     Bisects between the probe's capture (which works) and the engine's (which did not).
     """
-    from safetensors.torch import load_file
-
     from musetalk_rt.engines.aoti import AotiEngine, load_package
 
     row: dict = {"target": "+".join(targets), "variant": variant, "phase": "setup"}
@@ -245,9 +248,7 @@ def run_engine(targets: list[str], variant: str, folder: Path) -> dict:
         row["models_on_gpu"] = models.device.type == "cuda"
     cases = []
     for t in targets:
-        raw = load_file(str(folder / f"{t}_inputs.safetensors"))
-        n = len({k.split("_")[1] for k in raw})
-        xs = [raw[f"s0_{j}"] for j in range(n)]  # CPU, as a stage's example_inputs gives them
+        xs = _load_inputs(folder, t)[0]  # CPU, as a stage's example_inputs gives them
         batch = xs[0].shape[0]
         cache = folder / f"cache_{t}"
         cache.mkdir(exist_ok=True)
@@ -277,14 +278,10 @@ def run_engine(targets: list[str], variant: str, folder: Path) -> dict:
 
 def run(target: str, variant: str, folder: Path, iters: int) -> dict:
     """One variant in this (fresh) process; returns its result row."""
-    from safetensors.torch import load_file
-
     from musetalk_rt.engines.aoti import load_package
     from musetalk_rt.engines.compile import _ManualGraphStep
 
-    raw = load_file(str(folder / f"{target}_inputs.safetensors"))
-    n = len({k.split("_")[1] for k in raw})
-    sets = [[raw[f"s{i}_{j}"].cuda() for j in range(n)] for i in range(2)]
+    sets = [[x.cuda() for x in xs] for xs in _load_inputs(folder, target)]
     row: dict = {"target": target, "variant": variant, "phase": "load"}
     t0 = time.perf_counter()
     fn = load_package(folder / f"{target}.pt2", run_single_threaded=variant != "graph_threaded")

@@ -364,14 +364,24 @@ aoti-rows)
   ;;
 aoti-fast)
   b=${AF_BUCKET:-4}
+  graphs=()
+  [ "${AF_BUILD_GRAPHS:-0}" = 1 ] && graphs=(--aoti-cuda-graphs)
+  # one bench row from the engine cache while the call has time: af_bench LABEL OPTIONS...
+  af_bench() {
+    local label=$1
+    shift
+    [ "$(left 575)" -gt 30 ] || return 1
+    timeout "$(left 585)" "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
+      --batch-sizes "$b" --iters 50 "$@" "${SYN[@]}" --out "$R" > "$L/bench_${label}_b$b.txt" 2>&1
+    echo "== bench $label"; tail -n 1 "$L/bench_${label}_b$b.txt" | cut -c1-400
+  }
   IFS=';' read -r -a jobs <<< "${AF_JOBS:-plain:;frz:--compile-freezing --aoti-channels-last;frz_rw:--compile-freezing --aoti-channels-last --phase-upsample --channels-last-norm}"
   for j in "${jobs[@]}"; do
     name=${j%%:*}
     read -r -a opts <<< "${j#*:}"
     for st in unet vae_decode; do
       timeout "${AF_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-        --batch-sizes "$b" --stages "$st" $([ "${AF_BUILD_GRAPHS:-0}" = 1 ] && echo --aoti-cuda-graphs) "${opts[@]}" \
-        "${SYN[@]}" \
+        --batch-sizes "$b" --stages "$st" "${graphs[@]}" "${opts[@]}" "${SYN[@]}" \
         > "$L/build_${name}_b${b}_$st.txt" 2>&1 &
     done
   done
@@ -381,18 +391,11 @@ aoti-fast)
   for j in "${jobs[@]}"; do
     name=${j%%:*}
     read -r -a opts <<< "${j#*:}"
-    [ "$(left 575)" -gt 30 ] || break
-    timeout "$(left 585)" "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 --batch-sizes "$b" \
-      --iters 50 --aoti-cuda-graphs "${opts[@]}" "${SYN[@]}" --out "$R" \
-      > "$L/bench_${name}_b$b.txt" 2>&1
-    echo "== bench $name"; tail -n 1 "$L/bench_${name}_b$b.txt" | cut -c1-400
+    af_bench "$name" --aoti-cuda-graphs "${opts[@]}" || break
   done
-  j=${jobs[${#jobs[@]}-1]}
+  j=${jobs[${#jobs[@]}-1]}  # the last item, without graphs
   read -r -a opts <<< "${j#*:}"
-  [ "$(left 575)" -gt 30 ] && timeout "$(left 585)" "$PY" -m musetalk_rt bench --engine aoti \
-    --dtype fp16 --batch-sizes "$b" --iters 50 "${opts[@]}" "${SYN[@]}" --out "$R" \
-    > "$L/bench_${j%%:*}_nograph_b$b.txt" 2>&1
-  echo "== bench ${j%%:*} without graphs"; tail -n 1 "$L/bench_${j%%:*}_nograph_b$b.txt" | cut -c1-400
+  af_bench "${j%%:*}_nograph" "${opts[@]}"
   ;;
 aoti-graph)
   # default: the engine's build loop against the probe's capture, both stages and the pair

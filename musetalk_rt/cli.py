@@ -148,12 +148,10 @@ def per_engine_options(engines: list[str], options: dict) -> dict[str, dict]:
     """
     import inspect
 
-    from musetalk_rt.engines import available_engines, get_engine
+    from musetalk_rt.engines import get_engine
 
     per = {}
-    for name in engines:
-        if name not in available_engines():
-            get_engine(name)  # the one-line error that lists the engines
+    for name in engines:  # (an unknown name: get_engine's one line listing the engines)
         taken = set(inspect.signature(type(get_engine(name))).parameters)
         per[name] = {k: v for k, v in options.items() if k in taken}
     unused = sorted(set(options) - {k for o in per.values() for k in o})

@@ -210,6 +210,8 @@ class ExportedEngine(Engine):
     phase_upsample: str | bool = False  # upsample + conv from the small input (engines.rewrites)
     channels_last_norm: bool = False  # group norms reduced per channel (engines.rewrites)
     channels_last: bool = False  # the module's weights and 4-D inputs in channels-last memory
+    freezing: bool = False  # inductor freezing while compiling
+    coordinate_descent: bool = False  # inductor's coordinate-descent kernel tuning
 
     def __init__(self, cuda_graphs: bool = True):
         self.cuda_graphs = cuda_graphs
@@ -282,8 +284,8 @@ class ExportedEngine(Engine):
             + (", channels_last" if fmt is torch.channels_last else "")
             + (f", phase upsample ({self.phase_upsample})" if self.phase_upsample else "")
             + (", channels-last group norm" if self.channels_last_norm else "")
-            + (", freezing" if getattr(self, "freezing", False) else "")
-            + (", coordinate-descent tuning" if getattr(self, "coordinate_descent", False) else "")
+            + (", freezing" if self.freezing else "")
+            + (", coordinate-descent tuning" if self.coordinate_descent else "")
             + (f"; {self.compiler_note}" if built and self.compiler_note else "")
         )
         runner = Runner(fns, dtype, report, memory_format=fmt, artifacts=built)
