@@ -24,6 +24,8 @@ address poisons the CUDA context) and reports the phase it reached:
 * ``graph_relaxed`` — capture with ``capture_error_mode="relaxed"``;
 * ``graph_threaded`` — the default (multi-threaded) runner under the engine's capture;
 * ``graph_nograd`` — ``graph`` under ``torch.no_grad()`` instead of ``torch.inference_mode()``;
+* ``graph_freed`` — the capture, then the package's loader dropped before the replays (as the
+  engine's build loop did until the capture step held it: the cause, found on 2026-12-04);
 * ``engine`` — the engine's own build loop with graphs, loading the package from a cache folder
   (``b<B>.pt2``, as the engine cache names it); ``engine_models`` — the same after loading the
   full-size synthetic models onto the GPU and importing the command line, as ``bench`` does.
@@ -44,6 +46,7 @@ JSON line last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -70,6 +73,7 @@ VARIANTS = (
     "graph_relaxed",
     "graph_threaded",
     "graph_nograd",
+    "graph_freed",
     "engine",
     "engine_models",
     "engine_build",
@@ -306,7 +310,7 @@ def run(target: str, variant: str, folder: Path, iters: int) -> dict:
                         fn(*static)
                 torch.cuda.current_stream().wait_stream(s)
                 torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
+                graph = torch.cuda.CUDAGraph()  # (graph_same_stream, graph_relaxed, graph_freed)
                 kw = {"stream": s} if variant == "graph_same_stream" else {}
                 if variant == "graph_relaxed":
                     kw["capture_error_mode"] = "relaxed"
@@ -320,6 +324,9 @@ def run(target: str, variant: str, folder: Path, iters: int) -> dict:
                     return out.clone()
 
             _sync_phase("capture")
+            if variant == "graph_freed":  # only the graph left: the package's memory is freed
+                del fn
+                gc.collect()
         row["phase"] = "replay"
         ys = []
         for xs in sets:

@@ -57,13 +57,16 @@
 #                                      # (experiments/aoti_graph_probe.py; AG_TARGETS, default
 #                                      # both stages; AG_ARGS, default the engine's build loop
 #                                      # against the probe's capture)
-#   experiments/gpu_runs.sh aoti-fast  # aoti at AF_BUCKET (default 4) with CUDA graphs, per
+#   experiments/gpu_runs.sh aoti-fast  # aoti at AF_BUCKETS (default 4) with CUDA graphs, per
 #                                      # AF_JOBS item (NAME:OPTIONS, ';'-separated; default the
 #                                      # plain package, freezing + channels-last, and those with
-#                                      # both rewrites): each stage built in its own process, all
-#                                      # at once (gated without graphs; AF_BUILD_GRAPHS=1 captures
-#                                      # in the building process), then a bench row per item from
-#                                      # the engine cache with graphs, in turns, and one without
+#                                      # both rewrites): each stage and bucket built in its own
+#                                      # process, all at once (gated without graphs;
+#                                      # AF_BUILD_GRAPHS=1 captures in the building process), then
+#                                      # a bench row per bucket and item from the engine cache with
+#                                      # graphs, in turns, and one of the last item without
+#                                      # (AF_NOGRAPH=0: not); AF_PROBE: aoti_graph_probe variants
+#                                      # run beside the builds
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -363,39 +366,51 @@ aoti-rows)
   tail -n 6 "$L/bench_eager.txt"
   ;;
 aoti-fast)
-  b=${AF_BUCKET:-4}
   graphs=()
   [ "${AF_BUILD_GRAPHS:-0}" = 1 ] && graphs=(--aoti-cuda-graphs)
-  # one bench row from the engine cache while the call has time: af_bench LABEL OPTIONS...
+  # the probe's variants (AF_PROBE, e.g. "graph_freed,engine") beside the builds, at the first
+  # bucket; the builds' `wait` waits for it too, so the bench rows time alone
+  if [ -n "${AF_PROBE:-}" ]; then
+    read -r -a bs <<< "${AF_BUCKETS:-4}"
+    timeout "$(left 420)" "$PY" experiments/aoti_graph_probe.py --out "$R" --batch "${bs[0]}" \
+      --targets unet,vae_decode --variants "$AF_PROBE" --pairs "" --sanitize none --iters 0 \
+      > "$L/aoti_graph_probe.txt" 2>&1 &
+  fi
+  # one bench row from the engine cache while the call has time: af_bench BUCKET LABEL OPTIONS...
   af_bench() {
-    local label=$1
-    shift
+    local b=$1 label=$2
+    shift 2
     [ "$(left 575)" -gt 30 ] || return 1
     timeout "$(left 585)" "$PY" -m musetalk_rt bench --engine aoti --dtype fp16 \
       --batch-sizes "$b" --iters 50 "$@" "${SYN[@]}" --out "$R" > "$L/bench_${label}_b$b.txt" 2>&1
-    echo "== bench $label"; tail -n 1 "$L/bench_${label}_b$b.txt" | cut -c1-400
+    echo "== bench $label b$b"; tail -n 1 "$L/bench_${label}_b$b.txt" | cut -c1-400
   }
   IFS=';' read -r -a jobs <<< "${AF_JOBS:-plain:;frz:--compile-freezing --aoti-channels-last;frz_rw:--compile-freezing --aoti-channels-last --phase-upsample --channels-last-norm}"
-  for j in "${jobs[@]}"; do
-    name=${j%%:*}
-    read -r -a opts <<< "${j#*:}"
-    for st in unet vae_decode; do
-      timeout "${AF_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti --dtype fp16 \
-        --batch-sizes "$b" --stages "$st" "${graphs[@]}" "${opts[@]}" "${SYN[@]}" \
-        > "$L/build_${name}_b${b}_$st.txt" 2>&1 &
+  for b in ${AF_BUCKETS:-4}; do
+    for j in "${jobs[@]}"; do
+      name=${j%%:*}
+      read -r -a opts <<< "${j#*:}"
+      for st in unet vae_decode; do
+        timeout "${AF_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti \
+          --dtype fp16 --batch-sizes "$b" --stages "$st" "${graphs[@]}" "${opts[@]}" \
+          "${SYN[@]}" > "$L/build_${name}_b${b}_$st.txt" 2>&1 &
+      done
     done
   done
   wait
   echo "aoti built: ${SECONDS} s"
+  [ -f "$L/aoti_graph_probe.txt" ] && grep -v Warning "$L/aoti_graph_probe.txt" | tail -n 12
   for f in "$L"/build_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 3 | cut -c1-220; done
-  for j in "${jobs[@]}"; do
-    name=${j%%:*}
-    read -r -a opts <<< "${j#*:}"
-    af_bench "$name" --aoti-cuda-graphs "${opts[@]}" || break
+  for b in ${AF_BUCKETS:-4}; do
+    for j in "${jobs[@]}"; do
+      read -r -a opts <<< "${j#*:}"
+      af_bench "$b" "${j%%:*}" --aoti-cuda-graphs "${opts[@]}" || break 2
+    done
   done
-  j=${jobs[${#jobs[@]}-1]}  # the last item, without graphs
+  j=${jobs[${#jobs[@]}-1]}  # the last item without graphs, at the first bucket
   read -r -a opts <<< "${j#*:}"
-  af_bench "${j%%:*}_nograph" "${opts[@]}"
+  read -r -a bs <<< "${AF_BUCKETS:-4}"
+  [ "${AF_NOGRAPH:-1}" = 1 ] && af_bench "${bs[0]}" "${j%%:*}_nograph" "${opts[@]}"
   ;;
 aoti-graph)
   # default: the engine's build loop against the probe's capture, both stages and the pair

@@ -237,6 +237,57 @@ class _TimedEvent:
         return 2.0 * (end.n - self.n)
 
 
+def test_manual_graph_step_holds_its_callable_for_as_long_as_it_lives(monkeypatch):
+    """A captured graph replays the callable's kernels on the memory the callable owns.
+
+    An AOTInductor package's weights are freed with its loader; the aoti engine kept only the
+    step, so every replay read freed memory (the illegal memory access of --aoti-cuda-graphs on
+    an H200). CUDA's stream and graph calls are stood in for here, so this runs on the CPU.
+    """
+    import contextlib
+    import gc
+    import weakref
+
+    from musetalk_rt.engines.compile import _ManualGraphStep
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+
+    class Package:  # stands in for a loaded package: owns the weights the kernels read
+        calls = 0
+
+        def __call__(self, x):
+            Package.calls += 1
+            return x * 2
+
+    package = Package()
+    alive = weakref.ref(package)
+    step = _ManualGraphStep(package, [torch.ones(2, 3)])
+    assert Package.calls == 4  # three warm-up calls, then the captured one
+    del package
+    gc.collect()
+    assert alive() is not None, "the step dropped the callable its graph replays"
+    out = step(torch.zeros(2, 3))
+    assert Graph.replays == 1 and torch.equal(out, torch.full((2, 3), 2.0))
+    del step
+    gc.collect()
+    assert alive() is None  # and no longer than the step
+
+
 def test_stage_clock_stays_bounded_over_a_long_run_and_counts_every_stage(monkeypatch):
     """The live worker times every batch for hours: finished event pairs are folded as it
     goes, a reader that does not wait sees only finished work, a waiting one sees all of it."""

@@ -84,10 +84,14 @@ class _ManualGraphStep:
     """Replay one ``torch.cuda.CUDAGraph`` captured around ``fn`` on static input buffers.
 
     Inputs are copied into the static buffers; the output is cloned (the next replay overwrites
-    the static output).
+    the static output). The step holds ``fn`` for as long as it lives: the graph replays ``fn``'s
+    kernels on the memory ``fn`` owns (an AOTInductor package's weights are freed with its
+    loader, and a replay after that read freed memory: the illegal memory access of
+    ``--aoti-cuda-graphs`` on an H200, experiments/LOG.md 2026-12-04).
     """
 
     def __init__(self, fn, inputs: Sequence[torch.Tensor], warmup: int = 3):
+        self.fn = fn  # keeps the memory the graph's kernels read alive (see above)
         self.static_inputs = [x.clone() for x in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
