@@ -58,7 +58,8 @@
 #                                      # both stages; AG_ARGS, default the engine's build loop
 #                                      # against the probe's capture)
 #   experiments/gpu_runs.sh aoti-fast  # aoti at AF_BUCKETS (default 4) with CUDA graphs, per
-#                                      # AF_JOBS item (NAME:OPTIONS, ';'-separated; default the
+#                                      # AF_JOBS item (NAME[@B1,B2]:OPTIONS, ';'-separated, @ its
+#                                      # own buckets; default the
 #                                      # plain package, freezing + channels-last, and those with
 #                                      # both rewrites): each stage and bucket built in its own
 #                                      # process, all at once (gated without graphs;
@@ -386,10 +387,16 @@ aoti-fast)
     echo "== bench $label b$b"; tail -n 1 "$L/bench_${label}_b$b.txt" | cut -c1-400
   }
   IFS=';' read -r -a jobs <<< "${AF_JOBS:-plain:;frz:--compile-freezing --aoti-channels-last;frz_rw:--compile-freezing --aoti-channels-last --phase-upsample --channels-last-norm}"
-  for b in ${AF_BUCKETS:-4}; do
-    for j in "${jobs[@]}"; do
-      name=${j%%:*}
-      read -r -a opts <<< "${j#*:}"
+  # a job's name, options and buckets (NAME@B1,B2 overrides AF_BUCKETS): af_job ITEM
+  af_job() {
+    name=${1%%:*}
+    read -r -a opts <<< "${1#*:}"
+    jb=${AF_BUCKETS:-4}
+    if [[ $name == *@* ]]; then jb=${name#*@}; jb=${jb//,/ }; name=${name%%@*}; fi
+  }
+  for j in "${jobs[@]}"; do
+    af_job "$j"
+    for b in $jb; do
       for st in unet vae_decode; do
         timeout "${AF_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti \
           --dtype fp16 --batch-sizes "$b" --stages "$st" "${graphs[@]}" "${opts[@]}" \
@@ -401,16 +408,15 @@ aoti-fast)
   echo "aoti built: ${SECONDS} s"
   [ -f "$L/aoti_graph_probe.txt" ] && grep -v Warning "$L/aoti_graph_probe.txt" | tail -n 12
   for f in "$L"/build_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 3 | cut -c1-220; done
-  for b in ${AF_BUCKETS:-4}; do
-    for j in "${jobs[@]}"; do
-      read -r -a opts <<< "${j#*:}"
-      af_bench "$b" "${j%%:*}" --aoti-cuda-graphs "${opts[@]}" || break 2
+  for j in "${jobs[@]}"; do
+    af_job "$j"
+    for b in $jb; do
+      af_bench "$b" "$name" --aoti-cuda-graphs "${opts[@]}" || break 2
     done
   done
-  j=${jobs[${#jobs[@]}-1]}  # the last item without graphs, at the first bucket
-  read -r -a opts <<< "${j#*:}"
-  read -r -a bs <<< "${AF_BUCKETS:-4}"
-  [ "${AF_NOGRAPH:-1}" = 1 ] && af_bench "${bs[0]}" "${j%%:*}_nograph" "${opts[@]}"
+  af_job "${jobs[${#jobs[@]}-1]}"  # the last item without graphs, at its first bucket
+  read -r -a bs <<< "$jb"
+  [ "${AF_NOGRAPH:-1}" = 1 ] && af_bench "${bs[0]}" "${name}_nograph" "${opts[@]}"
   ;;
 aoti-graph)
   # default: the engine's build loop against the probe's capture, both stages and the pair
