@@ -175,7 +175,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-cuda-graphs",
         action="store_true",
-        help="do not capture the compiled step in a CUDA graph",
+        help="compile and aoti: do not capture the compiled step (compile) or the loaded "
+        "package's call (aoti) in a CUDA graph",
     )
     g.add_argument(
         "--aoti-weights",
@@ -202,9 +203,9 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--aoti-cuda-graphs",
         action="store_true",
-        help="aoti only, experimental: capture each loaded package in a CUDA graph (off by "
-        "default: on an H200 with torch 2.11 the engine's capture dies with an illegal memory "
-        "access, although the same capture in experiments/aoti_graph_probe.py works)",
+        help="aoti: capture each loaded package's call in a CUDA graph — the default on CUDA "
+        "since the capture was fixed (2026-12-04); kept for earlier command lines, "
+        "--no-cuda-graphs turns the capture off",
     )
     g.add_argument(
         "--aoti-channels-last",

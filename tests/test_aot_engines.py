@@ -75,7 +75,7 @@ def test_cache_keys_differ_per_engine(tiny_models):
     assert len(set(keys.values())) == len(keys)
     # graphs or not, the package is the same: one key (built once, loaded either way)
     assert (
-        get_engine("aoti").cache_options() == get_engine("aoti", cuda_graphs=True).cache_options()
+        get_engine("aoti").cache_options() == get_engine("aoti", cuda_graphs=False).cache_options()
     )
     # where the weights live is part of the key: a package of the other kind is never loaded
     assert get_engine("aoti").cache_options() != get_engine("aoti", weights="so").cache_options()
@@ -160,15 +160,19 @@ def test_aoti_layout_freezing_and_tuning_options_reach_inductor_and_the_key(
         "engines build --engine aoti --aoti-channels-last --no-channels-last".split()
     )
     assert _engine_options(args)["channels_last"] is False
+    # graphs are the default on CUDA; --no-cuda-graphs turns them off for aoti as for compile
+    args = build_parser().parse_args("engines build --engine aoti --no-cuda-graphs".split())
+    assert get_engine("aoti", **_engine_options(args)).cuda_graphs is False
 
 
 def test_aoti_loads_single_threaded_when_it_captures_cuda_graphs(tmp_path, monkeypatch):
     """A CUDA graph can capture only the single-threaded AOTInductor runner (the default one's
-    thread synchronisation invalidated the capture on an H200); graphs are opt-in."""
+    thread synchronisation invalidated the capture on an H200); graphs are the default on CUDA,
+    and a bench row records whether they ran (the package, and its cache key, is the same)."""
     seen = []
     monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", lambda *a: seen.append(a))
-    get_engine("aoti", cuda_graphs=True)._load(tmp_path / "b4.pt2")
-    get_engine("aoti")._load(tmp_path / "b4.pt2")  # the default: no graphs
+    get_engine("aoti")._load(tmp_path / "b4.pt2", capture=True)
+    get_engine("aoti")._load(tmp_path / "b4.pt2")  # no capture (the CPU, --no-cuda-graphs)
     path = str(tmp_path / "b4.pt2")
     assert seen == [(path, "model", True, 1, -1), (path, "model", False, 1, -1)]
     # torch whose loader takes other arguments, or has another name: the public call, with
@@ -184,8 +188,12 @@ def test_aoti_loads_single_threaded_when_it_captures_cuda_graphs(tmp_path, monke
     get_engine("aoti")._load(tmp_path / "b4.pt2")
     assert seen[-1] == {"run_single_threaded": False}
     monkeypatch.delattr(torch._C._aoti, "AOTIModelPackageLoader")
-    get_engine("aoti", cuda_graphs=True)._load(tmp_path / "b4.pt2")
+    get_engine("aoti")._load(tmp_path / "b4.pt2", capture=True)
     assert seen[-1] == {"run_single_threaded": True}
+    assert get_engine("aoti").cuda_graphs is True
+    assert get_engine("aoti").row_options()["cuda_graphs"] is True
+    assert get_engine("aoti", cuda_graphs=False).row_options()["cuda_graphs"] is False
+    assert "cuda_graphs" not in get_engine("aoti").cache_options()
 
 
 def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models, capsys):

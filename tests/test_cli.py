@@ -9,6 +9,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from musetalk_rt.cli import main
 from musetalk_rt.media import probe_media
@@ -59,14 +60,32 @@ def test_render_eng_wav_1500_frames_60s_aac(yongen_avatar, fixture_file, tmp_pat
 
 
 def test_render_encodes_in_a_thread_on_request_with_the_same_result(
-    tiny_models, yongen_avatar, fixture_file, tmp_path
+    tiny_models, yongen_avatar, fixture_file, tmp_path, monkeypatch
 ):
     """A GPU render encodes in a thread of its own (the default where the models run on a GPU);
-    forced on here, its file decodes to the same frames and sound as the inline encoder's."""
+    forced on here, its encoder gets the same frames in the same order as the inline one's, and
+    its file decodes to the same pictures and sound.
+
+    The files are compared within x264's tolerance, not bit for bit: on a 2-core host the first
+    render of a process now and then encoded identical frames into other bytes than the renders
+    after it (inline or threaded alike; experiments/LOG.md 2026-12-04, 17:30).
+    """
+    import hashlib
+
+    from musetalk_rt import media
     from musetalk_rt.avatar import load_avatar
+    from musetalk_rt.engines.parity import psnr_u8
     from musetalk_rt.media import load_audio, read_video
     from musetalk_rt.pipeline import render
 
+    handed: dict[bool, list[str]] = {}  # encode mode -> digest of every frame the encoder got
+    encode = media.Mp4Writer.write
+
+    def write(self, frame):
+        handed[mode].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
+        return encode(self, frame)
+
+    monkeypatch.setattr(media.Mp4Writer, "write", write)
     clip = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000:32000]  # 1 s: 25 frames
     wav = tmp_path / "one_s.wav"
     with wave.open(str(wav), "wb") as w:
@@ -76,15 +95,18 @@ def test_render_encodes_in_a_thread_on_request_with_the_same_result(
         w.writeframes((np.clip(clip, -1, 1) * 32767).astype("<i2").tobytes())
     avatar = load_avatar("yongen", yongen_avatar)
     reports, frames = {}, {}
-    for thread in (False, True):
-        out = tmp_path / f"thread_{thread}.mp4"
-        reports[thread] = render(
-            tiny_models, avatar, wav, out, batch_size=8, log=lambda _: None, encode_thread=thread
+    for mode in (False, True):
+        handed[mode] = []
+        out = tmp_path / f"thread_{mode}.mp4"
+        reports[mode] = render(
+            tiny_models, avatar, wav, out, batch_size=8, log=lambda _: None, encode_thread=mode
         )
-        frames[thread] = read_video(out)[0]
+        frames[mode] = read_video(out)[0]
         assert probe_media(out)["audio_duration_s"] == pytest.approx(1.0, abs=0.05)
     assert reports[True].frames == reports[False].frames == len(frames[True]) == 25
-    assert all(np.array_equal(a, b) for a, b in zip(frames[False], frames[True], strict=True))
+    assert handed[True] == handed[False] and len(handed[True]) == 25  # same frames, same order
+    for a, b in zip(frames[False], frames[True], strict=True):
+        assert psnr_u8(torch.from_numpy(a), torch.from_numpy(b)) > 45.0  # 61-70 dB seen
     for report in reports.values():  # the table says how much of the encoding was waited for
         assert report.stage_ms["encode"] > 0 and report.stage_ms["encode_wait"] > 0
 

@@ -368,10 +368,17 @@ def test_readme_table_keeps_autotuned_rows_apart():
         "(autotune-stages=unet+vae_decode, gemm-autotune)"
     )
     aoti = {"engine": "aoti", "dtype": "fp16", "engine_options": {"max_autotune": True}}
+    aoti |= {"engine_reason": "AOTInductor packages (1 loaded), CUDA graphs (manual capture)"}
     assert config_label(aoti) == "aoti fp16 (max-autotune)"
     # aoti is contiguous unless asked: its channels-last rows get a line of their own
     fast = {"freezing": True, "channels_last": True, "weights": "blob"}
     assert config_label(dict(aoti, engine_options=fast)) == "aoti fp16 (freezing, channels-last)"
+    # graphs are aoti's default since 2026-12-04: rows without them get a line of their own,
+    # recorded in the options or (earlier rows) read from the engine's report
+    nograph = dict(aoti, engine_reason="AOTInductor packages (1 loaded from the engine cache)")
+    assert config_label(nograph) == "aoti fp16 (max-autotune, no cuda-graphs)"
+    recorded = dict(aoti, engine_options={"cuda_graphs": False}, engine_reason="")
+    assert config_label(recorded) == "aoti fp16 (no cuda-graphs)"
     # a newer untuned row does not hide the tuned one: two lines
     table = perf_table([tuned, dict(row, fps=438.2, time="2")])
     assert "| 399.7 |" in table and "| 438.2 |" in table

@@ -25,17 +25,18 @@ whose shared objects link libstdc++ dynamically and the build report names it.
 The engine's copy of the module has its 0-dim buffers reshaped to ``[1]`` before export (see
 :func:`export_friendly`): AOTInductor could not lower the UNet step's 0-dim timestep.
 
-CUDA graphs are off by default (``--aoti-cuda-graphs`` turns them on). On an H200 (torch
-2.11) the default runner refuses a capture ("operation not permitted when stream is capturing":
-its worker threads synchronise with CUDA events), so a capture uses ``run_single_threaded``.
-With it, ``experiments/aoti_graph_probe.py`` captures the stages' packages bitwise-exactly in a
-fresh process, but this engine's own build (in ``bench`` and ``engines build``) still dies with
-an illegal memory access, for a reason not yet found (experiments/LOG.md, 2026-12-04). Without
-graphs the package's C++ code launches every kernel, with no Python between them.
+On CUDA each loaded package's call is captured in a CUDA graph (``--no-cuda-graphs``: the
+package's C++ loop launches the kernels instead). The default runner refuses a capture
+("operation not permitted when stream is capturing": its worker threads synchronise with CUDA
+events), so a capturing engine loads the single-threaded one. The capture step holds the
+package: its weights are freed with its loader, and a graph replayed after that read freed
+memory — the illegal memory access that kept graphs off until 2026-12-04 (experiments/LOG.md).
+On an H200, graphs took the plain package at batch 4 from 295–305 fps (an earlier call) to 348.
 
 The compile engine's settings apply to a package too (``freezing``, ``channels_last``,
-``coordinate_descent`` and the rewrites); freezing + channels-last + both rewrites took batch 4
-from ~300 to 364.8 fps on an H200 without graphs.
+``coordinate_descent`` and the rewrites). With graphs, freezing + channels-last + the
+transposed phase upsample + the channels-last group norm is the fastest measured set: on an
+H200, 441.6 fps at batch 4 and 550.2 at batch 32, PSNR 57.8 dB, loaded in 2.1–3.3 s.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ class ExportedEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self._cached: Path | None = None  # engine-cache folder to load files from
 
+    def row_options(self) -> dict:
+        # the files are the same with or without graphs (one cache key); the speed is not
+        return self.cache_options() | {"cuda_graphs": self.cuda_graphs}
+
     def file_name(self, batch: int) -> str:
         """File name of bucket ``batch`` inside the engine-cache folder."""
         return f"b{batch}{self.suffix}"
@@ -233,8 +238,8 @@ class ExportedEngine(Engine):
         """Compile one exported bucket to ``path``; returns the file written."""
 
     @abstractmethod
-    def _load(self, path: Path):
-        """The callable of one bucket's file."""
+    def _load(self, path: Path, capture: bool = False):
+        """The callable of one bucket's file (``capture``: to be captured in a CUDA graph)."""
 
     def build(
         self,
@@ -270,7 +275,7 @@ class ExportedEngine(Engine):
                     )
                 path = self._compile(export_bucket(m, inputs), inputs, work / self.file_name(b))
                 built[path.name] = path
-            run = self._load(path)
+            run = self._load(path, graphs)
             with torch.inference_mode():
                 fns[b] = _ManualGraphStep(run, inputs) if graphs else run
                 if not graphs:
@@ -298,9 +303,8 @@ class AotiEngine(ExportedEngine):
     """``torch.export`` + AOTInductor per static bucket.
 
     Args:
-        cuda_graphs: Capture each loaded package's call in a ``torch.cuda.CUDAGraph`` (CUDA).
-            Off by default: on an H200 with torch 2.11 the capture failed with either runner
-            (see the module docstring); the package's own C++ loop launches the kernels.
+        cuda_graphs: Capture each loaded package's call in a ``torch.cuda.CUDAGraph`` (CUDA;
+            the package loads with the single-threaded runner, the one a capture accepts).
         weights: Where a package keeps the weights (``blob`` or ``so``; see the module).
         max_autotune: Inductor's max-autotune while compiling (slow builds, paid once).
         autotune_stages: Stages built with max-autotune (the others without); an alternative
@@ -323,7 +327,7 @@ class AotiEngine(ExportedEngine):
 
     def __init__(
         self,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
         weights: str = "blob",
         max_autotune: bool = False,
         phase_upsample: bool | str = False,
@@ -393,12 +397,12 @@ class AotiEngine(ExportedEngine):
                 )
             )
 
-    def _load(self, path: Path):
+    def _load(self, path: Path, capture: bool = False):
         # The container's default run synchronises its worker threads with CUDA events, which a
         # CUDA graph capture refuses ("operation not permitted when stream is capturing", seen
         # on an H200): the single-threaded runner is the one a graph can capture. The runner
         # calls each bucket from one thread (the GPU worker), so nothing is lost.
-        return load_package(path, run_single_threaded=self.cuda_graphs)
+        return load_package(path, run_single_threaded=capture)
 
 
 def load_package(path: Path, run_single_threaded: bool = False):

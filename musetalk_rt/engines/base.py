@@ -189,6 +189,10 @@ class Engine(ABC):
         """Options that change what ``build`` produces (part of the engine-cache key)."""
         return {}
 
+    def row_options(self) -> dict:
+        """The options a bench row records: the cache key's and those that only change the run."""
+        return self.cache_options()
+
     def for_stage(self, stage: str) -> Engine:
         """The engine that builds ``stage``: per-stage options resolved (default: this one).
 

@@ -110,7 +110,7 @@ class TrtEngine(ExportedEngine):
             )
         return path
 
-    def _load(self, path: Path):
+    def _load(self, path: Path, capture: bool = False):
         import torch_tensorrt  # noqa: F401  (registers TensorRT's ops before torch.export.load)
 
         return torch.export.load(str(path)).module()

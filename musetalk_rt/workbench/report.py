@@ -32,13 +32,18 @@ DEFAULT_OPTIONS = {
 }
 # where an engine's default differs from the table above (aoti: contiguous unless asked)
 ENGINE_DEFAULTS = {"aoti": {"channels_last": False}}
+# engines whose rows recorded their CUDA graphs only from 2026-12-04 on: an earlier row's engine
+# report says whether it captured ("CUDA graphs (manual capture)")
+GRAPHS_IN_REASON = ("aoti", "trt")
 
 
 def _option(name: str, value) -> str:
-    """One engine option for a label: ``name`` alone when True, else ``name=value``."""
+    """One engine option for a label: ``name``, ``no name`` (False) or ``name=value``."""
     name = name.replace("_", "-")
     if value is True:
         return name
+    if value is False:
+        return f"no {name}"
     if isinstance(value, list | tuple):
         value = "+".join(str(v) for v in value)
     return f"{name}={value}"
@@ -50,6 +55,8 @@ def config_label(row: dict) -> str:
     if opts is None and row.get("engine") != "eager":  # rows from before options were recorded
         return f"{row['engine']} {row['dtype']} (options not recorded)"
     opts = opts or {}
+    if row.get("engine") in GRAPHS_IN_REASON and "cuda_graphs" not in opts:
+        opts = opts | {"cuda_graphs": "CUDA graphs" in row.get("engine_reason", "")}
     defaults = DEFAULT_OPTIONS | ENGINE_DEFAULTS.get(row.get("engine"), {})
     extra = [_option(k, v) for k, v in opts.items() if k in defaults and v != defaults[k]]
     if "fused" in str(row.get("stages", "")):
