@@ -3,9 +3,11 @@
 On an H200 (torch 2.11, experiments/LOG.md 2026-12-01) the batch-4 UNet and VAE-decoder packages
 loaded and ran, but a ``torch.cuda.CUDAGraph`` captured around their call failed: with the
 package's default runner "operation not permitted when stream is capturing", with
-``run_single_threaded`` an illegal memory access. So ``aoti`` runs without graphs, and at small
+``run_single_threaded`` an illegal memory access. So ``aoti`` ran without graphs, and at small
 batches the host's launches set its pace (B4: 202-280 fps against ~450 for ``compile`` with a
-captured graph). This probe finds where the capture breaks, on:
+captured graph). The cause, found with this probe on 2026-12-04: the engine's capture step did
+not hold the package, whose weights were freed with its loader (variant ``graph_freed``); the
+step holds it now and ``aoti`` captures by default. This probe finds where a capture breaks, on:
 
 * small modules, one kind of operation each (``conv``, ``gn``, ``attn``, ``linear``, ``up``)
   and all of them together (``mix``), to tell a kind of kernel apart from the runtime;
@@ -15,7 +17,7 @@ Each target is compiled to a package the way the engine compiles (fp16, the engi
 compiler choice and weights layout), then every variant runs in a fresh process (an illegal
 address poisons the CUDA context) and reports the phase it reached:
 
-* ``nograph`` — the package called directly (the engine's default);
+* ``nograph`` — the package called directly (the engine's default until 2026-12-04);
 * ``graph_cold`` — the engine's capture as the package's very first calls (the engine
   captures right after loading; every other variant calls the package directly first);
 * ``graph`` — the engine's own capture (:class:`~musetalk_rt.engines.compile._ManualGraphStep`:

@@ -58,10 +58,10 @@
 #                                      # both stages; AG_ARGS, default the engine's build loop
 #                                      # against the probe's capture)
 #   experiments/gpu_runs.sh aoti-fast  # aoti at AF_BUCKETS (default 4) with CUDA graphs, per
-#                                      # AF_JOBS item (NAME[@B1,B2]:OPTIONS, ';'-separated, @ its
-#                                      # own buckets; default the
-#                                      # plain package, freezing + channels-last, and those with
-#                                      # both rewrites): each stage and bucket built in its own
+#                                      # AF_JOBS item (NAME[@B1,B2]:OPTIONS, ';'-separated; @ its
+#                                      # own buckets; default the plain package, freezing +
+#                                      # channels-last, and those with both rewrites): each stage
+#                                      # and bucket built in its own
 #                                      # process, all at once (gated without graphs;
 #                                      # AF_BUILD_GRAPHS=1 captures in the building process), then
 #                                      # a bench row per bucket and item from the engine cache with
@@ -73,6 +73,8 @@
 #                                      # "16 32"), all built at once; each compile process times
 #                                      # alone (--gpu-turns), then the aoti buckets are benched
 #
+# Every aoti build and bench captures CUDA graphs since 702d29b (the default on CUDA; aoti rows
+# before it ran without): AOTI_ARGS=--no-cuda-graphs for rows without, e.g. to repeat c386667's.
 # Environment: ENGINE (the live probe's engine, default compile), AUDIO_PATH=0 (channels: skip
 # the 90 s audio-path probe), LIVE_ARGS (more live options, e.g. "--delay-ms 1000"; the frame
 # log, which says when windows and frames came, always goes to $OUT/frames.jsonl.gz), BUCKETS
@@ -367,12 +369,14 @@ aoti-rows)
   tail -n 6 "$L/bench_eager.txt"
   ;;
 aoti-fast)
-  graphs=()
-  [ "${AF_BUILD_GRAPHS:-0}" = 1 ] && graphs=(--aoti-cuda-graphs)
+  buckets=${AF_BUCKETS:-4}
+  buckets=${buckets//,/ }
+  graphs=(--no-cuda-graphs)  # gated without graphs (aoti captures by default)
+  [ "${AF_BUILD_GRAPHS:-0}" = 1 ] && graphs=()
   # the probe's variants (AF_PROBE, e.g. "graph_freed,engine") beside the builds, at the first
   # bucket; the builds' `wait` waits for it too, so the bench rows time alone
   if [ -n "${AF_PROBE:-}" ]; then
-    read -r -a bs <<< "${AF_BUCKETS:-4}"
+    read -r -a bs <<< "$buckets"
     timeout "$(left 420)" "$PY" experiments/aoti_graph_probe.py --out "$R" --batch "${bs[0]}" \
       --targets unet,vae_decode --variants "$AF_PROBE" --pairs "" --sanitize none --iters 0 \
       > "$L/aoti_graph_probe.txt" 2>&1 &
@@ -391,8 +395,9 @@ aoti-fast)
   af_job() {
     name=${1%%:*}
     read -r -a opts <<< "${1#*:}"
-    jb=${AF_BUCKETS:-4}
-    if [[ $name == *@* ]]; then jb=${name#*@}; jb=${jb//,/ }; name=${name%%@*}; fi
+    jb=$buckets
+    if [[ $name == *@?* ]]; then jb=${name#*@}; jb=${jb//,/ }; fi
+    name=${name%%@*}
   }
   for j in "${jobs[@]}"; do
     af_job "$j"
@@ -416,7 +421,9 @@ aoti-fast)
   done
   af_job "${jobs[${#jobs[@]}-1]}"  # the last item without graphs, at its first bucket
   read -r -a bs <<< "$jb"
-  [ "${AF_NOGRAPH:-1}" = 1 ] && af_bench "${bs[0]}" "${name}_nograph" "${opts[@]}"
+  if [ "${AF_NOGRAPH:-1}" = 1 ]; then
+    af_bench "${bs[0]}" "${name}_nograph" --no-cuda-graphs "${opts[@]}" || true
+  fi
   ;;
 aoti-graph)
   # default: the engine's build loop against the probe's capture, both stages and the pair

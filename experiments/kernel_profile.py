@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for engine in args.engines.split(","):
         opts = {} if engine == "eager" else _engine_options(args)
-        if engine == "compile":
+        if engine != "eager":  # (compile, and aoti since it captures by default)
             opts["cuda_graphs"] = False  # the same kernels, each visible to the profiler
         tag = rewrite_tag(opts)
         t0 = time.perf_counter()

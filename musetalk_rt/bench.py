@@ -600,7 +600,7 @@ def run_bench(
                     ),
                     "build_s": round(build_s, 2),
                     "engine_cache": rep_u.cache,
-                    "engine_options": engine.row_options(),
+                    "engine_options": engine.row_options(device),
                     "quality": quality.as_dict(),
                     "weights": models.kind,
                     "weights_fingerprint": models.fingerprint,

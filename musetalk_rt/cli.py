@@ -175,8 +175,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-cuda-graphs",
         action="store_true",
-        help="compile and aoti: do not capture the compiled step (compile) or the loaded "
-        "package's call (aoti) in a CUDA graph",
+        help="compile, aoti and trt: do not capture the compiled step (compile) or the loaded "
+        "engine's call (aoti, trt) in a CUDA graph",
     )
     g.add_argument(
         "--aoti-weights",

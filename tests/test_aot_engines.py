@@ -191,9 +191,31 @@ def test_aoti_loads_single_threaded_when_it_captures_cuda_graphs(tmp_path, monke
     get_engine("aoti")._load(tmp_path / "b4.pt2", capture=True)
     assert seen[-1] == {"run_single_threaded": True}
     assert get_engine("aoti").cuda_graphs is True
-    assert get_engine("aoti").row_options()["cuda_graphs"] is True
-    assert get_engine("aoti", cuda_graphs=False).row_options()["cuda_graphs"] is False
+    assert get_engine("aoti").row_options("cuda")["cuda_graphs"] is True
+    assert get_engine("aoti", cuda_graphs=False).row_options("cuda")["cuda_graphs"] is False
+    assert get_engine("aoti").row_options("cpu")["cuda_graphs"] is False  # nothing captured
     assert "cuda_graphs" not in get_engine("aoti").cache_options()
+
+
+def test_aoti_build_on_the_cpu_loads_the_runner_that_does_not_capture(monkeypatch):
+    """Graphs are captured on CUDA only: a CPU build loads the default runner, calls it once
+    and keeps it (export and compilation are stood in for: this checks the build loop)."""
+    eng = get_engine("aoti")  # cuda_graphs=True, the default
+    monkeypatch.setattr(aoti, "export_bucket", lambda module, inputs: None)
+    monkeypatch.setattr(eng, "_compile", lambda program, inputs, path: path)
+    loaded, calls = [], []
+
+    def load(path, capture=False):
+        loaded.append((path.name, capture))
+        return lambda x: calls.append(x.shape) or x * 2
+
+    monkeypatch.setattr(eng, "_load", load)
+    runner = eng.build(
+        torch.nn.Linear(3, 3), lambda b: (torch.zeros(b, 3),), [2], torch.float32, CPU
+    )
+    assert loaded == [("b2.pt2", False)] and calls == [(2, 3)]  # loaded, then one first call
+    assert torch.equal(runner(torch.ones(2, 3)), torch.full((2, 3), 2.0))
+    assert "CUDA graphs" not in runner.report.reason
 
 
 def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models, capsys):

@@ -64,7 +64,7 @@ def test_render_encodes_in_a_thread_on_request_with_the_same_result(
 ):
     """A GPU render encodes in a thread of its own (the default where the models run on a GPU);
     forced on here, its encoder gets the same frames in the same order as the inline one's, and
-    its file decodes to the same pictures and sound.
+    its file decodes to the same pictures, with sound of the same length.
 
     The files are compared within x264's tolerance, not bit for bit: on a 2-core host the first
     render of a process now and then encoded identical frames into other bytes than the renders

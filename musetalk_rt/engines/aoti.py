@@ -218,9 +218,10 @@ class ExportedEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self._cached: Path | None = None  # engine-cache folder to load files from
 
-    def row_options(self) -> dict:
+    def row_options(self, device: torch.device | str | None = None) -> dict:
         # the files are the same with or without graphs (one cache key); the speed is not
-        return self.cache_options() | {"cuda_graphs": self.cuda_graphs}
+        on_cuda = device is None or torch.device(device).type == "cuda"
+        return self.cache_options() | {"cuda_graphs": self.cuda_graphs and on_cuda}
 
     def file_name(self, batch: int) -> str:
         """File name of bucket ``batch`` inside the engine-cache folder."""

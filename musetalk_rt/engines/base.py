@@ -189,8 +189,12 @@ class Engine(ABC):
         """Options that change what ``build`` produces (part of the engine-cache key)."""
         return {}
 
-    def row_options(self) -> dict:
-        """The options a bench row records: the cache key's and those that only change the run."""
+    def row_options(self, device: torch.device | str | None = None) -> dict:
+        """The options a bench row records: the cache key's and those that only change the run.
+
+        Args:
+            device: Where the row ran (an option that applies on CUDA only is off elsewhere).
+        """
         return self.cache_options()
 
     def for_stage(self, stage: str) -> Engine:

@@ -74,8 +74,7 @@ class TrtEngine(ExportedEngine):
             import torch_tensorrt
 
             version = torch_tensorrt.__version__
-        return {
-            "cuda_graphs": self.cuda_graphs,
+        return {  # (graphs or not, the engine file is the same: one key, as for aoti)
             "workspace_gb": self.workspace_gb,
             "torch_tensorrt": version,
         }

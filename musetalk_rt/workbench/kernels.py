@@ -12,9 +12,9 @@ Hopper warp-group kernels against older ``sm80``/``s16816`` ones): a cuDNN heuri
 an Ampere kernel on a Hopper card leaves half the card unused.
 
 On CUDA the kernels come from ``torch.profiler``'s device activity; an engine that replays a
-CUDA graph hides its kernels from the profiler on some versions, so profile compile engines
-with ``cuda_graphs=False`` (same kernels, launched one by one). On the CPU (tests, tiny weights)
-the "kernels" are the ATen operators' self times, classified the same way.
+CUDA graph hides its kernels from the profiler on some versions, so profile the compile and
+aoti engines with ``cuda_graphs=False`` (same kernels, launched one by one). On the CPU
+(tests, tiny weights) the "kernels" are the ATen operators' self times, classified the same way.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ DEFAULT_OPTIONS = {
 ENGINE_DEFAULTS = {"aoti": {"channels_last": False}}
 # engines whose rows recorded their CUDA graphs only from 2026-12-04 on: an earlier row's engine
 # report says whether it captured ("CUDA graphs (manual capture)")
-GRAPHS_IN_REASON = ("aoti", "trt")
+GRAPHS_IN_REASON = ("aoti",)
 
 
 def _option(name: str, value) -> str:
