@@ -218,10 +218,14 @@ class ExportedEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self._cached: Path | None = None  # engine-cache folder to load files from
 
+    def captures(self, device: torch.device | str) -> bool:
+        """Whether a build on ``device`` captures each bucket's call in a CUDA graph."""
+        return self.cuda_graphs and torch.device(device).type == "cuda"
+
     def row_options(self, device: torch.device | str | None = None) -> dict:
         # the files are the same with or without graphs (one cache key); the speed is not
-        on_cuda = device is None or torch.device(device).type == "cuda"
-        return self.cache_options() | {"cuda_graphs": self.cuda_graphs and on_cuda}
+        graphs = self.cuda_graphs if device is None else self.captures(device)
+        return self.cache_options() | {"cuda_graphs": graphs}
 
     def file_name(self, batch: int) -> str:
         """File name of bucket ``batch`` inside the engine-cache folder."""
@@ -252,7 +256,7 @@ class ExportedEngine(Engine):
     ) -> Runner:
         device = torch.device(device)
         on_cuda = device.type == "cuda"
-        graphs = on_cuda and self.cuda_graphs
+        graphs = self.captures(device)
         fmt = torch.channels_last if self.channels_last and on_cuda else torch.contiguous_format
         cached, self._cached = self._cached, None
         built: dict[str, Path] = {}  # cache file name -> file written by this build
