@@ -18,7 +18,12 @@
 #                                      # the slow builds that only the engine cache can pay;
 #                                      # AOTI_BUILD_S, default 900, bounds each build)
 #   experiments/gpu_runs.sh e2e1       # one channel voice -> encoded, low-latency setting,
-#                                      # nginx-rtmp unpacked from the carried .debs (60 s)
+#                                      # nginx-rtmp unpacked from the carried .debs (60 s;
+#                                      # E2E_ENGINE, default compile; E2E_ARGS its options,
+#                                      # default --compile-freezing)
+#   experiments/gpu_runs.sh aoti-live  # aoti builds of AL_BUCKETS (default 4 16 32) with AL_OPTS
+#                                      # (default the README's aoti set), then e2e1 with aoti at
+#                                      # B4; `channels` with ENGINE=aoti right after uses them
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #   experiments/gpu_runs.sh kernels    # kernel time by kind (conv, gemm, norm, ...) per stage:
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
@@ -88,7 +93,7 @@
 # for rows from a copy without .git, ROWS_ARGS (rows: more options for each
 # compile row, e.g. "--phase-upsample transpose --channels-last-norm"), ROWS_TIMEOUT_S (rows:
 # each compile process, default 500), AOTI_BUILD_S (aoti-rows: each build, default 330; aoti-bg:
-# default 900), E2E_ARGS (e2e1: more engine options).
+# default 900), E2E_ARGS (e2e1: its engine options, default --compile-freezing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -253,10 +258,34 @@ render)
   ;;
 e2e1)
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
-  timeout 400 "$PY" -m musetalk_rt bench e2e --engine compile --dtype fp16 --batch-sizes 4 \
-    --compile-freezing --stream-lookahead-ms 0 --delay-margin-ms 40 --duration-s 60 \
-    ${E2E_ARGS:-} "${SYN[@]}" --out "$R" > "$L/e2e1.txt" 2>&1
+  timeout "$(left 590)" "$PY" -m musetalk_rt bench e2e --engine "${E2E_ENGINE:-compile}" \
+    --dtype fp16 --batch-sizes 4 --stream-lookahead-ms 0 --delay-margin-ms 40 --duration-s 60 \
+    ${E2E_ARGS---compile-freezing} "${SYN[@]}" --out "$R" > "$L/e2e1.txt" 2>&1
   tail -n 12 "$L/e2e1.txt"
+  ;;
+aoti-live)
+  # the aoti engines of the live runs (AL_BUCKETS, default "4 16 32"; AL_OPTS, default the
+  # README's aoti set), each stage and bucket in its own process, all at once and gated without
+  # graphs (the package and its cache key are the same with them); then one channel
+  # voice->encoded with aoti at B4 (as e2e1); a `channels` call right after, on the same warm
+  # host, finds the B16/B32 engines in the cache (ENGINE=aoti LIVE_ARGS="... $AL_OPTS")
+  read -r -a al_opts <<< "${AL_OPTS:---compile-freezing --aoti-channels-last --phase-upsample transpose --channels-last-norm}"
+  for b in ${AL_BUCKETS:-4 16 32}; do
+    for st in unet vae_decode; do
+      timeout "${AOTI_BUILD_S:-400}" "$PY" -m musetalk_rt engines build --engine aoti \
+        --dtype fp16 --batch-sizes "$b" --stages "$st" --no-cuda-graphs "${al_opts[@]}" \
+        "${SYN[@]}" > "$L/build_b${b}_$st.txt" 2>&1 &
+    done
+  done
+  wait
+  echo "aoti built: ${SECONDS} s"
+  for f in "$L"/build_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 1 | cut -c1-220; done
+  [ "$(left 560)" -gt 120 ] || { echo "aoti-live: no time left for the one-channel run" >&2; exit 3; }
+  eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
+  timeout "$(left 590)" "$PY" -m musetalk_rt bench e2e --engine aoti --dtype fp16 --batch-sizes 4 \
+    --stream-lookahead-ms 0 --delay-margin-ms 40 --duration-s 60 --start-timeout-s 120 \
+    "${al_opts[@]}" "${SYN[@]}" --out "$R" > "$L/e2e1_aoti.txt" 2>&1
+  tail -n 12 "$L/e2e1_aoti.txt" | cut -c1-400
   ;;
 baseline)
   common=(--dtype fp16 --batch-sizes 1,4,8,16,32 --iters 50 "${SYN[@]}" --out "$R"
@@ -435,7 +464,7 @@ aoti-graph)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac
