@@ -23,7 +23,8 @@
 #                                      # default --compile-freezing)
 #   experiments/gpu_runs.sh aoti-live  # aoti builds of AL_BUCKETS (default 4 16 32) with AL_OPTS
 #                                      # (default the README's aoti set), then e2e1 with aoti at
-#                                      # B4; `channels` with ENGINE=aoti right after uses them
+#                                      # B4 (AL_E2E=0: not); `channels` with ENGINE=aoti right
+#                                      # after, on the same warm host, uses them
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #   experiments/gpu_runs.sh kernels    # kernel time by kind (conv, gemm, norm, ...) per stage:
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
@@ -280,6 +281,7 @@ aoti-live)
   wait
   echo "aoti built: ${SECONDS} s"
   for f in "$L"/build_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 1 | cut -c1-220; done
+  [ "${AL_E2E:-1}" = 1 ] || exit 0  # AL_E2E=0: the builds alone
   [ "$(left 560)" -gt 120 ] || { echo "aoti-live: no time left for the one-channel run" >&2; exit 3; }
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
   timeout "$(left 590)" "$PY" -m musetalk_rt bench e2e --engine aoti --dtype fp16 --batch-sizes 4 \

@@ -541,7 +541,9 @@ def cmd_engines(args) -> int:
         stages=stages,
     )
     for stage in res.cache:
-        where = res.stored.get(stage) or ("already cached" if res.cache[stage] == "hit" else "-")
+        stored = res.stored.get(stage)
+        where = ", ".join(stored) if stored else "-"
+        where = "already cached" if res.cache[stage] == "hit" else where
         print(
             f"{stage:<11} cache {res.cache[stage]}, build {res.build_s[stage]} s, stored: {where}"
         )

@@ -23,7 +23,7 @@ import torch
 from musetalk_rt.audio import FPS, AudioFeatureExtractor, num_frames_for
 from musetalk_rt.audio.incremental import StreamingConfig
 from musetalk_rt.avatar.store import Avatar
-from musetalk_rt.engines import EngineReport, cache, parse_dtype, select_engine
+from musetalk_rt.engines import EngineReport, parse_dtype, select_engine
 from musetalk_rt.errors import UserError
 from musetalk_rt.stages import (
     BlendStage,
@@ -77,21 +77,23 @@ class FaceGenerator:
         self.batch_sizes = sorted(set(batch_sizes))
         self.reports: list[EngineReport] = []
 
-    def missing_prebuilt(self, cache_root: Path | None) -> list[str]:
-        """Stages whose ahead-of-time engine (``aoti``, ``trt``) is not in the cache.
+    def missing_prebuilt(self, cache_root: Path | None) -> dict[str, list[int]]:
+        """Buckets of each stage whose ahead-of-time engine (``aoti``, ``trt``) is not cached.
 
-        The cache must match these buckets, dtype, weights and GPU; engines that build at start
-        (``eager``, ``compile``) never miss anything.
+        The cache must match the buckets, dtype, weights and GPU; engines that build at start
+        (``eager``, ``compile``) never miss anything. Returns stage -> missing buckets (only
+        stages that miss some).
         """
         if not self.unet.engine.prebuilt:
-            return []
+            return {}
+        if cache_root is None:
+            return {st.name: list(self.batch_sizes) for st in (self.unet, self.vae)}
         fp = self.models.fingerprint
-        keys = {st.name: st.cache_key(self.batch_sizes, fp) for st in (self.unet, self.vae)}
-        return [
-            name
-            for name, key in keys.items()
-            if cache_root is None or cache.find(cache_root, key) is None
-        ]
+        missing = {
+            st.name: st.cache_entries(self.batch_sizes, cache_root, fp)[1]
+            for st in (self.unet, self.vae)
+        }
+        return {name: buckets for name, buckets in missing.items() if buckets}
 
     def prepare(
         self, cache_root: Path | None = None, build_command: str | None = None
@@ -107,13 +109,20 @@ class FaceGenerator:
         Raises:
             UserError: ``build_command`` was given and the prebuilt engine is missing.
         """
-        missing = self.missing_prebuilt(cache_root) if build_command else []
+        missing = self.missing_prebuilt(cache_root) if build_command else {}
         if missing:
+
+            def at(buckets: list[int]) -> str:
+                return f"batch size{'s' if len(buckets) > 1 else ''} {','.join(map(str, buckets))}"
+
+            if len({tuple(b) for b in missing.values()}) == 1:  # the same buckets for each
+                what = f"{' and '.join(missing)} at {at(next(iter(missing.values())))}"
+            else:
+                what = " and ".join(f"{name} at {at(b)}" for name, b in missing.items())
             raise UserError(
-                f"no prebuilt {self.engine_name}/{self.dtype_name} engine for "
-                f"{' and '.join(missing)} at batch sizes "
-                f"{','.join(map(str, self.batch_sizes))} in {Path(cache_root or '.') / 'engines'} "
-                f"(for these weights and this GPU); build it first: {build_command}"
+                f"no prebuilt {self.engine_name}/{self.dtype_name} engine for {what} in "
+                f"{Path(cache_root or '.') / 'engines'} (for these weights and this GPU); "
+                f"build it first: {build_command}"
             )
         fp = self.models.fingerprint
         self.reports = []

@@ -218,6 +218,84 @@ def test_aoti_build_on_the_cpu_loads_the_runner_that_does_not_capture(monkeypatc
     assert "CUDA graphs" not in runner.report.reason
 
 
+def _stand_in_packages(monkeypatch) -> list[str]:
+    """aoti's export, compilation and loading stood in for: a "package" is a file naming the
+    prepared module, kept in memory here. Returns the log of files compiled."""
+    modules, compiled = {}, []
+
+    def compile_bucket(self, program, inputs, path):
+        token = f"{len(modules)}:{path.name}"
+        modules[token] = program  # the prepared module itself (export_bucket below)
+        path.write_text(token)
+        compiled.append(path.name)
+        return path
+
+    monkeypatch.setattr(aoti, "export_bucket", lambda module, inputs: module)
+    monkeypatch.setattr(aoti.AotiEngine, "_compile", compile_bucket)
+    monkeypatch.setattr(
+        aoti.AotiEngine, "_load", lambda self, path, capture=False: modules[Path(path).read_text()]
+    )
+    return compiled
+
+
+def test_aoti_buckets_built_apart_serve_together_from_the_engine_cache(
+    tiny_models, tmp_path, monkeypatch, capsys
+):
+    """Each aoti bucket is its own cache entry: buckets built in separate processes (the way
+    to build several at once) or on separate days serve a process that asks for all of them;
+    a build of a set loads the cached buckets and builds only the rest. A live process with a
+    bucket missing names the stages and the buckets it lacks."""
+    from musetalk_rt.engines import cache
+    from musetalk_rt.engines.build import build_engines
+    from musetalk_rt.pipeline import FaceGenerator
+
+    compiled = _stand_in_packages(monkeypatch)
+    root = tmp_path / "models"
+    quiet = {"cache_root": root, "log": lambda _: None}
+    for b in (2, 3):
+        res = build_engines(tiny_models, "aoti", "fp32", [b], **quiet)
+        assert res.passed and res.cache == {"unet": "miss", "vae_decode": "miss"}
+        for (folder,) in res.stored.values():  # one folder per stage, holding this bucket
+            assert sorted(p.name for p in Path(folder).iterdir()) == [f"b{b}.pt2", "meta.json"]
+    assert compiled == ["b2.pt2", "b2.pt2", "b3.pt2", "b3.pt2"]
+    gen = FaceGenerator(tiny_models, "aoti", "fp32", [2, 3], log=lambda _: None)
+    assert gen.missing_prebuilt(root) == {}
+    reports = gen.prepare(root, build_command="(not printed: every bucket is cached)")
+    assert [r.cache for r in reports] == ["hit", "hit"] and len(compiled) == 4
+    assert all("2 loaded from the engine cache, 0 built" in r.reason for r in reports)
+
+    # a set with one bucket cached: that one loaded, the other built and stored alone
+    res = build_engines(tiny_models, "aoti", "fp32", [3, 5], **quiet)
+    assert res.passed and res.cache == {"unet": "partial", "vae_decode": "partial"}
+    assert compiled[4:] == ["b5.pt2", "b5.pt2"]
+    for (folder,) in res.stored.values():  # one folder each, holding b5 alone
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["b5.pt2", "meta.json"]
+    res = build_engines(tiny_models, "aoti", "fp32", [2, 3, 5], **quiet)
+    assert res.cache == {"unet": "hit", "vae_decode": "hit"} and res.stored == {
+        "unet": [],
+        "vae_decode": [],
+    }
+    assert len(compiled) == 6
+
+    # an entry of a whole set, as these engines were stored before: found for that set
+    unet = gen.unet
+    whole = unet.cache_key([7, 8], tiny_models.fingerprint)
+    cache.store(root, whole, {"b7.pt2": b"", "b8.pt2": b""}, {})
+    assert unet.cache_entries([7, 8], root, tiny_models.fingerprint) == ([whole.folder(root)], [])
+    assert unet.cache_entries([2, 8], root, tiny_models.fingerprint)[1] == [8]
+
+    # the live process's refusal names each stage's missing buckets
+    only_unet = tmp_path / "unet_only"
+    build_engines(
+        tiny_models, "aoti", "fp32", [4], stages=("unet",), cache_root=only_unet, log=print
+    )
+    gen = FaceGenerator(tiny_models, "aoti", "fp32", [2, 4], log=lambda _: None)
+    assert gen.missing_prebuilt(only_unet) == {"unet": [2], "vae_decode": [2, 4]}
+    with pytest.raises(UserError) as err:
+        gen.prepare(only_unet, build_command="musetalk-rt engines build ...")
+    assert "engine for unet at batch size 2 and vae_decode at batch sizes 2,4 in" in str(err.value)
+
+
 def test_engines_build_one_stage_gates_it_against_the_reference_of_the_other(tiny_models, capsys):
     """``--stages unet`` builds and gates the UNet alone (the VAE runs as the fp32 reference),
     so two slow builds can run in two processes; an unknown stage is one clear error."""
@@ -289,7 +367,7 @@ def test_engines_build_aoti_round_trip_through_the_cache(tmp_path, capsys, monke
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["passed"] and first["cache"] == {"unet": "miss", "vae_decode": "miss"}
-    for stage, folder in first["stored"].items():
+    for stage, (folder,) in first["stored"].items():
         files = sorted(p.name for p in (root / "engines" / stage).glob("aoti-*/*"))
         assert files == ["b2.pt2", "meta.json"], (stage, folder)
         # the default keeps the weights in a blob beside a small shared object (the shared

@@ -90,7 +90,7 @@ def test_compile_cache_round_trip_in_fresh_processes(tmp_path):
     assert first["passed"] and first["cache"] == {"vae_decode": "miss"}
     assert all(first["stored"].values())
     assert second["cache"] == {"vae_decode": "hit"} and second["passed"]
-    assert second["stored"] == {"vae_decode": None}  # loaded, not stored again
+    assert second["stored"] == {"vae_decode": []}  # loaded, not stored again
     print("build seconds, cold vs from the cache:", first["build_s"], second["build_s"])
     assert len(cache.list_engines(root)) == 1
 
@@ -109,7 +109,7 @@ def test_engines_build_with_nothing_to_cache_and_list(tmp_path, capsys):
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["passed"] and summary["cache"] == {"unet": "miss", "vae_decode": "miss"}
-    assert summary["stored"] == {"unet": None, "vae_decode": None}  # aot_eager leaves nothing
+    assert summary["stored"] == {"unet": [], "vae_decode": []}  # aot_eager leaves nothing
     assert main(["engines", "list", "--models-dir", str(root)]) == 0
     assert '"engines": 0' in capsys.readouterr().out
     code = _build(root, "--engine", "warp")

@@ -204,6 +204,7 @@ class ExportedEngine(Engine):
     """
 
     prebuilt = True
+    per_bucket_cache = True
     compiler_note = ""  # how the files were compiled, for the report (set by _compile)
     suffix = ""  # file suffix of one bucket's file in the engine cache
     what = ""  # what the files are, for the report
@@ -216,7 +217,7 @@ class ExportedEngine(Engine):
 
     def __init__(self, cuda_graphs: bool = True):
         self.cuda_graphs = cuda_graphs
-        self._cached: Path | None = None  # engine-cache folder to load files from
+        self._cached: dict[int, Path] = {}  # bucket -> its file in the engine cache
 
     def captures(self, device: torch.device | str) -> bool:
         """Whether a build on ``device`` captures each bucket's call in a CUDA graph."""
@@ -232,11 +233,16 @@ class ExportedEngine(Engine):
         return f"b{batch}{self.suffix}"
 
     def load_cache(self, folder: Path) -> bool:
-        folder = Path(folder)
-        if not any(folder.glob(f"b*{self.suffix}")):
-            return False
-        self._cached = folder
-        return True
+        # one call per cache entry: entries of single buckets (how they are stored) and, from
+        # before that, of a whole bucket set; a bucket's first file found is the one loaded
+        files = {}
+        for path in Path(folder).glob(f"b*{self.suffix}"):
+            stem = path.name[1 : len(path.name) - len(self.suffix)]
+            if stem.isdigit():
+                files[int(stem)] = path
+        for b, path in files.items():
+            self._cached.setdefault(b, path)
+        return bool(files)
 
     @abstractmethod
     def _compile(self, program, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
@@ -258,7 +264,7 @@ class ExportedEngine(Engine):
         on_cuda = device.type == "cuda"
         graphs = self.captures(device)
         fmt = torch.channels_last if self.channels_last and on_cuda else torch.contiguous_format
-        cached, self._cached = self._cached, None
+        cached, self._cached = self._cached, {}
         built: dict[str, Path] = {}  # cache file name -> file written by this build
         buckets = sorted(set(batch_sizes))
         m = None
@@ -269,7 +275,7 @@ class ExportedEngine(Engine):
         for b in buckets:
             inputs = bucket_inputs(example_inputs, b, dtype, device, fmt)  # [B, ...] per input
             t0 = time.perf_counter()
-            path = cached / self.file_name(b) if cached is not None else None
+            path = cached.get(b)
             if path is not None and path.is_file():
                 loaded += 1
             else:

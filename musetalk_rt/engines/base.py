@@ -91,7 +91,9 @@ class EngineReport:
     build_s: dict[int, float] = field(default_factory=dict)  # per bucket, compile/capture time
     reason: str = ""
     notes: list[str] = field(default_factory=list)
-    cache: str | None = None  # "hit" (loaded from the engine cache), "miss", or None (unused)
+    # "hit" (loaded from the engine cache), "partial" (some buckets loaded, the others built),
+    # "miss", or None (no cache used)
+    cache: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +171,9 @@ class Engine(ABC):
     name: str = ""
     description: str = ""
     prebuilt: bool = False  # built ahead by ``engines build``; render and live only load it
+    # one engine-cache entry per bucket (each bucket's file stands alone), so buckets built in
+    # separate processes or on separate days serve together; else one entry per bucket set
+    per_bucket_cache: bool = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when the engine can run here, else why not and what fixes it."""

@@ -37,10 +37,11 @@ class BuildResult:
     engine: str
     dtype: str
     buckets: list[int]
-    cache: dict[str, str | None]  # stage -> hit | miss
+    cache: dict[str, str | None]  # stage -> hit | partial | miss
     build_s: dict[str, float]  # stage -> seconds over all buckets
     quality: dict[int, dict]  # bucket -> parity
-    stored: dict[str, str | None] = field(default_factory=dict)  # stage -> folder
+    # stage -> engine-cache folders written (one per bucket for aoti/trt; none: all loaded)
+    stored: dict[str, list[str]] = field(default_factory=dict)
     first_frame_s: float = 0.0  # from the start of the build to the first frame out
 
     @property
@@ -114,15 +115,15 @@ def build_engines(
         return result
     for name, st in built.items():
         if reports[name].cache == "hit":
-            result.stored[name] = None
+            result.stored[name] = []
             continue
-        folder = st.store_cache(
+        folders = st.store_cache(
             cache_root,
             batch_sizes,
             models.fingerprint,
             {"build_s": result.build_s[name], "quality": quality, "reason": reason},
         )
-        result.stored[name] = str(folder) if folder else None
-        if folder is None:
+        result.stored[name] = [str(f) for f in folders]
+        if not folders:
             log(f"  {name}: this engine/backend leaves nothing to cache")
     return result

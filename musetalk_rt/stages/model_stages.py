@@ -47,6 +47,32 @@ class _ModelStage(Stage):
             device=device_identity(self.device),
         )
 
+    def cache_entries(
+        self, batch_sizes: list[int], cache_root: Path, weights_fingerprint: str
+    ) -> tuple[list[Path], list[int]]:
+        """The engine-cache folders holding this stage's engine for ``batch_sizes``; the rest.
+
+        Returns the folders found and the buckets none of them holds.
+
+        An engine whose buckets are separate files (``aoti``, ``trt``) is stored one entry per
+        bucket, so buckets built apart (in parallel processes, or a bucket added later) serve
+        together; an entry of exactly the set asked for (how they were stored before) counts too.
+        Other engines have one entry per bucket set.
+        """
+        buckets = sorted(set(batch_sizes))
+        sets = [[b] for b in buckets] if self.engine.per_bucket_cache else []
+        if [buckets] not in sets:
+            sets.append(buckets)
+        folders, covered = [], set()
+        for bucket_set in sets:
+            if covered >= set(bucket_set):
+                continue
+            folder = cache.find(cache_root, self.cache_key(bucket_set, weights_fingerprint))
+            if folder is not None:
+                folders.append(folder)
+                covered |= set(bucket_set)
+        return folders, [b for b in buckets if b not in covered]
+
     def prepare(
         self,
         batch_sizes: list[int],
@@ -60,26 +86,44 @@ class _ModelStage(Stage):
             cache_root: ``models_dir`` holding ``engines/``; None = no cache.
             weights_fingerprint: The weights' fingerprint (part of the key).
         """
-        hit = None
+        loaded = 0
         if cache_root is not None and weights_fingerprint is not None:
-            hit = cache.find(cache_root, self.cache_key(batch_sizes, weights_fingerprint))
-            hit = hit if hit is not None and self.engine.load_cache(hit) else None
+            folders, _ = self.cache_entries(batch_sizes, cache_root, weights_fingerprint)
+            loaded = sum(self.engine.load_cache(folder) for folder in folders)
         self.runner = self.engine.build(
             self.module, self.example_inputs, batch_sizes, self.dtype, self.device
         )
         if cache_root is not None:
-            self.runner.report.cache = "hit" if hit is not None else "miss"
+            status = "hit" if loaded else "miss"
+            if loaded and self.engine.per_bucket_cache and self.runner.artifacts:
+                status = "partial"  # some buckets loaded, the others built here
+            self.runner.report.cache = status
         return self.runner.report
 
     def store_cache(
         self, cache_root: Path, batch_sizes: list[int], weights_fingerprint: str, report: dict
-    ) -> Path | None:
-        """Save the built engine to the cache (call only after it passed the quality gate)."""
+    ) -> list[Path]:
+        """Save the built engine to the cache (call only after it passed the quality gate).
+
+        Returns the folders written: one per bucket built here for an engine cached per bucket
+        (:meth:`cache_entries`), else one for the set; none when the engine leaves no files.
+        """
         files = self.engine.cache_files(self.runner)
         if not files:
-            return None
-        key = self.cache_key(batch_sizes, weights_fingerprint)
-        return cache.store(cache_root, key, files, report)
+            return []
+        if not self.engine.per_bucket_cache:
+            key = self.cache_key(batch_sizes, weights_fingerprint)
+            return [cache.store(cache_root, key, files, report)]
+        folders = []
+        for b in sorted(set(batch_sizes)):
+            name = self.engine.file_name(b)
+            if name not in files:  # loaded from the cache: already stored
+                continue
+            quality = report.get("quality")
+            entry = report | ({"quality": {b: quality[b]}} if quality and b in quality else {})
+            key = self.cache_key([b], weights_fingerprint)
+            folders.append(cache.store(cache_root, key, {name: files[name]}, entry))
+        return folders
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.runner is None:
