@@ -97,11 +97,18 @@ def test_sampler_on_a_fake_proc_feeds_status_metrics_frame_log_and_summary(tmp_p
     assert "encoders" in part and status_part(None) == ""
     assert "saturated (95% in the busiest second), by this host's work" in host_hint(took)
     assert "steal" in host_hint({**took, "steal": 0.2})
-    assert host_hint({**took, "busy_max": 0.5}) == ""
+    assert host_hint({**took, "busy_max": 0.5}) == ""  # 2.5% steal, 5% in its worst second
+    assert took["steal_max"] == pytest.approx(0.05)
+    # steal with cores to spare: the hypervisor's pauses, named with the fix
+    hint = host_hint({**took, "busy_max": 0.45, "steal": 0.048, "steal_max": 0.2})
+    assert "the hypervisor took 4.8% of the host's CPU (steal; 20% in the worst second)" in hint
+    assert "a host without steal" in hint
+    assert "hypervisor" in host_hint({**took, "busy_max": 0.45, "steal": 0.01, "steal_max": 0.12})
 
     summary = load.summary()
     assert summary["samples"] == 2 and summary["busy_pct_max"] == 95.0
     assert summary["busy_pct_mean"] == 52.5 and summary["steal_pct_mean"] == 2.5
+    assert summary["steal_pct_max"] == 5.0
 
     text = idle_metrics(host_load=load)
     assert 'musetalk_host_cpu_ratio{state="busy"} 0.1' in text
