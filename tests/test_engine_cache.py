@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,45 @@ def test_engines_build_with_nothing_to_cache_and_list(tmp_path, capsys):
     code = _build(root, "--engine", "warp")
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unknown engine 'warp'" in err and len(err.splitlines()) == 1
+
+
+def test_engines_build_jobs_splits_into_children_that_each_store_and_report(tmp_path, capsys):
+    """``engines build --jobs 2``: one child per stage (per stage and bucket for aoti/trt),
+    two at once, each a plain ``engines build`` that gates and stores its own entry; the parent
+    prints a line per child and one JSON line. A child that fails is named with its reason and
+    the parent exits non-zero; bad input stops before any child starts."""
+    from musetalk_rt.engines import parallel
+
+    tasks = parallel.split_tasks(("unet", "vae_decode"), [4, 16, 4], per_bucket=True)
+    assert [t.label for t in tasks] == ["unet b16", "vae_decode b16", "unet b4", "vae_decode b4"]
+    assert [t.label for t in parallel.split_tasks(("unet",), [4, 16], per_bucket=False)] == [
+        "unet b4,16"
+    ]
+
+    root = tmp_path / "models"
+    argv = ["--dtype", "fp32", "--batch-sizes", "2", "--compile-backend", "aot_eager"]
+    code = _build(root, "--jobs", "2", *argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["passed"] and res["jobs"] == 2 and len(res["tasks"]) == 2
+    assert {t["stage"]: t["cache"] for t in res["tasks"]} == {"unet": "miss", "vae_decode": "miss"}
+    assert "2 builds, 2 at once" in out and out.count("gate pass") == 2
+    for t in res["tasks"]:  # each child's own output is kept
+        assert '"engines_build"' in Path(t["log"]).read_text()
+
+    # children that fail: real weights that are not there; each named, with its own reason
+    code = main(
+        ["engines", "build", "--weights", "real", "--device", "cpu", "--jobs", "2", *argv]
+        + ["--models-dir", str(tmp_path / "empty")]
+    )
+    captured = capsys.readouterr()
+    assert code == 4 and "Traceback" not in captured.out + captured.err
+    assert captured.out.count("FAILED (exit") == 2
+    assert "2 of 2 builds failed (unet b2, vae_decode b2)" in captured.err
+    # bad input: one line from the parent, no child started
+    assert _build(root, "--jobs", "2", "--batch-sizes", "2", "--engine", "warp") == 2
+    assert "unknown engine 'warp'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse: not a positive integer
+        _build(root, "--jobs", "0")
+    assert exit_.value.code == 2 and "--jobs: must be at least 1" in capsys.readouterr().err
