@@ -532,9 +532,10 @@ def cmd_engines(args) -> int:
             print(f"no engines cached under {args.models_dir / 'engines'}")
         print(json.dumps({"engines": len(rows), "models_dir": str(args.models_dir)}))
         return 0
-    from musetalk_rt.engines.build import build_engines, check_stages
+    from musetalk_rt.engines.build import build_engines, check_batch_sizes, check_stages
 
     stages = check_stages(tuple(args.stages.split(",")))  # before loading any weights
+    check_batch_sizes(args.batch_sizes)
     if args.jobs > 1:
         return _engines_build_parallel(args, stages)
     models = _models(args)
@@ -580,8 +581,6 @@ def _engines_build_parallel(args, stages: tuple[str, ...]) -> int:
     from musetalk_rt.engines import parallel as par
     from musetalk_rt.engines import parse_dtype, select_engine
 
-    if not args.batch_sizes or min(args.batch_sizes) < 1:
-        raise UserError("--batch-sizes needs positive integers")
     # the engine's checks (installed, usable on this device) once here, not in every child
     eng, reason = select_engine(
         args.engine, _device(args.device), parse_dtype(args.dtype), **_engine_options(args)
@@ -601,7 +600,7 @@ def _engines_build_parallel(args, stages: tuple[str, ...]) -> int:
     print(json.dumps(res))
     if res["passed"]:
         return 0
-    failed = [t for t in tasks if t.returncode != 0 or not t.result.get("passed")]
+    failed = [t for t in tasks if not t.passed]
     print(
         f"musetalk-rt: error: {len(failed)} of {len(tasks)} builds failed "
         f"({', '.join(t.label for t in failed)}); the others are stored. Their lines above say "

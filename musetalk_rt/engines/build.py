@@ -23,6 +23,13 @@ from musetalk_rt.stages import UNetStage, VaeDecodeStage, reference_stages
 STAGES = ("unet", "vae_decode")
 
 
+def check_batch_sizes(batch_sizes: list[int]) -> list[int]:
+    """``batch_sizes`` if there is one and each is positive; else one clear error."""
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserError("--batch-sizes needs positive integers")
+    return batch_sizes
+
+
 def check_stages(stages: tuple[str, ...]) -> tuple[str, ...]:
     """``stages`` if each is one of :data:`STAGES` (and there is one); else one clear error."""
     if not stages or set(stages) - set(STAGES):
@@ -65,8 +72,7 @@ def build_engines(
     the gate, so one stage can be built (and gated) alone — e.g. the UNet and the VAE decoder
     in two processes at once, when each build takes minutes.
     """
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise UserError("--batch-sizes needs positive integers")
+    check_batch_sizes(batch_sizes)
     check_stages(stages)
     device = models.device
     torch_dtype = parse_dtype(dtype)

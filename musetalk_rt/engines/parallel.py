@@ -38,6 +38,11 @@ class Task:
     last_line: str = ""  # the child's last line of output (its error, when it failed)
 
     @property
+    def passed(self) -> bool:
+        """The child exited cleanly and its build passed the quality gate."""
+        return self.returncode == 0 and bool(self.result.get("passed"))
+
+    @property
     def label(self) -> str:
         return f"{self.stage} b{','.join(map(str, self.buckets))}"
 
@@ -137,7 +142,7 @@ def summary(tasks: list[Task], engine: str, dtype: str, jobs: int, wall_s: float
         "dtype": dtype,
         "jobs": jobs,
         "wall_s": round(wall_s, 1),
-        "passed": all(t.returncode == 0 and t.result.get("passed") for t in tasks),
+        "passed": all(t.passed for t in tasks),
         "tasks": [
             {
                 "stage": t.stage,
@@ -145,7 +150,7 @@ def summary(tasks: list[Task], engine: str, dtype: str, jobs: int, wall_s: float
                 "exit": t.returncode,
                 "cache": t.result.get("cache", {}).get(t.stage),
                 "build_s": t.result.get("build_s", {}).get(t.stage),
-                "passed": bool(t.result.get("passed")) and t.returncode == 0,
+                "passed": t.passed,
                 "stored": t.result.get("stored", {}).get(t.stage, []),
                 "log": str(t.log),
             }

@@ -115,12 +115,12 @@ class _ModelStage(Stage):
             key = self.cache_key(batch_sizes, weights_fingerprint)
             return [cache.store(cache_root, key, files, report)]
         folders = []
+        quality = report.get("quality") or {}  # bucket -> the gate's figures
         for b in sorted(set(batch_sizes)):
             name = self.engine.file_name(b)
             if name not in files:  # loaded from the cache: already stored
                 continue
-            quality = report.get("quality")
-            entry = report | ({"quality": {b: quality[b]}} if quality and b in quality else {})
+            entry = report | ({"quality": {b: quality[b]}} if b in quality else {})
             key = self.cache_key([b], weights_fingerprint)
             folders.append(cache.store(cache_root, key, {name: files[name]}, entry))
         return folders
