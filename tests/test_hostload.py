@@ -117,6 +117,7 @@ def test_sampler_on_a_fake_proc_feeds_status_metrics_frame_log_and_summary(tmp_p
     flog.close()
     rows = summarize(log_path, bin_s=60.0)
     assert rows[0]["host_busy_pct"] == 52.5 and rows[0]["steal_pct"] == 2.5
+    assert rows[0]["steal_max_pct"] == 5.0  # the worst second: a short episode in a long bin
     assert rows[0]["encoder_cores"] is not None
 
 

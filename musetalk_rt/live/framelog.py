@@ -123,8 +123,8 @@ def summarize(path: str | Path, bin_s: float = 10.0, run: int = -1) -> list[dict
     with its parts (``ingest_lag`` p50/p95, ``queued`` p95, ``vad`` p95, ``features`` p50/p95
     ms); batches, their mean size, launch-to-faces p50/p95 ms and launch lead p05 ms; talking
     frames shown and late (one output per channel is counted: the first seen); the host's CPU
-    (``host`` records: mean busy and steal percent, this process's and its encoders' cores;
-    None in files written before those records existed).
+    (``host`` records: mean busy and steal percent, steal in the interval's worst second, this
+    process's and its encoders' cores; None in files written before those records existed).
 
     Raises:
         UserError: The file cannot be read, a record is malformed, ``bin_s`` is not a positive
@@ -164,6 +164,10 @@ def summarize(path: str | Path, bin_s: float = 10.0, run: int = -1) -> list[dict
 
 def _mean(values: list[float], scale: float = 1.0) -> float | None:
     return round(scale * sum(values) / len(values), 1) if values else None
+
+
+def _max(values: list[float], scale: float = 1.0) -> float | None:
+    return round(scale * max(values), 1) if values else None
 
 
 class _BadRecord(Exception):
@@ -233,6 +237,7 @@ def _rows(recs: list[tuple[int, dict]], bin_s: float) -> list[dict] | None:
                 "late": len(b["late"]),
                 "host_busy_pct": _mean(b["host_busy"], 100.0),
                 "steal_pct": _mean(b["host_steal"], 100.0),
+                "steal_max_pct": _max(b["host_steal"], 100.0),
                 "process_cores": _mean(b["host_process_cores"]),
                 "encoder_cores": _mean(b["host_encoder_cores"]),
             }
