@@ -110,6 +110,47 @@ def test_preset_values_are_defaults_and_the_command_line_wins():
     assert (args.engine, args.batch_sizes) == ("eager", [8])
 
 
+def test_a_preset_started_with_another_engine_leaves_out_what_that_engine_does_not_take(capsys):
+    """``--config configs/channels.toml --engine aoti`` (the restart-fast engine): the preset's
+    compile-only capture option is left out with one line, the options aoti shares (freezing,
+    the rewrites) stay; the same option given on the command line stays and gets the engine's
+    error, which names only what that engine does not take."""
+    from musetalk_rt.engines import get_engine
+    from musetalk_rt.live.app import live_engine_options
+
+    channels = str(REPO / "configs" / "channels.toml")
+    base = ["--config", channels, "--avatar", "a", "--record", "r"]
+    args = parse_with_preset(build_parser(), [*base, "--engine", "aoti", "--aoti-channels-last"])
+    assert "compile_graph_capture" in args.from_preset and "engine" not in args.from_preset
+    opts = live_engine_options(args)
+    assert opts == {
+        "freezing": True,
+        "phase_upsample": "transpose",
+        "channels_last_norm": True,
+        "channels_last": True,
+    }
+    get_engine("aoti", **opts)  # takes every one of them
+    out = capsys.readouterr().out
+    assert f"note: --config {channels}: --compile-graph-capture not used" in out
+    assert "(the aoti engine does not take it)" in out
+    # with the preset's own engine nothing is left out and nothing is said
+    args = parse_with_preset(build_parser(), base)
+    assert live_engine_options(args)["graph_capture"] == "manual"
+    assert capsys.readouterr().out == ""
+    # eager takes none of the preset's engine options: all left out, one line
+    args = parse_with_preset(build_parser(), [*base, "--engine", "eager"])
+    assert live_engine_options(args) == {}
+    assert "--compile-freezing, --compile-graph-capture" in capsys.readouterr().out
+    # given on the command line, the option is the user's: it stays, and the engine refuses it
+    given = [*base, "--engine", "aoti", "--compile-graph-capture", "manual"]
+    opts = live_engine_options(parse_with_preset(build_parser(), given))
+    assert opts["graph_capture"] == "manual"
+    with pytest.raises(UserError, match=r"'aoti' does not take the options graph_capture \("):
+        get_engine("aoti", **opts)
+    # no preset: nothing comes from a file
+    assert parse_with_preset(build_parser(), ["--avatar", "a"]).from_preset == set()
+
+
 @pytest.mark.parametrize(
     ("text", "expect"),
     [

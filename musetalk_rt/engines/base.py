@@ -244,12 +244,26 @@ def get_engine(name: str, **options) -> Engine:
     if name not in _REGISTRY:
         raise UserError(f"unknown engine {name!r}; choose one of {', '.join(available_engines())}")
     cls = _REGISTRY[name]
+    not_taken = sorted(set(options) - engine_parameters(name))
+    if not_taken:
+        raise UserError(
+            f"engine {name!r} does not take the options {', '.join(not_taken)} "
+            "(options of another engine: see --help for which engine takes which)"
+        )
     try:
         inspect.signature(cls).bind(**options)
-    except TypeError:
-        given = ", ".join(sorted(options))
-        raise UserError(f"engine {name!r} does not take the options {given}") from None
+    except TypeError as exc:
+        raise UserError(f"engine {name!r}: {exc}") from None
     return cls(**options)
+
+
+def engine_parameters(name: str) -> set[str]:
+    """The option names engine ``name``'s constructor takes (empty for an unknown name)."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        return set()
+    params = inspect.signature(cls).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def select_engine(

@@ -99,11 +99,45 @@ def live_engine_options(args) -> dict:
     ``--compile-graph-capture trees`` still asks for the other.
     """
     from musetalk_rt.cli import _engine_options
+    from musetalk_rt.engines.base import engine_parameters
 
     opts = _engine_options(args)
     if args.engine == "compile" and getattr(args, "compile_graph_capture", None) is None:
         opts["graph_capture"] = "manual"
+    # A preset tuned for one engine, started with another on the command line (``--config
+    # configs/channels.toml --engine aoti``): the file's options that engine does not take are
+    # left out, with a line; given on the command line, they stay and get the engine's error.
+    taken = engine_parameters(args.engine)
+    preset_only = set(getattr(args, "from_preset", ()))
+    dropped = []
+    for key, dest in ENGINE_OPTION_DESTS.items():
+        if key in opts and key not in taken and dest in preset_only:
+            del opts[key]
+            dropped.append(f"--{dest.replace('_', '-')}")
+    if dropped:
+        print(
+            f"note: --config {args.config}: {', '.join(dropped)} not used "
+            f"(the {args.engine} engine does not take {'it' if len(dropped) == 1 else 'them'})",
+            flush=True,
+        )
     return opts
+
+
+# engine option key (as the engines take it) -> the live option that sets it
+ENGINE_OPTION_DESTS = {
+    "backend": "compile_backend",
+    "mode": "compile_mode",
+    "freezing": "compile_freezing",
+    "coordinate_descent": "compile_cd_tuning",
+    "fuse_qkv": "compile_fuse_qkv",
+    "cudnn_benchmark": "compile_cudnn_benchmark",
+    "graph_capture": "compile_graph_capture",
+    "weights": "aoti_weights",
+    "max_autotune": "aoti_max_autotune",
+    "autotune_stages": "autotune_stages",
+    "phase_upsample": "phase_upsample",
+    "channels_last_norm": "channels_last_norm",
+}
 
 
 def measure_startup(gen, canvas_encoder, canvases: int = 1) -> tuple[float, float]:

@@ -74,7 +74,9 @@ def parse_with_preset(
     """Parse ``argv`` with a ``--config`` file's ``[live]`` values as the defaults.
 
     Options on the command line win; a preset's ``true`` flag cannot be switched off there
-    (those flags have no ``--no-`` form): leave it out of the preset instead.
+    (those flags have no ``--no-`` form): leave it out of the preset instead. The result's
+    ``from_preset`` names the options whose value came from the file (the command line did not
+    give them), so that a preset's options of one engine need not stop a run with another.
     """
     import sys
 
@@ -82,6 +84,18 @@ def parse_with_preset(
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**preset_defaults(known.config, parser))
-    return parser.parse_args(argv)
+    preset = preset_defaults(known.config, parser) if known.config else {}
+    from_preset: set[str] = set()
+    if preset:
+        # which preset values the command line left alone: parse once with a marker as their
+        # defaults (argparse's defaults are otherwise indistinguishable from given values)
+        parser.set_defaults(**dict.fromkeys(preset, _FROM_PRESET))
+        marked = parser.parse_args(argv)
+        from_preset = {k for k in preset if getattr(marked, k) is _FROM_PRESET}
+        parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    args.from_preset = from_preset
+    return args
+
+
+_FROM_PRESET = object()  # the marker of parse_with_preset's first parse
