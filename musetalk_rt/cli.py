@@ -103,6 +103,23 @@ def _models(args):
     return models
 
 
+# engine option key (as the engines take it) -> the option that sets it
+ENGINE_OPTION_DESTS = {
+    "backend": "compile_backend",
+    "mode": "compile_mode",
+    "freezing": "compile_freezing",
+    "coordinate_descent": "compile_cd_tuning",
+    "fuse_qkv": "compile_fuse_qkv",
+    "cudnn_benchmark": "compile_cudnn_benchmark",
+    "graph_capture": "compile_graph_capture",
+    "weights": "aoti_weights",
+    "max_autotune": "aoti_max_autotune",
+    "autotune_stages": "autotune_stages",
+    "phase_upsample": "phase_upsample",
+    "channels_last_norm": "channels_last_norm",
+}
+
+
 def _engine_options(args) -> dict:
     opts = {}
     if getattr(args, "compile_backend", None):
@@ -284,19 +301,32 @@ def engines_build_words(args, batch_sizes: list[int]) -> list[str]:
     words += ["--weights", args.weights, "--models-dir", str(args.models_dir)]
     if getattr(args, "device", None) not in (None, "auto"):
         words += ["--device", args.device]
-    return words + compile_argv(args)
+    return words + compile_argv(args, engine=args.engine)
 
 
-def compile_argv(args) -> list[str]:
+def compile_argv(args, engine: str | None = None) -> list[str]:
     """The compile-engine options of ``args`` as command-line words (for a child process).
 
     The inverse of :func:`_add_compile_options`: every option it defines that is set in
     ``args`` comes back, so a tool that starts ``musetalk_rt.live`` forwards all of them.
+
+    Args:
+        args: Parsed options.
+        engine: Leave out the options this engine does not take (a live preset's compile
+            capture under ``--engine aoti``, which the live process left out too).
     """
+    from musetalk_rt.engines.base import engine_parameters
+
     options = argparse.ArgumentParser(add_help=False)
     _add_compile_options(options)
+    not_taken = set()
+    if engine is not None:
+        taken = engine_parameters(engine)
+        not_taken = {d for k, d in ENGINE_OPTION_DESTS.items() if k not in taken}
     argv: list[str] = []
     for action in options._actions:
+        if action.dest in not_taken:
+            continue
         value = getattr(args, action.dest, None)
         if action.nargs == 0:  # a flag
             argv += [action.option_strings[0]] if value else []

@@ -130,6 +130,16 @@ def test_a_preset_started_with_another_engine_leaves_out_what_that_engine_does_n
         "channels_last": True,
     }
     get_engine("aoti", **opts)  # takes every one of them
+    # the build command a missing engine's refusal prints: the same options, nothing aoti refuses
+    from musetalk_rt.cli import build_parser as cli_parser
+    from musetalk_rt.cli import engines_build_command
+
+    words = engines_build_command(args, [32, 16]).split()
+    assert words[:5] == ["musetalk-rt", "engines", "build", "--engine", "aoti"]
+    assert "--compile-graph-capture" not in words
+    built = cli_parser().parse_args(words[1:])
+    assert built.batch_sizes == [16, 32] and built.compile_graph_capture is None
+    assert live_engine_options(built) == opts
     out = capsys.readouterr().out
     assert f"note: --config {channels}: --compile-graph-capture not used" in out
     assert "(the aoti engine does not take it)" in out

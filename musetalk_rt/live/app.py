@@ -98,7 +98,7 @@ def live_engine_options(args) -> dict:
     measured on an H200: 0 late frames, no recompilation (experiments/LOG.md, 2026-12-01).
     ``--compile-graph-capture trees`` still asks for the other.
     """
-    from musetalk_rt.cli import _engine_options
+    from musetalk_rt.cli import ENGINE_OPTION_DESTS, _engine_options
     from musetalk_rt.engines.base import engine_parameters
 
     opts = _engine_options(args)
@@ -121,23 +121,6 @@ def live_engine_options(args) -> dict:
             flush=True,
         )
     return opts
-
-
-# engine option key (as the engines take it) -> the live option that sets it
-ENGINE_OPTION_DESTS = {
-    "backend": "compile_backend",
-    "mode": "compile_mode",
-    "freezing": "compile_freezing",
-    "coordinate_descent": "compile_cd_tuning",
-    "fuse_qkv": "compile_fuse_qkv",
-    "cudnn_benchmark": "compile_cudnn_benchmark",
-    "graph_capture": "compile_graph_capture",
-    "weights": "aoti_weights",
-    "max_autotune": "aoti_max_autotune",
-    "autotune_stages": "autotune_stages",
-    "phase_upsample": "phase_upsample",
-    "channels_last_norm": "channels_last_norm",
-}
 
 
 def measure_startup(gen, canvas_encoder, canvases: int = 1) -> tuple[float, float]:
@@ -508,8 +491,9 @@ def run(args) -> int:
         log=lambda line: print(line, flush=True),
         blocking_wait=args.gpu_wait == "block",
     )
-    for r in gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes)):
-        print(f"engine: {r.summary()}", flush=True)
+    reports = gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes))
+    for stage, r in zip((gen.unet.name, gen.vae.name), reports, strict=True):
+        print(f"engine ({stage}): {r.summary()}", flush=True)
     canvas_enc = CanvasEncoder(models.whisper, models.feature_extractor, whisper_dtype(args.dtype))
     canvas_err = canvas_enc.check(
         lambda c: encode_canvases(models.whisper, models.feature_extractor, c, torch.float32)

@@ -156,8 +156,8 @@ def make_generator(
     gen = FaceGenerator(
         models, engine, dtype, list(batch_sizes), engine_options=engine_options, log=log
     )
-    for r in gen.prepare():
-        log(f"engine: {r.summary()}")
+    for stage, r in zip((gen.unet.name, gen.vae.name), gen.prepare(), strict=True):
+        log(f"engine ({stage}): {r.summary()}")
     return gen
 
 
