@@ -828,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--config",
         help="TOML file: its [live] table is an event preset (defaults for these options; "
-        "configs/event.toml for one channel, configs/channels.toml for many), its [groq] table "
+        "configs/event.toml for one channel, configs/channels.toml for many; with another "
+        "--engine, its options that engine does not take are left out), its [groq] table "
         "sets models, voice, timeouts",
     )
     _add_streaming_options(p)
