@@ -191,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
             if stage not in (st, "both"):
                 continue
             for name, layer in mod.named_modules():
-                if pick(name, layer):
+                # only layers a frame runs through (the VAE's encoder is not one of them)
+                if pick(name, layer) and fl.get(name, 0.0) > 0:
                     chosen.append(layer)
                     share += fl.get(name, 0.0)
         quantize_layers(chosen, fmt)
         lat = UNetStep(m.unet)(latents, audio)
         img = images_to_uint8(VaeDecodeStep(m.vae)(lat))
         res = {
-            "row": row,
+            "row": row if fmt == "e4m3" else f"{row} ({fmt})",
             "layers": len(chosen),
             "flop_share": round(share / total, 4),
             "latent_rel_err": round(relative_error(ref_lat, lat), 6),

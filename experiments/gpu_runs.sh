@@ -182,8 +182,8 @@ channels)
   left=$((${CH_BUDGET_S:-590} - SECONDS))
   [ "$left" -ge 60 ] || { echo "channels: ${left} s left of CH_BUDGET_S, no live probe" >&2; exit 3; }
   # this call's run only: the frame log is appended to and a warm host keeps earlier calls'
-  # logs in the work folder (the prepared avatar there is kept)
-  rm -f /tmp/lp/frames_n*.jsonl /tmp/lp/live_n*.log
+  # logs and --profile files in the work folder (the prepared avatar there is kept)
+  rm -f /tmp/lp/frames_n*.jsonl /tmp/lp/live_n*.log /tmp/lp/*.json
   timeout -k 75 "$left" "$PY" experiments/live_probe.py --avatar probe --wav "$WAV" \
     --repeat "${REPEAT:-5}" --channels "${2:-12}" --weights synthetic --engine "${ENGINE:-compile}" \
     --dtype fp16 --batch-sizes "${BUCKETS:-16}" --work /tmp/lp --out "$R" \

@@ -103,20 +103,23 @@ def _models(args):
     return models
 
 
-# engine option key (as the engines take it) -> the option that sets it
-ENGINE_OPTION_DESTS = {
-    "backend": "compile_backend",
-    "mode": "compile_mode",
-    "freezing": "compile_freezing",
-    "coordinate_descent": "compile_cd_tuning",
-    "fuse_qkv": "compile_fuse_qkv",
-    "cudnn_benchmark": "compile_cudnn_benchmark",
-    "graph_capture": "compile_graph_capture",
-    "weights": "aoti_weights",
-    "max_autotune": "aoti_max_autotune",
-    "autotune_stages": "autotune_stages",
-    "phase_upsample": "phase_upsample",
-    "channels_last_norm": "channels_last_norm",
+# engine option key (as the engines take it) -> the options that set it (tests check that every
+# key _engine_options can produce is here)
+ENGINE_OPTION_DESTS: dict[str, tuple[str, ...]] = {
+    "backend": ("compile_backend",),
+    "mode": ("compile_mode",),
+    "cuda_graphs": ("no_cuda_graphs", "aoti_cuda_graphs"),
+    "channels_last": ("no_channels_last", "aoti_channels_last"),
+    "freezing": ("compile_freezing",),
+    "coordinate_descent": ("compile_cd_tuning",),
+    "fuse_qkv": ("compile_fuse_qkv",),
+    "cudnn_benchmark": ("compile_cudnn_benchmark",),
+    "graph_capture": ("compile_graph_capture",),
+    "weights": ("aoti_weights",),
+    "max_autotune": ("aoti_max_autotune",),
+    "autotune_stages": ("autotune_stages",),
+    "phase_upsample": ("phase_upsample",),
+    "channels_last_norm": ("channels_last_norm",),
 }
 
 
@@ -315,14 +318,15 @@ def compile_argv(args, engine: str | None = None) -> list[str]:
         engine: Leave out the options this engine does not take (a live preset's compile
             capture under ``--engine aoti``, which the live process left out too).
     """
-    from musetalk_rt.engines.base import engine_parameters
-
     options = argparse.ArgumentParser(add_help=False)
     _add_compile_options(options)
-    not_taken = set()
+    not_taken: set[str] = set()
     if engine is not None:
-        taken = engine_parameters(engine)
-        not_taken = {d for k, d in ENGINE_OPTION_DESTS.items() if k not in taken}
+        from musetalk_rt.engines.base import available_engines, engine_parameters
+
+        if engine in available_engines():
+            taken = engine_parameters(engine)
+            not_taken = {d for k, ds in ENGINE_OPTION_DESTS.items() if k not in taken for d in ds}
     argv: list[str] = []
     for action in options._actions:
         if action.dest in not_taken:

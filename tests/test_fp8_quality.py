@@ -32,7 +32,7 @@ def test_e4m3_rounding_keeps_its_grid_saturates_and_bounds_the_error():
     scale = x.abs().amax() / fq.E4M3_MAX
     rel = ((fq.fake_e4m3(x, scale) - x).abs() / x.abs()).masked_fill(x.abs() < 1e-2, 0)
     assert 0.0 < float(rel.max()) <= 2.0**-4 + 1e-6  # half an ulp of 3 mantissa bits
-    # a scaled tensor uses the grid: scale 1/448 maps its amax onto 448 exactly
+    # a scaled tensor uses the grid: scale amax/448 maps its amax onto 448 exactly
     assert float(fq.fake_e4m3(x, scale).abs().max()) == pytest.approx(float(x.abs().max()))
 
 
@@ -63,11 +63,13 @@ def test_a_tiny_run_writes_rows_with_the_gate_and_the_flop_share(tmp_path, capsy
     )
     assert rc == 0
     rows = [json.loads(r) for r in (tmp_path / "fp8_quality.jsonl").read_text().splitlines()]
-    assert [r["row"] for r in rows] == ["both: every conv and linear", "unet: every linear"]
+    assert [r["row"] for r in rows] == ["both: every conv and linear (fp16)", "unet: every linear"]
     fp16, fp8 = rows
     assert fp16["format"].startswith("fp16") and fp16["flop_share"] == 1.0
     assert fp16["psnr_db"] > fp8["psnr_db"] and fp16["passed"]  # fp16 operands lose far less
     assert 0.0 < fp8["flop_share"] < 1.0 and fp8["layers"] > 0 and "torch" in fp8
+    # the fp16 row takes every layer a frame runs through: the shares are of that whole
+    assert fp16["layers"] > fp8["layers"]
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["fp8_quality"] == 2 and summary["gate_db"] == 40.0
     with pytest.raises(SystemExit):

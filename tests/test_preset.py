@@ -161,6 +161,50 @@ def test_a_preset_started_with_another_engine_leaves_out_what_that_engine_does_n
     assert parse_with_preset(build_parser(), ["--avatar", "a"]).from_preset == set()
 
 
+def test_every_engine_option_maps_to_the_options_that_set_it(tmp_path, capsys):
+    """``ENGINE_OPTION_DESTS`` covers every key the command line can produce, and a key set by
+    either of two flags (``--no-channels-last`` / ``--aoti-channels-last``) is left out for an
+    engine that does not take it only when it came from the file; the build command a refusal
+    prints for that engine leaves it out too; an unknown engine gets no note, only its error."""
+    from musetalk_rt.cli import ENGINE_OPTION_DESTS, _engine_options, compile_argv
+    from musetalk_rt.live.app import live_engine_options
+
+    every = ["--avatar", "a", "--compile-backend", "inductor", "--compile-mode", "max-autotune"]
+    every += ["--no-cuda-graphs", "--no-channels-last", "--compile-freezing", "--compile-cd-tuning"]
+    every += ["--compile-fuse-qkv", "--compile-cudnn-benchmark", "--compile-graph-capture"]
+    every += ["manual", "--aoti-weights", "so", "--aoti-max-autotune", "--autotune-stages", "unet"]
+    every += ["--phase-upsample", "transpose", "--channels-last-norm"]
+    opts = _engine_options(build_parser().parse_args(every))
+    assert set(opts) == set(ENGINE_OPTION_DESTS)  # every key, and no key nothing can set
+    aoti_flags = build_parser().parse_args(["--avatar", "a", "--aoti-channels-last"])
+    assert set(_engine_options(aoti_flags)) <= set(ENGINE_OPTION_DESTS)
+
+    f = tmp_path / "p.toml"
+    f.write_text("[live]\nengine = 'aoti'\naoti_channels_last = true\nno_cuda_graphs = true\n")
+    args = parse_with_preset(
+        build_parser(), ["--config", str(f), "--avatar", "a", "--engine", "trt"]
+    )
+    assert live_engine_options(args) == {"cuda_graphs": False}  # trt takes the graphs switch
+    assert "--aoti-channels-last not used (the trt engine does not take it)" in (
+        capsys.readouterr().out
+    )
+    assert compile_argv(args, engine="trt") == ["--no-cuda-graphs"]
+    assert compile_argv(args) == ["--no-cuda-graphs", "--aoti-channels-last"]
+    assert compile_argv(args, engine="aoti") == compile_argv(args)
+    args = parse_with_preset(
+        build_parser(), ["--config", str(f), "--avatar", "a", "--engine", "eager"]
+    )
+    assert live_engine_options(args) == {}
+    assert "--no-cuda-graphs, --aoti-channels-last not used" in capsys.readouterr().out
+    # one flag from the file, its twin on the command line: the user's choice stays
+    argv = ["--config", str(f), "--avatar", "a", "--engine", "eager", "--no-channels-last"]
+    assert live_engine_options(parse_with_preset(build_parser(), argv)) == {"channels_last": False}
+    assert capsys.readouterr().out.count("not used") == 1  # only the file's graphs switch
+    args = parse_with_preset(build_parser(), ["--config", str(f), "--avatar", "a", "--engine", "x"])
+    assert "cuda_graphs" in live_engine_options(args)
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize(
     ("text", "expect"),
     [

@@ -99,7 +99,7 @@ def live_engine_options(args) -> dict:
     ``--compile-graph-capture trees`` still asks for the other.
     """
     from musetalk_rt.cli import ENGINE_OPTION_DESTS, _engine_options
-    from musetalk_rt.engines.base import engine_parameters
+    from musetalk_rt.engines.base import available_engines, engine_parameters
 
     opts = _engine_options(args)
     if args.engine == "compile" and getattr(args, "compile_graph_capture", None) is None:
@@ -107,13 +107,17 @@ def live_engine_options(args) -> dict:
     # A preset tuned for one engine, started with another on the command line (``--config
     # configs/channels.toml --engine aoti``): the file's options that engine does not take are
     # left out, with a line; given on the command line, they stay and get the engine's error.
+    # (An unknown engine: nothing is left out; selecting it gives the one-line error.)
     taken = engine_parameters(args.engine)
     preset_only = set(getattr(args, "from_preset", ()))
     dropped = []
-    for key, dest in ENGINE_OPTION_DESTS.items():
-        if key in opts and key not in taken and dest in preset_only:
+    for key, dests in ENGINE_OPTION_DESTS.items():
+        if key not in opts or key in taken or args.engine not in available_engines():
+            continue
+        given = [d for d in dests if getattr(args, d, None) not in (None, False)]
+        if given and set(given) <= preset_only:
             del opts[key]
-            dropped.append(f"--{dest.replace('_', '-')}")
+            dropped += [f"--{d.replace('_', '-')}" for d in given]
     if dropped:
         print(
             f"note: --config {args.config}: {', '.join(dropped)} not used "
