@@ -16,6 +16,17 @@ FIXTURES_MISSING_REASON = (
 )
 
 
+def load_experiment(name: str):
+    """The module of ``experiments/<name>.py`` (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def fixtures_dir() -> Path:
     """The shared fixtures folder (it may not exist)."""
     return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_experiment
 from torch import nn
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "fp8_quality.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("fp8_quality", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("fp8_quality")
 
 
 def test_e4m3_rounding_keeps_its_grid_saturates_and_bounds_the_error():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_experiment
 from torch.nn import functional as F  # noqa: N812
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +18,7 @@ SCRIPT = REPO / "experiments" / "groupnorm_bench.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("groupnorm_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("groupnorm_bench")
 
 
 def _torch_tiles(x: torch.Tensor, groups: int, block_p: int):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_experiment
 
 from musetalk_rt.workbench.kernels import (
     KINDS,
@@ -17,8 +16,6 @@ from musetalk_rt.workbench.kernels import (
     kernel_breakdown,
     kernel_kind,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 # kernel names as an H100/H200 profile of the stages shows them (cuDNN, cuBLAS, inductor, flash)
 NAMES = {
@@ -91,11 +88,7 @@ def test_breakdown_of_the_tiny_stages_on_cpu_adds_up(tiny_models):
 
 
 def test_kernel_profile_script_writes_a_row_and_one_json_line(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "kernel_profile", REPO / "experiments" / "kernel_profile.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_experiment("kernel_profile")
     argv = ["--engines", "eager", "--batch-sizes", "2", "--dtype", "fp32", "--weights", "tiny"]
     assert script.main(argv + ["--device", "cpu", "--iters", "1", "--out", str(tmp_path)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
