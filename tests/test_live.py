@@ -1272,3 +1272,26 @@ def test_gpu_worker_gathers_each_channels_own_avatar_latents():
     assert launched is not None and len(launched.wins) == 5  # held until collected
     assert seen == [[101.0, 204.0, 102.0, 200.0, 100.0]]
     worker.stop()
+
+
+def test_a_restarted_show_never_overwrites_the_earlier_recording(tmp_path, capsys):
+    """The crew restarts the same command after a crash: the recording (or captions file)
+    already there is the show so far, so the new run writes NAME.1.mp4, then NAME.2.mp4, and
+    says so; an empty file (a run that wrote nothing) and URLs are used as given."""
+    from musetalk_rt.live.app import keep_earlier_file
+
+    rec = tmp_path / "show.mp4"
+    assert keep_earlier_file(str(rec)) == str(rec)  # nothing there yet
+    rec.write_bytes(b"")
+    assert keep_earlier_file(str(rec)) == str(rec)  # an empty file holds no show
+    rec.write_bytes(b"\x00" * 10)
+    assert keep_earlier_file(str(rec)) == str(tmp_path / "show.1.mp4")
+    assert f"{rec} holds an earlier run's output; this run writes" in capsys.readouterr().out
+    (tmp_path / "show.1.mp4").write_bytes(b"x")
+    assert keep_earlier_file(str(rec)) == str(tmp_path / "show.2.mp4")
+    assert rec.read_bytes() == b"\x00" * 10  # untouched
+    url = "rtmp://127.0.0.1/live/hall"
+    assert keep_earlier_file(url) == url
+    srt = tmp_path / "hall.srt"
+    srt.write_text("1\n")
+    assert keep_earlier_file(str(srt)) == str(tmp_path / "hall.1.srt")

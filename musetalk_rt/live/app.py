@@ -20,6 +20,7 @@ import ssl
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +52,23 @@ def _targets(template: str | None, name: str, several: bool) -> str | None:
     return template.replace("{channel}", name)
 
 
+def keep_earlier_file(path: str) -> str:
+    """A path for this run's file that never overwrites an earlier run's.
+
+    The crew restarts the same command after a crash: a recording or captions file already at
+    ``path`` is the show so far, so this run writes ``NAME.1.mp4`` (the first free number)
+    instead and says so. A URL or a missing or empty file is returned as it is.
+    """
+    p = Path(path)
+    if "://" in path or not p.is_file() or p.stat().st_size == 0:
+        return path
+    n = 1
+    while (alt := p.with_name(f"{p.stem}.{n}{p.suffix}")).exists():
+        n += 1
+    print(f"{p} holds an earlier run's output; this run writes {alt}", flush=True)
+    return str(alt)
+
+
 def _speech_setup(args):
     """Check the Groq options before anything heavy loads; returns (speech, config, font)."""
     from musetalk_rt.speech.config import load_config
@@ -78,7 +96,7 @@ def _speech_sinks(args, speech, cfg, font, channels, vad_net, several: bool) -> 
     out = []
     for ch in channels:
         target = _targets(args.captions, ch.name, several)
-        writer = CaptionWriter(target) if target else None
+        writer = CaptionWriter(keep_earlier_file(target)) if target else None
         overlay = None
         if font is not None:
             overlay = CaptionOverlay(font, ch.avatar.size)
@@ -554,9 +572,10 @@ def run(args) -> int:
     for name, a in avatars.items():
         w, h = a.size
         output_cls = ProcessOutput if args.output_mode == "process" else Output
+        record = _targets(args.record, name, several)
         outs = [
             output_cls(t, w, h, frame_log=frame_log, encoder_threads=args.encoder_threads)
-            for t in (_targets(args.rtmp, name, several), _targets(args.record, name, several))
+            for t in (_targets(args.rtmp, name, several), record and keep_earlier_file(record))
             if t
         ]
         channels.append(
