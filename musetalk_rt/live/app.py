@@ -712,7 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel", action="append", metavar="NAME=AVATAR", help="a channel (repeatable)"
     )
     p.add_argument("--rtmp", help="rtmp://host/app/key (use {channel} with several channels)")
-    p.add_argument("--record", help="also record to FILE.mp4 (use {channel} with several)")
+    p.add_argument(
+        "--record",
+        help="also record to FILE.mp4 (use {channel} with several; a FILE that holds an earlier "
+        "run's recording is kept and this run writes FILE.1.mp4)",
+    )
     p.add_argument("--host", default="0.0.0.0", help="ingest address (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=8765, help="ingest port (default: 8765)")
     p.add_argument("--token", help="sender token (default: $MUSETALK_RT_TOKEN)")
@@ -844,7 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="captions: live transcripts; voice: the avatar speaks Groq's speech of the MC's "
         "words (default: off)",
     )
-    g.add_argument("--captions", help="write captions to FILE.srt or FILE.vtt ({channel} ok)")
+    g.add_argument(
+        "--captions",
+        help="write captions to FILE.srt or FILE.vtt ({channel} ok; an earlier run's file is kept "
+        "as --record's is)",
+    )
     g.add_argument(
         "--burn-captions", action="store_true", help="draw captions into the video (CJK font)"
     )
