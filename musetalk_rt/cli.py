@@ -123,6 +123,19 @@ ENGINE_OPTION_DESTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def options_not_taken(engine: str) -> dict[str, tuple[str, ...]]:
+    """The entries of :data:`ENGINE_OPTION_DESTS` that ``engine`` does not take.
+
+    None for an unknown engine: selecting it is the error that names the engines.
+    """
+    from musetalk_rt.engines.base import available_engines, engine_parameters
+
+    if engine not in available_engines():
+        return {}
+    taken = engine_parameters(engine)
+    return {k: dests for k, dests in ENGINE_OPTION_DESTS.items() if k not in taken}
+
+
 def _engine_options(args) -> dict:
     opts = {}
     if getattr(args, "compile_backend", None):
@@ -166,13 +179,13 @@ def per_engine_options(engines: list[str], options: dict) -> dict[str, dict]:
     Each engine gets the options its constructor takes (eager none, aoti ``freezing`` as
     compile does); an option that none of them takes is an error, never silently dropped.
     """
-    import inspect
-
     from musetalk_rt.engines import get_engine
+    from musetalk_rt.engines.base import engine_parameters
 
     per = {}
-    for name in engines:  # (an unknown name: get_engine's one line listing the engines)
-        taken = set(inspect.signature(type(get_engine(name))).parameters)
+    for name in engines:
+        get_engine(name)  # an unknown name: its one line listing the engines
+        taken = engine_parameters(name)
         per[name] = {k: v for k, v in options.items() if k in taken}
     unused = sorted(set(options) - {k for o in per.values() for k in o})
     if unused:
@@ -320,13 +333,8 @@ def compile_argv(args, engine: str | None = None) -> list[str]:
     """
     options = argparse.ArgumentParser(add_help=False)
     _add_compile_options(options)
-    not_taken: set[str] = set()
-    if engine is not None:
-        from musetalk_rt.engines.base import available_engines, engine_parameters
-
-        if engine in available_engines():
-            taken = engine_parameters(engine)
-            not_taken = {d for k, ds in ENGINE_OPTION_DESTS.items() if k not in taken for d in ds}
+    foreign = options_not_taken(engine) if engine is not None else {}
+    not_taken = {d for dests in foreign.values() for d in dests}
     argv: list[str] = []
     for action in options._actions:
         if action.dest in not_taken:

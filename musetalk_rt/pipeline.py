@@ -137,6 +137,11 @@ class FaceGenerator:
             r.reason = f"{r.reason}; chosen: {self.reason}"
         return self.reports
 
+    def report_lines(self) -> list[str]:
+        """One line per model stage saying what its engine got (after :meth:`prepare`)."""
+        pairs = zip((self.unet, self.vae), self.reports, strict=True)
+        return [f"engine ({st.name}): {r.summary()}" for st, r in pairs]
+
     def launch(self, batch: FrameBatch, clock: StageClock) -> FrameBatch:
         """Queue the batch's GPU work (``unet``, ``vae_decode``, the copy out) without waiting.
 

@@ -116,8 +116,7 @@ def live_engine_options(args) -> dict:
     measured on an H200: 0 late frames, no recompilation (experiments/LOG.md, 2026-12-01).
     ``--compile-graph-capture trees`` still asks for the other.
     """
-    from musetalk_rt.cli import ENGINE_OPTION_DESTS, _engine_options
-    from musetalk_rt.engines.base import available_engines, engine_parameters
+    from musetalk_rt.cli import _engine_options, options_not_taken
 
     opts = _engine_options(args)
     if args.engine == "compile" and getattr(args, "compile_graph_capture", None) is None:
@@ -126,11 +125,10 @@ def live_engine_options(args) -> dict:
     # configs/channels.toml --engine aoti``): the file's options that engine does not take are
     # left out, with a line; given on the command line, they stay and get the engine's error.
     # (An unknown engine: nothing is left out; selecting it gives the one-line error.)
-    taken = engine_parameters(args.engine)
     preset_only = set(getattr(args, "from_preset", ()))
     dropped = []
-    for key, dests in ENGINE_OPTION_DESTS.items():
-        if key not in opts or key in taken or args.engine not in available_engines():
+    for key, dests in options_not_taken(args.engine).items():
+        if key not in opts:
             continue
         given = [d for d in dests if getattr(args, d, None) not in (None, False)]
         if given and set(given) <= preset_only:
@@ -513,9 +511,9 @@ def run(args) -> int:
         log=lambda line: print(line, flush=True),
         blocking_wait=args.gpu_wait == "block",
     )
-    reports = gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes))
-    for stage, r in zip((gen.unet.name, gen.vae.name), reports, strict=True):
-        print(f"engine ({stage}): {r.summary()}", flush=True)
+    gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes))
+    for line in gen.report_lines():
+        print(line, flush=True)
     canvas_enc = CanvasEncoder(models.whisper, models.feature_extractor, whisper_dtype(args.dtype))
     canvas_err = canvas_enc.check(
         lambda c: encode_canvases(models.whisper, models.feature_extractor, c, torch.float32)

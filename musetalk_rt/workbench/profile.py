@@ -156,8 +156,9 @@ def make_generator(
     gen = FaceGenerator(
         models, engine, dtype, list(batch_sizes), engine_options=engine_options, log=log
     )
-    for stage, r in zip((gen.unet.name, gen.vae.name), gen.prepare(), strict=True):
-        log(f"engine ({stage}): {r.summary()}")
+    gen.prepare()
+    for line in gen.report_lines():
+        log(line)
     return gen
 
 
