@@ -8,7 +8,7 @@ import pytest
 from skimage import data
 
 from musetalk_rt.avatar import load_avatar, parse_bbox, prepare_avatar
-from musetalk_rt.avatar.geometry import Box, blend, crop_box_for, extend_v15
+from musetalk_rt.avatar.geometry import Box, blend, clip_box, crop_box_for, extend_v15
 from musetalk_rt.avatar.store import cycle_index
 from musetalk_rt.engines.parity import psnr_u8
 from musetalk_rt.errors import UserError
@@ -111,6 +111,60 @@ def test_ping_pong_cycle_and_geometry():
     assert box.y2 == 95  # +10 px clipped to the frame
     crop = crop_box_for(box)
     assert crop.width == crop.height == 2 * int(100 // 2 * 1.5)
+
+
+def _blend_whole_crop(frame, face, box, crop, mask):
+    """The blend over the whole crop box: the reference for the bounded one."""
+    out = frame.copy()
+    resized = cv2.resize(face, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
+    region = out[crop.y1 : crop.y2, crop.x1 : crop.x2]
+    pasted = region.copy()
+    pasted[box.y1 - crop.y1 : box.y2 - crop.y1, box.x1 - crop.x1 : box.x2 - crop.x1] = resized
+    alpha = mask.astype(np.float32) / 255.0
+    region[:] = cv2.blendLinear(pasted, region, alpha, 1.0 - alpha)
+    return out
+
+
+def _assert_same_blend(frame, face, box, crop, mask):
+    got = blend(frame, face, box, crop, mask)
+    want = _blend_whole_crop(frame, face, box, crop, mask)
+    diff = np.abs(got.astype(np.int16) - want)
+    assert diff.max() <= 1
+    assert np.count_nonzero(diff) <= max(1, diff.size // 100_000)
+    outside = np.ones(frame.shape[:2], bool)
+    x, y, w, h = cv2.boundingRect(mask)
+    outside[crop.y1 + y : crop.y1 + y + h, crop.x1 + x : crop.x1 + x + w] = False
+    assert np.array_equal(got[outside], frame[outside])
+
+
+def test_blend_over_the_masks_bounding_box_equals_the_whole_crop(yongen_avatar):
+    """Blending only where the mask is non-zero gives the whole crop's result: the prepared
+    fixture's masks, crops clipped at the frame's edges, masks with scattered and no non-zero
+    pixels. Outside the mask's box every pixel is the frame's; inside, a value may be one level
+    apart where OpenCV's vector loop and its scalar tail round a weight differently."""
+    rng = np.random.default_rng(3)
+    a = load_avatar("yongen", yongen_avatar)
+    for i in (0, len(a.frames) // 2, len(a.frames) - 1):
+        face = rng.integers(0, 256, (256, 256, 3), np.uint8)
+        _assert_same_blend(a.frames[i], face, a.boxes[i], a.crops[i], a.masks[i])
+    h, w = 240, 200
+    for _ in range(40):
+        frame = rng.integers(0, 256, (h, w, 3), np.uint8)
+        face = rng.integers(0, 256, (256, 256, 3), np.uint8)
+        x1, y1 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        box = Box(x1, y1, int(rng.integers(x1 + 8, w + 1)), int(rng.integers(y1 + 8, h + 1)))
+        crop = clip_box(crop_box_for(box), w, h)
+        mask = np.zeros((crop.height, crop.width), np.uint8)
+        kind = rng.integers(0, 3)
+        if kind == 1:  # a few scattered weights
+            ys = rng.integers(0, crop.height, 5)
+            xs = rng.integers(0, crop.width, 5)
+            mask[ys, xs] = rng.integers(1, 256, 5)
+        elif kind == 2:
+            mask[crop.height // 2 :] = rng.integers(
+                0, 256, (crop.height - crop.height // 2, crop.width)
+            )
+        _assert_same_blend(frame, face, box, crop, mask)
 
 
 def test_blend_is_the_mask_weighted_mix_within_one_level():

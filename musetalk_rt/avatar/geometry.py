@@ -181,13 +181,29 @@ def blend(frame: np.ndarray, face: np.ndarray, box: Box, crop: Box, mask: np.nda
 
     The mix is OpenCV's ``blendLinear`` (per-pixel weights ``mask / 255`` and its complement,
     rounded): 6x faster than the same formula in NumPy (0.7 against 4.6 ms for a 320x400 crop)
-    and it releases the interpreter lock, so the live process blends on several threads.
+    and it releases the interpreter lock, so the live process blends on several threads. It runs
+    only over the bounding box of the mask's non-zero pixels, about a quarter of the crop (the mask
+    keeps the lower half, inside the face outline): a zero weight leaves the frame's pixel as it
+    is, so the result is that of the whole crop except for about one value in ten million, one
+    level apart (OpenCV's vector loop and its scalar tail round a few weights differently, and
+    the box moves which pixels fall in the tail). 0.6 against 1.1 ms per frame of the prepared
+    704x1216 fixture on one core.
     """
     out = frame.copy()
-    resized = cv2.resize(face, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
-    region = out[crop.y1 : crop.y2, crop.x1 : crop.x2]  # view, [ch, cw, 3]
+    mx, my, mw, mh = cv2.boundingRect(mask)  # the non-zero pixels, in crop coordinates
+    if mw == 0 or mh == 0:
+        return out
+    y1, x1 = crop.y1 + my, crop.x1 + mx  # that box in frame coordinates
+    y2, x2 = y1 + mh, x1 + mw
+    region = out[y1:y2, x1:x2]  # view, [mh, mw, 3]
     pasted = region.copy()
-    pasted[box.y1 - crop.y1 : box.y2 - crop.y1, box.x1 - crop.x1 : box.x2 - crop.x1] = resized
-    alpha = mask.astype(np.float32) * (1.0 / 255.0)  # [ch, cw]
+    # the part of the face box inside it
+    py1, py2, px1, px2 = max(box.y1, y1), min(box.y2, y2), max(box.x1, x1), min(box.x2, x2)
+    if py1 < py2 and px1 < px2:
+        resized = cv2.resize(face, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
+        pasted[py1 - y1 : py2 - y1, px1 - x1 : px2 - x1] = resized[
+            py1 - box.y1 : py2 - box.y1, px1 - box.x1 : px2 - box.x1
+        ]
+    alpha = mask[my : my + mh, mx : mx + mw].astype(np.float32) * (1.0 / 255.0)  # [mh, mw]
     region[:] = cv2.blendLinear(pasted, region, alpha, 1.0 - alpha)
     return out
