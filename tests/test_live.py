@@ -993,27 +993,75 @@ def test_process_output_records_every_frame_and_its_audio_in_order(tmp_path):
 
 def test_process_output_survives_its_encoder_process_dying(tmp_path):
     """The child is killed mid-stream: frames are dropped and counted while it is down, a new
-    one starts after the backoff, and the stream goes on (the show does not stop)."""
+    one starts after the backoff, and the stream goes on (the show does not stop). The killed
+    child's MP4 recording stays playable (fragmented: only its last fragment is lost), and an
+    earlier run's ``.part2`` file beside it is not overwritten."""
     from musetalk_rt.live.outproc import ProcessOutput
 
-    rec = tmp_path / "k.mkv"
+    rec = tmp_path / "k.mp4"
+    (tmp_path / "k.part2.mp4").write_bytes(b"an earlier run's continuation")
     out = ProcessOutput(str(rec), 64, 48, encoder_threads=1)
     assert out.wait_ready(30.0)
-    _offer_frames(out, 25, 64, 48)
+    _offer_frames(out, 75, 64, 48)
+    deadline = time.monotonic() + 10.0
+    while out.stats["written"] < 75 and time.monotonic() < deadline:
+        time.sleep(0.05)
     first = out._proc
     first.kill()
     first.wait(5)
-    _offer_frames(out, 75, 64, 48, start=25)
+    with av.open(str(rec)) as c:  # no trailer was written, yet it plays up to the kill
+        killed = [float(f.to_ndarray(format="rgb24").mean()) for f in c.decode(video=0)]
+    assert 50 <= len(killed) <= 75, len(killed)  # at least the first 2 s fragment
+    assert np.allclose(killed, [(i * 7) % 200 + 20 for i in range(len(killed))], atol=2.0)
+    _offer_frames(out, 75, 64, 48, start=75)
     out.close()
     s = out.stats
     assert out._proc is not first and s["reconnects"] >= 1 and s["errors"] >= 1, s
-    assert s["dropped_down"] >= 1 and s["written"] > 25, s  # the new child wrote frames
-    assert s["written"] + s["dropped_down"] + s["dropped_full"] <= 100
-    # the first recording is not overwritten (killed, it holds what was flushed); the new
-    # child's recording goes beside it
-    assert rec.exists()
-    with av.open(str(tmp_path / "k.part2.mkv")) as c:
+    assert s["dropped_down"] >= 1 and s["written"] > 75, s  # the new child wrote frames
+    assert s["written"] + s["dropped_down"] + s["dropped_full"] <= 150
+    assert (tmp_path / "k.part2.mp4").read_bytes() == b"an earlier run's continuation"
+    with av.open(str(tmp_path / "k.part3.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) > 25
+
+
+def test_thread_output_keeps_a_recording_whose_writer_failed(tmp_path, monkeypatch):
+    """A recording's writer fails mid-show (a full disk, an I/O error): the output reopens,
+    as it does for a server that went away, but never over the file it was writing — the
+    frames so far stay playable there and the rest goes to ``NAME.part2.mp4``."""
+    from musetalk_rt.live import output as output_mod
+
+    real_write = output_mod.AVStreamWriter.write
+    calls = {"n": 0}
+
+    def write(self, frame, audio):  # the 60th frame of the first file fails
+        calls["n"] += 1
+        if calls["n"] == 60:
+            raise OSError(28, "No space left on device")
+        real_write(self, frame, audio)
+
+    monkeypatch.setattr(output_mod.AVStreamWriter, "write", write)
+    rec = tmp_path / "t.mp4"
+    out = output_mod.Output(str(rec), 64, 48, encoder_threads=1)
+    _offer_frames(out, 120, 64, 48)
+    out.close()
+    s = out.stats
+    assert s["errors"] == 1 and s["reconnects"] == 1, s
+    with av.open(str(rec)) as c:  # closed after the failure: the frames before it are there
+        first = [float(f.to_ndarray(format="rgb24").mean()) for f in c.decode(video=0)]
+    assert len(first) == 59
+    assert np.allclose(first, [(i * 7) % 200 + 20 for i in range(59)], atol=2.0)
+    with av.open(str(tmp_path / "t.part2.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == s["written"] - 59
+
+
+def test_next_part_never_names_a_file_that_exists(tmp_path):
+    from musetalk_rt.live.output import next_part
+
+    rec = tmp_path / "show.mp4"
+    assert next_part(str(rec), 2) == str(tmp_path / "show.part2.mp4")
+    (tmp_path / "show.part2.mp4").write_bytes(b"x")
+    (tmp_path / "show.part3.mp4").write_bytes(b"x")
+    assert next_part(str(rec), 2) == str(tmp_path / "show.part4.mp4")
 
 
 def test_derived_delay_grows_with_the_channels_beyond_the_first():

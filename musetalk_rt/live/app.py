@@ -712,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtmp", help="rtmp://host/app/key (use {channel} with several channels)")
     p.add_argument(
         "--record",
-        help="also record to FILE.mp4 (use {channel} with several; a FILE that holds an earlier "
+        help="also record to FILE.mp4 (use {channel} with several; fragmented MP4: a run killed "
+        "mid-show leaves a file that plays up to its last 2 s; a FILE that holds an earlier "
         "run's recording is kept and this run writes FILE.1.mp4)",
     )
     p.add_argument("--host", default="0.0.0.0", help="ingest address (default: 0.0.0.0)")

@@ -39,11 +39,10 @@ import threading
 import time
 from collections import deque
 from multiprocessing import shared_memory
-from pathlib import Path
 
 import numpy as np
 
-from musetalk_rt.live.output import AUDIO_PER_FRAME, RTMP_SCHEMES, redact_url
+from musetalk_rt.live.output import AUDIO_PER_FRAME, RTMP_SCHEMES, next_part, redact_url
 
 log = logging.getLogger("musetalk_rt.output")
 
@@ -201,8 +200,7 @@ class ProcessOutput:
         target, width, height, queue_frames, encoder_threads = self._args
         if self._own["restarts"] and not target.startswith(RTMP_SCHEMES):
             # a recording is not overwritten: what the dead child wrote stays, the rest follows
-            p = Path(target)
-            target = str(p.with_name(f"{p.stem}.part{self._own['restarts'] + 1}{p.suffix}"))
+            target = next_part(target, self._own["restarts"] + 1)
             log.warning("output %s: recording continues in %s", self.label, target)
         cfg = {
             "shm": self._shm.name,

@@ -8,8 +8,11 @@ encoder's frames). Timestamps come from the frame index, never from the wall clo
 the oldest frame, counted), so a slow or dead server never blocks the channel's clock. When
 writing fails (the RTMP server went away) it closes the writer and reopens it with exponential
 backoff (0.5 s doubling to 8 s), resuming without restarting the process; frames offered while
-it is down are dropped and counted. With a frame log (:mod:`.framelog`) it records, for every
-frame written, when the encoder and muxer returned and the frame's index in the stream.
+it is down are dropped and counted; a recording is never reopened over itself: it goes on in
+``NAME.part2.mp4`` (:func:`next_part`). MP4 recordings are fragmented (:func:`_crash_safe`), so
+a run killed mid-show leaves a playable file. With a frame log (:mod:`.framelog`) it records,
+for every frame written, when the encoder and muxer returned and the frame's index in the
+stream.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import queue
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -51,6 +55,40 @@ def redact_url(target: str) -> str:
     return f"{scheme}://{host}/{'/'.join(parts)}"
 
 
+FRAGMENTED_SUFFIXES = (".mp4", ".m4v", ".mov")
+
+
+def _crash_safe(target: str, fmt: str | None) -> dict[str, str]:
+    """Muxer options that keep a recording playable if the process dies mid-show.
+
+    A plain MP4 keeps its index (``moov``) for the trailer: a live process killed after hours
+    (out of memory, a crash, a power cut) leaves a file no player opens. Fragmented MP4 writes a
+    ``moof`` + ``mdat`` fragment at each keyframe (every ``gop_s``), each flushed to the file at
+    once, so a killed run loses at most the fragment being written. ``delay_moov`` writes the
+    header with the first fragment rather than before any packet, so it carries the edit list
+    that trims the AAC encoder's 1024 priming samples (with ``empty_moov`` instead the file
+    decoded with them as 64 ms of extra sound and its video starting 64 ms in). Players,
+    browsers and FFmpeg read it as any MP4 (the same frames and sound onset, to the sample, as a
+    plain MP4); ``ffmpeg -i show.mp4 -c copy -movflags +faststart edit.mp4`` makes a plain one
+    for an editor that wants it. Matroska is crash-tolerant by design and needs nothing.
+    """
+    if fmt is not None or not target.lower().endswith(FRAGMENTED_SUFFIXES):
+        return {}
+    return {"movflags": "frag_keyframe+delay_moov+default_base_moof", "flush_packets": "1"}
+
+
+def next_part(target: str, part: int) -> str:
+    """Where a recording goes on after its writer failed: ``NAME.partN.EXT``, never a used name.
+
+    ``part`` is the first number to try (2 for the first continuation); a file already there
+    (an earlier run's) is skipped, so nothing written before is ever truncated.
+    """
+    p = Path(target)
+    while (alt := p.with_name(f"{p.stem}.part{part}{p.suffix}")).exists():
+        part += 1
+    return str(alt)
+
+
 class AVStreamWriter:
     """Frame-by-frame H.264/AAC muxer to an RTMP URL (FLV) or a file (MP4)."""
 
@@ -69,7 +107,9 @@ class AVStreamWriter:
         fmt = container_format or (
             "flv" if target.startswith(RTMP_SCHEMES) else None
         )  # "null": FFmpeg's null muxer (encode, write nothing: the workbench's profile)
-        self.container = av.open(target, mode="w", format=fmt, timeout=5.0)
+        self.container = av.open(
+            target, mode="w", format=fmt, timeout=5.0, container_options=_crash_safe(target, fmt)
+        )
         self.width, self.height = width + width % 2, height + height % 2
         v = self.container.add_stream(
             "libx264",
@@ -199,9 +239,14 @@ class Output:
                 if time.monotonic() < next_try:
                     self.stats["dropped_down"] += 1
                     continue
+                target = self.target
+                if self._writers and not target.startswith(RTMP_SCHEMES):
+                    # a recording whose writer failed is kept as it is: the rest goes beside it
+                    target = next_part(target, self._writers + 1)
+                    log.warning("output %s: recording continues in %s", self.label, target)
                 try:
                     writer = AVStreamWriter(
-                        self.target, self.width, self.height, threads=self.encoder_threads
+                        target, self.width, self.height, threads=self.encoder_threads
                     )
                     self._writers += 1
                     if self.stats["written"] or self.stats["errors"]:
