@@ -52,6 +52,35 @@ def _targets(template: str | None, name: str, several: bool) -> str | None:
     return template.replace("{channel}", name)
 
 
+RECORD_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".flv", ".ts")
+
+
+def check_record_path(path: str) -> None:
+    """Refuse at start a ``--record`` file the output could never write.
+
+    Found later, such a target would only fail in the encoder's process, once per retry, while
+    the show ran without its recording.
+
+    Raises:
+        UserError: A folder, a missing or read-only folder, or a container not for H.264 + AAC.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(
+            f"--record {path}: that is a folder; name a file in it, e.g. {p / 'show.mp4'}"
+        )
+    if p.suffix.lower() not in RECORD_SUFFIXES:
+        raise UserError(
+            f"--record {path}: record to one of {', '.join(RECORD_SUFFIXES)} (MP4 is fragmented, "
+            "so a killed run still plays)"
+        )
+    folder = p.parent
+    if not folder.is_dir():
+        raise UserError(f"--record {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--record {path}: cannot write in {folder}; choose a folder you can write")
+
+
 def keep_earlier_file(path: str) -> str:
     """A path for this run's file that never overwrites an earlier run's.
 
@@ -466,8 +495,9 @@ def run(args) -> int:
         )
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
-        _targets(args.rtmp, name, several), _targets(args.record, name, several)
-        _targets(args.captions, name, several)
+        _targets(args.rtmp, name, several), _targets(args.captions, name, several)
+        if (record := _targets(args.record, name, several)) is not None:
+            check_record_path(record)
     speech, groq_cfg, font = _speech_setup(args)
     token = args.token or os.environ.get("MUSETALK_RT_TOKEN")
     if token is None:

@@ -89,6 +89,15 @@ def next_part(target: str, part: int) -> str:
     return str(alt)
 
 
+def _holds_output(target: str) -> bool:
+    """Whether ``target`` is a file that already holds something (never an RTMP URL)."""
+    if target.startswith(RTMP_SCHEMES):
+        return False
+    with contextlib.suppress(OSError):
+        return Path(target).stat().st_size > 0
+    return False
+
+
 class AVStreamWriter:
     """Frame-by-frame H.264/AAC muxer to an RTMP URL (FLV) or a file (MP4)."""
 
@@ -191,6 +200,7 @@ class Output:
         self.label = redact_url(target)  # what logs, metrics, summaries and the frame log show
         self.frame_log = frame_log
         self._writers = 0  # connections opened so far (the frame log's ``writer``)
+        self._file = target  # the file being recorded (or the URL)
         self.width, self.height = width, height
         self.q: queue.Queue = queue.Queue(maxsize=queue_frames)
         self.stats = {
@@ -239,10 +249,11 @@ class Output:
                 if time.monotonic() < next_try:
                     self.stats["dropped_down"] += 1
                     continue
-                target = self.target
-                if self._writers and not target.startswith(RTMP_SCHEMES):
+                target = self._file
+                if self._writers and _holds_output(target):
                     # a recording whose writer failed is kept as it is: the rest goes beside it
-                    target = next_part(target, self._writers + 1)
+                    # (one that holds nothing yet, e.g. on a full disk, is simply reopened)
+                    target = self._file = next_part(self.target, self._writers + 1)
                     log.warning("output %s: recording continues in %s", self.label, target)
                 try:
                     writer = AVStreamWriter(
