@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from musetalk_rt.errors import UserError
+from musetalk_rt.live.diskwatch import RecordingDisks
 from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
 
 log = logging.getLogger("musetalk_rt.live")
@@ -259,6 +260,7 @@ def status_line(
     elapsed_s: float,
     gc_watch=None,
     host: dict | None = None,
+    disks=None,
 ) -> tuple[str, dict]:
     """One line on how the show goes since the last one, for the crew's terminal and the logs.
 
@@ -276,6 +278,8 @@ def status_line(
             last line are named (every thread stopped for them).
         host: The host's CPU load since the last line (:meth:`.hostload.HostLoad.take`), or
             None: with late frames and saturated cores, the line says so.
+        disks: The recordings' :class:`~.diskwatch.RecordingDisks`: a disk with less than an
+            hour (or 1 GB) left is named.
 
     Returns:
         The line and the snapshot to pass next time.
@@ -323,6 +327,7 @@ def status_line(
             else ""
         )
         + status_part(host)
+        + (disks.status_part() if disks is not None else "")
         + (delay_hint(channels, worker, st) + host_hint(host) if d["late"] else "")
     )
     return line, snap
@@ -358,14 +363,14 @@ def delay_hint(channels: list, worker, stats: list[dict]) -> str:
 
 
 async def _report_status(
-    channels, worker, interval_s: float, gc_watch=None, host_load=None
+    channels, worker, interval_s: float, gc_watch=None, host_load=None, disks=None
 ) -> None:
     prev, t = None, time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()
         host = host_load.take() if host_load is not None else None
-        line, prev = status_line(channels, worker, prev, now - t, gc_watch, host)
+        line, prev = status_line(channels, worker, prev, now - t, gc_watch, host, disks)
         t = now
         log.info("%s", line)
 
@@ -378,6 +383,7 @@ async def _serve(
     status_interval_s: float = 0,
     gc_watch=None,
     host_load=None,
+    disks=None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -398,7 +404,7 @@ async def _serve(
     )
     status = (
         asyncio.create_task(
-            _report_status(channels, worker, status_interval_s, gc_watch, host_load)
+            _report_status(channels, worker, status_interval_s, gc_watch, host_load, disks)
         )
         if status_interval_s > 0
         else None
@@ -596,14 +602,16 @@ def run(args) -> int:
     encoder = BatchedEncoder(
         models.whisper, models.feature_extractor, max_batch=canvas_enc.max_batch, engine=canvas_enc
     )
-    channels = []
+    channels, recordings = [], []
     for name, a in avatars.items():
         w, h = a.size
         output_cls = ProcessOutput if args.output_mode == "process" else Output
         record = _targets(args.record, name, several)
+        record = record and keep_earlier_file(record)
+        recordings.append(record)
         outs = [
             output_cls(t, w, h, frame_log=frame_log, encoder_threads=args.encoder_threads)
-            for t in (_targets(args.rtmp, name, several), record and keep_earlier_file(record))
+            for t in (_targets(args.rtmp, name, several), record)
             if t
         ]
         channels.append(
@@ -620,6 +628,9 @@ def run(args) -> int:
                 frame_log,
             )
         )
+    disks = RecordingDisks(recordings)
+    if disks.folders:
+        print(disks.start_line(), flush=True)
     for o in (o for ch in channels for o in ch.outputs):  # started together, awaited together
         if not o.wait_ready(30.0):
             print(f"warning: output {o.label} is not ready after 30 s; starting anyway", flush=True)
@@ -660,7 +671,9 @@ def run(args) -> int:
     server = IngestServer(
         sinks,
         IngestConfig(host=args.host, port=args.port, token=token, ssl_context=ssl_ctx),
-        metrics=lambda: metrics_text(channels, worker, speech_sinks, wake, gc_watch, host_load),
+        metrics=lambda: metrics_text(
+            channels, worker, speech_sinks, wake, gc_watch, host_load, disks
+        ),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
     )
     sampler = None
@@ -683,6 +696,7 @@ def run(args) -> int:
                 args.status_interval_s,
                 gc_watch,
                 host_load,
+                disks,
             )
         )
     finally:

@@ -14,6 +14,7 @@ def metrics_text(
     wake=None,
     gc_watch=None,
     host_load=None,
+    disks=None,
 ) -> str:
     """Counters and gauges of every channel, output, the GPU worker and the Groq speech path.
 
@@ -21,6 +22,7 @@ def metrics_text(
     ``gc_watch``: its :class:`~.gcwatch.GcWatch` (garbage-collection pauses), if any.
     ``host_load``: its :class:`~.hostload.HostLoad` (the host's CPU over the last second), if
     any; nothing is shown before its first sample or where ``/proc`` is missing.
+    ``disks``: the recordings' :class:`~.diskwatch.RecordingDisks`, if any.
     """
     out: list[str] = []
 
@@ -182,6 +184,21 @@ def metrics_text(
             [({"who": "process"}, last["process_cores"]),
              ({"who": "encoders"}, last["encoder_cores"])],
         )  # fmt: skip
+    if disks is not None and disks.folders:
+        dd = disks.sample()
+        metric(
+            "record_disk_free_bytes",
+            "gauge",
+            "free space on a recording folder's disk",
+            [({"folder": d["folder"]}, d["free_bytes"]) for d in dd],
+        )
+        metric(
+            "record_disk_seconds_left",
+            "gauge",
+            "time until that disk is full at the rate its free space fell over the last 5 "
+            "minutes (shown once known and while it falls)",
+            [({"folder": d["folder"]}, round(d["left_s"], 1)) for d in dd if d["left_s"]],
+        )
     sp = [(x, x.stats_dict()) for x in speech]
     for key, text in (
         ("utterances", "utterances cut from the input"),
