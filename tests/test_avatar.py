@@ -130,11 +130,21 @@ def _assert_same_blend(frame, face, box, crop, mask):
     want = _blend_whole_crop(frame, face, box, crop, mask)
     diff = np.abs(got.astype(np.int16) - want)
     assert diff.max() <= 1
-    assert np.count_nonzero(diff) <= max(1, diff.size // 100_000)
+    # which pixels fall in the scalar tail depends on the CPU's vector width: a few, not 1e-5
+    assert np.count_nonzero(diff) <= max(8, diff.size // 100_000)
     outside = np.ones(frame.shape[:2], bool)
     x, y, w, h = cv2.boundingRect(mask)
     outside[crop.y1 + y : crop.y1 + y + h, crop.x1 + x : crop.x1 + x + w] = False
     assert np.array_equal(got[outside], frame[outside])
+
+
+def test_blend_refuses_a_mask_that_does_not_fit_the_crop():
+    frame = np.zeros((300, 280, 3), np.uint8)
+    face = np.zeros((256, 256, 3), np.uint8)
+    box, crop = Box(60, 50, 220, 250), Box(20, 10, 260, 290)
+    for mask in (np.zeros((10, 10), np.uint8), np.zeros((280, 240), np.float32)):
+        with pytest.raises(ValueError, match="prepare the avatar again"):
+            blend(frame, face, box, crop, mask)
 
 
 def test_blend_over_the_masks_bounding_box_equals_the_whole_crop(yongen_avatar):

@@ -1106,6 +1106,8 @@ def test_next_part_never_names_a_file_that_exists(tmp_path):
     (tmp_path / "show.part2.mp4").write_bytes(b"x")
     (tmp_path / "show.part3.mp4").write_bytes(b"x")
     assert next_part(str(rec), 2) == str(tmp_path / "show.part4.mp4")
+    # a part whose writer failed goes on in the next part, not in a nested name
+    assert next_part(str(tmp_path / "show.part4.mp4"), 2) == str(tmp_path / "show.part5.mp4")
 
 
 def test_derived_delay_grows_with_the_channels_beyond_the_first():

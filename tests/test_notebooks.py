@@ -188,3 +188,20 @@ def test_face_comparison_difference_is_the_largest_channel_difference():
     out[0, 0, 0] = (10, 200, 3)
     c = FaceComparison("x/fp16", ref, out, 0.0, 0.0)
     assert c.abs_diff[0, 0, 0] == 200 and c.abs_diff.sum() == 200
+
+
+def test_dry_run_reads_back_sample_frames_of_a_fragmented_recording(tmp_path):
+    """The live recordings are fragmented MP4s, whose header counts no frames: the dry run's
+    sample strip must still get its frames, spread over the recording."""
+    from musetalk_rt.live.output import AVStreamWriter
+    from musetalk_rt.workbench.dry_run import _read_back
+
+    path = tmp_path / "c0.mp4"
+    w = AVStreamWriter(str(path), 64, 48, threads=1)
+    for i in range(60):
+        w.write(np.full((48, 64, 3), 20 + 3 * i, np.uint8), np.zeros(640, np.float32))
+    w.close()
+    total, kept = _read_back(path, 4)
+    assert total == 60 and len(kept) == 4
+    levels = [float(f.mean()) for f in kept]
+    assert levels[0] == pytest.approx(20, abs=2) and levels[-1] == pytest.approx(20 + 3 * 59, abs=2)

@@ -631,6 +631,7 @@ def run(args) -> int:
     disks = RecordingDisks(recordings)
     if disks.folders:
         print(disks.start_line(), flush=True)
+        disks.start()
     for o in (o for ch in channels for o in ch.outputs):  # started together, awaited together
         if not o.wait_ready(30.0):
             print(f"warning: output {o.label} is not ready after 30 s; starting anyway", flush=True)
@@ -703,6 +704,7 @@ def run(args) -> int:
         _shield_shutdown()
         wake.stop()
         host_load.stop()
+        disks.stop()
         gc_watch.stop()
         if sampler is not None:
             sampler.stop()
@@ -756,9 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtmp", help="rtmp://host/app/key (use {channel} with several channels)")
     p.add_argument(
         "--record",
-        help="also record to FILE.mp4 (use {channel} with several; fragmented MP4: a run killed "
-        "mid-show leaves a file that plays up to its last 2 s; a FILE that holds an earlier "
-        "run's recording is kept and this run writes FILE.1.mp4)",
+        help="also record to FILE.mp4 (or .m4v .mov .mkv .flv .ts; use {channel} with "
+        "several; fragmented MP4: a run killed mid-show leaves a file that plays up to its last "
+        "2 s; a FILE that holds an earlier run's recording is kept and this run writes "
+        "FILE.1.mp4; after a failed writer the recording goes on in FILE.part2.mp4)",
     )
     p.add_argument("--host", default="0.0.0.0", help="ingest address (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=8765, help="ingest port (default: 8765)")

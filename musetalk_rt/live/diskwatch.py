@@ -9,14 +9,17 @@ each recording folder's file system: ``/metrics`` gains ``record_disk_free_bytes
 left (or less than 1 GB), early enough to free space or move ``--record``.
 
 The rate is the fall of the free space over the last five minutes — whatever writes to that
-disk, since all of it fills the disk. Sampling is one ``statvfs`` per disk, when the status
-line or ``/metrics`` asks.
+disk, since all of it fills the disk. Sampling is one ``statvfs`` per disk every 10 s on a
+thread of its own: on a hung network mount that call never returns, and the status line and
+``/metrics`` run on the ingest's event loop, so they only read the last sample.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +29,9 @@ WINDOW_S = 300.0  # the rate is measured over this much of the past
 MIN_SPAN_S = 20.0  # no rate before two samples this far apart
 WARN_LEFT_S = 3600.0  # the status line names a disk with less time left than this
 WARN_FREE_BYTES = 1e9  # ... or less free space than this
+SAMPLE_INTERVAL_S = 10.0
+
+log = logging.getLogger("musetalk_rt.live")
 
 
 class RecordingDisks:
@@ -58,6 +64,28 @@ class RecordingDisks:
                 seen.add(dev)
                 self.folders.append(str(folder))
         self._samples: dict[str, deque] = {f: deque() for f in self.folders}
+        self.last: list[dict] = []  # the latest sample (what the status line and /metrics show)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval_s: float = SAMPLE_INTERVAL_S) -> RecordingDisks:
+        """Sample every ``interval_s`` on a daemon thread (nothing to do without a disk)."""
+        if self.folders and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, args=(interval_s,), name="recording disks", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.sample()
+            except Exception:  # a watch, never a reason to stop the show
+                log.exception("sampling the recording disks failed")
 
     def sample(self) -> list[dict]:
         """Take a sample of every disk.
@@ -85,12 +113,13 @@ class RecordingDisks:
                 if rate > 0:
                     left = free / rate
             out.append({"folder": folder, "free_bytes": free, "rate_bytes_s": rate, "left_s": left})
+        self.last = out
         return out
 
-    def status_part(self, disks: list[dict] | None = None) -> str:
+    def status_part(self) -> str:
         """The status line's words for disks about to fill ("" while every disk has room)."""
         parts = []
-        for d in self.sample() if disks is None else disks:
+        for d in self.last:
             short = d["left_s"] is not None and d["left_s"] < WARN_LEFT_S
             if short or d["free_bytes"] < WARN_FREE_BYTES:
                 left = f", ~{d['left_s'] / 60:.0f} min at the current rate" if short else ""

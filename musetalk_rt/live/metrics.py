@@ -184,8 +184,8 @@ def metrics_text(
             [({"who": "process"}, last["process_cores"]),
              ({"who": "encoders"}, last["encoder_cores"])],
         )  # fmt: skip
-    if disks is not None and disks.folders:
-        dd = disks.sample()
+    if disks is not None and disks.last:
+        dd = disks.last  # sampled on the watch's thread: a hung mount never stalls this
         metric(
             "record_disk_free_bytes",
             "gauge",
@@ -197,7 +197,11 @@ def metrics_text(
             "gauge",
             "time until that disk is full at the rate its free space fell over the last 5 "
             "minutes (shown once known and while it falls)",
-            [({"folder": d["folder"]}, round(d["left_s"], 1)) for d in dd if d["left_s"]],
+            [
+                ({"folder": d["folder"]}, round(d["left_s"], 1))
+                for d in dd
+                if d["left_s"] is not None
+            ],
         )
     sp = [(x, x.stats_dict()) for x in speech]
     for key, text in (

@@ -8,11 +8,11 @@ encoder's frames). Timestamps come from the frame index, never from the wall clo
 the oldest frame, counted), so a slow or dead server never blocks the channel's clock. When
 writing fails (the RTMP server went away) it closes the writer and reopens it with exponential
 backoff (0.5 s doubling to 8 s), resuming without restarting the process; frames offered while
-it is down are dropped and counted; a recording is never reopened over itself: it goes on in
-``NAME.part2.mp4`` (:func:`next_part`). MP4 recordings are fragmented (:func:`_crash_safe`), so
-a run killed mid-show leaves a playable file. With a frame log (:mod:`.framelog`) it records,
-for every frame written, when the encoder and muxer returned and the frame's index in the
-stream.
+it is down are dropped and counted; a recording that holds frames is never reopened over: it
+goes on in ``NAME.part2.mp4`` (:func:`next_part`; a failed file that holds nothing is reused).
+MP4 recordings are fragmented (:func:`_crash_safe`), so a run killed mid-show leaves a playable
+file. With a frame log (:mod:`.framelog`) it records, for every frame written, when the encoder
+and muxer returned and the frame's index in the stream.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from fractions import Fraction
@@ -62,15 +63,17 @@ def _crash_safe(target: str, fmt: str | None) -> dict[str, str]:
     """Muxer options that keep a recording playable if the process dies mid-show.
 
     A plain MP4 keeps its index (``moov``) for the trailer: a live process killed after hours
-    (out of memory, a crash, a power cut) leaves a file no player opens. Fragmented MP4 writes a
-    ``moof`` + ``mdat`` fragment at each keyframe (every ``gop_s``), each flushed to the file at
-    once, so a killed run loses at most the fragment being written. ``delay_moov`` writes the
-    header with the first fragment rather than before any packet, so it carries the edit list
-    that trims the AAC encoder's 1024 priming samples (with ``empty_moov`` instead the file
-    decoded with them as 64 ms of extra sound and its video starting 64 ms in). Players,
-    browsers and FFmpeg read it as any MP4 (the same frames and sound onset, to the sample, as a
-    plain MP4); ``ffmpeg -i show.mp4 -c copy -movflags +faststart edit.mp4`` makes a plain one
-    for an editor that wants it. Matroska is crash-tolerant by design and needs nothing.
+    (out of memory, a crash, ``kill -9``) leaves a file no player opens. Fragmented MP4 writes a
+    ``moof`` + ``mdat`` fragment at each keyframe (every ``gop_s``), each handed to the operating
+    system at once, so a killed run loses at most the fragment being written (a power cut also
+    loses what the system had not yet written to the disk: nothing here calls ``fsync``).
+    ``delay_moov`` writes the header with the first fragment rather than before any packet, so
+    it carries the edit list that trims the AAC encoder's 1024 priming samples (with
+    ``empty_moov`` instead the file decoded with them as 64 ms of extra sound and its video
+    starting 64 ms in). Players, browsers and FFmpeg read it as any MP4 (the same frames and
+    sound onset, to the sample, as a plain MP4); ``ffmpeg -i show.mp4 -c copy -movflags
+    +faststart edit.mp4`` makes a plain one for an editor that wants it. Matroska is
+    crash-tolerant by design and needs nothing.
     """
     if fmt is not None or not target.lower().endswith(FRAGMENTED_SUFFIXES):
         return {}
@@ -81,10 +84,14 @@ def next_part(target: str, part: int) -> str:
     """Where a recording goes on after its writer failed: ``NAME.partN.EXT``, never a used name.
 
     ``part`` is the first number to try (2 for the first continuation); a file already there
-    (an earlier run's) is skipped, so nothing written before is ever truncated.
+    (an earlier run's) is skipped, so nothing written before is ever truncated. A target that
+    is itself a part (``NAME.part3.mp4``) goes on in ``NAME.part4.mp4``.
     """
     p = Path(target)
-    while (alt := p.with_name(f"{p.stem}.part{part}{p.suffix}")).exists():
+    stem = p.stem
+    if m := re.fullmatch(r"(.+)\.part(\d+)", stem):  # a part failing: the next one, not nested
+        stem, part = m.group(1), max(part, int(m.group(2)) + 1)
+    while (alt := p.with_name(f"{stem}.part{part}{p.suffix}")).exists():
         part += 1
     return str(alt)
 
@@ -297,6 +304,7 @@ class Output:
             while not self.q.empty():  # a recording keeps its last frames
                 with contextlib.suppress(Exception):
                     writer.write(*self.q.get_nowait()[:2])
+                    self.stats["written"] += 1
             writer.close()
 
     def close(self, timeout_s: float = 10.0) -> None:

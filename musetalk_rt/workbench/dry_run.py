@@ -210,8 +210,8 @@ def _read_back(path: Path, keep: int) -> tuple[int, list[np.ndarray]]:
 
     if not path.exists():
         return 0, []
-    with av.open(str(path)) as c:
-        total = c.streams.video[0].frames  # from the MP4 index; frames are not all kept
+    with av.open(str(path)) as c:  # a fragmented MP4's header counts no frames: the packets do
+        total = sum(1 for p in c.demux(video=0) if p.size)
     want = set(np.linspace(0, max(total - 1, 0), num=min(keep, total)).round().astype(int))
     kept, n = [], 0
     with av.open(str(path)) as c:
