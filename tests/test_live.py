@@ -783,6 +783,48 @@ def test_channel_clock_counts_a_shed_frame_only_when_it_shows_late():
     assert not ch.passed_over.marked()
 
 
+def test_a_failing_frame_never_stops_the_channel_clock(caplog):
+    """An error while making a frame (here: the speech decision raises for frame 2) costs that
+    frame only: the idle frame and silence go out in its place, it is counted, and the clock
+    goes on with the next one."""
+    import threading
+    from types import SimpleNamespace
+
+    from musetalk_rt.audio.vad import SpeechGate
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel, PassedOver
+
+    shown = []
+
+    class Out:
+        def offer(self, frame, audio, meta):
+            shown.append((int(frame[0, 0, 0]), float(np.abs(audio).max())))
+            if len(shown) == 5:
+                ch._stop.set()
+
+    def is_speech(n):
+        if n == 2:
+            raise RuntimeError("a bug in the speech decision")
+        return False
+
+    ch = LiveChannel.__new__(LiveChannel)  # the clock's state only: no models, no threads
+    ch.name, ch.delay_s, ch.next_out = "c", 0.0, 0
+    ch.stats, ch.passed_over, ch._gate = ChannelStats(), PassedOver(), SpeechGate(2)
+    ch._stop, ch._lock, ch._sessions = threading.Event(), threading.Lock(), []
+    ch.avatar = SimpleNamespace(frames=[np.full((2, 2, 3), 7, np.uint8)], cycle_frame=lambda n: 0)
+    ch.is_speech = is_speech
+    ch.generated, ch.windows, ch.arrival = {}, {}, {}
+    ch._audio = {m: np.full(640, 0.5, np.float32) for m in range(5)}
+    ch.overlay, ch.frame_log, ch.outputs = None, None, [Out()]
+    ch.t0 = time.monotonic()
+    with caplog.at_level("ERROR"):
+        ch._clock_loop()
+    assert [f for f, _ in shown] == [7] * 5  # five frames, none missing
+    assert [a for _, a in shown] == [0.5, 0.5, 0.0, 0.5, 0.5]  # frame 2's audio: silence
+    assert ch.stats.clock_errors == 1 and ch.stats.frames_out == 5
+    assert "frame 2 failed (error #1); going on" in caplog.text
+    assert 2 not in ch._audio  # forgotten all the same
+
+
 def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
     """A batch costs its bucket's GPU time however few frames it has: a partial batch waits for
     company while its earliest deadline is further away than the slowest recent batch, a blend
@@ -1389,3 +1431,23 @@ def test_a_restarted_show_never_overwrites_the_earlier_recording(tmp_path, capsy
     srt = tmp_path / "hall.srt"
     srt.write_text("1\n")
     assert keep_earlier_file(str(srt)) == str(tmp_path / "hall.1.srt")
+
+
+def test_shutdown_finishes_every_output_at_once():
+    """Each output's close may wait for a dead server or a trailer: they run side by side (all
+    four closes meet at a barrier, which one-after-another closes never would)."""
+    import threading
+
+    from musetalk_rt.live.channel import close_all
+
+    barrier, met = threading.Barrier(4, timeout=20.0), []
+
+    class Out:
+        label = "o"
+
+        def close(self):
+            barrier.wait()
+            met.append(True)
+
+    close_all([Out() for _ in range(4)])
+    assert met == [True] * 4 and not barrier.broken

@@ -588,3 +588,17 @@ def test_canvas_encoder_equals_the_reference_path(tiny_models, tiny_en):
     shared = BatchedEncoder(whisper, fe, max_batch=2, engine=enc)
     torch.testing.assert_close(shared.encode(canvases), ref, rtol=1e-5, atol=1e-5)
     shared.close()
+
+
+def test_extractor_stats_stay_bounded_over_a_long_session():
+    """25 encoder calls a second for hours: the median reads the last calls only, the mean per
+    frame every call's."""
+    from musetalk_rt.audio.incremental import CALL_MS_KEPT, ExtractorStats
+
+    st = ExtractorStats()
+    for i in range(CALL_MS_KEPT + 500):
+        st.add_call(2.0 if i < 500 else 4.0)
+    st.frames = CALL_MS_KEPT + 500
+    assert len(st.call_ms) == CALL_MS_KEPT
+    assert st.as_dict()["call_ms_p50"] == 4.0
+    assert st.ms_per_frame == (500 * 2.0 + CALL_MS_KEPT * 4.0) / (CALL_MS_KEPT + 500)

@@ -27,6 +27,7 @@ wait for the next one) and two segments of hidden states. Every canvas has the s
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ MUSETALK_LOOKAHEAD_MS = 80
 SEGMENT_SAMPLES = SEGMENT_S * SAMPLE_RATE
 SEGMENT_STEPS = SEGMENT_SAMPLES // STEP_SAMPLES
 CANVASES = ("aligned", "segment")
+CALL_MS_KEPT = 10_000  # encoder call times kept for the median (~7 minutes of a live session)
 
 
 @dataclass(frozen=True)
@@ -143,12 +145,18 @@ class ExtractorStats:
     canvases: int = 0
     frames: int = 0
     skipped_frames: int = 0  # frames :meth:`IncrementalFeatureExtractor.skip_to` passed over
-    call_ms: list[float] = field(default_factory=list)
+    # the last calls' wall times (a live session lasts hours: 25 calls a second, bounded)
+    call_ms: deque = field(default_factory=lambda: deque(maxlen=CALL_MS_KEPT))
+    call_ms_total: float = 0.0  # every call's
+
+    def add_call(self, ms: float) -> None:
+        self.call_ms.append(ms)
+        self.call_ms_total += ms
 
     @property
     def ms_per_frame(self) -> float:
         """Encoder wall time (mel included) per emitted frame."""
-        return sum(self.call_ms) / self.frames if self.frames else 0.0
+        return self.call_ms_total / self.frames if self.frames else 0.0
 
     def as_dict(self) -> dict:
         ms = sorted(self.call_ms)
@@ -367,7 +375,7 @@ class IncrementalFeatureExtractor:
             hidden = self.shared.encode(canvases)
         else:
             hidden = encode_canvases(self.whisper, self.fe, canvases, self.dtype)
-        self.stats.call_ms.append((time.perf_counter() - t0) * 1000.0)
+        self.stats.add_call((time.perf_counter() - t0) * 1000.0)
         self.stats.encoder_calls += 1
         self.stats.canvases += len(canvases)
         return hidden

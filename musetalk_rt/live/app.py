@@ -463,7 +463,7 @@ def run(args) -> int:
     from musetalk_rt.audio.vad import VadBatcher, load_silero_vad
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.cli import _device, engines_build_command
-    from musetalk_rt.live.channel import LiveChannel
+    from musetalk_rt.live.channel import LiveChannel, close_all
     from musetalk_rt.live.framelog import FrameLog
     from musetalk_rt.live.gcwatch import GcWatch, freeze_startup_heap
     from musetalk_rt.live.ingest import IngestConfig, IngestServer
@@ -716,7 +716,8 @@ def run(args) -> int:
             ch.halt()
         worker.stop()
         for ch in channels:
-            ch.stop()
+            ch.stop(close_outputs=False)
+        close_all([o for ch in channels for o in ch.outputs])
         if isinstance(vad, VadBatcher):
             vad.close()
         if frame_log:

@@ -26,6 +26,7 @@ Threads and queues (each bounded, each with its overflow policy):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -119,6 +120,7 @@ class ChannelStats:
     shed_frames: int = 0  # of the late frames, those the GPU worker passed over (no time left)
     skipped_frames: int = 0  # the clock fell behind by more than a second and jumped
     overlay_errors: int = 0
+    clock_errors: int = 0  # frames the clock thread failed to emit (logged, survived)
     dropped_audio_chunks: int = 0
     sessions: int = 0
     late_windows: int = 0  # audio windows that reached the channel after their frame left
@@ -494,69 +496,86 @@ class LiveChannel:
                 n += skip
                 continue
             self.next_out = n
-            idle = self.avatar.frames[self.avatar.cycle_frame(n)]
-            speech = self.is_speech(n)
-            weight = self._gate.step(speech)
-            frame, gen, fade, late = idle, None, False, False
-            if weight <= 0:
-                last_gen = None
-            else:
-                gen = self.generated.pop(n, None)
-                if gen is None and not speech and last_gen is not None:
-                    # fading out after speech: those frames are not generated (not speech);
-                    # fade the last talking frame out instead of a hard cut to idle
-                    frame, fade = crossfade(idle, last_gen, weight), True
-                elif gen is None:
-                    self.stats.late_frames += 1
-                    late = True
-                else:
-                    last_gen = gen
-                    self.stats.speech_frames += 1
-                    frame = crossfade(idle, gen, weight)
-                    if n in self.arrival:
-                        v2f = (time.monotonic() - self.arrival[n]) * 1000.0
-                        self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
-            if self.passed_over.shown(n, late):  # settles the worker's mark, if any
-                self.stats.shed_frames += 1
-            audio = self._audio.pop(n, silence)
-            if self.overlay is not None:
-                try:
-                    frame = self.overlay(frame, n / FPS)
-                except Exception:  # captions are extras: the frame goes out without them
-                    self.stats.overlay_errors += 1
-                    if self.stats.overlay_errors == 1:
-                        log.exception("channel %s: caption overlay failed", self.name)
-            self.last_frame = frame
-            meta = None
-            if self.frame_log:
-                kind = (
-                    "idle"
-                    if weight <= 0
-                    else "fade"
-                    if fade
-                    else "late"
-                    if gen is None
-                    else "speech"
-                )
-                meta = {
-                    "ch": self.name,
-                    "frame": n,
-                    "kind": kind,
-                    "speech": speech,
-                    "arrival": self.arrival.get(n),
-                    "emitted": time.monotonic(),
-                }
-            for out in self.outputs:
-                out.offer(frame, audio, meta)
-            self.stats.frames_out += 1
-            self._forget_before(n + 1)
+            try:
+                last_gen = self._tick(n, silence, last_gen)
+            except Exception:  # the clock never stops: this frame is lost, the next one goes out
+                self.stats.clock_errors += 1
+                if self.stats.clock_errors <= 3 or self.stats.clock_errors % 100 == 0:
+                    log.exception(
+                        "channel %s: frame %d failed (error #%d); going on",
+                        self.name,
+                        n,
+                        self.stats.clock_errors,
+                    )
+                with contextlib.suppress(Exception):  # the stream stays continuous: idle
+                    idle = self.avatar.frames[self.avatar.cycle_frame(n)]
+                    for out in self.outputs:
+                        out.offer(idle, silence, None)
+                    self.stats.frames_out += 1
+                with contextlib.suppress(Exception):
+                    self._forget_before(n + 1)
             n += 1
+
+    def _tick(self, n: int, silence: np.ndarray, last_gen):
+        """Emit frame ``n`` to every output; returns the last generated frame (for fades)."""
+        idle = self.avatar.frames[self.avatar.cycle_frame(n)]
+        speech = self.is_speech(n)
+        weight = self._gate.step(speech)
+        frame, gen, fade, late = idle, None, False, False
+        if weight <= 0:
+            last_gen = None
+        else:
+            gen = self.generated.pop(n, None)
+            if gen is None and not speech and last_gen is not None:
+                # fading out after speech: those frames are not generated (not speech);
+                # fade the last talking frame out instead of a hard cut to idle
+                frame, fade = crossfade(idle, last_gen, weight), True
+            elif gen is None:
+                self.stats.late_frames += 1
+                late = True
+            else:
+                last_gen = gen
+                self.stats.speech_frames += 1
+                frame = crossfade(idle, gen, weight)
+                if n in self.arrival:
+                    v2f = (time.monotonic() - self.arrival[n]) * 1000.0
+                    self.stats.voice_to_frame_ms = [*self.stats.voice_to_frame_ms[-499:], v2f]
+        if self.passed_over.shown(n, late):  # settles the worker's mark, if any
+            self.stats.shed_frames += 1
+        audio = self._audio.pop(n, silence)
+        if self.overlay is not None:
+            try:
+                frame = self.overlay(frame, n / FPS)
+            except Exception:  # captions are extras: the frame goes out without them
+                self.stats.overlay_errors += 1
+                if self.stats.overlay_errors == 1:
+                    log.exception("channel %s: caption overlay failed", self.name)
+        self.last_frame = frame
+        meta = None
+        if self.frame_log:
+            kind = (
+                "idle" if weight <= 0 else "fade" if fade else "late" if gen is None else "speech"
+            )
+            meta = {
+                "ch": self.name,
+                "frame": n,
+                "kind": kind,
+                "speech": speech,
+                "arrival": self.arrival.get(n),
+                "emitted": time.monotonic(),
+            }
+        for out in self.outputs:
+            out.offer(frame, audio, meta)
+        self.stats.frames_out += 1
+        self._forget_before(n + 1)
+        return last_gen
 
     def _forget_before(self, m: int) -> None:
         """Drop everything older than frame ``m`` (keeps every map bounded)."""
         for d in (self.windows, self.generated, self._audio, self.arrival):
-            for k in [k for k in d if k < m]:
-                del d[k]
+            # list(d) copies the keys in one step: other threads insert meanwhile
+            for k in [k for k in list(d) if k < m]:
+                d.pop(k, None)
         with self._lock:
             self._sessions = [
                 s
@@ -579,9 +598,27 @@ class LiveChannel:
         """Stop the clock now (no more frames); :meth:`stop` then finishes the outputs."""
         self._stop.set()
 
-    def stop(self) -> None:
+    def stop(self, close_outputs: bool = True) -> None:
+        """Stop the threads, then finish the outputs (unless the caller closes them itself)."""
         self._stop.set()
         for t in self._threads:
             t.join(5.0)
-        for o in self.outputs:
-            o.close()
+        if close_outputs:
+            close_all(self.outputs)
+
+
+def close_all(outputs: list) -> None:
+    """Finish every output at once.
+
+    Each may wait its full timeout for a dead server or a child's trailer: one after another,
+    16 channels' outputs would take minutes, past a service manager's stop timeout, which then
+    kills the process and the recordings' ends.
+    """
+    threads = [
+        threading.Thread(target=o.close, name=f"close {getattr(o, 'label', 'output')}", daemon=True)
+        for o in outputs
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 log = logging.getLogger("musetalk_rt.live")
@@ -37,6 +38,7 @@ _FIGURES = ("busy", "iowait", "steal", "process_cores", "encoder_cores")  # a sa
 # steal that earns a hint with late frames, as a share of all cores: the interval's mean, or
 # its worst second (the clean 30 s windows of the runs that showed it: means <= 1.3%, worst
 # seconds <= 7.9%; see host_hint)
+INTERVAL_KEPT = 3600  # one-second samples kept between two status lines (an hour's)
 STEAL_HINT_MEAN = 0.03
 STEAL_HINT_MAX = 0.10
 
@@ -111,7 +113,8 @@ class HostLoad:
         self.available = self._read_cpu() is not None
         self.last: dict | None = None  # the latest sample
         self._lock = threading.Lock()
-        self._interval: list[dict] = []  # samples since the last take()
+        # samples since the last take() (none comes with --status-interval-s 0: bounded)
+        self._interval: deque = deque(maxlen=INTERVAL_KEPT)
         self._sums = dict.fromkeys(_FIGURES, 0.0)
         self._count = 0
         self._busy_max = 0.0
@@ -201,7 +204,7 @@ class HostLoad:
             means over the interval, and its busiest sample and the one with the most steal.
         """
         with self._lock:
-            recs, self._interval = self._interval, []
+            recs, self._interval = list(self._interval), deque(maxlen=INTERVAL_KEPT)
         if not recs:
             return None
         n = len(recs)

@@ -45,6 +45,7 @@ def metrics_text(
         ("late_windows", "counter", "audio windows that came after their frame was shown"),
         ("skipped_windows", "counter", "windows not computed: their frame was shown before"),
         ("audio_errors", "counter", "failed voice-activity or feature calls (logged, survived)"),
+        ("clock_errors", "counter", "frames the clock failed to make (idle sent instead)"),
     ):
         metric(f"{key}_total", kind, text, [({"channel": ch.name}, s[key]) for ch, s in st])
     metric(
@@ -116,6 +117,12 @@ def metrics_text(
         [({"channel": ch.name}, len(ch.pending)) for ch in channels],
     )
     metric("blend_errors_total", "counter", "blends that failed", [({}, worker.blend_errors)])
+    metric(
+        "gpu_batch_errors_total",
+        "counter",
+        "GPU batches that failed (their frames showed idle)",
+        [({}, worker.batch_errors)],
+    )
     for name, key, text in (
         ("overlapped_batches", "overlapped", "batches launched while the last was still running"),
         ("idle_seconds", "idle_s", "seconds the GPU worker had nothing due"),

@@ -121,6 +121,7 @@ class GpuWorker:
         self._blend_pool = ThreadPoolExecutor(self.blend_threads, thread_name_prefix="blend")
         self._blend_slots = threading.BoundedSemaphore(4 * self.max_batch)
         self.blend_errors = 0
+        self.batch_errors = 0  # batches that failed to launch or to finish
         self.clock = StageClock(generator.device)
         self.batches = 0
         self.frames = 0
@@ -251,7 +252,7 @@ class GpuWorker:
                     [(self.channels[i], m) for _, i, m in taken], [d for d, _, _ in taken]
                 )
             except Exception:  # never take the show down: log, count, go on with idle frames
-                log.exception("GPU batch failed; those frames will show idle")
+                self._batch_error()
                 launched = None
                 time.sleep(0.05)
             if inflight is not None:
@@ -322,7 +323,7 @@ class GpuWorker:
             self.gen.finish(batch, self.clock)
         except Exception:
             _release(work)
-            log.exception("GPU batch failed; those frames will show idle")
+            self._batch_error()
             time.sleep(0.05)
             return
         faces_t = time.monotonic()
@@ -362,11 +363,25 @@ class GpuWorker:
             "overlapped_batches": self.overlapped,
             "worker_idle_s": round(self.idle_s, 2),
             "blend_wait_s": round(self.blend_wait_s, 2),
+            "batch_errors": self.batch_errors,
+            "blend_errors": self.blend_errors,
             "fill_wait_s": round(self.fill_wait_s, 2),
             "gpu_shed_frames": self.shed_frames,
             "expected_ms": None if (e := self.expected_s()) is None else round(e * 1000, 1),
             "stage_ms": {k: round(v, 1) for k, v in self.clock.totals_ms(wait=False).items()},
         }
+
+    def _batch_error(self) -> None:
+        """Count a failed batch; log it with its traceback the first times, then every 100th.
+
+        A sticky CUDA error fails every batch, ~20 a second while anyone talks: one traceback
+        each would bury the log (and fill its disk) while the show goes on with idle frames.
+        """
+        self.batch_errors += 1
+        if _worth_logging(self.batch_errors):
+            log.exception(
+                "GPU batch failed (error #%d); those frames will show idle", self.batch_errors
+            )
 
     def _blend(self, ch, m: int, c: int, face: np.ndarray) -> None:
         """Paste one face into its avatar frame; the channel shows it at frame ``m``'s deadline."""
@@ -377,10 +392,21 @@ class GpuWorker:
             self._blend_s.append(time.monotonic() - t0)
         except Exception:  # that frame shows idle; the show goes on
             self.blend_errors += 1
-            log.exception("blending frame %d of channel %s failed", m, ch.name)
+            if _worth_logging(self.blend_errors):
+                log.exception(
+                    "blending frame %d of channel %s failed (error #%d)",
+                    m,
+                    ch.name,
+                    self.blend_errors,
+                )
         finally:
             ch.pending.discard(m)
             self._blend_slots.release()
+
+
+def _worth_logging(n: int) -> bool:
+    """The 1st, 2nd, 3rd and every 100th error of a kind get a log record (all are counted)."""
+    return n <= 3 or n % 100 == 0
 
 
 @dataclass
