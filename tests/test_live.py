@@ -983,6 +983,7 @@ def test_a_channel_behind_its_clock_skips_the_windows_of_frames_already_shown(
         _audio={}, stats=ChannelStats(), frame_log=log,
     )  # fmt: skip
     ch._take = lambda *a: LiveChannel._take(ch, *a)
+    ch._follow_sender_clock = lambda s: LiveChannel._follow_sender_clock(ch, s)
     arrived = time.monotonic()
     LiveChannel._add_audio(ch, session, [(audio, arrived)])
     log.close()

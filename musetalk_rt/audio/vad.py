@@ -344,6 +344,12 @@ class VoiceActivity:
         self._run_on = 0  # consecutive windows at/above threshold while silent
         self._run_off = 0  # consecutive windows below the off threshold while speaking
         self._speaking = False
+        self._quiet = 0  # consecutive windows below the off threshold (any state)
+
+    @property
+    def quiet_ms(self) -> float:
+        """How long the newest windows have been below the off threshold (0 while speaking)."""
+        return 0.0 if self._speaking else self._quiet * WINDOW_MS
 
     @property
     def decided_ms(self) -> float:
@@ -386,6 +392,7 @@ class VoiceActivity:
         self._windows += 1
         if self.keep_probs:
             self.probs.append(prob)
+        self._quiet = self._quiet + 1 if prob < cfg.off_threshold else 0
         if not self._speaking:
             self._run_on = self._run_on + 1 if prob >= cfg.threshold else 0
             if self._run_on * WINDOW_MS >= cfg.min_speech_ms:

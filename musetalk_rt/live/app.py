@@ -295,6 +295,7 @@ def status_line(
         "late_windows": sum(s["late_windows"] for s in st),
         "skipped_windows": sum(s["skipped_windows"] for s in st),
         "audio_errors": sum(s["audio_errors"] for s in st),
+        "clock_shifts": sum(s.get("clock_shifts", 0) for s in st),
         "idle_s": worker.idle_s,
         "gpu_busy_s": worker.gpu_busy_s,
         "gc_full": gc_watch.collections[2] if gc_watch is not None else 0,
@@ -315,6 +316,12 @@ def status_line(
             else ""
         )
         + (f", audio path errors {d['audio_errors']} (see the log)" if d["audio_errors"] else "")
+        + (
+            f", sender clock drift corrected {d['clock_shifts']} time(s) (timelines moved in "
+            "pauses; see the log)"
+            if d["clock_shifts"]
+            else ""
+        )
         + f", worker idle {d['idle_s']:.1f} s"
         # the batches' GPU time (CUDA events; none on the CPU): near 100% the GPU is the limit
         + (f", GPU busy {d['gpu_busy_s'] / max(elapsed_s, 1e-9):.0%}" if d["gpu_busy_s"] else "")

@@ -43,6 +43,7 @@ from musetalk_rt.audio.incremental import (
 )
 from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
 from musetalk_rt.avatar.store import Avatar
+from musetalk_rt.live.drift import DriftTracker
 from musetalk_rt.live.framelog import FrameLog
 from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
 from musetalk_rt.stages import crossfade
@@ -62,6 +63,8 @@ class _Session:
     # the extractor at the frame the audio had reached, so later windows keep their frames
     first_frame: int = 0
     drop_samples: int = 0  # samples the extractor skips after a restart (up to a frame boundary)
+    drift: DriftTracker = field(default_factory=DriftTracker)  # the sender's clock against ours
+    last_lag: tuple[float, float] | None = None  # (arrived, lag_s) of the last chunk stored
 
     @property
     def frames_begun(self) -> int:
@@ -121,6 +124,8 @@ class ChannelStats:
     skipped_frames: int = 0  # the clock fell behind by more than a second and jumped
     overlay_errors: int = 0
     clock_errors: int = 0  # frames the clock thread failed to emit (logged, survived)
+    clock_shifts: int = 0  # timelines moved for a sender's drifting clock (in pauses)
+    clock_shift_frames: int = 0  # by how much in all (net; positive: later)
     dropped_audio_chunks: int = 0
     sessions: int = 0
     late_windows: int = 0  # audio windows that reached the channel after their frame left
@@ -348,6 +353,7 @@ class LiveChannel:
 
     def _add_audio(self, s: _Session, block: list[tuple[np.ndarray, float]]) -> None:
         """Store ``(pcm, arrived)`` chunks per media frame, then analyse them in one go."""
+        self._follow_sender_clock(s)
         for pcm, arrived in block:
             pos = s.samples
             s.samples += pcm.size
@@ -360,6 +366,9 @@ class LiveChannel:
                 self._audio[m] = cur
                 if b == (f + 1) * AUDIO_PER_FRAME:
                     self.arrival[m] = arrived  # when the ingest handed over its last sample
+        newest = block[-1][1]
+        spoken = self.t0 + (s.base_frame + s.samples / AUDIO_PER_FRAME) / FPS  # its last slot
+        s.last_lag = (newest, newest - spoken)
         t_start = time.monotonic()
         pcm = block[0][0] if len(block) == 1 else np.concatenate([c for c, _ in block])
         try:
@@ -386,12 +395,11 @@ class LiveChannel:
             self._restart_features(s)
             return
         if self.frame_log and chunk is not None:
-            newest = block[-1][1]
+            newest, lag_s = s.last_lag
             # where a window's lead goes: the ingest (its newest sample against the media
             # clock), the queue to this thread, the voice activity call, the features
-            spoken = self.t0 + s.base_frame / FPS + s.samples / (AUDIO_PER_FRAME * FPS)
             parts = {
-                "ingest_lag_ms": round((newest - spoken) * 1000.0, 3),
+                "ingest_lag_ms": round(lag_s * 1000.0, 3),
                 "queued_ms": round((t_start - newest) * 1000.0, 3),
                 "chunks": len(block),
                 "vad_ms": round((t_vad - t_start) * 1000.0, 3),
@@ -400,6 +408,35 @@ class LiveChannel:
         else:
             parts = None
         self._take(s, chunk, parts)
+
+    def _follow_sender_clock(self, s: _Session) -> None:
+        """Move the session's timeline when the sender's clock has drifted (see :mod:`.drift`).
+
+        Runs before a block is stored, with the last block's lag and the voice activity so far,
+        so that a block's audio, windows and speech decisions all follow one timeline.
+        """
+        if s.last_lag is None:
+            return
+        arrived, lag_s = s.last_lag
+        # an earlier timeline must still leave the next sample's slot ahead of the screen
+        min_frames = self.next_out + 2 - (s.base_frame + s.samples // AUDIO_PER_FRAME)
+        quiet_ms = getattr(s.vad, "quiet_ms", 0.0)
+        k = s.drift.update(arrived, lag_s, quiet_ms, min(0, min_frames))
+        if k == 0:
+            return
+        s.base_frame += k
+        self.stats.clock_shifts += 1
+        self.stats.clock_shift_frames += k
+        log.info(
+            "channel %s: the sender's audio came %d ms %s its slots (its clock against this "
+            "host's): timeline moved %+d frames in a pause",
+            self.name,
+            abs(k) * 1000 // FPS,
+            "behind" if k > 0 else "ahead of",
+            k,
+        )
+        if self.frame_log:
+            self.frame_log.write(ev="clock_shift", ch=self.name, frames=k, base_frame=s.base_frame)
 
     def _restart_features(self, s: _Session) -> None:
         """After a failed feature call: a new extractor from the next frame boundary on.

@@ -46,8 +46,16 @@ def metrics_text(
         ("skipped_windows", "counter", "windows not computed: their frame was shown before"),
         ("audio_errors", "counter", "failed voice-activity or feature calls (logged, survived)"),
         ("clock_errors", "counter", "frames the clock failed to make (idle sent instead)"),
+        ("clock_shifts", "counter", "timelines moved in a pause for a sender's drifting clock"),
     ):
-        metric(f"{key}_total", kind, text, [({"channel": ch.name}, s[key]) for ch, s in st])
+        metric(f"{key}_total", kind, text, [({"channel": ch.name}, s.get(key, 0)) for ch, s in st])
+    metric(
+        "clock_shift_frames",
+        "gauge",
+        "by how many frames the channel's timelines were moved in all (positive: later, the "
+        "sender's clock slower than this host's)",
+        [({"channel": ch.name}, s.get("clock_shift_frames", 0)) for ch, s in st],
+    )
     metric(
         "voice_to_frame_p95_ms",
         "gauge",

@@ -1,0 +1,122 @@
+"""A sender's drifting audio clock: detected from the lag of its chunks, corrected in pauses."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, SHIFT_AT_S, DriftTracker
+
+CHUNK_S = 0.02  # 320 samples
+
+
+def _simulate(ppm: float, hours: float, jitter_s: float = 0.03, talk_s=8.0, pause_s=2.0, seed=0):
+    """A sender whose clock is ``ppm`` slow (negative: fast), 20 ms chunks, random network
+    delay, talking ``talk_s`` then quiet ``pause_s`` in turns. Returns the lags behind the
+    slots after each correction and the frames moved in all."""
+    rng = np.random.default_rng(seed)
+    tracker, moved, lags = DriftTracker(), 0, []
+    n = int(hours * 3600 / CHUNK_S)
+    rate = 1.0 - ppm * 1e-6  # the sender's samples per real second, as a share of 16 kHz
+    for i in range(n):
+        sent = (i + 1) * CHUNK_S / rate
+        arrived = sent + 0.01 + rng.uniform(0, jitter_s)
+        slot = (i + 1) * CHUNK_S + moved / 25
+        lag = arrived - slot
+        lags.append(lag)
+        phase = sent % (talk_s + pause_s)
+        quiet_ms = max(0.0, (phase - talk_s) * 1000) if phase > talk_s else 0.0
+        moved += tracker.update(arrived, lag, quiet_ms, min_frames=-100)
+    return np.array(lags), moved
+
+
+def test_a_slow_sender_clock_is_followed_for_hours():
+    """50 ppm slow for three hours (540 ms of drift): the lag never strays more than the
+    threshold and a frame from where it began, and the timeline moved by the drift."""
+    lags, moved = _simulate(50, 3.0)
+    floor = lags[: int(5 / CHUNK_S)].min()
+    assert moved == round(0.54 * 25) or abs(moved - 0.54 * 25) <= 3
+    # the lag's floor over each minute stays near the start's (jitter adds, never subtracts)
+    per_min = lags[: len(lags) // 3000 * 3000].reshape(-1, 3000).min(axis=1)
+    assert np.all(np.abs(per_min - floor) <= SHIFT_AT_S + 0.04 + 0.005)
+
+
+def test_a_fast_sender_clock_is_followed_the_other_way():
+    lags, moved = _simulate(-80, 2.0)  # 576 ms ahead after two hours, uncorrected
+    assert moved < 0 and abs(moved + 0.576 * 25) <= 3
+    per_min = lags[: len(lags) // 3000 * 3000].reshape(-1, 3000).min(axis=1)
+    assert np.all(np.abs(per_min - per_min[0]) <= SHIFT_AT_S + 0.04 + 0.005)
+
+
+def test_network_jitter_alone_moves_nothing():
+    """An exact clock behind a jittery network (up to 150 ms extra per chunk): the floor of
+    the lag does not move, nor does the timeline."""
+    _, moved = _simulate(0, 1.0, jitter_s=0.15)
+    assert moved == 0
+
+
+def test_no_move_while_talking_then_at_most_five_frames_in_the_pause():
+    tracker = DriftTracker()
+    t, moved = 0.0, []
+    for _ in range(1000):  # 20 s at an exact clock: the floor, 20 ms
+        t += CHUNK_S
+        moved.append(tracker.update(t, 0.02, 1000.0, -100))
+    assert not any(moved) and tracker.floor_s == 0.02
+    for _ in range(600):  # 12 s of talk with 400 ms lost on the way: late by 400 ms
+        t += CHUNK_S
+        assert tracker.update(t, 0.42, 0.0, -100) == 0
+    k = tracker.update(t + CHUNK_S, 0.42, 400.0, -100)  # a pause
+    assert k == MAX_SHIFT_FRAMES  # 200 ms now, the rest in a later pause
+    assert tracker.update(t + 2 * CHUNK_S, 0.42 - 0.2, 400.0, -100) == 0  # measures again first
+
+
+def test_an_earlier_timeline_never_reaches_the_frame_on_screen():
+    tracker = DriftTracker()
+    t = 0.0
+    for _ in range(1000):
+        t += CHUNK_S
+        tracker.update(t, 0.02, 1000.0, -100)
+    for _ in range(600):  # audio 300 ms ahead of its slots
+        t += CHUNK_S
+        k = tracker.update(t, -0.28, 1000.0, min_frames=-2)  # only 2 frames of room
+        if k:
+            break
+    assert k == -2
+
+
+def test_the_channel_moves_its_timeline_in_a_pause_and_says_so(caplog):
+    """The feature thread's step: a session whose chunks arrive later and later against their
+    slots (the sender's clock 1% slow, to be quick) moves its base frame forward once quiet,
+    counts it and logs it; the audio after the move lands on the moved slots."""
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel, _Session
+
+    vad = SimpleNamespace(push=lambda pcm: None, quiet_ms=0.0)
+    ex = SimpleNamespace(skip_to=lambda n: 0, push=lambda pcm: None)
+    session = _Session(base_frame=10, extractor=ex, vad=vad)
+    t0 = time.monotonic()
+    ch = SimpleNamespace(
+        name="c0", t0=t0, delay_s=1.0, next_out=0, windows={}, arrival={}, _audio={},
+        stats=ChannelStats(), frame_log=None,
+    )  # fmt: skip
+    ch._take = lambda *a: LiveChannel._take(ch, *a)
+    ch._follow_sender_clock = lambda s: LiveChannel._follow_sender_clock(ch, s)
+    pcm = np.full(320, 0.1, np.float32)
+    with caplog.at_level("INFO"):
+        for i in range(2000):  # 40 s of audio
+            if i == 1500:
+                vad.quiet_ms = 1000.0  # the speaker pauses
+            arrived = t0 + 0.4 + (i + 1) * CHUNK_S / 0.99  # the slot of frame 10 is t0 + 0.4
+            ch.next_out = int((arrived - t0) * 25) - 1
+            LiveChannel._add_audio(ch, session, [(pcm, arrived)])
+            if session.base_frame != 10:
+                break
+    assert i >= 1500  # not while talking
+    k = session.base_frame - 10
+    assert 2 <= k <= MAX_SHIFT_FRAMES and ch.stats.clock_shifts == 1
+    assert ch.stats.clock_shift_frames == k
+    assert f"timeline moved +{k} frames in a pause" in caplog.text
+    LiveChannel._add_audio(ch, session, [(pcm, arrived + CHUNK_S)])
+    last = session.base_frame + (session.samples - 1) // 640
+    assert last in ch._audio  # the next audio went to the moved slots
