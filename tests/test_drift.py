@@ -88,11 +88,12 @@ def test_an_earlier_timeline_never_reaches_the_frame_on_screen():
 
 def test_the_channel_moves_its_timeline_in_a_pause_and_says_so(caplog):
     """The feature thread's step: a session whose chunks arrive later and later against their
-    slots (the sender's clock 1% slow, to be quick) moves its base frame forward once quiet,
-    counts it and logs it; the audio after the move lands on the moved slots."""
+    slots (the sender's clock 1% slow, to be quick) moves its base frame forward once quiet and
+    once the last speech segment ends before the frames a move re-maps, counts it and logs it;
+    the audio after the move lands on the moved slots."""
     from musetalk_rt.live.channel import ChannelStats, LiveChannel, _Session
 
-    vad = SimpleNamespace(push=lambda pcm: None, quiet_ms=0.0)
+    vad = SimpleNamespace(push=lambda pcm: None, quiet_ms=0.0, segments=[])
     ex = SimpleNamespace(skip_to=lambda n: 0, push=lambda pcm: None)
     session = _Session(base_frame=10, extractor=ex, vad=vad)
     t0 = time.monotonic()
@@ -105,18 +106,41 @@ def test_the_channel_moves_its_timeline_in_a_pause_and_says_so(caplog):
     pcm = np.full(320, 0.1, np.float32)
     with caplog.at_level("INFO"):
         for i in range(2000):  # 40 s of audio
-            if i == 1500:
-                vad.quiet_ms = 1000.0  # the speaker pauses
+            if i == 1500:  # the speaker pauses; the speech segment's padded end: 100 ms on
+                vad.quiet_ms = 1000.0
+                vad.segments = [SimpleNamespace(end_ms=1500 * 20 + 100)]
             arrived = t0 + 0.4 + (i + 1) * CHUNK_S / 0.99  # the slot of frame 10 is t0 + 0.4
             ch.next_out = int((arrived - t0) * 25) - 1
             LiveChannel._add_audio(ch, session, [(pcm, arrived)])
-            if session.base_frame != 10:
+            if session.moves:
                 break
-    assert i >= 1500  # not while talking
-    k = session.base_frame - 10
+    # not while talking, nor while the move would re-map frames of the segment's end
+    assert i >= 1500 + (100 + (MAX_SHIFT_FRAMES + 1) * 40) // 20 - 1
+    ((f_from, k),) = session.moves
+    assert f_from in (session.frames_begun - 1, session.frames_begun)  # after the audio before
     assert 2 <= k <= MAX_SHIFT_FRAMES and ch.stats.clock_shifts == 1
     assert ch.stats.clock_shift_frames == k
     assert f"timeline moved +{k} frames in a pause" in caplog.text
     LiveChannel._add_audio(ch, session, [(pcm, arrived + CHUNK_S)])
-    last = session.base_frame + (session.samples - 1) // 640
-    assert last in ch._audio  # the next audio went to the moved slots
+    f = (session.samples - 1) // 640
+    assert session.media(f) == 10 + f + k and session.media(f) in ch._audio  # the moved slots
+    assert session.media(f_from - 1) == 10 + f_from - 1  # the frames before keep theirs
+    assert session.session_frame(10 + f_from) is None  # the gap shows idle
+
+
+def test_a_sessions_timeline_in_stretches_after_moves():
+    """Frames before a move keep their slots; a move forward leaves a gap (idle), a move back
+    overlaps (the newer frames win); the extractor's next frame for a media frame follows."""
+    from musetalk_rt.live.channel import _Session
+
+    s = _Session(base_frame=100, extractor=None, vad=None)
+    s.moves = [(50, 3)]  # from session frame 50 on: 3 frames later
+    assert [s.media(f) for f in (0, 49, 50, 51)] == [100, 149, 153, 154]
+    assert [s.session_frame(m) for m in (99, 100, 149, 150, 152, 153)] == [
+        None, 0, 49, None, None, 50,
+    ]  # fmt: skip
+    assert [s.first_from(m) for m in (120, 150, 152, 153, 160)] == [20, 50, 50, 50, 57]
+    s.moves.append((80, 1))  # from 80 on: 2 frames earlier than the stretch before
+    assert [s.media(f) for f in (79, 80)] == [182, 181]
+    assert s.session_frame(181) == 80 and s.session_frame(182) == 81  # the newer win
+    assert s.session_frame(180) == 77 and s.first_from(181) == 80

@@ -930,7 +930,7 @@ def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
     import time
     from types import SimpleNamespace
 
-    from musetalk_rt.live.channel import ChannelStats, LiveChannel
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel, _Session
     from musetalk_rt.live.framelog import FrameLog
 
     log = FrameLog(tmp_path / "frames.jsonl")
@@ -938,7 +938,7 @@ def test_windows_reaching_a_channel_are_counted_and_logged_when_late(tmp_path):
         name="c0", t0=time.monotonic(), delay_s=0.2, next_out=11, windows={},
         stats=ChannelStats(), frame_log=log,
     )  # fmt: skip
-    session = SimpleNamespace(base_frame=10, first_frame=0)
+    session = _Session(base_frame=10, extractor=None, vad=None)
 
     class Chunk:  # what the feature extractor hands over: frames from start_frame on
         start_frame, windows = 0, ["w10", "w11"]  # frame 10 has left already

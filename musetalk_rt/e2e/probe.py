@@ -53,6 +53,7 @@ from musetalk_rt.e2e.analysis import (
 )
 from musetalk_rt.e2e.markers import MarkerPlan, default_speech, marker_snippet
 from musetalk_rt.errors import UserError
+from musetalk_rt.live.output import AUDIO_PER_FRAME
 
 EXIT_OVER_BUDGET = 5
 TOKEN = "e2e-probe"
@@ -228,6 +229,7 @@ class FrameLogTail(threading.Thread):
         self.delay: dict | None = None
         self.start_rec: dict | None = None
         self.sessions: list[dict] = []
+        self.moves: list[dict] = []  # the last session's clock_shift records
         self.counts = {"frames": 0, "speech": 0, "late": 0, "late_speech": 0}
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
@@ -254,6 +256,9 @@ class FrameLogTail(threading.Thread):
             self.start_rec = rec
         elif ev == "session":
             self.sessions.append(rec)
+            self.moves = []
+        elif ev == "clock_shift":  # the last session's timeline moved (a drifting sender clock)
+            self.moves.append(rec)
 
     def run(self) -> None:
         while not self.path.exists() and not self.stop_event.wait(0.05):
@@ -684,8 +689,17 @@ def run_probe(args) -> int:
                 frames = tail.snapshot()
                 base = tail.sessions[-1]["base_frame"] if tail.sessions else 0
                 for m in ready:
+                    f = m.onset_sample // AUDIO_PER_FRAME
+                    moved = [r["offset"] for r in tail.moves if r["session_frame"] <= f]
                     row = evaluate_marker(
-                        m, base, frames, audio, video, reference, args.lips_threshold, args.period_s
+                        m,
+                        base + (moved[-1] if moved else 0),
+                        frames,
+                        audio,
+                        video,
+                        reference,
+                        args.lips_threshold,
+                        args.period_s,
                     )
                     row["t_s"] = round(m.t_voice - t0, 3)
                     marker_rows.append(row)

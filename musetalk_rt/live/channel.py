@@ -43,7 +43,7 @@ from musetalk_rt.audio.incremental import (
 )
 from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
 from musetalk_rt.avatar.store import Avatar
-from musetalk_rt.live.drift import DriftTracker
+from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, DriftTracker
 from musetalk_rt.live.framelog import FrameLog
 from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
 from musetalk_rt.stages import crossfade
@@ -65,11 +65,47 @@ class _Session:
     drop_samples: int = 0  # samples the extractor skips after a restart (up to a frame boundary)
     drift: DriftTracker = field(default_factory=DriftTracker)  # the sender's clock against ours
     last_lag: tuple[float, float] | None = None  # (arrived, lag_s) of the last chunk stored
+    # the timeline's moves for a drifting sender clock (:mod:`.drift`): from session frame
+    # ``f`` on, media frame = base_frame + f + offset; earlier frames keep their slots
+    moves: list[tuple[int, int]] = field(default_factory=list)  # (f, offset), in order
 
     @property
     def frames_begun(self) -> int:
         """Session frames the audio so far reaches into (the last one may be partial)."""
         return -(-self.samples // AUDIO_PER_FRAME)
+
+    def media(self, f: int) -> int:
+        """The media frame of session frame ``f``."""
+        for f_from, offset in reversed(self.moves):
+            if f >= f_from:
+                return self.base_frame + f + offset
+        return self.base_frame + f
+
+    def _stretches(self) -> list[tuple[int, int | None, int]]:
+        """``(first, end, offset)`` of each stretch of session frames, newest first."""
+        starts = [(0, 0), *self.moves]
+        ends = [f for f, _ in self.moves] + [None]
+        return [(f, e, o) for (f, o), e in zip(starts, ends, strict=True)][::-1]
+
+    def session_frame(self, m: int) -> int | None:
+        """The session frame on media frame ``m``.
+
+        Where a move back overlapped two, the newer; None in the gap a move forward left (or
+        before the session).
+        """
+        for first, end, offset in self._stretches():
+            f = m - self.base_frame - offset
+            if f >= first and (end is None or f < end):
+                return f
+        return None
+
+    def first_from(self, m: int) -> int:
+        """The first session frame still to come on media frame ``m`` or later."""
+        for first, end, offset in self._stretches():
+            f = m - self.base_frame - offset
+            if f >= first:
+                return f if end is None else min(f, end)
+        return 0
 
 
 class PassedOver:
@@ -341,7 +377,7 @@ class LiveChannel:
         except Exception:  # the session still ends: its frames must not stay "speech"
             self._audio_error("features")
         s.vad.finish()
-        s.end_frame = s.base_frame + s.frames_begun
+        s.end_frame = s.media(s.frames_begun)
 
     def _session_end_frame(self) -> int:
         if not self._sessions:
@@ -349,7 +385,7 @@ class LiveChannel:
         s = self._sessions[-1]
         if s.end_frame is not None:
             return s.end_frame
-        return s.base_frame + s.samples // AUDIO_PER_FRAME + 1
+        return s.media(s.samples // AUDIO_PER_FRAME) + 1
 
     def _add_audio(self, s: _Session, block: list[tuple[np.ndarray, float]]) -> None:
         """Store ``(pcm, arrived)`` chunks per media frame, then analyse them in one go."""
@@ -360,14 +396,19 @@ class LiveChannel:
             first, last = pos // AUDIO_PER_FRAME, (s.samples - 1) // AUDIO_PER_FRAME
             for f in range(first, last + 1):  # audio per media frame (partial ones accumulate)
                 a, b = max(pos, f * AUDIO_PER_FRAME), min(s.samples, (f + 1) * AUDIO_PER_FRAME)
-                m = s.base_frame + f
+                m = s.media(f)
                 cur = self._audio.get(m, np.zeros(AUDIO_PER_FRAME, np.float32))
                 cur[a - f * AUDIO_PER_FRAME : b - f * AUDIO_PER_FRAME] = pcm[a - pos : b - pos]
                 self._audio[m] = cur
                 if b == (f + 1) * AUDIO_PER_FRAME:
                     self.arrival[m] = arrived  # when the ingest handed over its last sample
         newest = block[-1][1]
-        spoken = self.t0 + (s.base_frame + s.samples / AUDIO_PER_FRAME) / FPS  # its last slot
+        last = s.samples - 1  # its last sample's slot on the media clock
+        spoken = (
+            self.t0
+            + (s.media(last // AUDIO_PER_FRAME) + (last % AUDIO_PER_FRAME + 1) / AUDIO_PER_FRAME)
+            / FPS
+        )
         s.last_lag = (newest, newest - spoken)
         t_start = time.monotonic()
         pcm = block[0][0] if len(block) == 1 else np.concatenate([c for c, _ in block])
@@ -387,7 +428,7 @@ class LiveChannel:
             feat_pcm, s.drop_samples = pcm[cut:], s.drop_samples - cut
         try:
             self.stats.skipped_windows += s.extractor.skip_to(
-                self.next_out + 1 - s.base_frame - s.first_frame
+                s.first_from(self.next_out + 1) - s.first_frame
             )
             chunk = s.extractor.push(feat_pcm) if feat_pcm.size else None
         except Exception:
@@ -419,12 +460,20 @@ class LiveChannel:
             return
         arrived, lag_s = s.last_lag
         # an earlier timeline must still leave the next sample's slot ahead of the screen
-        min_frames = self.next_out + 2 - (s.base_frame + s.samples // AUDIO_PER_FRAME)
+        f_next = s.frames_begun  # the first frame of audio still to come: the move starts there
+        min_frames = self.next_out + 2 - s.media(f_next)
         quiet_ms = getattr(s.vad, "quiet_ms", 0.0)
+        segments = getattr(s.vad, "segments", None)
+        if segments:  # a speech segment's padded end must not reach the frames a move re-maps
+            end_ms = segments[-1].end_ms
+            now_ms = s.samples * 1000.0 / (AUDIO_PER_FRAME * FPS)
+            if end_ms is None or end_ms > now_ms - (MAX_SHIFT_FRAMES + 1) * 1000.0 / FPS:
+                quiet_ms = 0.0
         k = s.drift.update(arrived, lag_s, quiet_ms, min(0, min_frames))
         if k == 0:
             return
-        s.base_frame += k
+        offset = s.media(f_next) - s.base_frame - f_next + k
+        s.moves.append((f_next, offset))
         self.stats.clock_shifts += 1
         self.stats.clock_shift_frames += k
         log.info(
@@ -436,7 +485,9 @@ class LiveChannel:
             k,
         )
         if self.frame_log:
-            self.frame_log.write(ev="clock_shift", ch=self.name, frames=k, base_frame=s.base_frame)
+            self.frame_log.write(
+                ev="clock_shift", ch=self.name, frames=k, session_frame=f_next, offset=offset
+            )
 
     def _restart_features(self, s: _Session) -> None:
         """After a failed feature call: a new extractor from the next frame boundary on.
@@ -469,7 +520,7 @@ class LiveChannel:
         leads = []
         late = 0
         for i in range(len(chunk)):
-            m = s.base_frame + s.first_frame + chunk.start_frame + i
+            m = s.media(s.first_frame + chunk.start_frame + i)
             leads.append((self.t0 + self.delay_s + m / FPS - now) * 1000.0)
             if m >= self.next_out:
                 self.windows[m] = chunk.windows[i]
@@ -481,7 +532,7 @@ class LiveChannel:
             self.frame_log.write(
                 ev="windows",
                 ch=self.name,
-                frame=s.base_frame + s.first_frame + chunk.start_frame,
+                frame=s.media(s.first_frame + chunk.start_frame),
                 n=len(leads),
                 t=now,
                 lead_ms=round(min(leads), 3),
@@ -494,7 +545,8 @@ class LiveChannel:
         with self._lock:
             for s in reversed(self._sessions):
                 if s.base_frame <= m and (s.end_frame is None or m < s.end_frame):
-                    return s.vad.is_speech((m - s.base_frame + 0.5) * 1000.0 / FPS)
+                    f = s.session_frame(m)
+                    return f is not None and s.vad.is_speech((f + 0.5) * 1000.0 / FPS)
         return False
 
     # -- for the GPU worker -----------------------------------------------------------------------

@@ -15,7 +15,11 @@ Records (the key ``ev`` says which):
 - ``start``: a channel's clock started: ``ch``, ``t0``, ``delay_ms`` (frame ``n`` is due at
   ``t0 + delay_ms / 1000 + n / 25``).
 - ``session``: a sender connected: ``ch``, ``base_frame`` (the media frame of its first sample;
-  sample ``s`` of the session belongs to media frame ``base_frame + s // 640``), ``opened``.
+  sample ``s`` of the session belongs to media frame ``base_frame + s // 640`` until a
+  ``clock_shift``), ``opened``.
+- ``clock_shift``: the session's timeline moved for the sender's drifting clock
+  (:mod:`.drift`): from session frame ``session_frame`` on, sample ``s`` belongs to media frame
+  ``base_frame + s // 640 + offset``; ``frames``: this move (positive: later).
 - ``windows``: the audio path handed a channel the whisper windows of ``n`` frames from
   ``frame`` on, at ``t``; ``lead_ms``: how long before the first one's deadline (negative:
   after), ``late``: how many came after their frame had already left (lost to the worker).
