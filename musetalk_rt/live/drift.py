@@ -13,11 +13,14 @@ instead, and the ingest holds it back, so the lag grows in its browser.
 the last 5–10 s (the minimum: network delays only add) against the floor of the session's first
 5 s is the drift; sample losses and route changes show the same way and are corrected alike.
 Once it reaches 2 frames (80 ms, inside the playout delay's default 100 ms margin) and the
-speaker has been quiet for 300 ms, the channel moves the session's timeline by that many frames
-(at most 5 at once): later by inserting silence for a slow sender, earlier by dropping quiet
-audio for a fast one. In a pause, nothing visible changes; lips and sound stay together because
-both follow the moved timeline. Simulated (``tests/test_drift.py``): a sender 50 ppm slow for
-three hours, 540 ms of drift uncorrected, stays within 78 ms of where it began.
+speaker has been quiet for 300 ms (and the last speech segment's padded end lies before the
+frames involved), the channel moves the session's timeline by that many frames (at most 5 at
+once) from the next frame of audio on; what came before keeps its slots. Later for a slow
+sender (the gap shows idle with silence), earlier for a fast one (its newest quiet audio
+overwrites the last quiet frames). In a pause, nothing visible changes; lips and sound stay
+together because both follow the moved timeline. Simulated (``tests/test_drift.py``): a
+sender 50 ppm slow for three hours, 540 ms of drift uncorrected, stays within 78 ms of where it
+began.
 """
 
 from __future__ import annotations
