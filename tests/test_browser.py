@@ -22,15 +22,16 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (CI ins
 
 
 class _ServerThread(threading.Thread):
-    def __init__(self, sinks, token):
+    def __init__(self, sinks, token, port: int = 0):
         super().__init__(daemon=True)
         self.sinks, self.token = sinks, token
         self.ready = threading.Event()
-        self.port = None
+        self.port = port
 
     def run(self):
         async def main():
-            async with IngestServer(self.sinks, IngestConfig(port=0, token=self.token)) as srv:
+            cfg = IngestConfig(port=self.port, token=self.token)
+            async with IngestServer(self.sinks, cfg) as srv:
                 self.port = srv.port
                 self.ready.set()
                 while not self.done:
@@ -60,14 +61,26 @@ def test_page_is_served_in_both_languages():
     server.done = True
 
 
+def _mic_wav(speech: np.ndarray, path):
+    """The fake microphone's file: ``speech`` at 48 kHz, PCM16."""
+    mic48 = soxr.resample(speech, 16000, 48000)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
+        w.writeframes(np.rint(np.clip(mic48, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def _wait_for(cond, browser, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        assert browser.poll() is None, "chromium exited"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_headless_chromium_fake_microphone_streams_the_wav(fixture_file, tmp_path):
     speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
-    mic48 = soxr.resample(speech, 16000, 48000)
-    wav = tmp_path / "mic.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
-        w.writeframes(np.rint(np.clip(mic48, -1, 1) * 32767).astype("<i2").tobytes())
+    wav = _mic_wav(speech, tmp_path / "mic.wav")
     sink = RecordingSink()
     server = _ServerThread({"stage": sink}, "s3cret")
     server.start()
@@ -99,3 +112,40 @@ def test_headless_chromium_fake_microphone_streams_the_wav(fixture_file, tmp_pat
         for lag in range(0, len(ref) - len(env) + 1)
     )
     assert best > 0.9, best
+
+
+@pytest.mark.slow
+def test_the_page_reconnects_by_itself_when_the_server_restarts(fixture_file, tmp_path):
+    """The live process restarted (or the network dropped): the page keeps its microphone and
+    connects again with backoff, without anyone pressing Start; the new server gets its audio
+    as one new session. (Before, the page stopped at the first close and stayed stopped.)"""
+    speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
+    wav = _mic_wav(speech, tmp_path / "mic.wav")
+    first = RecordingSink()
+    server = _ServerThread({"stage": first}, "s3cret")
+    server.start()
+    assert server.ready.wait(10)
+    port = server.port
+    url = f"http://127.0.0.1:{port}/?channel=stage&token=s3cret&autostart=1"
+    browser = subprocess.Popen(
+        fake_mic_command(CHROMIUM, tmp_path / "profile", wav, url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lambda: first.audio.size >= 16000 * 2, browser, 90)
+        assert first.audio.size >= 16000 * 2
+        server.done = True  # the server goes away (its connections closed: 1001)
+        server.join(10)
+        time.sleep(1.5)  # a second or two down: the page's first retries are refused
+        second = RecordingSink()
+        server = _ServerThread({"stage": second}, "s3cret", port=port)
+        server.start()
+        assert server.ready.wait(10)
+        _wait_for(lambda: second.audio.size >= 16000 * 2, browser, 60)
+        assert second.sessions == 1 and second.audio.size >= 16000 * 2, second.audio.size
+        assert np.abs(second.audio).max() > 0.05  # speech, not silence
+    finally:
+        browser.terminate()
+        browser.wait(10)
+        server.done = True

@@ -1,15 +1,22 @@
 // Browser sender: mic -> AudioWorklet (16 kHz) -> PCM16 -> WebSocket /ingest/<channel>.
-// Query parameters: channel, token, autostart=1 (kiosk and tests).
+// Query parameters: channel, token, autostart=1 (kiosk and tests). Reconnects by itself.
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const TEXT = {
   connecting: "連線中… Connecting…",
   live: "直播中 Live",
   closed: "已中斷 Disconnected",
+  reconnecting: "重新連線中… Reconnecting…",
   error: "錯誤 Error",
   nomic: "無法使用麥克風 Microphone unavailable",
 };
 let ws = null, ctx = null, stream = null, sent = 0;
+// Reconnecting: after the server restarts or the network drops, the page keeps the microphone
+// and opens the connection again (0.5 s doubling to 8 s) until Stop. Audio while disconnected
+// is not kept: sending it late would only add delay. A refusal that retrying cannot cure (bad
+// hello, wrong token, no such channel, unsupported or undecodable audio) stops instead.
+const PERMANENT = new Set([4400, 4401, 4404, 4415, 4422]);
+let wanted = false, retries = 0, retryTimer = null;
 
 function setState(text, cls) {
   $("state").textContent = text;
@@ -31,56 +38,83 @@ async function loadChannels() {
 }
 
 async function start() {
-  const channel = $("channel").value || params.get("channel");
+  wanted = true;
+  retries = 0;
   setState(TEXT.connecting, "wait");
+  $("go").textContent = "停止 Stop";
   try {
     stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
     });
   } catch (e) {
     setState(TEXT.nomic + " (" + e.name + ")", "bad");
+    stop();
     return;
   }
   ctx = new AudioContext({ sampleRate: 16000 });
   await ctx.audioWorklet.addModule("worklet.js");
   const node = new AudioWorkletNode(ctx, "pcm16-chunker");
   ctx.createMediaStreamSource(stream).connect(node);
+  node.port.onmessage = (ev) => {
+    $("level").value = ev.data.peak;
+    if (ws && ws.ready && ws.readyState === WebSocket.OPEN) { ws.send(ev.data.pcm); sent++; }
+  };
+  connect();
+}
+
+function connect() {
+  const channel = $("channel").value || params.get("channel");
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(`${scheme}//${location.host}/ingest/${encodeURIComponent(channel)}`);
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => ws.send(JSON.stringify({
+  const sock = new WebSocket(`${scheme}//${location.host}/ingest/${encodeURIComponent(channel)}`);
+  ws = sock;
+  sock.ready = false;
+  sock.binaryType = "arraybuffer";
+  sock.onopen = () => sock.send(JSON.stringify({
     type: "hello", token: $("token").value, format: "pcm_s16le", sample_rate: 16000,
     channels: 1,
   }));
-  let ready = false;
-  ws.onmessage = (ev) => {
+  sock.onmessage = (ev) => {
     const m = JSON.parse(ev.data);
-    if (m.type === "ready") { ready = true; setState(TEXT.live + " · " + channel, "ok"); }
-    else if (m.type === "error") { setState(TEXT.error + ": " + m.message, "bad"); }
-    else if (m.type === "stats") {
+    if (m.type === "ready") {
+      sock.ready = true;
+      retries = 0;
+      setState(TEXT.live + " · " + channel, "ok");
+    } else if (m.type === "error") {
+      sock.refusal = m.message;
+      setState(TEXT.error + ": " + m.message, "bad");
+    } else if (m.type === "stats") {
       const lat = m.voice_to_frame_p95_ms == null ? "—" : Math.round(m.voice_to_frame_p95_ms);
       $("stats").innerHTML = `<small>已送出 sent ${m.received_s.toFixed(1)} s · ` +
         `延遲 latency p95 ${lat} ms · 遲到 late ${m.late_frames ?? 0}</small>`;
     }
   };
-  ws.onclose = (ev) => {
-    if ($("state").className !== "bad") setState(TEXT.closed + " (" + ev.code + ")", "bad");
-    stop();
+  sock.onclose = (ev) => {
+    if (ws !== sock) return;
+    ws = null;
+    if (!wanted) return;
+    if (PERMANENT.has(ev.code)) {  // the settings are wrong: say so and stop
+      setState(TEXT.error + ": " + (sock.refusal || ev.code), "bad");
+      stop();
+      return;
+    }
+    retries += 1;
+    const delayMs = Math.min(8000, 500 * 2 ** Math.min(retries - 1, 4));
+    setState(`${TEXT.reconnecting} (${retries}, ${ev.code})`, "wait");
+    retryTimer = setTimeout(() => { retryTimer = null; if (wanted) connect(); }, delayMs);
   };
-  node.port.onmessage = (ev) => {
-    $("level").value = ev.data.peak;
-    if (ready && ws.readyState === WebSocket.OPEN) { ws.send(ev.data.pcm); sent++; }
-  };
-  $("go").textContent = "停止 Stop";
 }
 
 function stop() {
+  wanted = false;
+  if (retryTimer) clearTimeout(retryTimer);
+  retryTimer = null;
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "bye" }));
   if (stream) stream.getTracks().forEach((t) => t.stop());
   if (ctx) ctx.close();
   ws = ctx = stream = null;
   $("go").textContent = "開始 Start";
+  if ($("state").className !== "bad") setState(TEXT.closed, "bad");
 }
 
-$("go").onclick = () => (ws ? stop() : start());
+$("go").onclick = () => (wanted ? stop() : start());
 loadChannels().then(() => { if (params.get("autostart") === "1") start(); });
