@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 import wave
@@ -197,6 +198,32 @@ def test_second_sender_refused_stalled_sender_harmless_other_channel_unaffected(
     assert code == 4409 and "already has a sender" in err["message"]
     np.testing.assert_allclose(sinks["b"].audio, clip.samples[0], atol=1e-4)
     assert sinks["a"].audio.size == 0
+
+
+def test_a_sender_silent_past_the_limit_is_replaced_by_a_new_one():
+    """A dropped network leaves the old connection open on the server until its pings time out
+    (~40 s): a sender that has sent nothing for ``stale_sender_s`` gives way to a new one on its
+    channel, whose audio then arrives as a new session. One still sending is never replaced."""
+    clip = _clip(1.0, seed=4)
+
+    async def go(srv, sinks, base):
+        async with connect(base + "a") as old:
+            await old.send(_hello())
+            assert json.loads(await old.recv())["type"] == "ready"
+            await old.send(np.zeros(320, "<i2").tobytes())
+            busy = await _refusal(base + "a", _hello())  # it sent just now: refused
+            await asyncio.sleep(2.0)  # then nothing, past the limit
+            rep = await send_clip(base + "a", clip, TOKEN, realtime=False)
+            with contextlib.suppress(ConnectionClosed):  # the old one was cut off
+                while True:
+                    await old.recv()
+        return busy, rep
+
+    (busy, rep), sinks = _serve(go, stale_sender_s=1.5)
+    assert busy[1] == 4409
+    assert sinks["a"].sessions == 2
+    assert sinks["a"].audio.size == 320 + clip.num_samples  # both senders' audio, in order
+    np.testing.assert_allclose(sinks["a"].audio[320:], clip.samples[0], atol=1e-4)
 
 
 def test_flooding_sender_is_paced_not_dropped():

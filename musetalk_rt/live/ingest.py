@@ -97,6 +97,10 @@ class IngestConfig:
     # a hello for a channel whose sender is still leaving (its connection closing) waits this
     # long for the channel before it is refused as a second sender
     busy_grace_s: float = 1.0
+    # a sender that has sent nothing for this long is replaced by a new one on its channel: a
+    # dropped network leaves its connection half-open until the pings time out (~40 s), and
+    # the browser page reconnecting meanwhile would be refused as a second sender
+    stale_sender_s: float = 5.0
 
 
 class IngestServer:
@@ -120,6 +124,7 @@ class IngestServer:
         self.preview = preview  # channel name -> JPEG of its latest frame
         self._busy: dict[str, float] = {}  # channel -> connect time
         self._left: dict[str, asyncio.Event] = {}  # channel -> set when its sender has left
+        self._active: dict[str, tuple[ServerConnection, dict]] = {}  # channel -> (conn, state)
         self._server = None
         self.refused: dict[int, int] = {}  # close code -> count
 
@@ -203,6 +208,10 @@ class IngestServer:
                 left = self._left.setdefault(name, asyncio.Event())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(left.wait(), self.config.busy_grace_s)
+            if name in self._busy and await self._replace_stale(name):
+                left = self._left.setdefault(name, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(left.wait(), 5.0)
             if name in self._busy:
                 since = time.strftime("%H:%M:%S", time.localtime(self._busy[name]))
                 raise ProtocolError(BUSY, f"channel {name!r} already has a sender (since {since})")
@@ -219,11 +228,37 @@ class IngestServer:
             self._busy.pop(name, None)
             self._left[name].set()
 
+    async def _replace_stale(self, name: str) -> bool:
+        """End the channel's sender if it has sent nothing for ``stale_sender_s``.
+
+        Returns:
+            Whether it was ended (its session then closes as if it had left).
+        """
+        old = self._active.get(name)
+        if old is None:
+            return False
+        conn, state = old
+        silent_s = time.monotonic() - state["last_message"]
+        if silent_s < self.config.stale_sender_s:
+            return False
+        log.warning(
+            "sender on %s sent nothing for %.0f s (a dropped network?): replaced by a new one",
+            name,
+            silent_s,
+        )
+        with contextlib.suppress(Exception):  # a half-open peer never answers a close
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+        return True
+
     async def _session(self, conn: ServerConnection, name: str, hello) -> None:
         sink = self.sinks[name]
         decoder = AudioDecoder(hello)
         audio_in = AudioInput(hello.sample_rate, hello.channels)
         state = {"received_s": 0.0, "paced_s": 0.0, "messages": 0}
+        state["last_message"] = time.monotonic()
+        self._active[name] = (conn, state)
         t0 = time.monotonic()
         sink.open_session()
         await conn.send(
@@ -242,6 +277,7 @@ class IngestServer:
         msg_task = asyncio.create_task(self._message_loop(conn, take)) if take else None
         try:
             async for msg in conn:
+                state["last_message"] = time.monotonic()
                 if isinstance(msg, bytes):
                     samples, rate = decoder.decode(msg)
                     pcm = audio_in.push(samples, sample_rate=rate, channels=hello.channels)
@@ -280,6 +316,8 @@ class IngestServer:
             if msg_task is not None:
                 msg_task.cancel()
             sink.close_session()
+            if self._active.get(name, (None,))[0] is conn:
+                del self._active[name]
             log.info("sender on %s left after %.1f s of audio", name, state["received_s"])
 
     async def _message_loop(self, conn, take: Callable[[], list[dict]]) -> None:
