@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import threading
 import time
 import urllib.request
@@ -15,7 +14,7 @@ import soxr
 
 from musetalk_rt.live.ingest import IngestConfig, IngestServer, RecordingSink
 from musetalk_rt.media import load_audio
-from musetalk_rt.testing.browser import fake_mic_command, find_chromium
+from musetalk_rt.testing.browser import find_chromium, open_page
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (CI installs it)")
@@ -39,6 +38,14 @@ class _ServerThread(threading.Thread):
 
         self.done = False
         asyncio.run(main())
+
+
+def _start_server(sinks, port: int = 0) -> _ServerThread:
+    """An ingest server (token ``s3cret``) on its own thread, listening."""
+    server = _ServerThread(sinks, "s3cret", port=port)
+    server.start()
+    assert server.ready.wait(10)
+    return server
 
 
 def _envelope(x: np.ndarray, hop: int = 1600) -> np.ndarray:
@@ -82,15 +89,9 @@ def test_headless_chromium_fake_microphone_streams_the_wav(fixture_file, tmp_pat
     speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
     wav = _mic_wav(speech, tmp_path / "mic.wav")
     sink = RecordingSink()
-    server = _ServerThread({"stage": sink}, "s3cret")
-    server.start()
-    assert server.ready.wait(10)
+    server = _start_server({"stage": sink})
     url = f"http://127.0.0.1:{server.port}/?channel=stage&token=s3cret&autostart=1"
-    browser = subprocess.Popen(
-        fake_mic_command(CHROMIUM, tmp_path / "profile", wav, url),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    browser = open_page(CHROMIUM, tmp_path / "profile", wav, url)
     try:
         deadline = time.monotonic() + 90
         while sink.audio.size < 16000 * 7 and time.monotonic() < deadline:
@@ -122,16 +123,10 @@ def test_the_page_reconnects_by_itself_when_the_server_restarts(fixture_file, tm
     speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
     wav = _mic_wav(speech, tmp_path / "mic.wav")
     first = RecordingSink()
-    server = _ServerThread({"stage": first}, "s3cret")
-    server.start()
-    assert server.ready.wait(10)
+    server = _start_server({"stage": first})
     port = server.port
     url = f"http://127.0.0.1:{port}/?channel=stage&token=s3cret&autostart=1"
-    browser = subprocess.Popen(
-        fake_mic_command(CHROMIUM, tmp_path / "profile", wav, url),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    browser = open_page(CHROMIUM, tmp_path / "profile", wav, url)
     try:
         _wait_for(lambda: first.audio.size >= 16000 * 2, browser, 90)
         assert first.audio.size >= 16000 * 2
@@ -139,9 +134,7 @@ def test_the_page_reconnects_by_itself_when_the_server_restarts(fixture_file, tm
         server.join(10)
         time.sleep(1.5)  # a second or two down: the page's first retries are refused
         second = RecordingSink()
-        server = _ServerThread({"stage": second}, "s3cret", port=port)
-        server.start()
-        assert server.ready.wait(10)
+        server = _start_server({"stage": second}, port=port)
         _wait_for(lambda: second.audio.size >= 16000 * 2, browser, 60)
         assert second.sessions == 1 and second.audio.size >= 16000 * 2, second.audio.size
         assert np.abs(second.audio).max() > 0.05  # speech, not silence

@@ -514,7 +514,7 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
     the live process serves it, and the RTMP stream read back is checked like the CLI's."""
     import soxr
 
-    from musetalk_rt.testing.browser import fake_mic_command, find_chromium
+    from musetalk_rt.testing.browser import find_chromium, open_page
 
     chromium = find_chromium()
     if chromium is None:
@@ -531,11 +531,7 @@ def test_browser_page_in_chromium_through_live_to_rtmp(tiny_models, fixture_file
     with RtmpServer() as rtmp:
         live, lines, reader = _start_live_to_rtmp(avatars, port, rtmp, record)
         page = f"http://127.0.0.1:{port}/?channel=astro&token=t0ken&autostart=1"
-        browser = subprocess.Popen(
-            fake_mic_command(chromium, tmp_path / "profile", mic, page),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        browser = open_page(chromium, tmp_path / "profile", mic, page)
         try:
             deadline = time.monotonic() + 90
             sessions = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -29,3 +30,15 @@ def fake_mic_command(chromium: str, profile: Path, wav: Path, url: str) -> list[
         "--autoplay-policy=no-user-gesture-required",
         url,
     ]
+
+
+def open_page(chromium: str, profile: Path, wav: Path, url: str) -> subprocess.Popen:
+    """Start headless Chromium on ``url`` with ``wav`` as its microphone (output discarded).
+
+    The caller terminates it (``terminate()``, then ``wait()``) when it has what it needs.
+    """
+    return subprocess.Popen(
+        fake_mic_command(chromium, profile, wav, url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
