@@ -75,7 +75,7 @@ def test_no_move_while_talking_then_at_most_five_frames_in_the_pause():
 def test_an_earlier_timeline_never_reaches_the_frame_on_screen():
     tracker = DriftTracker()
     t = 0.0
-    for _ in range(1000):
+    for _ in range(3200):  # past the first minute, when the floor has settled
         t += CHUNK_S
         tracker.update(t, 0.02, 1000.0, -100)
     for _ in range(600):  # audio 300 ms ahead of its slots
@@ -134,13 +134,24 @@ def test_a_sessions_timeline_in_stretches_after_moves():
     from musetalk_rt.live.channel import _Session
 
     s = _Session(base_frame=100, extractor=None, vad=None)
-    s.moves = [(50, 3)]  # from session frame 50 on: 3 frames later
+    s.moves = ((50, 3),)  # from session frame 50 on: 3 frames later
     assert [s.media(f) for f in (0, 49, 50, 51)] == [100, 149, 153, 154]
     assert [s.session_frame(m) for m in (99, 100, 149, 150, 152, 153)] == [
         None, 0, 49, None, None, 50,
     ]  # fmt: skip
     assert [s.first_from(m) for m in (120, 150, 152, 153, 160)] == [20, 50, 50, 50, 57]
-    s.moves.append((80, 1))  # from 80 on: 2 frames earlier than the stretch before
+    s.moves = (*s.moves, (80, 1))  # from 80 on: 2 frames earlier than the stretch before
     assert [s.media(f) for f in (79, 80)] == [182, 181]
     assert s.session_frame(181) == 80 and s.session_frame(182) == 81  # the newer win
     assert s.session_frame(180) == 77 and s.first_from(181) == 80
+
+
+def test_a_session_that_began_congested_is_not_taken_for_a_fast_clock():
+    """6 s of +130 ms congestion at the start, then a clean network: the floor falls to the
+    clean lag within the first minute, and the timeline never moves earlier."""
+    tracker, t, moved = DriftTracker(), 0.0, 0
+    for i in range(int(300 / CHUNK_S)):  # five minutes
+        t += CHUNK_S
+        lag = 0.02 + (0.13 if t < 6.0 else 0.0)
+        moved += tracker.update(t, lag, 1000.0 if i % 500 > 400 else 0.0, -100)
+    assert moved == 0 and abs(tracker.floor_s - 0.02) < 1e-9

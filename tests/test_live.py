@@ -820,6 +820,21 @@ def test_a_failing_frame_never_stops_the_channel_clock(caplog):
     assert "frame 2 failed (error #1); going on" in caplog.text
     assert 2 not in ch._audio  # forgotten all the same
 
+    # an output whose offer raises (its process cannot be restarted) costs only itself: the
+    # others get each frame once, in order
+    class Broken:
+        label = "broken"
+
+        def offer(self, frame, audio, meta):
+            raise OSError(24, "Too many open files")
+
+    shown.clear()
+    ch.is_speech = lambda n: False
+    ch.outputs, ch.stats, ch.next_out = [Broken(), Out()], ChannelStats(), 0
+    ch._stop, ch.t0 = threading.Event(), time.monotonic()
+    ch._clock_loop()
+    assert len(shown) == 5 and ch.stats.output_errors == 5 and ch.stats.clock_errors == 0
+
 
 def test_gpu_worker_lets_a_partial_batch_fill_while_its_deadline_allows():
     """A batch costs its bucket's GPU time however few frames it has: a partial batch waits for

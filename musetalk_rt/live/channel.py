@@ -67,7 +67,8 @@ class _Session:
     last_lag: tuple[float, float] | None = None  # (arrived, lag_s) of the last chunk stored
     # the timeline's moves for a drifting sender clock (:mod:`.drift`): from session frame
     # ``f`` on, media frame = base_frame + f + offset; earlier frames keep their slots
-    moves: list[tuple[int, int]] = field(default_factory=list)  # (f, offset), in order
+    # a tuple, replaced whole by the feature thread: the clock and the GPU worker read it
+    moves: tuple[tuple[int, int], ...] = ()  # (f, offset), in order
 
     @property
     def frames_begun(self) -> int:
@@ -76,15 +77,16 @@ class _Session:
 
     def media(self, f: int) -> int:
         """The media frame of session frame ``f``."""
-        for f_from, offset in reversed(self.moves):
+        for f_from, offset in reversed(self.moves):  # (one read of the tuple)
             if f >= f_from:
                 return self.base_frame + f + offset
         return self.base_frame + f
 
     def _stretches(self) -> list[tuple[int, int | None, int]]:
         """``(first, end, offset)`` of each stretch of session frames, newest first."""
-        starts = [(0, 0), *self.moves]
-        ends = [f for f, _ in self.moves] + [None]
+        moves = self.moves  # one read: another thread may replace it meanwhile
+        starts = [(0, 0), *moves]
+        ends = [f for f, _ in moves] + [None]
         return [(f, e, o) for (f, o), e in zip(starts, ends, strict=True)][::-1]
 
     def session_frame(self, m: int) -> int | None:
@@ -160,6 +162,7 @@ class ChannelStats:
     skipped_frames: int = 0  # the clock fell behind by more than a second and jumped
     overlay_errors: int = 0
     clock_errors: int = 0  # frames the clock thread failed to emit (logged, survived)
+    output_errors: int = 0  # frames an output's offer raised on (the others still got them)
     clock_shifts: int = 0  # timelines moved for a sender's drifting clock (in pauses)
     clock_shift_frames: int = 0  # by how much in all (net; positive: later)
     dropped_audio_chunks: int = 0
@@ -473,7 +476,7 @@ class LiveChannel:
         if k == 0:
             return
         offset = s.media(f_next) - s.base_frame - f_next + k
-        s.moves.append((f_next, offset))
+        s.moves = (*s.moves, (f_next, offset))
         self.stats.clock_shifts += 1
         self.stats.clock_shift_frames += k
         log.info(
@@ -596,10 +599,13 @@ class LiveChannel:
                         n,
                         self.stats.clock_errors,
                     )
-                with contextlib.suppress(Exception):  # the stream stays continuous: idle
+                # the stream stays continuous: idle (no output got frame n: _tick's offers never
+                # raise, so the error came before them)
+                with contextlib.suppress(Exception):
                     idle = self.avatar.frames[self.avatar.cycle_frame(n)]
                     for out in self.outputs:
-                        out.offer(idle, silence, None)
+                        with contextlib.suppress(Exception):
+                            out.offer(idle, silence, None)
                     self.stats.frames_out += 1
                 with contextlib.suppress(Exception):
                     self._forget_before(n + 1)
@@ -653,8 +659,19 @@ class LiveChannel:
                 "arrival": self.arrival.get(n),
                 "emitted": time.monotonic(),
             }
-        for out in self.outputs:
-            out.offer(frame, audio, meta)
+        for out in self.outputs:  # one failing output never holds the frame from the others
+            try:
+                out.offer(frame, audio, meta)
+            except Exception:
+                self.stats.output_errors += 1
+                if self.stats.output_errors <= 3 or self.stats.output_errors % 100 == 0:
+                    log.exception(
+                        "channel %s: output %s refused frame %d (error #%d)",
+                        self.name,
+                        getattr(out, "label", "?"),
+                        n,
+                        self.stats.output_errors,
+                    )
         self.stats.frames_out += 1
         self._forget_before(n + 1)
         return last_gen

@@ -31,6 +31,7 @@ BUCKET_S = 5.0  # the lag's floor is taken per bucket; the estimate spans the la
 SHIFT_AT_S = 0.08  # drift that moves the timeline (2 frames: within the 100 ms margin of D)
 MAX_SHIFT_FRAMES = 5  # at most this many frames at once (200 ms of a pause)
 QUIET_MS = 300.0  # only after this much quiet
+SETTLE_S = 60.0  # the floor may still fall this long (a start under congestion); no move earlier
 
 
 class DriftTracker:
@@ -41,6 +42,7 @@ class DriftTracker:
         self._prev: float | None = None  # the floor of the last full bucket
         self._cur: float | None = None  # of the bucket being filled
         self._t_cur: float | None = None
+        self._t_first: float | None = None
 
     def update(self, now_s: float, lag_s: float, quiet_ms: float, min_frames: int) -> int:
         """Take one chunk's lag; return how many frames to move the timeline by (0: none).
@@ -55,18 +57,28 @@ class DriftTracker:
         Returns:
             Frames to move the session's later audio by: positive later, negative earlier.
         """
+        if self._t_first is None:
+            self._t_first = now_s
+        settling = now_s - self._t_first < SETTLE_S
         if self._t_cur is None or now_s - self._t_cur >= BUCKET_S:
             if self._cur is not None:
                 self._prev = self._cur
-                if self.floor_s is None:
-                    self.floor_s = self._cur
+                if self.floor_s is None or (settling and self._cur < self.floor_s):
+                    self.floor_s = self._cur  # a session that began congested: the better floor
             self._cur, self._t_cur = lag_s, now_s
         else:
             self._cur = min(self._cur, lag_s)
-        if self.floor_s is None or self._prev is None:
+        if self.floor_s is None or self._prev is None or quiet_ms < QUIET_MS:
             return 0
-        drift_s = min(self._prev, self._cur) - self.floor_s
-        if abs(drift_s) < SHIFT_AT_S or quiet_ms < QUIET_MS:
+        # later: both buckets' floors late (a delay spike lifts only one); earlier: both early,
+        # and only once the floor has settled (a start under congestion is not a fast clock)
+        late_s = min(self._prev, self._cur) - self.floor_s
+        early_s = max(self._prev, self._cur) - self.floor_s
+        if late_s >= SHIFT_AT_S:
+            drift_s = late_s
+        elif early_s <= -SHIFT_AT_S and not settling:
+            drift_s = early_s
+        else:
             return 0
         k = max(-MAX_SHIFT_FRAMES, min(MAX_SHIFT_FRAMES, round(drift_s * FPS)))
         k = max(k, min_frames)

@@ -46,6 +46,7 @@ def metrics_text(
         ("skipped_windows", "counter", "windows not computed: their frame was shown before"),
         ("audio_errors", "counter", "failed voice-activity or feature calls (logged, survived)"),
         ("clock_errors", "counter", "frames the clock failed to make (idle sent instead)"),
+        ("output_errors", "counter", "frames an output refused with an error (logged)"),
         ("clock_shifts", "counter", "timelines moved in a pause for a sender's drifting clock"),
     ):
         metric(f"{key}_total", kind, text, [({"channel": ch.name}, s.get(key, 0)) for ch, s in st])

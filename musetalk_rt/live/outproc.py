@@ -294,7 +294,15 @@ class ProcessOutput:
                     self._own["dropped_down"] += 1
                     return
                 self._own["restarts"] += 1
-                self._start_child()
+                try:
+                    self._start_child()
+                except Exception as exc:  # no process to be had (too many files, no memory)
+                    self._own["errors"] += 1
+                    self._own["dropped_down"] += 1
+                    self._retry_at = time.monotonic() + self._backoff_s
+                    self._backoff_s = min(self._backoff_s * 2, 8.0)
+                    log.warning("output %s: cannot start its process (%s)", self.label, exc)
+                    return
             if not self._free:
                 self._own["dropped_full"] += 1
                 return

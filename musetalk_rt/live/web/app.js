@@ -16,7 +16,8 @@ let ws = null, ctx = null, stream = null, sent = 0;
 // is not kept: sending it late would only add delay. A refusal that retrying cannot cure (bad
 // hello, wrong token, no such channel, unsupported or undecodable audio) stops instead.
 const PERMANENT = new Set([4400, 4401, 4404, 4415, 4422]);
-let wanted = false, retries = 0, retryTimer = null;
+let wanted = false, retries = 0, retryTimer = null, run = 0;
+const CONNECT_TIMEOUT_MS = 10000;  // a connection not ready by then is closed and retried
 
 function setState(text, cls) {
   $("state").textContent = text;
@@ -40,19 +41,26 @@ async function loadChannels() {
 async function start() {
   wanted = true;
   retries = 0;
+  const mine = ++run;  // a Stop (or another Start) while this one awaits ends it
   setState(TEXT.connecting, "wait");
   $("go").textContent = "停止 Stop";
+  let mic;
   try {
-    stream = await navigator.mediaDevices.getUserMedia({
+    mic = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
     });
   } catch (e) {
+    if (mine !== run) return;
     setState(TEXT.nomic + " (" + e.name + ")", "bad");
     stop();
     return;
   }
-  ctx = new AudioContext({ sampleRate: 16000 });
-  await ctx.audioWorklet.addModule("worklet.js");
+  if (mine !== run || !wanted) { mic.getTracks().forEach((t) => t.stop()); return; }
+  stream = mic;
+  const audio = new AudioContext({ sampleRate: 16000 });
+  ctx = audio;
+  await audio.audioWorklet.addModule("worklet.js");
+  if (mine !== run || !wanted) return;  // stop() closed them
   const node = new AudioWorkletNode(ctx, "pcm16-chunker");
   ctx.createMediaStreamSource(stream).connect(node);
   node.port.onmessage = (ev) => {
@@ -69,15 +77,17 @@ function connect() {
   ws = sock;
   sock.ready = false;
   sock.binaryType = "arraybuffer";
+  const timer = setTimeout(() => { if (!sock.ready) sock.close(); }, CONNECT_TIMEOUT_MS);
   sock.onopen = () => sock.send(JSON.stringify({
     type: "hello", token: $("token").value, format: "pcm_s16le", sample_rate: 16000,
     channels: 1,
   }));
   sock.onmessage = (ev) => {
+    if (ws !== sock) return;
     const m = JSON.parse(ev.data);
     if (m.type === "ready") {
       sock.ready = true;
-      retries = 0;
+      sock.readyAt = Date.now();
       setState(TEXT.live + " · " + channel, "ok");
     } else if (m.type === "error") {
       sock.refusal = m.message;
@@ -89,16 +99,20 @@ function connect() {
     }
   };
   sock.onclose = (ev) => {
+    clearTimeout(timer);
     if (ws !== sock) return;
     ws = null;
     if (!wanted) return;
+    if (sock.ready && Date.now() - sock.readyAt > 5000) retries = 0;  // it had worked a while
     if (PERMANENT.has(ev.code)) {  // the settings are wrong: say so and stop
       setState(TEXT.error + ": " + (sock.refusal || ev.code), "bad");
       stop();
       return;
     }
     retries += 1;
-    const delayMs = Math.min(8000, 500 * 2 ** Math.min(retries - 1, 4));
+    // 0.5 s doubling to 8 s, +-20% so that many pages do not come back in step
+    const baseMs = Math.min(8000, 500 * 2 ** Math.min(retries - 1, 4));
+    const delayMs = baseMs * (0.8 + 0.4 * Math.random());
     setState(`${TEXT.reconnecting} (${retries}, ${ev.code})`, "wait");
     retryTimer = setTimeout(() => { retryTimer = null; if (wanted) connect(); }, delayMs);
   };
@@ -106,9 +120,11 @@ function connect() {
 
 function stop() {
   wanted = false;
+  run++;
   if (retryTimer) clearTimeout(retryTimer);
   retryTimer = null;
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "bye" }));
+  if (ws) ws.close();  // also one still connecting
   if (stream) stream.getTracks().forEach((t) => t.stop());
   if (ctx) ctx.close();
   ws = ctx = stream = null;
