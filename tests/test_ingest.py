@@ -143,6 +143,9 @@ def test_bad_senders_get_one_clear_refusal_each():
         out["unknown format"] = await _refusal(base + "a", _hello(format="mp3"))
         out["200 kHz"] = await _refusal(base + "a", _hello(sample_rate=200000))
         out["3 channels"] = await _refusal(base + "a", _hello(channels=3))
+        out["1.0 channels"] = await _refusal(base + "a", _hello(channels=1.0))
+        out["nested hello"] = await _refusal(base + "a", "[" * 100_000 + "]" * 100_000)
+        out["bad sender id"] = await _refusal(base + "a", _hello(sender="a b/../c"))
         out["unknown channel"] = await _refusal(base + "zzz", _hello())
         out["torn pcm"] = await _refusal(base + "a", _hello(channels=2), b"\x00\x01\x02")
         out["opus garbage"] = await _refusal(
@@ -160,6 +163,9 @@ def test_bad_senders_get_one_clear_refusal_each():
         "unknown format": 4415,
         "200 kHz": 4415,
         "3 channels": 4415,
+        "1.0 channels": 4415,
+        "nested hello": 4400,
+        "bad sender id": 4400,
         "unknown channel": 4404,
         "torn pcm": 4422,
         "opus garbage": 4422,
@@ -202,25 +208,28 @@ def test_second_sender_refused_stalled_sender_harmless_other_channel_unaffected(
 
 def test_a_sender_silent_past_the_limit_is_replaced_by_a_new_one():
     """A dropped network leaves the old connection open on the server until its pings time out
-    (~40 s): a sender that has sent nothing for ``stale_sender_s`` gives way to a new one on its
-    channel, whose audio then arrives as a new session. One still sending is never replaced."""
+    (~40 s): a sender that has sent nothing for ``stale_sender_s`` gives way when the same
+    sender (its ``sender`` id) connects again, and its audio then arrives as a new session. One
+    still sending, another sender, or one without an id is refused as before."""
     clip = _clip(1.0, seed=4)
 
     async def go(srv, sinks, base):
         async with connect(base + "a") as old:
-            await old.send(_hello())
+            await old.send(_hello(sender="tab-1"))
             assert json.loads(await old.recv())["type"] == "ready"
             await old.send(np.zeros(320, "<i2").tobytes())
-            busy = await _refusal(base + "a", _hello())  # it sent just now: refused
+            busy = await _refusal(base + "a", _hello(sender="tab-1"))  # sent just now: refused
             await asyncio.sleep(3.0)  # then nothing, past the limit
-            rep = await send_clip(base + "a", clip, TOKEN, realtime=False)
+            other = await _refusal(base + "a", _hello(sender="tab-2"))  # not the same sender
+            plain = await _refusal(base + "a", _hello())  # nor one without an id
+            rep = await send_clip(base + "a", clip, TOKEN, realtime=False, sender="tab-1")
             with contextlib.suppress(ConnectionClosed):  # the old one was cut off
                 while True:
                     await old.recv()
-        return busy, rep
+        return busy, other, plain, rep
 
-    (busy, rep), sinks = _serve(go, stale_sender_s=2.0)
-    assert busy[1] == 4409
+    (busy, other, plain, rep), sinks = _serve(go, stale_sender_s=2.0)
+    assert busy[1] == other[1] == plain[1] == 4409
     assert sinks["a"].sessions == 2
     assert sinks["a"].audio.size == 320 + clip.num_samples  # both senders' audio, in order
     np.testing.assert_allclose(sinks["a"].audio[320:], clip.samples[0], atol=1e-4)

@@ -97,9 +97,10 @@ class IngestConfig:
     # a hello for a channel whose sender is still leaving (its connection closing) waits this
     # long for the channel before it is refused as a second sender
     busy_grace_s: float = 1.0
-    # a sender that has sent nothing for this long is replaced by a new one on its channel: a
-    # dropped network leaves its connection half-open until the pings time out (~40 s), and
-    # the browser page reconnecting meanwhile would be refused as a second sender
+    # a sender that has sent nothing for this long gives way when the *same* sender (its hello's
+    # ``sender`` id: the browser page's, per tab) connects again: a dropped network leaves its
+    # connection half-open until the pings time out (~40 s), and the reconnecting page would be
+    # refused meanwhile as a second sender. Another sender is refused as before.
     stale_sender_s: float = 5.0
 
 
@@ -208,7 +209,7 @@ class IngestServer:
                 left = self._left.setdefault(name, asyncio.Event())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(left.wait(), self.config.busy_grace_s)
-            if name in self._busy and await self._replace_stale(name):
+            if name in self._busy and await self._replace_stale(name, hello.sender):
                 left = self._left.setdefault(name, asyncio.Event())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(left.wait(), 5.0)
@@ -228,8 +229,8 @@ class IngestServer:
             self._busy.pop(name, None)
             self._left[name].set()
 
-    async def _replace_stale(self, name: str) -> bool:
-        """End the channel's sender if it has sent nothing for ``stale_sender_s``.
+    async def _replace_stale(self, name: str, sender: str | None) -> bool:
+        """End the channel's sender if it is ``sender`` again and has sent nothing for a while.
 
         Returns:
             Whether it was ended (its session then closes as if it had left).
@@ -239,10 +240,13 @@ class IngestServer:
             return False
         conn, state = old
         silent_s = time.monotonic() - state["last_message"]
+        if sender is None or state.get("sender") != sender:
+            return False
         if silent_s < self.config.stale_sender_s:
             return False
         log.warning(
-            "sender on %s sent nothing for %.0f s (a dropped network?): replaced by a new one",
+            "sender on %s sent nothing for %.0f s (a dropped network?): replaced by itself, "
+            "connecting again",
             name,
             silent_s,
         )
@@ -258,6 +262,7 @@ class IngestServer:
         audio_in = AudioInput(hello.sample_rate, hello.channels)
         state = {"received_s": 0.0, "paced_s": 0.0, "messages": 0}
         state["last_message"] = time.monotonic()
+        state["sender"] = hello.sender
         self._active[name] = (conn, state)
         t0 = time.monotonic()
         sink.open_session()

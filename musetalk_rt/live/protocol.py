@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,9 @@ def tokens_match(given: object, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+SENDER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True)
 class Hello:
     """A validated hello."""
@@ -60,6 +64,7 @@ class Hello:
     format: str
     sample_rate: int
     channels: int
+    sender: str | None = None  # the sender's own id (the browser page's, per tab), if it gave one
 
 
 def parse_hello(message: str | bytes, expected_token: str | None) -> Hello:
@@ -72,7 +77,7 @@ def parse_hello(message: str | bytes, expected_token: str | None) -> Hello:
         raise ProtocolError(BAD_REQUEST, "the first message must be a text hello, not audio")
     try:
         hello = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a hostile hello nested thousands deep)
         raise ProtocolError(BAD_REQUEST, "the hello is not valid JSON") from None
     if not isinstance(hello, dict) or hello.get("type") != "hello":
         raise ProtocolError(BAD_REQUEST, 'the first message must be {"type": "hello", …}')
@@ -86,11 +91,14 @@ def parse_hello(message: str | bytes, expected_token: str | None) -> Hello:
         raise ProtocolError(
             UNSUPPORTED, f"sample_rate {rate!r} must be an integer from {MIN_RATE} to {MAX_RATE}"
         )
-    if channels not in (1, 2):
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 2):
         raise ProtocolError(UNSUPPORTED, f"channels {channels!r} must be 1 or 2")
+    sender = hello.get("sender")
+    if sender is not None and (not isinstance(sender, str) or not SENDER_ID.fullmatch(sender)):
+        raise ProtocolError(BAD_REQUEST, "sender must be 1-64 letters, digits, '.', '_' or '-'")
     if fmt == "opus" and rate not in (8000, 12000, 16000, 24000, 48000):
         raise ProtocolError(UNSUPPORTED, "opus needs a sample rate of 8, 12, 16, 24 or 48 kHz")
-    return Hello(fmt, rate, channels)
+    return Hello(fmt, rate, channels, sender)
 
 
 class AudioDecoder:

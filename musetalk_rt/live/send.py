@@ -62,10 +62,12 @@ async def send_clip(
     on_message: Callable[[dict], None] | None = None,
     open_timeout_s: float = 10.0,
     cafile: str | None = None,
+    sender: str | None = None,
 ) -> SendReport:
     """Send ``clip`` as ``pcm_s16le`` at its own rate and channel count.
 
     ``cafile`` trusts a certificate authority (or a self-signed certificate) for ``wss://``.
+    ``sender``: this sender's id in the hello (a half-open connection of the same id gives way).
 
     Raises:
         UserError: The server cannot be reached, or refuses the hello (its message is given).
@@ -78,6 +80,7 @@ async def send_clip(
         "format": "pcm_s16le",
         "sample_rate": clip.sample_rate,
         "channels": clip.channels,
+        **({"sender": sender} if sender else {}),
     }
     ws = await _connect(url, open_timeout_s, cafile)
     async with ws:

@@ -17,6 +17,10 @@ let ws = null, ctx = null, stream = null, sent = 0;
 // hello, wrong token, no such channel, unsupported or undecodable audio) stops instead.
 const PERMANENT = new Set([4400, 4401, 4404, 4415, 4422]);
 let wanted = false, retries = 0, retryTimer = null, run = 0;
+// this tab's id: the server lets a sender it holds half-open give way to the same one only
+const SENDER = sessionStorage.getItem("musetalk_sender") ||
+  Math.random().toString(36).slice(2, 12) + Date.now().toString(36);
+sessionStorage.setItem("musetalk_sender", SENDER);
 const CONNECT_TIMEOUT_MS = 10000;  // a connection not ready by then is closed and retried
 
 function setState(text, cls) {
@@ -80,7 +84,7 @@ function connect() {
   const timer = setTimeout(() => { if (!sock.ready) sock.close(); }, CONNECT_TIMEOUT_MS);
   sock.onopen = () => sock.send(JSON.stringify({
     type: "hello", token: $("token").value, format: "pcm_s16le", sample_rate: 16000,
-    channels: 1,
+    channels: 1, sender: SENDER,
   }));
   sock.onmessage = (ev) => {
     if (ws !== sock) return;
