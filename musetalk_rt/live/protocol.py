@@ -3,11 +3,17 @@
 A sender opens ``/ingest/<channel>`` and first sends a text message::
 
     {"type": "hello", "token": "…", "format": "pcm_s16le" | "f32le" | "opus",
-     "sample_rate": 8000..48000, "channels": 1 | 2}
+     "sample_rate": 8000..48000, "channels": 1 | 2, "sender": "tab-3f9a…"}
+
+``sender`` is optional (1-64 letters, digits, ``._-``): a sender that connects again with the
+same id takes over its own connection that the server still holds half-open after a dropped
+network, once that one has sent nothing for 5 s; anyone else is refused while it holds the
+channel.
 
 The server answers ``{"type": "ready", …}`` or ``{"type": "error", "code": …, "message": …}``
 and closes with the same 44xx code. Then binary messages carry audio; text messages carry
-control (``flush``, ``bye``); the server sends ``stats`` every second.
+control (``flush``, ``bye``); the server sends ``stats`` every second, which a sender must read
+(a websockets client that never reads stops answering pings and is dropped after ~40 s).
 """
 
 from __future__ import annotations
