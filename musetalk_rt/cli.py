@@ -126,7 +126,7 @@ ENGINE_OPTION_DESTS: dict[str, tuple[str, ...]] = {
 def options_not_taken(engine: str) -> dict[str, tuple[str, ...]]:
     """The entries of :data:`ENGINE_OPTION_DESTS` that ``engine`` does not take.
 
-    None for an unknown engine: selecting it is the error that names the engines.
+    Empty for an unknown engine: selecting it is the error that names the engines.
     """
     from musetalk_rt.engines.base import available_engines, engine_parameters
 

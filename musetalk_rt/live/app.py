@@ -89,9 +89,11 @@ def keep_earlier_file(path: str) -> str:
     ``path`` is the show so far, so this run writes ``NAME.1.mp4`` (the first free number)
     instead and says so. A URL or a missing or empty file is returned as it is.
     """
-    p = Path(path)
-    if "://" in path or not p.is_file() or p.stat().st_size == 0:
+    from musetalk_rt.live.output import holds_output
+
+    if not holds_output(path):
         return path
+    p = Path(path)
     n = 1
     while (alt := p.with_name(f"{p.stem}.{n}{p.suffix}")).exists():
         n += 1

@@ -43,6 +43,7 @@ from musetalk_rt.audio.incremental import (
 )
 from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
 from musetalk_rt.avatar.store import Avatar
+from musetalk_rt.errors import worth_logging
 from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, DriftTracker
 from musetalk_rt.live.framelog import FrameLog
 from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
@@ -50,6 +51,9 @@ from musetalk_rt.stages import crossfade
 
 log = logging.getLogger("musetalk_rt.channel")
 MAX_GATHER = 50  # ingest chunks analysed together at most (1 s of 20 ms chunks)
+
+
+_ONE_STRETCH = ((0, None, 0),)  # a session's stretches before any move
 
 
 @dataclass
@@ -82,12 +86,14 @@ class _Session:
                 return self.base_frame + f + offset
         return self.base_frame + f
 
-    def _stretches(self) -> list[tuple[int, int | None, int]]:
+    def _stretches(self) -> tuple[tuple[int, int | None, int], ...]:
         """``(first, end, offset)`` of each stretch of session frames, newest first."""
         moves = self.moves  # one read: another thread may replace it meanwhile
+        if not moves:  # (the usual case: is_speech asks for every due frame)
+            return _ONE_STRETCH
         starts = [(0, 0), *moves]
         ends = [f for f, _ in moves] + [None]
-        return [(f, e, o) for (f, o), e in zip(starts, ends, strict=True)][::-1]
+        return tuple((f, e, o) for (f, o), e in zip(starts, ends, strict=True))[::-1]
 
     def session_frame(self, m: int) -> int | None:
         """The session frame on media frame ``m``.
@@ -370,7 +376,7 @@ class LiveChannel:
         """Count and log the exception being handled (the first ones with their traceback)."""
         self.stats.audio_errors += 1
         n = self.stats.audio_errors
-        if n <= 3 or n % 100 == 0:
+        if worth_logging(n):
             log.exception("channel %s: %s error #%d; going on", self.name, what, n)
 
     def _close(self, s: _Session) -> None:
@@ -592,21 +598,17 @@ class LiveChannel:
                 last_gen = self._tick(n, silence, last_gen)
             except Exception:  # the clock never stops: this frame is lost, the next one goes out
                 self.stats.clock_errors += 1
-                if self.stats.clock_errors <= 3 or self.stats.clock_errors % 100 == 0:
+                if worth_logging(self.stats.clock_errors):
                     log.exception(
                         "channel %s: frame %d failed (error #%d); going on",
                         self.name,
                         n,
                         self.stats.clock_errors,
                     )
-                # the stream stays continuous: idle (no output got frame n: _tick's offers never
-                # raise, so the error came before them)
+                # the stream stays continuous: idle (no output got frame n: _offer never raises,
+                # so the error came before it)
                 with contextlib.suppress(Exception):
-                    idle = self.avatar.frames[self.avatar.cycle_frame(n)]
-                    for out in self.outputs:
-                        with contextlib.suppress(Exception):
-                            out.offer(idle, silence, None)
-                    self.stats.frames_out += 1
+                    self._offer(n, self.avatar.frames[self.avatar.cycle_frame(n)], silence, None)
                 with contextlib.suppress(Exception):
                     self._forget_before(n + 1)
             n += 1
@@ -659,12 +661,18 @@ class LiveChannel:
                 "arrival": self.arrival.get(n),
                 "emitted": time.monotonic(),
             }
-        for out in self.outputs:  # one failing output never holds the frame from the others
+        self._offer(n, frame, audio, meta)
+        self._forget_before(n + 1)
+        return last_gen
+
+    def _offer(self, n: int, frame: np.ndarray, audio: np.ndarray, meta: dict | None) -> None:
+        """Hand frame ``n`` to every output; one failing never holds it from the others."""
+        for out in self.outputs:
             try:
                 out.offer(frame, audio, meta)
             except Exception:
                 self.stats.output_errors += 1
-                if self.stats.output_errors <= 3 or self.stats.output_errors % 100 == 0:
+                if worth_logging(self.stats.output_errors):
                     log.exception(
                         "channel %s: output %s refused frame %d (error #%d)",
                         self.name,
@@ -673,8 +681,6 @@ class LiveChannel:
                         self.stats.output_errors,
                     )
         self.stats.frames_out += 1
-        self._forget_before(n + 1)
-        return last_gen
 
     def _forget_before(self, m: int) -> None:
         """Drop everything older than frame ``m`` (keeps every map bounded)."""

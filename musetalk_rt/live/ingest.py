@@ -206,13 +206,9 @@ class IngestServer:
                 raise ProtocolError(TIMEOUT, "no hello within the timeout") from None
             hello = parse_hello(first, self.config.token)
             if name in self._busy:  # a reconnecting sender may find its old session ending
-                left = self._left.setdefault(name, asyncio.Event())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(left.wait(), self.config.busy_grace_s)
-            if name in self._busy and await self._replace_stale(name, hello.sender):
-                left = self._left.setdefault(name, asyncio.Event())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(left.wait(), 5.0)
+                await self._sender_left(name, self.config.busy_grace_s)
+            if name in self._busy and self._replace_stale(name, hello.sender):
+                await self._sender_left(name, 5.0)
             if name in self._busy:
                 since = time.strftime("%H:%M:%S", time.localtime(self._busy[name]))
                 raise ProtocolError(BUSY, f"channel {name!r} already has a sender (since {since})")
@@ -229,7 +225,13 @@ class IngestServer:
             self._busy.pop(name, None)
             self._left[name].set()
 
-    async def _replace_stale(self, name: str, sender: str | None) -> bool:
+    async def _sender_left(self, name: str, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the channel's sender to leave."""
+        left = self._left.setdefault(name, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(left.wait(), timeout_s)
+
+    def _replace_stale(self, name: str, sender: str | None) -> bool:
         """End the channel's sender if it is ``sender`` again and has sent nothing for a while.
 
         Returns:
@@ -260,9 +262,13 @@ class IngestServer:
         sink = self.sinks[name]
         decoder = AudioDecoder(hello)
         audio_in = AudioInput(hello.sample_rate, hello.channels)
-        state = {"received_s": 0.0, "paced_s": 0.0, "messages": 0}
-        state["last_message"] = time.monotonic()
-        state["sender"] = hello.sender
+        state = {
+            "received_s": 0.0,
+            "paced_s": 0.0,
+            "messages": 0,
+            "last_message": time.monotonic(),
+            "sender": hello.sender,
+        }
         self._active[name] = (conn, state)
         t0 = time.monotonic()
         sink.open_session()

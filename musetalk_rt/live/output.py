@@ -96,12 +96,13 @@ def next_part(target: str, part: int) -> str:
     return str(alt)
 
 
-def _holds_output(target: str) -> bool:
-    """Whether ``target`` is a file that already holds something (never an RTMP URL)."""
-    if target.startswith(RTMP_SCHEMES):
+def holds_output(target: str) -> bool:
+    """Whether ``target`` is a file that already holds something (never a URL)."""
+    if "://" in target:
         return False
+    p = Path(target)
     with contextlib.suppress(OSError):
-        return Path(target).stat().st_size > 0
+        return p.is_file() and p.stat().st_size > 0
     return False
 
 
@@ -257,7 +258,7 @@ class Output:
                     self.stats["dropped_down"] += 1
                     continue
                 target = self._file
-                if self._writers and _holds_output(target):
+                if self._writers and holds_output(target):
                     # a recording whose writer failed is kept as it is: the rest goes beside it
                     # (one that holds nothing yet, e.g. on a full disk, is simply reopened)
                     target = self._file = next_part(self.target, self._writers + 1)

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from musetalk_rt.avatar.geometry import blend
+from musetalk_rt.errors import worth_logging
 from musetalk_rt.pipeline import FaceGenerator
 from musetalk_rt.stages import FrameBatch, StageClock
 
@@ -378,7 +379,7 @@ class GpuWorker:
         each would bury the log (and fill its disk) while the show goes on with idle frames.
         """
         self.batch_errors += 1
-        if _worth_logging(self.batch_errors):
+        if worth_logging(self.batch_errors):
             log.exception(
                 "GPU batch failed (error #%d); those frames will show idle", self.batch_errors
             )
@@ -392,7 +393,7 @@ class GpuWorker:
             self._blend_s.append(time.monotonic() - t0)
         except Exception:  # that frame shows idle; the show goes on
             self.blend_errors += 1
-            if _worth_logging(self.blend_errors):
+            if worth_logging(self.blend_errors):
                 log.exception(
                     "blending frame %d of channel %s failed (error #%d)",
                     m,
@@ -402,11 +403,6 @@ class GpuWorker:
         finally:
             ch.pending.discard(m)
             self._blend_slots.release()
-
-
-def _worth_logging(n: int) -> bool:
-    """The 1st, 2nd, 3rd and every 100th error of a kind get a log record (all are counted)."""
-    return n <= 3 or n % 100 == 0
 
 
 @dataclass
