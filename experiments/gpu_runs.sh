@@ -327,9 +327,11 @@ kernels)
   grep -h -v "^{" "$L"/kernels_*.txt | cut -c1-160
   ;;
 rewrites)
-  # RW_JOBS: comma-separated BUCKET:OPTIONS, one bench process each (built at once, timed in
-  # turns); RW_KERNELS=0 skips the kernel profile after them
-  IFS=, read -r -a jobs <<< "${RW_JOBS:-4:,32:,4:--phase-upsample,32:--phase-upsample,4:--phase-upsample --channels-last-norm,32:--phase-upsample --channels-last-norm}"
+  # RW_JOBS: comma-separated BUCKET:OPTIONS (';'-separated when an item's options hold a comma,
+  # as --inductor-config a=1,b=2 does), one bench process each (built at once, timed in turns);
+  # RW_KERNELS=0 skips the kernel profile after them
+  sep=,; [[ ${RW_JOBS:-} == *";"* ]] && sep=";"
+  IFS=$sep read -r -a jobs <<< "${RW_JOBS:-4:,32:,4:--phase-upsample,32:--phase-upsample,4:--phase-upsample --channels-last-norm,32:--phase-upsample --channels-last-norm}"
   rm -rf /tmp/gpu_turns_rw  # a warm host keeps the last call's turn marks: start clean
   i=0
   for job in "${jobs[@]}"; do

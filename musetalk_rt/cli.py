@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from musetalk_rt.errors import UserError
+from musetalk_rt.inductor_options import check_syntax as check_inductor_syntax
 
 EXIT_INTERNAL = 1
 
@@ -120,6 +121,7 @@ ENGINE_OPTION_DESTS: dict[str, tuple[str, ...]] = {
     "autotune_stages": ("autotune_stages",),
     "phase_upsample": ("phase_upsample",),
     "channels_last_norm": ("channels_last_norm",),
+    "inductor_config": ("inductor_config",),
 }
 
 
@@ -166,6 +168,8 @@ def _engine_options(args) -> dict:
         opts["phase_upsample"] = args.phase_upsample == "interleave" or args.phase_upsample
     if getattr(args, "channels_last_norm", False):
         opts["channels_last_norm"] = True
+    if getattr(args, "inductor_config", None):
+        opts["inductor_config"] = args.inductor_config
     if getattr(args, "aoti_channels_last", False) and not getattr(args, "no_channels_last", False):
         opts["channels_last"] = True
     if getattr(args, "aoti_cuda_graphs", False) and not getattr(args, "no_cuda_graphs", False):
@@ -291,6 +295,15 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile and aoti: group norms reduce per channel over the pixels, then merge into "
         "group statistics (checked by the gate; on an H200 +2.4%% at batch 4, none at 32)",
+    )
+    g.add_argument(
+        "--inductor-config",
+        type=check_inductor_syntax,
+        metavar="KEY=VALUE[,...]",
+        help="compile and aoti: more inductor settings (torch._inductor.config keys, checked "
+        "against the installed torch and part of the engine cache key), e.g. "
+        "triton.enable_pdl=true (programmatic dependent launch, Hopper) or combo_kernels=true; "
+        "settings an engine flag owns (freezing, ...) are refused with that flag's name",
     )
     g.add_argument(
         "--compile-graph-capture",

@@ -174,6 +174,7 @@ def test_every_engine_option_maps_to_the_options_that_set_it(tmp_path, capsys):
     every += ["--compile-fuse-qkv", "--compile-cudnn-benchmark", "--compile-graph-capture"]
     every += ["manual", "--aoti-weights", "so", "--aoti-max-autotune", "--autotune-stages", "unet"]
     every += ["--phase-upsample", "transpose", "--channels-last-norm"]
+    every += ["--inductor-config", "combo_kernels=1"]
     opts = _engine_options(build_parser().parse_args(every))
     assert set(opts) == set(ENGINE_OPTION_DESTS)  # every key, and no key nothing can set
     aoti_flags = build_parser().parse_args(["--avatar", "a", "--aoti-channels-last"])

@@ -50,13 +50,14 @@ import tempfile
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch._inductor
 from torch import nn
 
+from musetalk_rt import inductor_options
 from musetalk_rt.engines.base import (
     Engine,
     EngineReport,
@@ -302,6 +303,7 @@ class ExportedEngine(Engine):
             + (", channels-last group norm" if self.channels_last_norm else "")
             + (", freezing" if self.freezing else "")
             + (", coordinate-descent tuning" if self.coordinate_descent else "")
+            + inductor_options.describe(getattr(self, "inductor_config", {}))
             + (f"; {self.compiler_note}" if built and self.compiler_note else "")
         )
         runner = Runner(fns, dtype, report, memory_format=fmt, artifacts=built)
@@ -329,6 +331,8 @@ class AotiEngine(ExportedEngine):
             the convolutions' weights re-laid out once in the package, not at every call.
         coordinate_descent: Inductor's coordinate-descent tuning of every generated kernel's
             launch configuration (a slower build, paid once).
+        inductor_config: More inductor settings for the package's build, ``"KEY=VALUE,..."``
+            or a mapping (:mod:`musetalk_rt.inductor_options`).
     """
 
     name = "aoti"
@@ -347,8 +351,10 @@ class AotiEngine(ExportedEngine):
         channels_last: bool = False,
         freezing: bool = False,
         coordinate_descent: bool = False,
+        inductor_config: str | Mapping | None = None,
     ):
         super().__init__(cuda_graphs)
+        self.inductor_config = inductor_options.parse(inductor_config)
         self.phase_upsample = upsample_form(phase_upsample) or False  # validated here
         self.channels_last_norm = channels_last_norm
         self.channels_last = channels_last
@@ -373,6 +379,8 @@ class AotiEngine(ExportedEngine):
         for name in ("channels_last", "freezing", "coordinate_descent"):  # absent when off
             if getattr(self, name):
                 opts[name] = True
+        if self.inductor_config:
+            opts["inductor_config"] = dict(self.inductor_config)
         return opts | rewrite_options(self.phase_upsample, self.channels_last_norm)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -401,6 +409,7 @@ class AotiEngine(ExportedEngine):
             configs["freezing"] = True
         if self.coordinate_descent:
             configs["coordinate_descent_tuning"] = True
+        configs.update(self.inductor_config)  # (the keys above are refused there)
         with torch.no_grad():  # (inductor freezes only a graph compiled without autograd)
             return Path(
                 torch._inductor.aoti_compile_and_package(

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from musetalk_rt import inductor_options
 from musetalk_rt.engines.base import (
     Engine,
     EngineReport,
@@ -158,6 +159,8 @@ class CompileEngine(Engine):
             Triton templates against cuDNN/cuBLAS and keeps the fastest. Unlike mode
             ``max-autotune`` it leaves pointwise kernels alone and adds no coordinate-descent
             tuning (that mode turns it on whatever ``coordinate_descent`` says).
+        inductor_config: More inductor settings, ``"KEY=VALUE,..."`` or a mapping
+            (:mod:`musetalk_rt.inductor_options`; inductor backend only).
     """
 
     name = "compile"
@@ -178,6 +181,7 @@ class CompileEngine(Engine):
         channels_last_norm: bool = False,
         autotune_stages: Sequence[str] | str = (),
         gemm_autotune: bool = False,
+        inductor_config: str | Mapping | None = None,
     ):
         if graph_capture not in GRAPH_CAPTURES:
             choices = ", ".join(GRAPH_CAPTURES)
@@ -196,6 +200,9 @@ class CompileEngine(Engine):
         self.gemm_autotune = gemm_autotune
         tuned_everywhere = f"--compile-mode {mode}" if (mode or "").startswith("max-") else None
         self.autotune_stages = check_autotune_stages(autotune_stages, tuned_everywhere)
+        self.inductor_config = inductor_options.parse(inductor_config)
+        if self.inductor_config and backend != "inductor":
+            raise UserError(f"{inductor_options.FLAG} needs the inductor backend, not {backend}")
 
     def for_stage(self, stage: str) -> Engine:
         return engine_for_stage(self, stage, gemm_autotune=True)
@@ -218,6 +225,8 @@ class CompileEngine(Engine):
             opts["autotune_stages"] = list(self.autotune_stages)
         if self.gemm_autotune:  # (absent when off, as above)
             opts["gemm_autotune"] = True
+        if self.inductor_config:  # (absent when none, as above)
+            opts["inductor_config"] = dict(self.inductor_config)
         return opts | rewrite_options(self.phase_upsample, self.channels_last_norm)
 
     def load_cache(self, folder: Path) -> bool:
@@ -282,8 +291,9 @@ class CompileEngine(Engine):
         inductor_config.freezing = self.freezing
         inductor_config.coordinate_descent_tuning = self.coordinate_descent
         gemm_tuned = self.gemm_autotune and self.backend == "inductor"
-        # tuned: the mode (still named in the report) becomes options
-        options = mode_options(mode, max_autotune_gemm=True) if gemm_tuned else None
+        # tuned or more settings: the mode (still named in the report) becomes options
+        extra = dict(self.inductor_config) | ({"max_autotune_gemm": True} if gemm_tuned else {})
+        options = mode_options(mode, **extra) if extra else None
         compiled = torch.compile(
             m,
             fullgraph=True,
@@ -305,7 +315,8 @@ class CompileEngine(Engine):
             + (", GEMM/convolution autotuning (max_autotune_gemm)" if gemm_tuned else "")
             + (f", fused qkv ({n_fused} attentions)" if self.fuse_qkv else "")
             + rewritten
-            + (", cudnn.benchmark" if self.cudnn_benchmark and on_cuda else ""),
+            + (", cudnn.benchmark" if self.cudnn_benchmark and on_cuda else "")
+            + inductor_options.describe(self.inductor_config),
         )
         fns = {}
         for b in sorted(set(batch_sizes)):

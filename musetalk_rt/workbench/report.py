@@ -29,6 +29,7 @@ DEFAULT_OPTIONS = {
     "autotune_stages": None,  # autotuning (recorded only when on)
     "gemm_autotune": False,
     "max_autotune": False,
+    "inductor_config": None,  # more inductor settings (recorded only when given)
 }
 # where an engine's default differs from the table above (aoti: contiguous unless asked)
 ENGINE_DEFAULTS = {"aoti": {"channels_last": False}}
@@ -46,6 +47,8 @@ def _option(name: str, value) -> str:
         return f"no {name}"
     if isinstance(value, list | tuple):
         value = "+".join(str(v) for v in value)
+    elif isinstance(value, dict):  # inductor settings: key=value+key=value
+        value = "+".join(f"{k}={v}" for k, v in value.items())
     return f"{name}={value}"
 
 
