@@ -7,17 +7,19 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, SHIFT_AT_S, DriftTracker
+from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, SHIFT_AT_S, DriftTracker, shift_at_for_slack
 
 CHUNK_S = 0.02  # 320 samples
 
 
-def _simulate(ppm: float, hours: float, jitter_s: float = 0.03, talk_s=8.0, pause_s=2.0, seed=0):
+def _simulate(
+    ppm: float, hours: float, jitter_s=0.03, talk_s=8.0, pause_s=2.0, seed=0, shift_at_s=SHIFT_AT_S
+):
     """A sender whose clock is ``ppm`` slow (negative: fast), 20 ms chunks, random network
     delay, talking ``talk_s`` then quiet ``pause_s`` in turns. Returns the lags behind the
     slots after each correction and the frames moved in all."""
     rng = np.random.default_rng(seed)
-    tracker, moved, lags = DriftTracker(), 0, []
+    tracker, moved, lags = DriftTracker(shift_at_s), 0, []
     n = int(hours * 3600 / CHUNK_S)
     rate = 1.0 - ppm * 1e-6  # the sender's samples per real second, as a share of 16 kHz
     for i in range(n):
@@ -55,6 +57,22 @@ def test_network_jitter_alone_moves_nothing():
     the lag does not move, nor does the timeline."""
     _, moved = _simulate(0, 1.0, jitter_s=0.15)
     assert moved == 0
+
+
+def test_a_small_margin_moves_the_timeline_at_one_frame():
+    """The low-latency settings leave 40 ms of slack in D: a drift of 80 ms would make windows
+    late before the move, so the threshold drops to one frame there; the default 100 ms margin
+    (and any larger slack) keeps two. With one frame, a slow sender's lag stays within a frame
+    of where it began, and jitter alone still moves nothing."""
+    assert shift_at_for_slack(0.100) == SHIFT_AT_S == 0.08 and shift_at_for_slack(0.9) == 0.08
+    assert shift_at_for_slack(0.099) == shift_at_for_slack(0.04) == 0.04
+    assert shift_at_for_slack(-0.2) == 0.04  # a fixed D below its parts: still one frame
+    lags, moved = _simulate(50, 2.0, shift_at_s=0.04)
+    floor = lags[: int(5 / CHUNK_S)].min()
+    assert abs(moved - 0.36 * 25) <= 2
+    per_min = lags[: len(lags) // 3000 * 3000].reshape(-1, 3000).min(axis=1)
+    assert np.all(per_min - floor <= 0.04 + 0.005)  # a frame at most (two: 77 ms here)
+    assert _simulate(0, 1.0, jitter_s=0.15, shift_at_s=0.04)[1] == 0
 
 
 def test_no_move_while_talking_then_at_most_five_frames_in_the_pause():

@@ -427,6 +427,7 @@ def test_bench_e2e_through_nginx_rtmp(tmp_path):
     summary = rows[-1]
     assert summary["receiver"]["codecs"] == {"video": "h264", "audio": "aac"}
     assert summary["delay"]["delay_ms"] == 3000 and summary["delay"]["derived"] is False
+    assert summary["delay"]["drift_shift_ms"] == 80.0  # D has slack: two frames
     ok = [r for r in rows if r["kind"] == "marker" and r["status"] == "ok"]
     for r in ok:
         total = r["voice_to_server_ms"] + r["server_to_encoded_ms"] + r["encoded_to_received_ms"]

@@ -376,6 +376,38 @@ def test_voice_mode_speaks_groq_speech_in_order(standin, vad_net):
     assert standin.counts("chat") == {200: 3} and standin.counts("speech") == {200: 3}
 
 
+def test_voice_mode_skips_utterances_while_its_speech_runs_too_far_behind(standin, vad_net, caplog):
+    """Speech much longer than the MC's words piles up: while what is queued reaches past
+    ``max_behind_s``, the next utterances are skipped (no Groq call, counted, logged) instead
+    of playing later and later; once caught up, voice mode speaks again."""
+    standin.config.transcripts = [
+        "This is a much longer sentence than the one the speaker said, and it goes on for a "
+        "good while before it comes to an end."
+    ]
+    ch = TimelineChannel()
+    sp = _speech(standin, tts_model="tts", tts_voice="v", max_behind_s=2.0)
+    sink = VoiceSink(ch, sp, sp.config, vad_net)
+    sink.start()
+    try:
+        sink.open_session()
+        mc = ("Good evening everyone.", "Welcome to the show.", "Let us begin.", "Thank you.")
+        _feed(sink, _phrases(*mc))
+        _wait(lambda: sink.stats.utterances >= 4 and sink.utt_q.empty(), 60, "four utterances")
+        _wait(lambda: sink.stats.spoken + sink.stats.skipped_behind >= 4, 60, "all handled")
+        assert sink.stats.spoken == 1 and sink.stats.skipped_behind == 3
+        assert sink.behind_s() > 2.0 and standin.counts("speech") == {200: 1}
+        assert "voice mode runs" in caplog.text and "skipped so it catches up" in caplog.text
+        sink._queued_until = 0.0  # the queued speech has played out
+        _feed(sink, _phrases("Here we are again."))
+        _wait(lambda: sink.stats.spoken == 2, 60, "speech again once caught up")
+        sink.close_session()
+    finally:
+        sink.stop()
+    assert len(ch.sessions) == 2 and sink.stats_dict()["skipped_behind"] == 3
+    with pytest.raises(UserError, match=r"max_behind_s = 1.0: use 2..300"):
+        GroqConfig(max_behind_s=1.0).validate("voice")
+
+
 def test_voice_mode_falls_back_and_recovers_and_never_logs_the_key(standin, vad_net, caplog, capfd):
     caplog.set_level(logging.DEBUG)  # everything, the client's and httpx's debug logs included
     standin.config.leaky_errors = True  # error bodies echo the key: it must still not be logged

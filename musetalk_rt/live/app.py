@@ -26,6 +26,7 @@ import numpy as np
 
 from musetalk_rt.errors import UserError
 from musetalk_rt.live.diskwatch import RecordingDisks
+from musetalk_rt.live.drift import SHIFT_AT_S, shift_at_for_slack
 from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
 
 log = logging.getLogger("musetalk_rt.live")
@@ -574,9 +575,15 @@ def run(args) -> int:
         if args.delay_ms
         else derive_delay_s(lookahead_s, canvas_s, compute_s, margin_s, len(chans), per_channel_s)
     )
+    # what D holds beyond its parts (the margin of a derived D): sets how soon a drifting
+    # sender clock moves the timeline (musetalk_rt.live.drift)
+    parts_s = derive_delay_s(lookahead_s, canvas_s, compute_s, 0.0, len(chans), per_channel_s)
+    slack_s = delay_s - parts_s
+    drift_shift_s = shift_at_for_slack(slack_s)
     if frame_log:
         frame_log.write(
             ev="delay",
+            drift_shift_ms=round(drift_shift_s * 1000, 3),
             delay_ms=round(delay_s * 1000, 3),
             derived=not args.delay_ms,
             lookahead_ms=round(lookahead_s * 1000, 3),
@@ -604,6 +611,13 @@ def run(args) -> int:
         ),
         flush=True,
     )
+    if drift_shift_s < SHIFT_AT_S:
+        print(
+            f"D leaves {slack_s * 1000:.0f} ms of slack: a drifting sender clock moves the "
+            f"timeline at {drift_shift_s * 1000:.0f} ms of drift (1 frame), not "
+            f"{SHIFT_AT_S * 1000:.0f}",
+            flush=True,
+        )
     vad_net = load_silero_vad()
     # several channels share one voice-activity thread, their windows batched (a channel's own
     # network calls cost each feature thread ~20 interpreter-lock round trips per 32 ms window)
@@ -635,6 +649,7 @@ def run(args) -> int:
                 outs,
                 encoder,
                 frame_log,
+                drift_shift_s=drift_shift_s,
             )
         )
     disks = RecordingDisks(recordings)

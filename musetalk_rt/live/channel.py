@@ -44,7 +44,7 @@ from musetalk_rt.audio.incremental import (
 from musetalk_rt.audio.vad import SpeechGate, VoiceActivity
 from musetalk_rt.avatar.store import Avatar
 from musetalk_rt.errors import worth_logging
-from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, DriftTracker
+from musetalk_rt.live.drift import MAX_SHIFT_FRAMES, SHIFT_AT_S, DriftTracker
 from musetalk_rt.live.framelog import FrameLog
 from musetalk_rt.live.output import AUDIO_PER_FRAME, Output
 from musetalk_rt.stages import crossfade
@@ -206,7 +206,11 @@ class LiveChannel:
         encoder: Shared batched whisper encoder (one batched call for all channels' canvases).
         frame_log: Where to record the clock start, sessions and per-frame timestamps (the
             outputs write the frame records; see :mod:`.framelog`).
+        drift_shift_s: The sender clock drift that moves a session's timeline
+            (:func:`~musetalk_rt.live.drift.shift_at_for_slack` of ``D``'s slack).
     """
+
+    drift_shift_s: float = SHIFT_AT_S  # (a class default too: tests build bare channels)
 
     def __init__(
         self,
@@ -220,8 +224,10 @@ class LiveChannel:
         outputs: list[Output],
         encoder: BatchedEncoder | None = None,
         frame_log: FrameLog | None = None,
+        drift_shift_s: float = SHIFT_AT_S,
     ):
         self.name = name
+        self.drift_shift_s = drift_shift_s
         self.frame_log = frame_log
         self.avatar = avatar
         self.encoder = encoder
@@ -329,6 +335,7 @@ class LiveChannel:
                     start,
                     self._new_extractor(),
                     VoiceActivity(self.vad_net),
+                    drift=DriftTracker(self.drift_shift_s),
                 )
                 cur.vad.keep_probs = False
                 with self._lock:

@@ -12,12 +12,14 @@ instead, and the ingest holds it back, so the lag grows in its browser.
 :class:`DriftTracker` watches the lag of each chunk's last sample behind its slot. Its floor over
 the last 5–10 s (the minimum: network delays only add) against the floor of the session's first
 5 s is the drift; sample losses and route changes show the same way and are corrected alike.
-Once it reaches 2 frames (80 ms, inside the playout delay's default 100 ms margin) and the
-speaker has been quiet for 300 ms (and the last speech segment's padded end lies before the
-frames involved), the channel moves the session's timeline by that many frames (at most 5 at
-once) from the next frame of audio on; what came before keeps its slots. Later for a slow
-sender (the gap shows idle with silence), earlier for a fast one (its newest quiet audio
-overwrites the last quiet frames). In a pause, nothing visible changes; lips and sound stay
+Once it reaches 2 frames (80 ms, inside the playout delay's default 100 ms margin; 1 frame
+when the delay leaves less than 100 ms of slack, as the low-latency settings' 40 ms margin
+does: :func:`shift_at_for_slack`) and the speaker has been quiet for 300 ms (and the last
+speech segment's padded end lies before the frames involved), the channel moves the session's
+timeline by that many frames (at most 5 at once) from the next frame of audio on; what came
+before keeps its slots. Later for a slow sender (the gap shows idle with silence), earlier for
+a fast one (its newest quiet audio overwrites the last quiet frames). In a pause, nothing
+visible changes; lips and sound stay
 together because both follow the moved timeline. Simulated (``tests/test_drift.py``): a
 sender 50 ppm slow for three hours, 540 ms of drift uncorrected, stays within 78 ms of where it
 began.
@@ -34,10 +36,28 @@ QUIET_MS = 300.0  # only after this much quiet
 SETTLE_S = 60.0  # the floor may still fall this long (a start under congestion); no move earlier
 
 
-class DriftTracker:
-    """The drift of one session's audio against its slots, and when to move them."""
+def shift_at_for_slack(slack_s: float) -> float:
+    """The drift that moves the timeline, for a playout delay with ``slack_s`` to spare.
 
-    def __init__(self) -> None:
+    ``slack_s`` is what ``D`` holds beyond the look-ahead, a whisper call and two batches (the
+    margin of a derived ``D``, more for a fixed one). Two frames while that leaves 20 ms once
+    they are spent; else one frame, so that a slow sender's lag is corrected before it eats a
+    small margin (a drift of 80 ms against the low-latency settings' 40 ms would make windows
+    late first). Below one frame of slack a move still comes at one frame: late windows may
+    come before it.
+    """
+    return SHIFT_AT_S if slack_s >= SHIFT_AT_S + 0.02 else 1 / FPS
+
+
+class DriftTracker:
+    """The drift of one session's audio against its slots, and when to move them.
+
+    Args:
+        shift_at_s: Drift that moves the timeline (:func:`shift_at_for_slack`).
+    """
+
+    def __init__(self, shift_at_s: float = SHIFT_AT_S) -> None:
+        self.shift_at_s = shift_at_s
         self.floor_s: float | None = None  # the lag's floor in the session's first bucket
         self._prev: float | None = None  # the floor of the last full bucket
         self._cur: float | None = None  # of the bucket being filled
@@ -74,9 +94,9 @@ class DriftTracker:
         # and only once the floor has settled (a start under congestion is not a fast clock)
         late_s = min(self._prev, self._cur) - self.floor_s
         early_s = max(self._prev, self._cur) - self.floor_s
-        if late_s >= SHIFT_AT_S:
+        if late_s >= self.shift_at_s:
             drift_s = late_s
-        elif early_s <= -SHIFT_AT_S and not settling:
+        elif early_s <= -self.shift_at_s and not settling:
             drift_s = early_s
         else:
             return 0

@@ -227,6 +227,7 @@ def metrics_text(
         ("fallbacks", "voice mode: utterances played in the MC's own voice"),
         ("failures", "utterances whose Groq calls failed within the budget"),
         ("dropped_utterances", "utterances dropped on a full queue"),
+        ("skipped_behind", "voice mode: utterances skipped while the speech ran too far behind"),
         ("breaker_opens", "times the Groq circuit opened"),
     ):
         metric(

@@ -44,6 +44,7 @@ class GroqConfig:
     breaker_failures: int = 3  # consecutive failed utterances that open the circuit
     breaker_cooldown_s: float = 10.0  # then one trial utterance is allowed
     max_utterance_s: float = 8.0  # longer speech is split at a pause
+    max_behind_s: float = 10.0  # voice mode: speech queued further ahead skips the next utterance
     min_pause_ms: int = 400  # a pause this long ends an utterance
     caption_font: str | None = None  # a TTF/TTC/OTF with CJK glyphs (default: searched)
 
@@ -60,6 +61,8 @@ class GroqConfig:
             raise UserError(f"[groq] max_retries = {self.max_retries}: use 0..5")
         if not 1.0 <= self.max_utterance_s <= 30.0:
             raise UserError(f"[groq] max_utterance_s = {self.max_utterance_s}: use 1..30")
+        if not 2.0 <= self.max_behind_s <= 300.0:
+            raise UserError(f"[groq] max_behind_s = {self.max_behind_s}: use 2..300")
         if mode == "voice" and not (self.tts_model and self.tts_voice):
             raise UserError(
                 "--groq voice needs tts_model and tts_voice in the [groq] table of --config "

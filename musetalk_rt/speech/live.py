@@ -21,7 +21,12 @@ the cool-down the next utterance is a trial that, if it succeeds, brings voice m
 
 Queues: audio to the segment thread (30 s; full: the chunk is dropped and counted), utterances
 to the request thread (64; full: dropped and counted; an utterance older than twice the budget
-skips Groq and plays as recorded, so a backlog drains instead of growing).
+skips Groq and plays as recorded, so a backlog drains instead of growing). In voice mode the
+spoken sessions themselves can run behind: speech longer than the MC's words (a translation, a
+slow voice) starts after the one before ends, so over a long show the avatar would fall further
+and further behind the MC in the hall. While the speech already queued reaches more than
+``max_behind_s`` (10 s) past now, the next utterance is skipped — counted
+(``groq_skipped_behind_total``) and logged — until it has caught up.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class SpeechStats:
     failures: int = 0
     dropped_audio_chunks: int = 0
     dropped_utterances: int = 0
+    skipped_behind: int = 0  # voice mode: utterances skipped while the speech ran too far behind
     breaker_opens: int = 0
     breaker_state: str = CLOSED
     delays_ms: list[float] = field(default_factory=list)  # voice: utterance end -> speech frame
@@ -325,6 +331,11 @@ class VoiceSink(_SpeechSink):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._passthrough = False
+        self._queued_until = 0.0  # when the speech queued so far ends (monotonic, without D)
+
+    def behind_s(self) -> float:
+        """How far past now the speech queued so far reaches (0: none is waiting)."""
+        return max(0.0, self._queued_until - time.monotonic())
 
     # segment thread --------------------------------------------------------------------------
 
@@ -378,6 +389,8 @@ class VoiceSink(_SpeechSink):
                     Cue(u.index, start_s, base_frame / FPS + audio.size / SR, text), "spoken"
                 )
 
+        # the channel starts a session at the later of now and the previous one's end
+        self._queued_until = max(time.monotonic(), self._queued_until) + audio.size / SR
         ch.open_session(on_start=started)
         for i in range(0, audio.size, SR // 5):  # 200 ms pieces, like an ingest would
             ch.push(audio[i : i + SR // 5])
@@ -385,6 +398,18 @@ class VoiceSink(_SpeechSink):
 
     def _handle(self, u: Utterance, base_s, t_end: float, t_queued: float) -> None:
         t0 = time.monotonic()
+        behind_s = self.behind_s()
+        if behind_s > self.config.max_behind_s:  # no Groq call: this one would play even later
+            self.stats.skipped_behind += 1
+            log.warning(
+                "channel %s: voice mode runs %.1f s behind the MC; utterance %d skipped so it "
+                "catches up ([groq] max_behind_s = %g)",
+                self.channel.name,
+                behind_s,
+                u.index,
+                self.config.max_behind_s,
+            )
+            return
         info = {"segment_ms": round((t_queued - t_end) * 1000, 1)}
         stale = t0 - t_end > 2 * self.config.utterance_deadline_s
         if stale or not self.breaker.allow():
