@@ -26,7 +26,7 @@ spoken sessions themselves can run behind: speech longer than the MC's words (a 
 slow voice) starts after the one before ends, so over a long show the avatar would fall further
 and further behind the MC in the hall. While the speech already queued reaches more than
 ``max_behind_s`` (10 s) past now, the next utterance is skipped — counted
-(``groq_skipped_behind_total``) and logged — until it has caught up.
+(``musetalk_groq_skipped_behind_total``) and logged — until it has caught up.
 """
 
 from __future__ import annotations
