@@ -105,6 +105,9 @@ def test_aoti_compiles_with_the_picked_compiler_and_max_autotune(tmp_path, monke
     seen.clear()
     get_engine("aoti")._compile(None, (), tmp_path / "b1.pt2")
     assert "max_autotune" not in seen
+    # --inductor-config's settings (tests/test_inductor_options.py) go in beside them
+    get_engine("aoti", inductor_config="triton.enable_pdl=true")._compile(None, (), tmp_path / "x")
+    assert seen["triton.enable_pdl"] is True and "cpp.cxx" in seen
 
 
 def test_aoti_layout_freezing_and_tuning_options_reach_inductor_and_the_key(

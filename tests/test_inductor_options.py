@@ -129,20 +129,6 @@ def test_compile_passes_the_settings_with_the_modes_own(monkeypatch):
         get_engine("compile", backend="aot_eager", inductor_config="combo_kernels=true")
 
 
-def test_aoti_builds_its_package_with_the_settings(tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_compile_and_package(program, package_path, inductor_configs):
-        seen.update(inductor_configs)
-        return package_path
-
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile_and_package)
-    get_engine("aoti", inductor_config="triton.enable_pdl=true")._compile(
-        None, (torch.zeros(1, 4, 8, 8),), tmp_path / "b1.pt2"
-    )
-    assert seen["triton.enable_pdl"] is True and "cpp.cxx" in seen
-
-
 def test_rows_with_settings_get_a_line_of_their_own():
     from musetalk_rt.workbench.report import config_label
 
