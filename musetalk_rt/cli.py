@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -320,7 +321,7 @@ def engines_build_command(args, batch_sizes: list[int]) -> str:
     ``render`` and ``live`` print it when an ahead-of-time engine (``aoti``, ``trt``) is missing
     from the engine cache: same engine, dtype, buckets, weights, models folder and options.
     """
-    return " ".join(engines_build_words(args, batch_sizes))
+    return shlex.join(engines_build_words(args, batch_sizes))  # pastable: values quoted
 
 
 def engines_build_words(args, batch_sizes: list[int]) -> list[str]:

@@ -32,6 +32,8 @@ OWNED = {
     "cpp.cxx": "the CXX environment variable",
     "aot_inductor.package_constants_in_so": "--aoti-weights",
     "aot_inductor.package_constants_on_disk_format": "--aoti-weights",
+    "aot_inductor.package": "--engine aoti (it always builds a package)",
+    "aot_inductor.output_path": "the engine cache (it names the package's path)",
 }
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _TRUE = {"1", "true", "yes", "on"}
@@ -41,6 +43,8 @@ EXAMPLE = "e.g. triton.enable_pdl=true or combo_kernels=true"
 
 def split_items(text: str) -> list[tuple[str, str]]:
     """``"a=1,b.c=x"`` -> ``[("a", "1"), ("b.c", "x")]`` (syntax only).
+
+    A comma-separated part without ``=`` continues the value before it (``b=x,y``: ``"x,y"``).
 
     Raises:
         UserError: An item without ``=``, an empty or malformed key, or a key given twice.
@@ -52,6 +56,9 @@ def split_items(text: str) -> list[tuple[str, str]]:
             continue
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
+        if not sep and items:  # a value holding commas: max_autotune_gemm_backends=ATEN,TRITON
+            items[-1] = (items[-1][0], f"{items[-1][1]},{item}")
+            continue
         if not sep or not _KEY.fullmatch(key) or not value:
             raise UserError(f"{FLAG} {item!r}: write KEY=VALUE ({EXAMPLE})")
         if any(k == key for k, _ in items):
@@ -77,34 +84,48 @@ def check_syntax(text: str) -> str:
     return text
 
 
-def _typed(key: str, value: str, default):
-    """``value`` as the type of ``key``'s default."""
-    if isinstance(default, bool):
+_SIMPLE = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _simple_type(declared, default) -> type | None:
+    """The simple type of a key declared as ``bool``/``int``/``float``/``str`` (or ``None``).
+
+    ``declared`` is torch's declared type: a class, a typing form or a string such as
+    ``"str | None"``; without one (older torch) the default's type counts. Anything else:
+    ``None``.
+    """
+    import typing
+
+    if declared is None:
+        declared = type(default) if default is not None else None
+    if isinstance(declared, str):
+        names = [n.strip() for n in declared.replace("Optional[", "").rstrip("]").split("|")]
+        names = [n for n in names if n not in ("None", "NoneType")]
+        return _SIMPLE.get(names[0]) if len(names) == 1 else None
+    if declared in (bool, int, float, str):
+        return declared
+    args = [a for a in typing.get_args(declared) if a is not type(None)]
+    return args[0] if len(args) == 1 and args[0] in (bool, int, float, str) else None
+
+
+def _typed(key: str, value: str, kind: type):
+    """``value`` as ``kind``."""
+    if kind is bool:
         low = value.lower()
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
         raise UserError(f"{FLAG} {key}={value}: {key} takes true or false")
-    if isinstance(default, int):
+    if kind is int:
         try:
             return int(value)
         except ValueError:
             raise UserError(f"{FLAG} {key}={value}: {key} takes an integer") from None
-    if isinstance(default, float):
+    if kind is float:
         try:
             return float(value)
         except ValueError:
             raise UserError(f"{FLAG} {key}={value}: {key} takes a number") from None
-    if isinstance(default, str):
-        return value
-    if default is None:  # untyped: booleans and integers as such, the rest as text
-        low = value.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        return int(value) if re.fullmatch(r"-?[0-9]+", value) else value
-    raise UserError(
-        f"{FLAG} {key}: its value is a {type(default).__name__}, which the command line "
-        "cannot set; set it in Python (torch._inductor.config) for an experiment"
-    )
+    return value
 
 
 def parse(spec: str | Mapping | None) -> dict:
@@ -129,6 +150,7 @@ def parse(spec: str | Mapping | None) -> dict:
     import torch._inductor.config as inductor_config
 
     defaults = inductor_config.get_config_copy()
+    declared = getattr(inductor_config, "get_type", lambda key: None)
     out = {}
     for key, value in items:
         if key in OWNED:
@@ -137,8 +159,33 @@ def parse(spec: str | Mapping | None) -> dict:
             near = difflib.get_close_matches(key, list(defaults), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else f" ({EXAMPLE})"
             raise UserError(f"{FLAG}: torch's inductor has no setting {key!r}{hint}")
-        out[key] = _typed(key, value, defaults[key])
-    return dict(sorted(out.items()))
+        kind = _simple_type(declared(key), defaults[key])
+        if kind is None:
+            raise UserError(
+                f"{FLAG} {key}: its type ({str(declared(key))[:80]}) is not a boolean, number or "
+                "text, which the command line cannot set; set it in Python (torch._inductor.config)"
+            )
+        out[key] = _typed(key, value, kind)
+    out = dict(sorted(out.items()))
+    _check_with_torch(out)
+    return out
+
+
+def _check_with_torch(settings: dict) -> None:
+    """What ``torch.compile(options=...)`` says of ``settings``, as one line.
+
+    It checks each value against the key's declared type; skipped where that private check is
+    missing.
+    """
+    import torch
+
+    wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
+    if wrapper is None:
+        return
+    try:
+        wrapper(None, dict(settings), False)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UserError(f"{FLAG}: torch.compile refuses these settings: {exc}") from None
 
 
 def describe(settings: Mapping) -> str:

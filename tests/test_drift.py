@@ -67,6 +67,18 @@ def test_a_small_margin_moves_the_timeline_at_one_frame():
     assert shift_at_for_slack(0.100) == SHIFT_AT_S == 0.08 and shift_at_for_slack(0.9) == 0.08
     assert shift_at_for_slack(0.099) == shift_at_for_slack(0.04) == 0.04
     assert shift_at_for_slack(-0.2) == 0.04  # a fixed D below its parts: still one frame
+    # through the live process's own sums: a derived D gives back its margin exactly, whatever
+    # the measured parts (float sums would often leave 0.0999... of a 100 ms margin)
+    from musetalk_rt.live.app import delay_slack_s, derive_delay_s
+
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        look, canvas = rng.uniform(0.04, 0.5), rng.uniform(0.001, 0.05)
+        batch = rng.uniform(0.005, 0.1)
+        n, per = int(rng.integers(1, 25)), rng.choice([0.0, 0.04, 0.025])
+        for margin, shift in ((0.1, 0.08), (0.04, 0.04), (0.3, 0.08)):
+            d = derive_delay_s(look, canvas, batch, margin, n, per)
+            assert shift_at_for_slack(delay_slack_s(d, look, canvas, batch, n, per)) == shift
     lags, moved = _simulate(50, 2.0, shift_at_s=0.04)
     floor = lags[: int(5 / CHUNK_S)].min()
     assert abs(moved - 0.36 * 25) <= 2

@@ -18,6 +18,9 @@ def test_settings_are_typed_from_torchs_own_defaults_and_sorted():
         "combo_kernel_max_num_nodes": 4
     }
     assert inductor_options.parse({"combo_kernels": "off"}) == {"combo_kernels": False}
+    # a value holding commas (the backends' lists); a key declared "str | None" stays text
+    got = inductor_options.parse("max_autotune_gemm_backends=ATEN,TRITON,cuda.arch=90")
+    assert got == {"cuda.arch": "90", "max_autotune_gemm_backends": "ATEN,TRITON"}
     assert inductor_options.parse(None) == {} and inductor_options.parse({}) == {}
     # the same settings however written give the same mapping
     assert inductor_options.parse("combo_kernels=yes") == inductor_options.parse(
@@ -51,12 +54,48 @@ def test_bad_settings_get_one_line_naming_the_fix(spec, message):
     assert "\n" not in str(exc.value)
 
 
-def test_a_setting_the_command_line_cannot_type_is_refused():
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "worker_log_path=x",  # declared NoneType: torch.compile would refuse any value
+        "cudagraph_policy=x",  # an enum
+        "post_grad_custom_pre_pass=foo",  # a callable
+    ],
+)
+def test_a_setting_the_command_line_cannot_type_is_refused(spec):
+    """Typed from torch's declared type, not the default (None says nothing): anything but a
+    boolean, a number or text is refused before a build could fail on it."""
+    with pytest.raises(UserError, match="cannot set; set it in Python"):
+        inductor_options.parse(spec)
     import torch._inductor.config as cfg
 
     key = next(k for k, v in cfg.get_config_copy().items() if isinstance(v, list | dict))
     with pytest.raises(UserError, match="cannot set; set it in Python"):
         inductor_options.parse(f"{key}=1")
+
+
+def test_what_parse_accepts_torch_compile_accepts():
+    """Every setting of a simple declared type, given as text, passes torch.compile's own check
+    once typed (the last check parse makes); the packaging keys aoti owns are refused."""
+    import torch._inductor.config as cfg
+
+    n = 0
+    for key, default in cfg.get_config_copy().items():
+        if key in inductor_options.OWNED or isinstance(default, list | dict | tuple):
+            continue
+        value = str(default).lower() if isinstance(default, bool) else default
+        if value is None or callable(value):
+            continue
+        try:
+            inductor_options.parse({key: value})
+        except UserError as exc:
+            assert "cannot set" in str(exc), (key, exc)  # a type we refuse, never torch's error
+            continue
+        n += 1
+    assert n > 300
+    for key in ("aot_inductor.package", "aot_inductor.output_path"):
+        with pytest.raises(UserError, match="set it with"):
+            inductor_options.parse(f"{key}=x")
 
 
 def test_the_parser_checks_syntax_without_torch_and_the_engines_get_the_text():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ def test_a_preset_started_with_another_engine_leaves_out_what_that_engine_does_n
     from musetalk_rt.cli import build_parser as cli_parser
     from musetalk_rt.cli import engines_build_command
 
-    words = engines_build_command(args, [32, 16]).split()
+    words = shlex.split(engines_build_command(args, [32, 16]))  # as a shell reads it
     assert words[:5] == ["musetalk-rt", "engines", "build", "--engine", "aoti"]
     assert "--compile-graph-capture" not in words
     built = cli_parser().parse_args(words[1:])

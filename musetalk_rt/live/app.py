@@ -226,6 +226,23 @@ DEFAULT_DELAY_MARGIN_MS = 100
 DEFAULT_DELAY_PER_CHANNEL_MS = 40
 
 
+def delay_slack_s(
+    delay_s: float,
+    lookahead_s: float,
+    canvas_s: float,
+    compute_s: float,
+    channels: int = 1,
+    per_channel_s: float = DEFAULT_DELAY_PER_CHANNEL_MS / 1000,
+) -> float:
+    """What ``D`` holds beyond its parts (:func:`derive_delay_s` without the margin), seconds.
+
+    The margin of a derived ``D``, more or less for a fixed one; to the millisecond, so that a
+    derived ``D`` gives back its margin exactly (the two float sums differ in the last bits).
+    """
+    parts_s = derive_delay_s(lookahead_s, canvas_s, compute_s, 0.0, channels, per_channel_s)
+    return round((delay_s - parts_s) * 1000) / 1000
+
+
 def derive_delay_s(
     lookahead_s: float,
     canvas_s: float,
@@ -577,8 +594,7 @@ def run(args) -> int:
     )
     # what D holds beyond its parts (the margin of a derived D): sets how soon a drifting
     # sender clock moves the timeline (musetalk_rt.live.drift)
-    parts_s = derive_delay_s(lookahead_s, canvas_s, compute_s, 0.0, len(chans), per_channel_s)
-    slack_s = delay_s - parts_s
+    slack_s = delay_slack_s(delay_s, lookahead_s, canvas_s, compute_s, len(chans), per_channel_s)
     drift_shift_s = shift_at_for_slack(slack_s)
     if frame_log:
         frame_log.write(

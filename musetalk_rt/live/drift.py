@@ -46,7 +46,7 @@ def shift_at_for_slack(slack_s: float) -> float:
     late first). Below one frame of slack a move still comes at one frame: late windows may
     come before it.
     """
-    return SHIFT_AT_S if slack_s >= SHIFT_AT_S + 0.02 else 1 / FPS
+    return SHIFT_AT_S if slack_s >= SHIFT_AT_S + 0.02 - 1e-6 else 1 / FPS  # (float sums)
 
 
 class DriftTracker:
