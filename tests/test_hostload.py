@@ -168,3 +168,46 @@ def test_status_line_shows_the_host_and_blames_saturated_cores_for_late_frames()
     assert "hint: the host's cores were saturated (97% in the busiest second)" in line
     assert "host CPU" in calm and "saturated" not in calm
     assert "host CPU" not in none
+
+
+def test_late_frames_in_the_seconds_of_steal_earn_the_hint_below_its_levels():
+    """A 30 s window like the 20-channel run of 2026-12-05: 1.3% steal on average and 7% in the
+    worst second — below the mean and worst-second levels — but the late frames all came in the
+    seconds with steal: the status line names the hypervisor; the same steal with the late
+    frames elsewhere, or a steady steal everywhere, does not."""
+    from collections import deque
+
+    from musetalk_rt.live.app import late_seconds, status_line
+    from musetalk_rt.live.hostload import late_steal
+
+    now = time.monotonic()
+    t0 = int(now) - 30
+    by_second = [(t0 + i + 0.5, 0.002) for i in range(30)]
+    for i in (10, 11, 12, 13, 14):
+        by_second[i] = (t0 + i + 0.5, 0.07)
+    steal = sum(s for _, s in by_second) / 30
+    host = {"busy": 0.4, "busy_max": 0.45, "steal": steal, "steal_max": 0.07,
+            "process_cores": 2.3, "encoder_cores": 3.0, "steal_by_second": by_second}  # fmt: skip
+    assert host_hint(host) == ""  # below both levels (1.3% mean, 7% worst second)
+    late = {t0 + 11, t0 + 12, t0 + 13}
+    lt, other = late_steal(host, late)
+    # the samples within a second of a late second (10-14 here) against the rest
+    assert lt == pytest.approx(0.07) and other == pytest.approx(0.002)
+    hint = host_hint(host, late)
+    assert "the late frames came in seconds when the hypervisor took" in hint
+    assert "a host without steal" in hint
+    assert host_hint(host, {t0 + 25, t0 + 26}) == ""  # late elsewhere: not the steal
+    steady = {**host, "steal_by_second": [(t, 0.025) for t, _ in by_second], "steal": 0.025}
+    assert host_hint(steady, late) == ""  # steal everywhere alike: nothing tells it apart
+    assert late_steal(host, set()) is None and late_steal(None, late) is None
+
+    # through the status line: the channels' late seconds of this interval
+    ch = stats_channel(late_frames=40)
+    ch.late_seconds = deque([t0 - 100, *sorted(late)])  # one from an earlier interval
+    assert late_seconds([ch], 31.0) == late
+    worker = idle_worker()
+    try:
+        line, _ = status_line([ch], worker, None, 31.0, host=host)
+    finally:
+        worker.stop()
+    assert "the late frames came in seconds when the hypervisor took" in line

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 import wave
+from collections import deque
 
 import av
 import cv2
@@ -770,7 +771,7 @@ def test_channel_clock_counts_a_shed_frame_only_when_it_shows_late():
     ch.overlay, ch.frame_log, ch.outputs = None, None, [Out()]
     for m in (0, 1, 3):  # passed over once; frame 0 was taken a pass later all the same
         ch.passed_over.mark(m)
-    ch.t0 = time.monotonic()
+    ch.t0, ch.late_seconds = time.monotonic(), deque()
     ch._clock_loop()
     # talking (fading in), idle (late), idle (late), the last talking frame fading out, idle
     assert shown == [100, 0, 0, 100, 0]
@@ -811,7 +812,7 @@ def test_a_failing_frame_never_stops_the_channel_clock(caplog):
     ch.generated, ch.windows, ch.arrival = {}, {}, {}
     ch._audio = {m: np.full(640, 0.5, np.float32) for m in range(5)}
     ch.overlay, ch.frame_log, ch.outputs = None, None, [Out()]
-    ch.t0 = time.monotonic()
+    ch.t0, ch.late_seconds = time.monotonic(), deque()
     with caplog.at_level("ERROR"):
         ch._clock_loop()
     assert [f for f, _ in shown] == [7] * 5  # five frames, none missing

@@ -20,6 +20,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -355,9 +356,23 @@ def status_line(
         )
         + status_part(host)
         + (disks.status_part() if disks is not None else "")
-        + (delay_hint(channels, worker, st) + host_hint(host) if d["late"] else "")
+        + (
+            delay_hint(channels, worker, st) + host_hint(host, late_seconds(channels, elapsed_s))
+            if d["late"]
+            else ""
+        )
     )
     return line, snap
+
+
+def late_seconds(channels: list, elapsed_s: float) -> set[int]:
+    """The seconds of the last ``elapsed_s`` in which any channel showed a late frame."""
+    since = time.monotonic() - elapsed_s - 1.0
+    out: set[int] = set()
+    for ch in channels:
+        # a copy first: the clock thread appends meanwhile (deque.copy does not yield)
+        out.update(s for s in getattr(ch, "late_seconds", deque()).copy() if s >= since)
+    return out
 
 
 def delay_hint(channels: list, worker, stats: list[dict]) -> str:

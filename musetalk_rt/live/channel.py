@@ -31,6 +31,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -242,6 +243,9 @@ class LiveChannel:
         self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
         self.pending: set[int] = set()  # frames taken by the GPU worker, not yet blended
         self.passed_over = PassedOver()  # frames the GPU worker skipped (no time left)
+        # the monotonic seconds in which frames came late (an hour's; the clock appends, the
+        # status line reads a copy): matched against the host's steal per second
+        self.late_seconds: deque[int] = deque(maxlen=3600)
         self.arrival: dict[int, float] = {}  # media frame -> when its last sample was pushed
         self._audio: dict[int, np.ndarray] = {}  # media frame -> 640 samples
         self._sessions: list[_Session] = []
@@ -637,6 +641,9 @@ class LiveChannel:
             elif gen is None:
                 self.stats.late_frames += 1
                 late = True
+                sec = int(time.monotonic())  # the seconds with late frames, for the host hint
+                if not self.late_seconds or self.late_seconds[-1] != sec:
+                    self.late_seconds.append(sec)
             else:
                 last_gen = gen
                 self.stats.speech_frames += 1

@@ -41,6 +41,34 @@ _FIGURES = ("busy", "iowait", "steal", "process_cores", "encoder_cores")  # a sa
 INTERVAL_KEPT = 3600  # one-second samples kept between two status lines (an hour's)
 STEAL_HINT_MEAN = 0.03
 STEAL_HINT_MAX = 0.10
+# steal in the seconds that had late frames that earns the hint even below those: at least
+# this, and this many times the interval's other seconds (2026-12-05 on an H200: 2.4–11% in
+# the late seconds against 0.02–1.4% in the others, in every 30 s window with late frames)
+STEAL_LATE_MEAN = 0.02
+STEAL_LATE_RATIO = 3.0
+
+
+def late_steal(load: dict | None, late_seconds) -> tuple[float, float] | None:
+    """Mean steal in the seconds that had late frames, and in the interval's other seconds.
+
+    Args:
+        load: One :meth:`HostLoad.take` (its ``steal_by_second``).
+        late_seconds: ``int(time.monotonic())`` of the seconds with late frames.
+
+    Returns:
+        ``(late, other)`` shares of all cores; None without samples on both sides. A sample
+        (the second before its ``t``) counts as late when a late second lies within 1 s of it.
+    """
+    late_set = set(late_seconds)
+    if not load or not late_set:
+        return None
+    late, other = [], []
+    for t, steal in load.get("steal_by_second", ()):
+        hit = any(s in late_set for s in range(int(t) - 1, int(t) + 2))
+        (late if hit else other).append(steal)
+    if not late or not other:
+        return None
+    return sum(late) / len(late), sum(other) / len(other)
 
 
 def parse_cpu_line(text: str) -> dict | None:
@@ -200,8 +228,9 @@ class HostLoad:
         """The samples since the last call, for the status line (None if there were none).
 
         Returns:
-            ``{"busy", "busy_max", "steal", "steal_max", "process_cores", "encoder_cores"}``:
-            means over the interval, and its busiest sample and the one with the most steal.
+            ``{"busy", "busy_max", "steal", "steal_max", "process_cores", "encoder_cores",
+            "steal_by_second"}``: means over the interval, its busiest sample and the one with
+            the most steal, and each sample's ``(t, steal)``.
         """
         with self._lock:
             recs, self._interval = list(self._interval), deque(maxlen=INTERVAL_KEPT)
@@ -214,6 +243,7 @@ class HostLoad:
         }
         out["busy_max"] = max(r["busy"] for r in recs)
         out["steal_max"] = max(r["steal"] for r in recs)
+        out["steal_by_second"] = [(r["t"], r["steal"]) for r in recs]  # for late_steal
         return out
 
     def summary(self) -> dict:
@@ -270,7 +300,7 @@ def status_part(load: dict | None, cores: int | None = None) -> str:
     )
 
 
-def host_hint(load: dict | None) -> str:
+def host_hint(load: dict | None, late_seconds=()) -> str:
     """A hint for a status line with late frames when the host's CPU was the limit.
 
     Two cases: the cores were saturated (by this host's work or by another tenant's steal),
@@ -279,7 +309,10 @@ def host_hint(load: dict | None) -> str:
     of all cores on average, 13–16% in the worst seconds (7 and 10 seconds at 10% or more),
     against at most 1.2% and 7.3% in the clean windows, the host 40% busy throughout. A
     descheduled virtual CPU pauses whatever thread ran on it — the features, voice activity,
-    the GPU worker — whatever the load.
+    the GPU worker — whatever the load. Below those levels the hint still comes when the
+    seconds that had late frames (``late_seconds``) carried clearly more steal than the
+    interval's others (:func:`late_steal`): on 2026-12-05 at 20 channels two windows went
+    late with 1.0–2.6% steal on average and 6–9% in the worst second, all in the late seconds.
     """
     if not load:
         return ""
@@ -299,5 +332,13 @@ def host_hint(load: dict | None) -> str:
             f"{steal_max:.0%} in the worst second) although cores were free: another tenant "
             "shares this machine and its pauses delay the live threads — for the show, ask for "
             "a host without steal (a dedicated machine)"
+        )
+    both = late_steal(load, late_seconds)
+    if both and both[0] >= STEAL_LATE_MEAN and both[0] >= STEAL_LATE_RATIO * max(both[1], 0.002):
+        return (
+            f", hint: the late frames came in seconds when the hypervisor took {both[0]:.1%} of "
+            f"the host's CPU (steal), against {both[1]:.1%} in the other seconds: another "
+            "tenant shares this machine and its pauses delay the live threads — for the show, "
+            "ask for a host without steal (a dedicated machine)"
         )
     return ""
