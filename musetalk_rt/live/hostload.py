@@ -311,8 +311,8 @@ def host_hint(load: dict | None, late_seconds=()) -> str:
     descheduled virtual CPU pauses whatever thread ran on it — the features, voice activity,
     the GPU worker — whatever the load. Below those levels the hint still comes when the
     seconds that had late frames (``late_seconds``) carried clearly more steal than the
-    interval's others (:func:`late_steal`): on 2026-12-05 at 20 channels two windows went
-    late with 1.0–2.6% steal on average and 6–9% in the worst second, all in the late seconds.
+    interval's others (:func:`late_steal`): on 2026-12-05 at 20 channels three windows went
+    late with 0.9–2.6% steal on average and 4–9% in the worst second, all in the late seconds.
     """
     if not load:
         return ""
