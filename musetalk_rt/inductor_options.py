@@ -3,7 +3,8 @@
 Why: tuning engineers try inductor's switches one at a time (programmatic dependent launch on
 Hopper, combo kernels, ...) as experiment rows, without a code change per switch. Each key is
 checked against the installed torch's own ``torch._inductor.config``, its value typed from that
-key's default, and the settings are part of the engine cache key, so an engine built with them
+key's declared type (booleans, numbers and text only) and checked by ``torch.compile``'s own
+option check, and the settings are part of the engine cache key, so an engine built with them
 never loads in a run without them. Keys that an engine flag already owns are refused with the
 flag's name (two ways to set one thing would let the cache key and the build disagree).
 
