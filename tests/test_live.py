@@ -1322,6 +1322,7 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
     from musetalk_rt.audio.vad import VoiceActivity, load_silero_vad
     from musetalk_rt.live.channel import ChannelStats, LiveChannel
+    from musetalk_rt.live.drift import SHIFT_AT_S
     from musetalk_rt.media import load_audio
 
     net = load_silero_vad()
@@ -1348,6 +1349,7 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     ch.audio_q, ch._stop, ch._lock = queue_mod.Queue(), threading.Event(), threading.Lock()
     ch._sessions, ch.stats, ch.frame_log = [], ChannelStats(), None
     ch.windows, ch.arrival, ch._audio = {}, {}, {}
+    ch.drift_shift_s = SHIFT_AT_S
     real_push = IncrementalFeatureExtractor.push
     fed = {}
 

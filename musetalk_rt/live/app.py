@@ -20,7 +20,6 @@ import ssl
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -371,7 +370,7 @@ def late_seconds(channels: list, elapsed_s: float) -> set[int]:
     out: set[int] = set()
     for ch in channels:
         # a copy first: the clock thread appends meanwhile (deque.copy does not yield)
-        out.update(s for s in getattr(ch, "late_seconds", deque()).copy() if s >= since)
+        out.update(s for s in ch.late_seconds.copy() if s >= since)
     return out
 
 

@@ -211,8 +211,6 @@ class LiveChannel:
             (:func:`~musetalk_rt.live.drift.shift_at_for_slack` of ``D``'s slack).
     """
 
-    drift_shift_s: float = SHIFT_AT_S  # (a class default too: tests build bare channels)
-
     def __init__(
         self,
         name: str,

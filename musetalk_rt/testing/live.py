@@ -7,6 +7,7 @@ those readers without models, clocks or outputs.
 
 from __future__ import annotations
 
+from collections import deque
 from types import SimpleNamespace
 
 
@@ -41,7 +42,10 @@ def stats_channel(
         "window_lead_p05_ms": window_lead_p05_ms,
     }
     return SimpleNamespace(
-        stats=SimpleNamespace(as_dict=lambda: stats), outputs=[], delay_s=delay_s
+        stats=SimpleNamespace(as_dict=lambda: stats),
+        outputs=[],
+        delay_s=delay_s,
+        late_seconds=deque(),  # the seconds with late frames (none: no host hint from them)
     )
 
 
