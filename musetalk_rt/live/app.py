@@ -315,7 +315,7 @@ def status_line(
         "late_windows": sum(s["late_windows"] for s in st),
         "skipped_windows": sum(s["skipped_windows"] for s in st),
         "audio_errors": sum(s["audio_errors"] for s in st),
-        "clock_shifts": sum(s.get("clock_shifts", 0) for s in st),
+        "clock_shifts": sum(s["clock_shifts"] for s in st),
         "idle_s": worker.idle_s,
         "gpu_busy_s": worker.gpu_busy_s,
         "gc_full": gc_watch.collections[2] if gc_watch is not None else 0,

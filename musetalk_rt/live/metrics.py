@@ -49,13 +49,13 @@ def metrics_text(
         ("output_errors", "counter", "frames an output refused with an error (logged)"),
         ("clock_shifts", "counter", "timelines moved in a pause for a sender's drifting clock"),
     ):
-        metric(f"{key}_total", kind, text, [({"channel": ch.name}, s.get(key, 0)) for ch, s in st])
+        metric(f"{key}_total", kind, text, [({"channel": ch.name}, s[key]) for ch, s in st])
     metric(
         "clock_shift_frames",
         "gauge",
         "by how many frames the channel's timelines were moved in all (positive: later, the "
         "sender's clock slower than this host's)",
-        [({"channel": ch.name}, s.get("clock_shift_frames", 0)) for ch, s in st],
+        [({"channel": ch.name}, s["clock_shift_frames"]) for ch, s in st],
     )
     metric(
         "voice_to_frame_p95_ms",

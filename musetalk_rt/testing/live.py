@@ -28,19 +28,19 @@ def stats_channel(
     voice_to_frame_p95_ms: float | None = None,
     window_lead_p05_ms: float | None = None,
 ):
-    """A channel whose statistics say so many talking frames on time and late, nothing else.
+    """A channel whose statistics say so many talking frames on time and late, the rest zero.
 
     ``ch.stats.as_dict()`` returns the same dict each time: a test may change a count in it.
     """
-    stats = {
-        "late_frames": late_frames,
-        "speech_frames": speech_frames,
-        "late_windows": 0,
-        "skipped_windows": 0,
-        "audio_errors": 0,
-        "voice_to_frame_p95_ms": voice_to_frame_p95_ms,
-        "window_lead_p05_ms": window_lead_p05_ms,
-    }
+    from musetalk_rt.live.channel import ChannelStats
+
+    stats = ChannelStats().as_dict()  # every counter a real channel has, at zero
+    stats.update(
+        late_frames=late_frames,
+        speech_frames=speech_frames,
+        voice_to_frame_p95_ms=voice_to_frame_p95_ms,
+        window_lead_p05_ms=window_lead_p05_ms,
+    )
     return SimpleNamespace(
         stats=SimpleNamespace(as_dict=lambda: stats),
         outputs=[],
