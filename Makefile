@@ -18,7 +18,7 @@ E2E_GUARD ?= 1
 E2E_GUARD_ARGS ?= --weights tiny --device cpu --dtype fp32 --stream-hop 25 --delay-ms 3000 \
 	--duration-s 40 --window-s 20
 
-.PHONY: setup test demo lint clean e2e-guard
+.PHONY: setup test demo lint clean e2e-guard trt
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -28,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# the trt engine's optional dependency, in the release made for the installed torch (each
+# torch-tensorrt release requires one torch minor version: an unpinned one would replace torch);
+# it needs a CUDA build of torch and NVIDIA's TensorRT wheels
+trt: setup
+	$(PY) -m pip install "$$($(PY) -c 'from musetalk_rt.engines.trt import install_spec; print(install_spec())')"
 
 lint: setup
 	$(VENV)/bin/ruff check musetalk_rt tests notebooks

@@ -21,7 +21,7 @@ from musetalk_rt.stages import UNetStage, VaeDecodeStage
 
 CPU = torch.device("cpu")
 needs_trt = pytest.mark.skipif(
-    not trt.trt_available(), reason="torch-tensorrt is not installed (pip install '.[trt]')"
+    not trt.trt_available(), reason="torch-tensorrt is not installed (make trt)"
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -319,7 +319,7 @@ def test_selection_messages_and_fallbacks():
         with pytest.raises(UserError) as err:
             select_engine("trt", "cpu", torch.float32)
         assert trt.INSTALL_HINT in str(err.value) and "\n" not in str(err.value)
-        assert "pip install 'musetalk-rt[trt]'" in trt.INSTALL_HINT
+        assert f"pip install '{trt.install_spec()}'" in trt.INSTALL_HINT
     logged = []
     engine, reason = select_engine("trt", "cpu", torch.float32, fallback="aoti", log=logged.append)
     assert engine.name == "aoti" and reason.startswith("fallback from 'trt': ") and logged
@@ -331,6 +331,72 @@ def test_selection_messages_and_fallbacks():
         get_engine("aoti", backend="aot_eager")
 
 
+def test_trt_install_spec_pins_the_release_made_for_this_torch():
+    """Each torch-tensorrt release requires one torch minor version: the hint and ``make trt``
+    name that release, never an unpinned one that would replace torch."""
+    assert trt.install_spec("2.13.0+cpu") == "torch-tensorrt==2.13.*"
+    assert trt.install_spec("2.11.1+cu130") == "torch-tensorrt==2.11.*"
+    assert trt.install_spec("2.14.0") == "torch-tensorrt==2.14.*"
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert trt.install_spec() == f"torch-tensorrt=={major_minor}.*"
+
+
+def test_trt_compile_settings_follow_the_installed_releases_signature(tmp_path):
+    """The build's keywords per torch-tensorrt release (signatures as the releases define them):
+    the inputs' GPU and a timing cache of this build's own always; explicit typing asked for
+    only where it is off by default; ``enabled_precisions`` never."""
+    dev = torch.device("cuda", 1)
+    cache = tmp_path / "b4.timing_cache.bin"
+
+    def release_2_10(gm, arg_inputs=(), *, device=None, enabled_precisions=(),
+                     use_explicit_typing=False, min_block_size=5, workspace_size=0,
+                     timing_cache_path="/tmp/torch_tensorrt_engine_cache/timing_cache.bin",
+                     **kwargs):  # fmt: skip
+        pass
+
+    def release_2_12(gm, arg_inputs=(), *, device=None, enabled_precisions=(),
+                     use_explicit_typing=True, min_block_size=5, workspace_size=0,
+                     timing_cache_path="/tmp/torch_tensorrt_engine_cache/timing_cache.bin",
+                     **kwargs):  # fmt: skip
+        pass
+
+    def release_2_13(gm, arg_inputs=(), *, device=None, min_block_size=5, workspace_size=0,
+                     timing_cache_path="/tmp/torch_tensorrt_engine_cache/timing_cache.bin",
+                     **kwargs):  # fmt: skip
+        pass
+
+    old = trt.compile_settings(release_2_10, dev, cache, 1 << 30)
+    assert old == {
+        "device": dev, "min_block_size": 1, "timing_cache_path": str(cache),
+        "use_explicit_typing": True, "workspace_size": 1 << 30,
+    }  # fmt: skip
+    for release in (release_2_12, release_2_13):
+        s = trt.compile_settings(release, dev, cache)
+        assert s == {"device": dev, "min_block_size": 1, "timing_cache_path": str(cache)}
+    assert all("enabled_precisions" not in trt.compile_settings(r, dev, cache)
+               for r in (release_2_10, release_2_12, release_2_13))  # fmt: skip
+
+
+def test_trt_partition_summary_counts_engines_and_what_pytorch_kept():
+    """torch-tensorrt's partitions: ``_run_on_acc_<i>`` are engines, ``_run_on_gpu_<i>`` ops it
+    left to PyTorch; the build's report says how many of each."""
+    gm = torch.nn.Module()
+    for name in ("_run_on_acc_0", "_run_on_gpu_1", "_run_on_acc_2", "other"):
+        gm.add_module(name, torch.nn.Identity())
+    assert trt.partition_summary(gm) == (2, 1)
+    assert trt.partition_summary(torch.nn.Module()) == (0, 0)
+
+
+def test_trt_cache_key_holds_both_versions():
+    """An engine runs only in the TensorRT that built it: the key holds torch-tensorrt's and
+    TensorRT's versions (None where they are missing, as here)."""
+    key = get_engine("trt").cache_options()
+    assert "torch_tensorrt" in key and "tensorrt" in key
+    assert key["tensorrt"] == trt.tensorrt_version()
+    if not trt.trt_available():
+        assert key["torch_tensorrt"] is None
+
+
 @pytest.mark.skipif(trt.trt_available(), reason="torch-tensorrt is installed here")
 def test_engines_build_trt_without_tensorrt_is_one_line(tmp_path, capsys):
     argv = ["engines", "build", "--engine", "trt", "--weights", "tiny", "--device", "cpu"]
@@ -338,7 +404,7 @@ def test_engines_build_trt_without_tensorrt_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "pip install 'musetalk-rt[trt]'" in err and "--engine compile" in err
+    assert f"pip install '{trt.install_spec()}'" in err and "--engine compile" in err
     assert "--engine aoti" in err
 
 

@@ -175,7 +175,7 @@ def test_environment_checks_name_the_fix(tmp_path):
     assert "musetalk-rt weights download" in by["weights"]["fix"]
     assert by["engine cache"]["status"] == "info"
     if by["torch-tensorrt"]["status"] == "missing":
-        assert "musetalk-rt[trt]" in by["torch-tensorrt"]["fix"]
+        assert "make trt" in by["torch-tensorrt"]["fix"]
     text = env.format_checks(rows)
     assert "to fix:" in text and "weights" in text
 

@@ -11,7 +11,7 @@ did and why. Every engine is checked against fp32 eager by :mod:`musetalk_rt.eng
 ``aoti``   ``torch.export`` + AOTInductor: one ``.pt2`` package per module and bucket, loaded
            from the engine cache without export or compilation; CUDA-graph replay on CUDA
 ``trt``    torch-tensorrt (dynamo path): one static TensorRT program per module and bucket,
-           fp16 by casting; needs ``musetalk-rt[trt]`` and a CUDA GPU
+           fp16 by casting; needs torch-tensorrt (``make trt``) and a CUDA GPU
 =========  ========================================================================
 """
 

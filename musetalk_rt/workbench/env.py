@@ -12,6 +12,8 @@ import importlib.util
 import platform
 from pathlib import Path
 
+from musetalk_rt.engines.trt import install_spec
+
 NOTEBOOKS_FIX = "pip install 'musetalk-rt[notebooks]'"
 PACKAGES = {  # import name -> (distribution, what needs it, fix)
     "diffusers": ("diffusers", "the UNet and the VAE", "make setup"),
@@ -25,7 +27,7 @@ PACKAGES = {  # import name -> (distribution, what needs it, fix)
     "torch_tensorrt": (
         "torch-tensorrt",
         "the trt engine",
-        "pip install 'musetalk-rt[trt]' (or use --engine compile/aoti)",
+        f"make trt, or pip install '{install_spec()}' (or use --engine compile/aoti)",
     ),
 }
 
