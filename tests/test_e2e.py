@@ -265,9 +265,57 @@ def test_gpu_figures_newest_usable_rows(tmp_path):
     assert find_gpu_figures(tmp_path, "trt-fp16-b4")["batch"] is None
 
 
+def test_gpu_figures_take_only_rows_with_the_presets_engine_options(tmp_path):
+    """A row with a rewrite or an inductor setting the preset does not use is not its figure;
+    rows and presets name the options alike (True is the interleave form, a dict is the
+    command line's text)."""
+    from musetalk_rt.e2e.analysis import preset_row_options
+
+    base = {"scenario": "compile-fp16-b4", "gpu": "NVIDIA H200", "quality": {"passed": True}}
+    base["p50_ms"] = 1.0
+    plain = {"freezing": True, "channels_last": True}
+    rows = [
+        {**base, "p95_ms": 10.0, "time": "1", "engine_options": plain},
+        {**base, "p95_ms": 9.0, "time": "2", "engine_options": {**plain, "phase_upsample": True}},
+        {**base, "p95_ms": 8.0, "time": "3",
+         "engine_options": {**plain, "inductor_config": {"combo_kernels": True}}},
+        {**base, "p95_ms": 7.0, "time": "4", "engine_options": {"freezing": False}},
+    ]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preset = tmp_path / "p.toml"
+    preset.write_text('[live]\nengine = "compile"\ncompile_freezing = true\n')
+    opts = preset_row_options(preset)
+    assert opts["freezing"] is True and opts["phase_upsample"] is None
+    assert find_gpu_figures(tmp_path, "compile-fp16-b4", opts)["batch"]["p95_ms"] == 10.0
+    assert find_gpu_figures(tmp_path, "compile-fp16-b4")["batch"]["p95_ms"] == 7.0  # any row
+    preset.write_text('[live]\ncompile_freezing = true\nphase_upsample = "interleave"\n')
+    assert (
+        find_gpu_figures(tmp_path, "compile-fp16-b4", preset_row_options(preset))["batch"]["p95_ms"]
+        == 9.0
+    )
+    for text in ("combo_kernels=true", "combo_kernels=1"):  # as the flag takes it
+        preset.write_text(f'[live]\ncompile_freezing = true\ninductor_config = "{text}"\n')
+        picked = find_gpu_figures(tmp_path, "compile-fp16-b4", preset_row_options(preset))
+        assert picked["batch"]["p95_ms"] == 8.0
+
+
 def test_recorded_figures_exist_for_the_event_preset():
-    figs = find_gpu_figures(REPO / "experiments" / "results", "compile-fp16-b4")
+    from musetalk_rt.e2e.analysis import preset_row_options
+
+    opts = preset_row_options(REPO / "configs" / "event.toml")
+    figs = find_gpu_figures(REPO / "experiments" / "results", "compile-fp16-b4", opts)
     assert figs["batch"] is not None and figs["canvas"] is not None
+    row = json.loads(
+        next(
+            line
+            for line in (REPO / "experiments" / "results" / figs["batch"]["file"]).open()
+            if json.loads(line).get("time") == figs["batch"]["time"]
+        )
+    )
+    assert row["engine_options"].get("freezing") is True
+    assert not row["engine_options"].get("phase_upsample")
+    assert not row["engine_options"].get("inductor_config")
 
 
 def test_frame_log_lines(tmp_path):

@@ -208,13 +208,60 @@ def _rows(path: Path) -> list[dict]:
     return out
 
 
-def find_gpu_figures(results_dir: str | Path, scenario: str) -> dict:
+# a preset's [live] keys -> the bench rows' engine_options keys that change the compute
+PRESET_ROW_OPTIONS = {
+    "compile_freezing": "freezing",
+    "compile_mode": "mode",
+    "compile_cd_tuning": "coordinate_descent",
+    "phase_upsample": "phase_upsample",
+    "channels_last_norm": "channels_last_norm",
+    "inductor_config": "inductor_config",
+}
+
+
+def preset_row_options(preset: str | Path) -> dict:
+    """The engine options a preset's bench rows must have: ``{row key: value}``.
+
+    Every key of :data:`PRESET_ROW_OPTIONS` is in the result, off (None) where the preset's
+    ``[live]`` table leaves it out, so that a row with a rewrite or an inductor setting the
+    preset does not use is not taken for it. ``inductor_config`` is compared as its text.
+    """
+    from musetalk_rt.config_file import read_table
+
+    table = read_table(preset, "live")
+    return {row: table.get(key) for key, row in PRESET_ROW_OPTIONS.items()}
+
+
+def _norm(key: str, value):
+    """One option's value in a form that rows and presets share (None when off)."""
+    from musetalk_rt.engines.rewrites import upsample_form
+    from musetalk_rt.inductor_options import split_items
+
+    if value in (None, False, "", {}):
+        return None
+    if key == "phase_upsample":  # rows say True for the interleave form
+        return upsample_form(value)
+    if key == "inductor_config":  # rows hold the typed dict, a preset the command line's text
+        items = value.items() if isinstance(value, dict) else split_items(str(value))
+        spelled = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false"}
+        text = (f"{k}={spelled.get(str(v).lower(), str(v).lower())}" for k, v in items)
+        return ",".join(sorted(text)) or None
+    return value
+
+
+def _options_match(row: dict, options: dict) -> bool:
+    have = row.get("engine_options") or {}
+    return all(_norm(k, have.get(k)) == _norm(k, v) for k, v in options.items())
+
+
+def find_gpu_figures(results_dir: str | Path, scenario: str, options: dict | None = None) -> dict:
     """The recorded GPU compute figures for an event preset, newest usable rows first.
 
     The batch figure is the newest ``bench.jsonl`` row of ``scenario`` (e.g.
-    ``compile-fp16-b4``) measured on a GPU, without ``errata`` and with its quality gate
-    passed; the whisper canvas figure is the newest ``stream_parity.jsonl`` encoder-cost row at
-    float32, batch 1 (what the live process times at start). Missing figures are None.
+    ``compile-fp16-b4``) measured on a GPU, without ``errata``, with its quality gate passed
+    and, given ``options`` (:func:`preset_row_options`), with those engine options; the whisper
+    canvas figure is the newest ``stream_parity.jsonl`` encoder-cost row at float32, batch 1
+    (what the live process times at start). Missing figures are None.
 
     Returns:
         ``{"batch": {...} | None, "canvas": {...} | None}``, each with its value and file
@@ -229,6 +276,7 @@ def find_gpu_figures(results_dir: str | Path, scenario: str) -> dict:
                 and not str(r.get("gpu", "cpu")).lower().startswith("cpu")
                 and "errata" not in r
                 and r.get("quality", {}).get("passed", False)
+                and (options is None or _options_match(r, options))
             ):
                 batch.append((str(r.get("time", "")), path.relative_to(root).as_posix(), r))
     for path in sorted(root.glob("*/stream_parity.jsonl")):

@@ -44,6 +44,7 @@ from musetalk_rt.e2e.analysis import (
     gpu_substitute,
     marker_table,
     percentile,
+    preset_row_options,
     soak_figures,
     stats,
     summarize,
@@ -776,8 +777,10 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
 
     if args.gpu_figures == "none":
         return None
+    preset = getattr(args, "gpu_figures_preset", None) or REPO_ROOT / "configs" / "event.toml"
+    options = preset_row_options(preset) if Path(preset).is_file() else None
     figs = find_gpu_figures(
-        args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures
+        args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures, options
     )
     batch_ms = figs["batch"]["p95_ms"] if figs["batch"] else delay.get("batch_ms")
     canvas_ms = figs["canvas"]["ms"] if figs["canvas"] else delay.get("canvas_ms")
@@ -1022,6 +1025,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="compile-fp16-b4",
         help="bench scenario of the event preset whose recorded GPU figures replace the "
         "measured ones in a second verdict, or 'none' (default: compile-fp16-b4)",
+    )
+    b.add_argument(
+        "--gpu-figures-preset",
+        type=Path,
+        help="the preset whose engine options the recorded rows must have (rewrites, inductor "
+        "settings, freezing; default: this checkout's configs/event.toml)",
     )
     b.add_argument(
         "--results-dir",
