@@ -892,11 +892,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="spin",
         help="how the GPU worker waits for a batch's faces (CUDA): spin on a core (default, "
         "CUDA's own; at 16 channels on an H200 the worker used 56%% of a core, most of it "
-        "there) or sleep until the GPU is done. Measured once, at 20 channels on an H200 with "
-        "--profile on: the worker's CPU fell to 8%% of a core, but 31%% of the talking frames "
-        "were late (none in an earlier run of that setting spinning, without --profile); the "
-        "profiler's passes then took up to ~31%% of the time (now ~6x cheaper), so spin stays "
-        "the default until a run without it",
+        "there) or sleep until the GPU is done. Measured twice at 20 channels on an H200, "
+        "both worse than spinning: with --profile on, 31%% of the talking frames late (the "
+        "profiler's own passes took up to ~31%% of the time); without it, 8.4%% late, in the "
+        "first minute and one host-wide slowdown, against 3 frames spinning on the same host "
+        "just before. Spin stays the default; use block only where a core matters more than "
+        "the margin, and measure",
     )
     p.add_argument(
         "--no-gc-freeze",
