@@ -414,7 +414,13 @@ def test_bench_e2e_bad_input_one_line_each(tmp_path):
             "not prepared",
         ),
         "period too short": (["--period-s", "1.5"], "at least 1 s of silence"),
+        "missing preset": (
+            ["--gpu-figures-preset", str(tmp_path / "none.toml")],
+            "--gpu-figures-preset",
+        ),
+        "bad preset": (["--gpu-figures-preset", str(tmp_path / "bad.toml")], "not valid TOML"),
     }
+    (tmp_path / "bad.toml").write_text("[live\n")
     for name, (argv, expect) in cases.items():
         res = subprocess.run(
             [sys.executable, "-m", "musetalk_rt", "bench", "e2e", "--weights", "tiny", *argv],

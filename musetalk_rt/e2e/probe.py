@@ -517,6 +517,11 @@ def _check_args(args) -> None:
         raise UserError(f"--rtmp {args.rtmp!r}: expected rtmp://HOST[:PORT]/APP/KEY")
     if args.speech and not Path(args.speech).is_file():
         raise UserError(f"--speech {args.speech}: no such file")
+    preset = getattr(args, "gpu_figures_preset", None)
+    if preset is not None:
+        if not Path(preset).is_file():
+            raise UserError(f"--gpu-figures-preset {preset}: no such file (configs/event.toml?)")
+        preset_row_options(preset)  # a bad file: its one line now, not after the run
     if args.avatar and not (Path(args.avatars_dir) / args.avatar).is_dir():
         raise UserError(
             f"avatar {args.avatar!r} is not prepared under {args.avatars_dir} "
@@ -777,6 +782,7 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
 
     if args.gpu_figures == "none":
         return None
+    # (a given preset was checked before the run; the checkout's is absent from an install)
     preset = getattr(args, "gpu_figures_preset", None) or REPO_ROOT / "configs" / "event.toml"
     options = preset_row_options(preset) if Path(preset).is_file() else None
     figs = find_gpu_figures(
