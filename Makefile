@@ -33,7 +33,7 @@ setup: $(VENV)/.installed
 # torch-tensorrt release requires one torch minor version: an unpinned one would replace torch);
 # it needs a CUDA build of torch and NVIDIA's TensorRT wheels
 trt: setup
-	$(PY) -m pip install "$$($(PY) -c 'from musetalk_rt.engines.trt import install_spec; print(install_spec())')"
+	$(PY) -m pip install "$$($(PY) -c 'from musetalk_rt.extras import trt_install_spec; print(trt_install_spec())')"
 
 lint: setup
 	$(VENV)/bin/ruff check musetalk_rt tests notebooks

@@ -339,6 +339,11 @@ def test_trt_install_spec_pins_the_release_made_for_this_torch():
     assert trt.install_spec("2.14.0") == "torch-tensorrt==2.14.*"
     major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     assert trt.install_spec() == f"torch-tensorrt=={major_minor}.*"
+    # the torch-free form (notebook checks, make trt) reads torch's metadata instead
+    from musetalk_rt import extras
+
+    assert extras.trt_install_spec() == trt.install_spec()
+    assert extras.trt_install_spec("2.12.1+cu130") == "torch-tensorrt==2.12.*"
 
 
 def test_trt_compile_settings_follow_the_installed_releases_signature(tmp_path):
@@ -387,14 +392,17 @@ def test_trt_partition_summary_counts_engines_and_what_pytorch_kept():
     assert trt.partition_summary(torch.nn.Module()) == (0, 0)
 
 
-def test_trt_cache_key_holds_both_versions():
-    """An engine runs only in the TensorRT that built it: the key holds torch-tensorrt's and
-    TensorRT's versions (None where they are missing, as here)."""
+def test_trt_cache_key_holds_both_versions(monkeypatch):
+    """An engine runs only in the TensorRT that built it: another TensorRT is another key (and
+    the versions are None where the libraries are missing, as here)."""
     key = get_engine("trt").cache_options()
-    assert "torch_tensorrt" in key and "tensorrt" in key
-    assert key["tensorrt"] == trt.tensorrt_version()
     if not trt.trt_available():
-        assert key["torch_tensorrt"] is None
+        assert key["torch_tensorrt"] is None and key["tensorrt"] is None
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: "10.13.2")
+    a = get_engine("trt").cache_options()
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: "10.14.1")
+    b = get_engine("trt").cache_options()
+    assert a["tensorrt"] == "10.13.2" and a != b
 
 
 @pytest.mark.skipif(trt.trt_available(), reason="torch-tensorrt is installed here")

@@ -300,6 +300,60 @@ def test_gpu_figures_take_only_rows_with_the_presets_engine_options(tmp_path):
         assert picked["batch"]["p95_ms"] == 8.0
 
 
+def test_gpu_figures_preset_values_go_through_the_live_options(tmp_path):
+    """A preset's values are checked as the live process checks them (one line naming the
+    file); odd values in a row never raise, they match nothing; ``mode = "default"`` is the
+    rows' None."""
+    from musetalk_rt.e2e.analysis import _options_match, preset_row_options
+    from musetalk_rt.errors import UserError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[live]\nphase_upsample = "Transpose"\n')
+    with pytest.raises(UserError, match="bad.toml.*phase_upsample"):
+        preset_row_options(bad)
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[live]\ncompile_freezing = true\ncompile_mode = "default"\n')
+    opts = preset_row_options(ok)
+    assert _options_match({"engine_options": {"freezing": True, "mode": None}}, opts)
+    for odd in ({"phase_upsample": "sideways"}, {"inductor_config": "no equals sign"}):
+        assert not _options_match({"engine_options": {"freezing": True, **odd}}, opts)
+
+
+def test_gpu_estimate_filters_by_a_preset_only_for_its_scenario(tmp_path):
+    """The event preset filters the event preset's scenario (and names itself in the report);
+    another scenario takes its newest row unless a preset is given."""
+    import argparse
+
+    from musetalk_rt.e2e.probe import _gpu_estimate
+
+    base = {"gpu": "NVIDIA H200", "quality": {"passed": True}, "p50_ms": 1.0, "time": "1"}
+    rows = [
+        {**base, "scenario": "compile-fp16-b4", "p95_ms": 9.0,
+         "engine_options": {"freezing": True, "phase_upsample": "transpose"}},
+        {**base, "scenario": "aoti-fp16-b16", "p95_ms": 30.0,
+         "engine_options": {"freezing": True, "channels_last": True}},
+    ]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    delay = {"batch_ms": 50.0, "canvas_ms": 5.0, "delay_ms": 3000.0}
+
+    def estimate(scenario, preset=None):
+        args = argparse.Namespace(
+            gpu_figures=scenario, results_dir=tmp_path, gpu_figures_preset=preset,
+            stream_lookahead_ms=None, delay_margin_ms=None,
+        )  # fmt: skip
+        return _gpu_estimate(args, delay, [])
+
+    event = estimate("compile-fp16-b4")
+    assert event["batch"] is None and event["preset"] == "configs/event.toml"
+    other = estimate("aoti-fp16-b16")
+    assert other["batch"]["p95_ms"] == 30.0 and other["preset"] is None
+    preset = tmp_path / "p.toml"
+    preset.write_text('[live]\ncompile_freezing = true\nphase_upsample = "transpose"\n')
+    given = estimate("compile-fp16-b4", preset)
+    assert given["batch"]["p95_ms"] == 9.0 and given["preset"].endswith("p.toml")
+
+
 def test_recorded_figures_exist_for_the_event_preset():
     from musetalk_rt.e2e.analysis import preset_row_options
 

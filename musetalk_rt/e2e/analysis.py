@@ -208,44 +208,83 @@ def _rows(path: Path) -> list[dict]:
     return out
 
 
-# a preset's [live] keys -> the bench rows' engine_options keys that change the compute
-PRESET_ROW_OPTIONS = {
-    "compile_freezing": "freezing",
-    "compile_mode": "mode",
-    "compile_cd_tuning": "coordinate_descent",
-    "phase_upsample": "phase_upsample",
-    "channels_last_norm": "channels_last_norm",
-    "inductor_config": "inductor_config",
+# the engine options of a bench row that change what a batch costs, with their value where a row
+# or a preset leaves them out (the engines' defaults); CUDA graphs and channels-last memory are
+# not compared (on in every GPU row of the compile engine)
+COMPARED_OPTIONS = {
+    "backend": "inductor",
+    "mode": None,
+    "freezing": False,
+    "coordinate_descent": False,
+    "fuse_qkv": False,
+    "cudnn_benchmark": False,
+    "graph_capture": "trees",
+    "max_autotune": False,
+    "autotune_stages": None,
+    "phase_upsample": None,
+    "channels_last_norm": False,
+    "inductor_config": None,
 }
 
 
 def preset_row_options(preset: str | Path) -> dict:
     """The engine options a preset's bench rows must have: ``{row key: value}``.
 
-    Every key of :data:`PRESET_ROW_OPTIONS` is in the result, off (None) where the preset's
-    ``[live]`` table leaves it out, so that a row with a rewrite or an inductor setting the
-    preset does not use is not taken for it. ``inductor_config`` is compared as its text.
-    """
-    from musetalk_rt.config_file import read_table
+    The preset's ``[live]`` table goes through the live options' own types and choices (a bad
+    value is one line naming the file) and the same mapping to engine options as a command
+    line's; every key of :data:`COMPARED_OPTIONS` is in the result (None: the default), so that
+    a row with a rewrite or an inductor setting the preset does not use is not taken for it.
 
-    table = read_table(preset, "live")
-    return {row: table.get(key) for key, row in PRESET_ROW_OPTIONS.items()}
+    Raises:
+        UserError: A missing or unreadable file, or a bad key or value in it.
+    """
+    import argparse
+
+    from musetalk_rt.cli import _engine_options
+    from musetalk_rt.live.app import build_parser
+    from musetalk_rt.live.preset import preset_defaults
+
+    parser = build_parser()
+    values = preset_defaults(preset, parser)
+    args = argparse.Namespace(**{a.dest: a.default for a in parser._actions if a.dest != "help"})
+    vars(args).update(values)
+    opts = _engine_options(args)
+    return {key: opts.get(key) for key in COMPARED_OPTIONS}
+
+
+def _flat(table: dict, prefix: str = ""):
+    for k, v in table.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def _norm(key: str, value):
-    """One option's value in a form that rows and presets share (None when off)."""
+    """One option's value in a form that rows and presets share (the default when absent)."""
     from musetalk_rt.engines.rewrites import upsample_form
-    from musetalk_rt.inductor_options import split_items
+    from musetalk_rt.errors import UserError
+    from musetalk_rt.inductor_options import _FALSE, _TRUE, split_items
 
-    if value in (None, False, "", {}):
+    default = COMPARED_OPTIONS.get(key)
+    if value is None:
+        value = default
+    try:
+        if key == "phase_upsample":  # rows say True for the interleave form
+            return upsample_form(value or None)
+        if key == "inductor_config":  # rows hold the typed dict, a preset the command line's text
+            if not value:
+                return None
+            items = _flat(value) if isinstance(value, dict) else split_items(str(value))
+            low = [(k, str(v).lower()) for k, v in items]
+            spelled = [(k, "true" if v in _TRUE else "false" if v in _FALSE else v) for k, v in low]
+            return ",".join(sorted(f"{k}={v}" for k, v in spelled))
+    except UserError:
+        return ("not understood", str(value))  # a value of another version: matches nothing
+    if key == "mode" and value == "default":
         return None
-    if key == "phase_upsample":  # rows say True for the interleave form
-        return upsample_form(value)
-    if key == "inductor_config":  # rows hold the typed dict, a preset the command line's text
-        items = value.items() if isinstance(value, dict) else split_items(str(value))
-        spelled = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false"}
-        text = (f"{k}={spelled.get(str(v).lower(), str(v).lower())}" for k, v in items)
-        return ",".join(sorted(text)) or None
+    if isinstance(default, bool):
+        return bool(value)
     return value
 
 

@@ -57,6 +57,7 @@ from musetalk_rt.errors import UserError
 from musetalk_rt.live.output import AUDIO_PER_FRAME
 
 EXIT_OVER_BUDGET = 5
+EVENT_SCENARIO = "compile-fp16-b4"  # the bench scenario of configs/event.toml
 TOKEN = "e2e-probe"
 PROBE_AVATAR = "e2e-probe"
 PROBE_BBOX = "136,100,376,420"  # the face box of :func:`probe_face_image`
@@ -521,7 +522,10 @@ def _check_args(args) -> None:
     if preset is not None:
         if not Path(preset).is_file():
             raise UserError(f"--gpu-figures-preset {preset}: no such file (configs/event.toml?)")
-        preset_row_options(preset)  # a bad file: its one line now, not after the run
+        try:
+            preset_row_options(preset)  # a bad file or value: its one line now, not after the run
+        except UserError as exc:
+            raise UserError(str(exc).replace("--config", "--gpu-figures-preset", 1)) from None
     if args.avatar and not (Path(args.avatars_dir) / args.avatar).is_dir():
         raise UserError(
             f"avatar {args.avatar!r} is not prepared under {args.avatars_dir} "
@@ -782,12 +786,22 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
 
     if args.gpu_figures == "none":
         return None
-    # (a given preset was checked before the run; the checkout's is absent from an install)
-    preset = getattr(args, "gpu_figures_preset", None) or REPO_ROOT / "configs" / "event.toml"
-    options = preset_row_options(preset) if Path(preset).is_file() else None
+    # the rows must have a preset's engine options: a given one's (checked before the run), or
+    # for the event preset's own scenario this checkout's event preset (absent from an install)
+    preset = getattr(args, "gpu_figures_preset", None)
+    if preset is None and args.gpu_figures == EVENT_SCENARIO:
+        preset = REPO_ROOT / "configs" / "event.toml"
+    options = preset_row_options(preset) if preset and Path(preset).is_file() else None
     figs = find_gpu_figures(
         args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures, options
     )
+    if options is not None:
+        shown = Path(preset).resolve()
+        if shown.is_relative_to(REPO_ROOT.resolve()):
+            shown = shown.relative_to(REPO_ROOT.resolve())  # rows name no machine's paths
+        figs["preset"] = shown.as_posix()
+    else:
+        figs["preset"] = None
     batch_ms = figs["batch"]["p95_ms"] if figs["batch"] else delay.get("batch_ms")
     canvas_ms = figs["canvas"]["ms"] if figs["canvas"] else delay.get("canvas_ms")
     extra = getattr(args, "stream_lookahead_ms", None)
@@ -847,12 +861,15 @@ def _report(args, run: dict, write_row) -> int:
         b, c = gpu["batch"], gpu["canvas"]
         where = (args.results_dir or Path("experiments/results")).as_posix()
         print(
-            f"GPU figures for {args.gpu_figures}: batch "
+            f"GPU figures for {args.gpu_figures}"
+            + (f" with the engine options of {gpu['preset']}" if gpu.get("preset") else "")
+            + ": batch "
             + (
                 f"p95 {b['p95_ms']} ms from {where}/{b['file']} ({b['gpu']}, {b['commit']}, "
                 f"{b['time']})"
                 if b
-                else f"not recorded: the measured {delay.get('batch_ms')} ms kept"
+                else ("no row with those options" if gpu.get("preset") else "not recorded")
+                + f": the measured {delay.get('batch_ms')} ms kept"
             )
             + "; whisper canvas "
             + (
@@ -1028,7 +1045,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     b.add_argument(
         "--gpu-figures",
-        default="compile-fp16-b4",
+        default=EVENT_SCENARIO,
         help="bench scenario of the event preset whose recorded GPU figures replace the "
         "measured ones in a second verdict, or 'none' (default: compile-fp16-b4)",
     )

@@ -30,17 +30,16 @@ import torch
 
 from musetalk_rt.engines.aoti import ExportedEngine
 from musetalk_rt.engines.base import register
+from musetalk_rt.extras import trt_install_spec
 
 
 def install_spec(torch_version: str | None = None) -> str:
     """The torch-tensorrt release made for ``torch_version`` (default: the installed torch).
 
     ``"2.13.0+cu130"`` -> ``"torch-tensorrt==2.13.*"``: each torch-tensorrt release requires
-    one torch minor version.
+    one torch minor version (:func:`musetalk_rt.extras.trt_install_spec`).
     """
-    version = (torch_version or torch.__version__).split("+")[0]
-    major, minor = version.split(".")[:2]
-    return f"torch-tensorrt=={major}.{minor}.*"
+    return trt_install_spec(torch_version or torch.__version__)
 
 
 INSTALL_HINT = (
@@ -154,7 +153,7 @@ class TrtEngine(ExportedEngine):
 
         device = inputs[0].device  # with its index: the build runs on the inputs' GPU
         workspace = int(self.workspace_gb * (1 << 30)) if self.workspace_gb else None
-        timing_cache = path.parent / f"{path.stem}.timing_cache.bin"  # this build's own
+        timing_cache = path.parent / "timing_cache.bin"  # this build's work folder: its own
         settings = compile_settings(torch_tensorrt.dynamo.compile, device, timing_cache, workspace)
         with torch.cuda.device(device):
             trt_gm = torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), **settings)

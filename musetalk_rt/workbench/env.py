@@ -12,7 +12,7 @@ import importlib.util
 import platform
 from pathlib import Path
 
-from musetalk_rt.engines.trt import install_spec
+from musetalk_rt.extras import trt_install_spec
 
 NOTEBOOKS_FIX = "pip install 'musetalk-rt[notebooks]'"
 PACKAGES = {  # import name -> (distribution, what needs it, fix)
@@ -27,7 +27,7 @@ PACKAGES = {  # import name -> (distribution, what needs it, fix)
     "torch_tensorrt": (
         "torch-tensorrt",
         "the trt engine",
-        f"make trt, or pip install '{install_spec()}' (or use --engine compile/aoti)",
+        f"make trt, or pip install '{trt_install_spec()}' (or use --engine compile/aoti)",
     ),
 }
 
