@@ -557,8 +557,12 @@ def run_bench(
                     rep_u = rep_v = fused.report
                     parity_u, parity_v = _fused_parity_runners(fused)
                 else:
+                    # a line per stage: a build that stalls says where (a log that stops at
+                    # "building" told nothing when six B4 builds at once ran past their limit)
                     rep_u = unet.prepare(batch_sizes, cache_root, models.fingerprint)
+                    log(f"unet built in {sum(rep_u.build_s.values()):.1f} s")
                     rep_v = vae.prepare(batch_sizes, cache_root, models.fingerprint)
+                    log(f"vae_decode built in {sum(rep_v.build_s.values()):.1f} s")
                     parity_u, parity_v = unet.run, vae.run
             except BaseException:
                 if turns is not None:
