@@ -185,3 +185,17 @@ def test_a_session_that_began_congested_is_not_taken_for_a_fast_clock():
         lag = 0.02 + (0.13 if t < 6.0 else 0.0)
         moved += tracker.update(t, lag, 1000.0 if i % 500 > 400 else 0.0, -100)
     assert moved == 0 and abs(tracker.floor_s - 0.02) < 1e-9
+
+
+def test_the_start_line_says_when_a_drift_moves_at_one_frame():
+    """Two frames: no line; one frame with slack: the slack; a fixed D under its derived parts
+    (20 channels at the channels preset's 1000 ms): said as such, not as negative slack."""
+    from musetalk_rt.live.app import drift_threshold_line
+    from musetalk_rt.live.drift import shift_at_for_slack
+
+    assert drift_threshold_line(0.1, shift_at_for_slack(0.1), 1, 40) is None
+    low = drift_threshold_line(0.04, shift_at_for_slack(0.04), 1, 40)
+    assert low.startswith("D leaves 40 ms of slack") and "(1 frame), not 80" in low
+    under = drift_threshold_line(-0.219, shift_at_for_slack(-0.219), 20, 40)
+    assert under.startswith("the fixed D is 219 ms under its derived parts")
+    assert "40 ms for each more channel" in under and "-219" not in under

@@ -273,6 +273,30 @@ def derive_delay_s(
     return lookahead_s + 0.02 + canvas_s + 2 * compute_s + margin_s + extra_s
 
 
+def drift_threshold_line(
+    slack_s: float, drift_shift_s: float, channels: int, per_channel_ms: float
+) -> str | None:
+    """The start line that says a drifting sender clock is corrected at one frame (else None).
+
+    A fixed ``D`` under its derived parts (negative slack: the per-channel allowance counts) is
+    said as such, not as "negative slack", with where to look if frames come late.
+    """
+    if drift_shift_s >= SHIFT_AT_S:
+        return None
+    room = (
+        f"D leaves {slack_s * 1000:.0f} ms of slack"
+        if slack_s >= 0
+        else f"the fixed D is {-slack_s * 1000:.0f} ms under its derived parts (look-ahead, "
+        "a whisper call, two batches"
+        + (f", {per_channel_ms:g} ms for each more channel" if channels > 1 else "")
+        + "; the status line names a longer --delay-ms if frames come late)"
+    )
+    return (
+        f"{room}: a drifting sender clock moves the timeline at "
+        f"{drift_shift_s * 1000:.0f} ms of drift (1 frame), not {SHIFT_AT_S * 1000:.0f}"
+    )
+
+
 def status_line(
     channels: list,
     worker,
@@ -641,13 +665,9 @@ def run(args) -> int:
         ),
         flush=True,
     )
-    if drift_shift_s < SHIFT_AT_S:
-        print(
-            f"D leaves {slack_s * 1000:.0f} ms of slack: a drifting sender clock moves the "
-            f"timeline at {drift_shift_s * 1000:.0f} ms of drift (1 frame), not "
-            f"{SHIFT_AT_S * 1000:.0f}",
-            flush=True,
-        )
+    line = drift_threshold_line(slack_s, drift_shift_s, len(chans), args.delay_per_channel_ms)
+    if line:
+        print(line, flush=True)
     vad_net = load_silero_vad()
     # several channels share one voice-activity thread, their windows batched (a channel's own
     # network calls cost each feature thread ~20 interpreter-lock round trips per 32 ms window)
