@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from musetalk_rt import extras
 from musetalk_rt.cli import main
 from musetalk_rt.engines import aoti, get_engine, select_engine, trt
 from musetalk_rt.errors import UserError
@@ -319,7 +320,7 @@ def test_selection_messages_and_fallbacks():
         with pytest.raises(UserError) as err:
             select_engine("trt", "cpu", torch.float32)
         assert trt.INSTALL_HINT in str(err.value) and "\n" not in str(err.value)
-        assert f"pip install '{trt.install_spec()}'" in trt.INSTALL_HINT
+        assert f"pip install '{extras.trt_install_spec()}'" in trt.INSTALL_HINT
     logged = []
     engine, reason = select_engine("trt", "cpu", torch.float32, fallback="aoti", log=logged.append)
     assert engine.name == "aoti" and reason.startswith("fallback from 'trt': ") and logged
@@ -334,15 +335,11 @@ def test_selection_messages_and_fallbacks():
 def test_trt_install_spec_pins_the_release_made_for_this_torch():
     """Each torch-tensorrt release requires one torch minor version: the hint and ``make trt``
     name that release, never an unpinned one that would replace torch."""
-    assert trt.install_spec("2.13.0+cpu") == "torch-tensorrt==2.13.*"
-    assert trt.install_spec("2.11.1+cu130") == "torch-tensorrt==2.11.*"
-    assert trt.install_spec("2.14.0") == "torch-tensorrt==2.14.*"
+    assert extras.trt_install_spec("2.13.0+cpu") == "torch-tensorrt==2.13.*"
+    assert extras.trt_install_spec("2.11.1+cu130") == "torch-tensorrt==2.11.*"
+    assert extras.trt_install_spec("2.14.0") == "torch-tensorrt==2.14.*"
     major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    assert trt.install_spec() == f"torch-tensorrt=={major_minor}.*"
-    # the torch-free form (notebook checks, make trt) reads torch's metadata instead
-    from musetalk_rt import extras
-
-    assert extras.trt_install_spec() == trt.install_spec()
+    assert extras.trt_install_spec() == f"torch-tensorrt=={major_minor}.*"  # (torch's metadata)
     assert extras.trt_install_spec("2.12.1+cu130") == "torch-tensorrt==2.12.*"
 
 
@@ -412,7 +409,7 @@ def test_engines_build_trt_without_tensorrt_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"pip install '{trt.install_spec()}'" in err and "--engine compile" in err
+    assert f"pip install '{extras.trt_install_spec()}'" in err and "--engine compile" in err
     assert "--engine aoti" in err
 
 

@@ -14,10 +14,10 @@ later process skips TensorRT's build. Each build keeps TensorRT's timing cache i
 folder, so parallel builds (``engines build --jobs``) never rewrite one shared file.
 
 Needs the optional dependency ``torch-tensorrt`` in the release made for the installed torch
-(:func:`install_spec`: each release pins one torch minor version, so an unpinned install would
-replace torch) and a CUDA GPU. Nothing of this module that needs TensorRT has been run yet: the
-CPU tests cover the export, the input specs, the build settings per torch-tensorrt version, the
-cache keys and the messages.
+(:func:`musetalk_rt.extras.trt_install_spec`: each release pins one torch minor version, so an
+unpinned install would replace torch) and a CUDA GPU. Nothing of this module that needs
+TensorRT has been run yet: the CPU tests cover the export, the input specs, the build settings
+per torch-tensorrt version, the cache keys and the messages.
 """
 
 from __future__ import annotations
@@ -32,18 +32,8 @@ from musetalk_rt.engines.aoti import ExportedEngine
 from musetalk_rt.engines.base import register
 from musetalk_rt.extras import trt_install_spec
 
-
-def install_spec(torch_version: str | None = None) -> str:
-    """The torch-tensorrt release made for ``torch_version`` (default: the installed torch).
-
-    ``"2.13.0+cu130"`` -> ``"torch-tensorrt==2.13.*"``: each torch-tensorrt release requires
-    one torch minor version (:func:`musetalk_rt.extras.trt_install_spec`).
-    """
-    return trt_install_spec(torch_version or torch.__version__)
-
-
 INSTALL_HINT = (
-    f"torch-tensorrt is not installed: pip install '{install_spec()}' (the release made for "
+    f"torch-tensorrt is not installed: pip install '{trt_install_spec()}' (the release made for "
     "this torch; `make trt` in a checkout), or use --engine compile or --engine aoti"
 )
 
