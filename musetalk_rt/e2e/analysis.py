@@ -32,6 +32,7 @@ import numpy as np
 from musetalk_rt.audio.features import FPS, SAMPLE_RATE
 from musetalk_rt.e2e.markers import detect_onsets
 from musetalk_rt.live.output import AUDIO_PER_FRAME
+from musetalk_rt.workbench.report import DEFAULT_OPTIONS
 
 DELAY_KEYS = (
     "voice_to_server_ms",
@@ -209,21 +210,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 # the engine options of a bench row that change what a batch costs, with their value where a row
-# or a preset leaves them out (the engines' defaults); CUDA graphs and channels-last memory are
-# not compared (on in every GPU row of the compile engine)
+# or a preset leaves them out: the README table's defaults, less CUDA graphs and channels-last
+# memory (on in every GPU row of the compile engine) and the rewrites' version (a row's, not a
+# preset's)
 COMPARED_OPTIONS = {
-    "backend": "inductor",
-    "mode": None,
-    "freezing": False,
-    "coordinate_descent": False,
-    "fuse_qkv": False,
-    "cudnn_benchmark": False,
-    "graph_capture": "trees",
-    "max_autotune": False,
-    "autotune_stages": None,
-    "phase_upsample": None,
-    "channels_last_norm": False,
-    "inductor_config": None,
+    k: v
+    for k, v in DEFAULT_OPTIONS.items()
+    if k not in ("cuda_graphs", "channels_last", "rewrites_version")
 }
 
 
