@@ -46,6 +46,10 @@ STEAL_HINT_MAX = 0.10
 # the late seconds against 0.02–1.4% in the others, in every 30 s window with late frames)
 STEAL_LATE_MEAN = 0.02
 STEAL_LATE_RATIO = 3.0
+STEAL_ADVICE = (
+    "another tenant shares this machine and its pauses delay the live threads — for the show, "
+    "ask for a host without steal (a dedicated machine)"
+)
 
 
 def late_steal(load: dict | None, late_seconds) -> tuple[float, float] | None:
@@ -329,16 +333,12 @@ def host_hint(load: dict | None, late_seconds=()) -> str:
     if load["steal"] >= STEAL_HINT_MEAN or steal_max >= STEAL_HINT_MAX:
         return (
             f", hint: the hypervisor took {load['steal']:.1%} of the host's CPU (steal; "
-            f"{steal_max:.0%} in the worst second) although cores were free: another tenant "
-            "shares this machine and its pauses delay the live threads — for the show, ask for "
-            "a host without steal (a dedicated machine)"
+            f"{steal_max:.0%} in the worst second) although cores were free: {STEAL_ADVICE}"
         )
     both = late_steal(load, late_seconds)
     if both and both[0] >= STEAL_LATE_MEAN and both[0] >= STEAL_LATE_RATIO * max(both[1], 0.002):
         return (
             f", hint: the late frames came in seconds when the hypervisor took {both[0]:.1%} of "
-            f"the host's CPU (steal), against {both[1]:.1%} in the other seconds: another "
-            "tenant shares this machine and its pauses delay the live threads — for the show, "
-            "ask for a host without steal (a dedicated machine)"
+            f"the host's CPU (steal), against {both[1]:.1%} in the other seconds: {STEAL_ADVICE}"
         )
     return ""
