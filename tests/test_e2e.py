@@ -354,6 +354,27 @@ def test_gpu_estimate_filters_by_a_preset_only_for_its_scenario(tmp_path):
     assert given["batch"]["p95_ms"] == 9.0 and given["preset"].endswith("p.toml")
 
 
+def test_gpu_figures_preset_is_read_once_before_the_run(tmp_path):
+    """The preset is read when the arguments are checked; an edit during the run changes
+    nothing, and a bad one is one line naming the flag, not the live process's --config."""
+    import argparse
+
+    from musetalk_rt.e2e.probe import _gpu_preset
+    from musetalk_rt.errors import UserError
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('[live]\ncompile_freezing = true\nphase_upsample = "transpose"\n')
+    args = argparse.Namespace(gpu_figures="compile-fp16-b4", gpu_figures_preset=preset)
+    path, opts = _gpu_preset(args)
+    assert path == preset and opts["phase_upsample"] == "transpose"
+    preset.write_text("not toml [")  # edited mid-run: the run keeps what it checked
+    assert _gpu_preset(args) == (path, opts)
+    fresh = argparse.Namespace(gpu_figures="compile-fp16-b4", gpu_figures_preset=preset)
+    with pytest.raises(UserError, match="--gpu-figures-preset") as err:
+        _gpu_preset(fresh)
+    assert "--config" not in str(err.value)
+
+
 def test_recorded_figures_exist_for_the_event_preset():
     from musetalk_rt.e2e.analysis import preset_row_options
 

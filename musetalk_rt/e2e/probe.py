@@ -519,13 +519,9 @@ def _check_args(args) -> None:
     if args.speech and not Path(args.speech).is_file():
         raise UserError(f"--speech {args.speech}: no such file")
     preset = getattr(args, "gpu_figures_preset", None)
-    if preset is not None:
-        if not Path(preset).is_file():
-            raise UserError(f"--gpu-figures-preset {preset}: no such file (configs/event.toml?)")
-        try:
-            preset_row_options(preset)  # a bad file or value: its one line now, not after the run
-        except UserError as exc:
-            raise UserError(str(exc).replace("--config", "--gpu-figures-preset", 1)) from None
+    if preset is not None and not Path(preset).is_file():
+        raise UserError(f"--gpu-figures-preset {preset}: no such file (configs/event.toml?)")
+    _gpu_preset(args)  # a bad file or value: its one line now, not after the run
     if args.avatar and not (Path(args.avatars_dir) / args.avatar).is_dir():
         raise UserError(
             f"avatar {args.avatar!r} is not prepared under {args.avatars_dir} "
@@ -772,6 +768,36 @@ def run_probe(args) -> int:
     )
 
 
+def _gpu_preset(args) -> tuple[Path | None, dict | None]:
+    """The preset whose engine options the recorded GPU rows must have, and those options.
+
+    A given ``--gpu-figures-preset``, or for the event preset's own scenario this checkout's
+    event preset (absent from an install: then no filter). Read once, before the run, and kept
+    on ``args``: a file edited during an hour's soak changes nothing, and a bad one is its one
+    line at the start, not a traceback at the end.
+
+    Raises:
+        UserError: the preset does not parse or holds a value the live process would refuse.
+    """
+    from musetalk_rt.bench import REPO_ROOT
+
+    cached = getattr(args, "_gpu_preset_resolved", None)
+    if cached is not None:
+        return cached
+    preset = getattr(args, "gpu_figures_preset", None)
+    if preset is None and getattr(args, "gpu_figures", None) == EVENT_SCENARIO:
+        preset = REPO_ROOT / "configs" / "event.toml"
+    options = None
+    if preset is not None and Path(preset).is_file():
+        try:
+            options = preset_row_options(preset)
+        except UserError as exc:
+            raise UserError(str(exc).replace("--config", "--gpu-figures-preset", 1)) from None
+    resolved = (Path(preset) if options is not None else None, options)
+    args._gpu_preset_resolved = resolved
+    return resolved
+
+
 def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
     """Voice-to-received with the recorded GPU figures in the playout delay (None: not asked).
 
@@ -786,12 +812,7 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
 
     if args.gpu_figures == "none":
         return None
-    # the rows must have a preset's engine options: a given one's (checked before the run), or
-    # for the event preset's own scenario this checkout's event preset (absent from an install)
-    preset = getattr(args, "gpu_figures_preset", None)
-    if preset is None and args.gpu_figures == EVENT_SCENARIO:
-        preset = REPO_ROOT / "configs" / "event.toml"
-    options = preset_row_options(preset) if preset and Path(preset).is_file() else None
+    preset, options = _gpu_preset(args)
     figs = find_gpu_figures(
         args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures, options
     )
