@@ -45,6 +45,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
 def _add_common(
     p: argparse.ArgumentParser, weights_default: str = "real", test_encoder: bool = False
 ) -> None:
@@ -398,7 +408,11 @@ def cmd_avatar(args) -> int:
     from musetalk_rt.avatar import load_avatar, parse_bbox, prepare_avatar
 
     if args.action == "prepare":
+        from musetalk_rt.avatar.prepare import check_prepare_inputs
+
         bbox = parse_bbox(args.bbox) if args.bbox else None
+        # a bad id or source is its one line before the models load (seconds to minutes)
+        check_prepare_inputs(args.source, args.id, bbox, args.idle)
         models = _models(args)
         path = prepare_avatar(
             args.source,
@@ -417,6 +431,8 @@ def cmd_avatar(args) -> int:
     if args.action == "check":
         from musetalk_rt.avatar.check import check_avatar
 
+        if args.sheet and args.sheet.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            raise UserError(f"--sheet {args.sheet}: give a .png or .jpg file")
         sheet = args.sheet or Path(args.avatars_dir) / args.id / "check.png"
         rep = check_avatar(avatar, sheet)
         print(
@@ -783,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--deep",
         action="store_true",
-        help="check: also compare SHA-256 hashes with weights.lock.json",
+        help="check: also compare SHA-256 hashes with weights.lock.json (a file it does not "
+        "list is 'unverified')",
     )
     p.set_defaults(func=cmd_weights)
 
@@ -804,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument(
         "--extra-margin",
-        type=int,
+        type=_non_negative_int,
         default=10,
         help="px added below the face box, as MuseTalk v1.5 does (default: 10)",
     )

@@ -360,7 +360,9 @@ def read_video(
     return frames, fps
 
 
-def load_source(path: str | os.PathLike) -> tuple[list[np.ndarray], float]:
+def load_source(
+    path: str | os.PathLike, max_frames: int | None = None
+) -> tuple[list[np.ndarray], float]:
     """Load an avatar source: a still image (one frame at 25 fps) or a video.
 
     Files with an image extension are read as images first, falling back to video decoding
@@ -368,6 +370,8 @@ def load_source(path: str | os.PathLike) -> tuple[list[np.ndarray], float]:
 
     Args:
         path: An image or video file.
+        max_frames: Decode at most this many frames of a video (a long video's frames would
+            not fit in memory); ``None`` decodes all.
 
     Returns:
         ``(frames, fps)`` with frames ``[H, W, 3]`` uint8 RGB.
@@ -382,13 +386,13 @@ def load_source(path: str | os.PathLike) -> tuple[list[np.ndarray], float]:
             frames = [read_image(path)]
         except UserError as image_err:
             try:
-                frames, fps = read_video(path)
+                frames, fps = read_video(path, max_frames)
             except UserError:
                 raise image_err from None
             check_frames(frames, path)
             return frames, fps
         return frames, DEFAULT_FPS
-    frames, fps = read_video(path)
+    frames, fps = read_video(path, max_frames)
     check_frames(frames, path)
     return frames, fps
 

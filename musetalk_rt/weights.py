@@ -235,9 +235,10 @@ def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> nn
             or (unexpected[:2] and f"unexpected {unexpected[:2]}")
             or f"shape mismatch {wrong[:2]}"
         )
+        fix = FIX_DOWNLOAD.format(models_dir=path.parent.parent)
         raise UserError(
             f"{path} does not match the MuseTalk v1.5 architecture ({detail}); it is the wrong "
-            "file or corrupt: delete it and run `musetalk-rt weights download`"
+            f"file or corrupt: delete it and run `{fix}`"
         )
     module.load_state_dict(sd, strict=True, assign=True)
     return module
@@ -248,16 +249,39 @@ def _real_component(models_dir: Path, component: str) -> tuple[nn.Module, dict[s
     files = _component_files(models_dir, component)
     config = _read_json(files["config"])
     sd = read_state_dict(files["weights"])
-    with torch.device("meta"):
-        if component == "unet":
-            module = build_unet(config)
-        elif component == "vae":
-            module = build_vae({**VAE_CONFIG, **config})
-            sd = _convert_legacy_vae_keys(sd)
-        else:
-            module = build_whisper_encoder({**WHISPER_TINY_CONFIG, **config})
-            sd = _whisper_encoder_keys(sd)
+    try:
+        with torch.device("meta"):
+            if component == "unet":
+                module = build_unet(config)
+            elif component == "vae":
+                module = build_vae({**VAE_CONFIG, **config})
+                sd = _convert_legacy_vae_keys(sd)
+            else:
+                module = build_whisper_encoder({**WHISPER_TINY_CONFIG, **config})
+                sd = _whisper_encoder_keys(sd)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a key or value it refuses
+        raise UserError(
+            f"{files['config']} is not a valid {component} config ({type(exc).__name__}: {exc}); "
+            f"delete it and run `{FIX_DOWNLOAD.format(models_dir=models_dir)}`"
+        ) from None
     return _load_into(module, sd, files["weights"]), files
+
+
+def _whisper_preprocessor(path: Path):
+    """The whisper feature extractor of a preprocessor config file.
+
+    Raises:
+        UserError: The file is not one (corrupt, or another model's).
+    """
+    from transformers import WhisperFeatureExtractor
+
+    try:
+        return WhisperFeatureExtractor.from_pretrained(str(path.parent))
+    except Exception as exc:  # transformers raises many kinds for a bad file
+        raise UserError(
+            f"{path} is not a whisper preprocessor config ({type(exc).__name__}); "
+            f"delete it and run `{FIX_DOWNLOAD.format(models_dir=path.parent.parent)}`"
+        ) from None
 
 
 def _fingerprint_files(paths: list[Path]) -> str:
@@ -326,12 +350,7 @@ def load_models(
             [*files_u.values(), *files_v.values(), *files_w.values()]
         )
         unet, vae, whisper = (m.to(device) for m in (unet, vae, whisper))
-        try:
-            fe = WhisperFeatureExtractor.from_pretrained(str(files_w["preprocessor"].parent))
-        except Exception as exc:
-            raise UserError(
-                f"{files_w['preprocessor']} is not a whisper preprocessor config ({exc})"
-            ) from None
+        fe = _whisper_preprocessor(files_w["preprocessor"])
     else:
         unet, vae, whisper, fingerprint = _random_models(kind, device, seed)
         fe = WhisperFeatureExtractor()  # whisper's defaults: 80 mel bins, 16 kHz, 30 s chunks
@@ -369,7 +388,7 @@ def load_whisper(
     device = torch.device(device)
     if kind == "real":
         whisper, files = _real_component(Path(models_dir), "whisper")
-        fe = WhisperFeatureExtractor.from_pretrained(str(files["preprocessor"].parent))
+        fe = _whisper_preprocessor(files["preprocessor"])
         desc = f"whisper: real ({files['weights']})"
     elif kind == "tiny.en-test":
         from musetalk_rt.testing.ct2_whisper import load_tiny_en_encoder
@@ -444,6 +463,8 @@ def check(models_dir: str | Path = "models", deep: bool = False) -> list[FileChe
             continue
         try:
             _real_component(models_dir, component)
+            if "preprocessor" in present:
+                _whisper_preprocessor(present["preprocessor"])
         except UserError as exc:
             msg = str(exc)
             rows = results[-len(comp_files) :]
@@ -455,8 +476,16 @@ def check(models_dir: str | Path = "models", deep: bool = False) -> list[FileChe
         if deep:
             for r in results[-len(comp_files) :]:
                 want = lock.get(r.path, {}).get("sha256")
-                if r.status == "ok" and want and sha256_file(models_dir / r.path) != want:
-                    r.status, r.detail = "corrupt", "sha256 differs from weights.lock.json"
+                if r.status != "ok":
+                    continue
+                if not want:  # copied by hand, or the lock lost: nothing to compare with
+                    r.status = "unverified"
+                    r.detail = (
+                        f"not in {LOCK_FILE} (written by `weights download`); "
+                        "compare its sha256 with the model's page by hand"
+                    )
+                elif sha256_file(models_dir / r.path) != want:
+                    r.status, r.detail = "corrupt", f"sha256 differs from {LOCK_FILE}"
     return results
 
 
@@ -490,9 +519,11 @@ def download(
     if downloader is None:
         from huggingface_hub import hf_hub_download as downloader
     models_dir = Path(models_dir)
+    had: set[str] = set()
     for wf in LAYOUT:
-        if wf.find(models_dir) is not None:
+        if (found := wf.find(models_dir)) is not None:
             log(f"have   {wf.display}")
+            had.add(str(found.relative_to(models_dir)))
             continue
         last_exc: Exception | None = None
         for name in wf.names:
@@ -531,7 +562,12 @@ def download(
     results = check(models_dir)
     bad = [r for r in results if r.status != "ok"]
     if bad:
-        raise UserError(f"downloaded {bad[0].path} failed verification: {bad[0].detail}")
+        first = bad[0]
+        if first.path in had:  # present before this run: not ours to replace silently
+            raise UserError(
+                f"{models_dir / first.path} was already there and is {first.status}: {first.detail}"
+            )
+        raise UserError(f"downloaded {first.path} failed verification: {first.detail}")
     lock = {
         "files": {
             r.path: {"sha256": sha256_file(models_dir / r.path), "size": r.size_bytes}

@@ -94,6 +94,55 @@ def test_failed_prepare_leaves_no_valid_looking_folder(tiny_models, tmp_path):
         load_avatar("broken", avatars)
 
 
+def test_a_damaged_avatar_is_one_line_with_the_command_that_rebuilds_it(
+    tiny_models, astronaut, tmp_path
+):
+    """Any missing or broken file of a prepared folder is "damaged" and names the command,
+    its non-default --avatars-dir included; prepare does not call such a folder up to date."""
+    import shutil
+
+    avatars = tmp_path / "my avatars"
+    prepare_avatar(astronaut, "astro", tiny_models, avatars, log=lambda _: None)
+    good = tmp_path / "good"
+    shutil.copytree(avatars / "astro", good)
+
+    def damage(edit):
+        shutil.rmtree(avatars / "astro")
+        shutil.copytree(good, avatars / "astro")
+        edit(avatars / "astro")
+        with pytest.raises(UserError) as err:
+            load_avatar("astro", avatars)
+        msg = str(err.value)
+        assert "--force" in msg and f"--avatars-dir '{avatars}'" in msg, msg
+        return msg
+
+    assert "damaged" in damage(lambda d: (d / "latents.safetensors").unlink())
+    assert "damaged" in damage(lambda d: (d / "latents.safetensors").write_bytes(b"junk"))
+    assert "missing or unreadable" in damage(lambda d: (d / "masks" / "000000.png").unlink())
+
+    def no_frames(d):
+        m = json.loads((d / "manifest.json").read_text())
+        m["num_frames"] = 0
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    assert "damaged" in damage(no_frames)
+    assert "damaged" in damage(lambda d: (d / "geometry.json").write_text('{"boxes": []}'))
+    # prepare sees the missing latents and rebuilds instead of calling it up to date
+    (avatars / "astro" / "latents.safetensors").unlink()
+    logs = []
+    prepare_avatar(astronaut, "astro", tiny_models, avatars, log=logs.append)
+    assert "rebuilding" in logs[0] and "files" in logs[0]
+    assert load_avatar("astro", avatars).num_frames == 1
+
+
+def test_max_frames_stops_decoding(fixtures):
+    """--max-frames stops the decoder, not a cut after decoding a whole (long) video."""
+    from musetalk_rt.media import load_source
+
+    frames, fps = load_source(fixtures / "yongen.mp4", max_frames=3)
+    assert len(frames) == 3 and fps == 25.0
+
+
 def test_other_format_version_is_refused(tiny_models, astronaut, tmp_path):
     prepare_avatar(astronaut, "old", tiny_models, tmp_path, log=lambda _: None)
     m = tmp_path / "old" / "manifest.json"

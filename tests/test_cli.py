@@ -266,6 +266,11 @@ def _bad_cases(tmp_path, avatars, fixtures):
         return _render_argv(avatars, audio, tmp_path / "o.mp4", *extra)
 
     prep = ["avatar", "prepare", "--weights", "tiny", "--avatars-dir", str(tmp_path / "av")]
+    no_models = ["avatar", "prepare", "--models-dir", str(tmp_path / "no_models")]
+    damaged = tmp_path / "damaged"
+    (damaged / "broken").mkdir(parents=True)
+    (damaged / "broken" / "manifest.json").write_text("[]")  # JSON, but not a manifest
+    (damaged / "broken" / "geometry.json").write_text("{}")
     return {
         "missing audio": (render(str(tmp_path / "nope.wav")), "does not exist"),
         "not audio": (render(str(text)), "not an audio file"),
@@ -319,6 +324,31 @@ def _bad_cases(tmp_path, avatars, fixtures):
         "cuda without gpu": (
             render(str(fixtures / "yongen.wav"), "--device", "cuda:7"),
             "cuda",
+        ),
+        "infinite box": (
+            prep + ["--source", str(img), "--id", "i", "--bbox", "0,0,inf,10"],
+            "four integers",
+        ),
+        # the id and the source are checked before the models load (here: there are none)
+        "bad id, no weights": (
+            [*no_models, "--source", str(img), "--id", "../x"],
+            "letters, digits",
+        ),
+        "missing source, no weights": (
+            [*no_models, "--source", str(tmp_path / "none.mp4"), "--id", "m"],
+            "does not exist",
+        ),
+        "damaged avatar": (
+            ["avatar", "info", "broken", "--avatars-dir", str(damaged)],
+            "damaged",
+        ),
+        "avatar id outside the folder": (
+            ["avatar", "info", "..", "--avatars-dir", str(damaged)],
+            "letters, digits",
+        ),
+        "contact sheet not an image": (
+            ["avatar", "check", "yongen", "--avatars-dir", str(avatars), "--sheet", "s.txt"],
+            "give a .png",
         ),
     }
 

@@ -99,6 +99,47 @@ def test_download_fetches_exact_files_falls_back_and_locks(tmp_path):
     ] == "corrupt"
 
 
+def test_a_config_the_model_refuses_and_a_bad_preprocessor_are_corrupt(tmp_path):
+    """A config that parses but has a key the model does not take, or a whisper preprocessor
+    config that is not one, is "corrupt" with the fix, not an internal error."""
+    write_tiny_layout(tmp_path)
+    unet_cfg = tmp_path / "musetalkV15" / "musetalk.json"
+    good = unet_cfg.read_text()
+    unet_cfg.write_text(json.dumps({"foo": 1}))
+    status = {r.path: r for r in check(tmp_path)}
+    assert status["musetalkV15/musetalk.json"].status == "corrupt"
+    assert "weights download" in status["musetalkV15/musetalk.json"].detail
+    with pytest.raises(UserError, match="not a valid unet config"):
+        load_models("real", tmp_path)
+    unet_cfg.write_text(good)
+    pre = tmp_path / "whisper" / "preprocessor_config.json"
+    pre.write_text('{"feature_size": "eighty"}')
+    status = {r.path: r for r in check(tmp_path)}
+    assert status["whisper/preprocessor_config.json"].status == "corrupt"
+    with pytest.raises(UserError, match="preprocessor"):
+        load_models("real", tmp_path)
+
+
+def test_deep_check_without_a_lock_says_unverified(tmp_path):
+    """--deep promises hashes compared: a file the lock does not list is "unverified"."""
+    write_tiny_layout(tmp_path)
+    assert all(r.status == "ok" for r in check(tmp_path))
+    deep = check(tmp_path, deep=True)
+    assert {r.status for r in deep} == {"unverified"}
+    assert "weights.lock.json" in deep[0].detail
+
+
+def test_download_over_a_corrupt_present_file_says_it_was_there(tmp_path):
+    write_tiny_layout(tmp_path)
+    (tmp_path / "musetalkV15" / "musetalk.json").write_text(json.dumps({"foo": 1}))
+
+    def never(**_):
+        raise AssertionError("nothing is missing: nothing to fetch")
+
+    with pytest.raises(UserError, match="was already there and is corrupt"):
+        download(tmp_path, downloader=never, log=lambda _: None)
+
+
 def test_download_network_error_is_one_clear_line(tmp_path):
     def offline(**_):
         raise ConnectionError("no route to host")

@@ -23,6 +23,7 @@ import numpy as np
 from musetalk_rt.avatar.geometry import blend
 from musetalk_rt.avatar.prepare import CLOSED_MOUTH, face_crop
 from musetalk_rt.avatar.store import Avatar
+from musetalk_rt.errors import UserError
 
 TALKING_P90 = 0.04  # openness p90 above this: the source itself talks
 
@@ -89,7 +90,8 @@ def contact_sheet(avatar: Avatar, path: Path, count: int = 6, tile: int = 320) -
         tiles.append(np.zeros_like(tiles[0]))
     rows = [np.hstack(tiles[r : r + cols]) for r in range(0, len(tiles), cols)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))
+    if not cv2.imwrite(str(path), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)):
+        raise UserError(f"could not write the contact sheet {path} (is its folder writable?)")
     return path
 
 

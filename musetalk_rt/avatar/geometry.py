@@ -56,7 +56,7 @@ def parse_bbox(text: str) -> Box:
     """
     try:
         vals = [int(round(float(v))) for v in text.split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number; inf
         vals = []
     if len(vals) != 4:
         raise UserError(f"--bbox must be four integers x1,y1,x2,y2, got {text!r}")

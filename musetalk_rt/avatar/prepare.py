@@ -39,7 +39,7 @@ from musetalk_rt.avatar.geometry import (
     validate_box,
 )
 from musetalk_rt.avatar.landmarks import get_detector, mouth_openness, track_main_face
-from musetalk_rt.avatar.store import FORMAT_VERSION, MODEL_VERSION
+from musetalk_rt.avatar.store import FORMAT_VERSION, MODEL_VERSION, valid_id
 from musetalk_rt.errors import UserError
 from musetalk_rt.modeling import VaeEncoder
 from musetalk_rt.modeling.configs import FACE_SIZE
@@ -70,11 +70,18 @@ def closed_mouth_run(openness: np.ndarray, threshold: float = CLOSED_MOUTH) -> t
     return best
 
 
-def _valid_id(avatar_id: str) -> str:
-    ok = avatar_id and all(c.isalnum() or c in "-_." for c in avatar_id)
-    if not ok or avatar_id.startswith("."):
-        raise UserError(f"avatar id {avatar_id!r} must use letters, digits, '-', '_' or '.'")
-    return avatar_id
+def _complete(target: Path, num_frames: int) -> bool:
+    """Whether a prepared folder still holds every file its manifest promises."""
+    return (
+        num_frames >= 1
+        and (target / "geometry.json").is_file()
+        and (target / "latents.safetensors").is_file()
+        and all(
+            (target / sub / f"{i:06d}.png").is_file()
+            for sub in ("frames", "masks")
+            for i in range(num_frames)
+        )
+    )
 
 
 def face_crop(frame: np.ndarray, box: Box) -> np.ndarray:
@@ -104,6 +111,28 @@ def _clip_mask(mask: np.ndarray, crop: Box, clipped: Box) -> np.ndarray:
     return mask[
         clipped.y1 - crop.y1 : clipped.y2 - crop.y1, clipped.x1 - crop.x1 : clipped.x2 - crop.x1
     ]
+
+
+def check_prepare_inputs(source: str | Path, avatar_id: str, bbox: Box | None, idle: str) -> Path:
+    """The checks of :func:`prepare_avatar` that need no models (run them before loading any).
+
+    Returns:
+        The source as a path.
+
+    Raises:
+        UserError: A bad id, a missing or unreadable source, or settings that do not go together.
+    """
+    valid_id(avatar_id)
+    source = Path(source)
+    if not source.is_file():
+        raise UserError(f"source {source} does not exist or is not a file")
+    if not os.access(source, os.R_OK):
+        raise UserError(f"source {source} is not readable (check its permissions)")
+    if idle not in ("all", "closed"):
+        raise UserError(f"--idle must be all or closed, got {idle!r}")
+    if idle == "closed" and bbox:
+        raise UserError("--idle closed needs face landmarks; leave out --bbox")
+    return source
 
 
 def prepare_avatar(
@@ -143,16 +172,11 @@ def prepare_avatar(
     """
     from musetalk_rt.media import load_source
 
-    _valid_id(avatar_id)
-    source = Path(source)
-    if not source.is_file():
-        raise UserError(f"source {source} does not exist or is not a file")
+    source = check_prepare_inputs(source, avatar_id, bbox, idle)
+    if extra_margin < 0:
+        raise UserError(f"--extra-margin must be 0 or more, got {extra_margin}")
     root = Path(avatars_dir)
     target = root / avatar_id
-    if idle not in ("all", "closed"):
-        raise UserError(f"--idle must be all or closed, got {idle!r}")
-    if idle == "closed" and bbox:
-        raise UserError("--idle closed needs face landmarks; leave out --bbox")
     settings = {
         "bbox": bbox.as_list() if bbox else None,
         "extra_margin": extra_margin,
@@ -183,18 +207,17 @@ def prepare_avatar(
                 "source_sha256": m["source"]["sha256"],
                 "weights": m["weights"]["fingerprint"],
             }
+            complete = _complete(target, int(m["num_frames"]))
         except (ValueError, KeyError, TypeError):
-            have = None
-        if have == wanted:
+            have, complete = None, False
+        if have == wanted and complete:
             log(f"avatar {avatar_id!r} is up to date ({target})")
             return target
-        changed = [k for k in wanted if have is None or have.get(k) != wanted[k]]
+        changed = [k for k in wanted if have is None or have.get(k) != wanted[k]] or ["files"]
         log(f"avatar {avatar_id!r} changed ({', '.join(changed)}): rebuilding")
 
     t0 = time.perf_counter()
-    frames, fps = load_source(source)
-    if max_frames:
-        frames = frames[:max_frames]
+    frames, fps = load_source(source, max_frames or None)  # decoding stops at max_frames
     h, w = frames[0].shape[:2]
     n = len(frames)
     report: dict = {}
@@ -252,10 +275,15 @@ def prepare_avatar(
         (tmp / "masks").mkdir()
         png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
         for i, f in enumerate(frames):
-            cv2.imwrite(
-                str(tmp / "frames" / f"{i:06d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR), png
-            )
-            cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), masks[i], png)
+            for path, image in (
+                (tmp / "frames" / f"{i:06d}.png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR)),
+                (tmp / "masks" / f"{i:06d}.png", masks[i]),
+            ):
+                if not cv2.imwrite(str(path), image, png):  # False, not an exception: disk full
+                    raise UserError(
+                        f"could not write {path.name} under {root} (disk full or not writable?); "
+                        "nothing was changed"
+                    )
         from safetensors.torch import save_file
 
         save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))

@@ -16,6 +16,7 @@ half-written avatar never looks valid.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +83,30 @@ class Avatar:
         return w, h
 
 
-def _png(path: Path) -> np.ndarray:
+def valid_id(avatar_id: str) -> str:
+    """An avatar id as a folder name: letters, digits, ``-``, ``_``, ``.``; not hidden.
+
+    Raises:
+        UserError: Anything else (``../x`` would read or write outside the avatars folder).
+    """
+    ok = avatar_id and all(c.isalnum() or c in "-_." for c in avatar_id)
+    if not ok or avatar_id.startswith("."):
+        raise UserError(f"avatar id {avatar_id!r} must use letters, digits, '-', '_' or '.'")
+    return avatar_id
+
+
+def prepare_command(avatar_id: str, avatars_dir: str | Path = "avatars", force=False) -> str:
+    """The ``musetalk-rt avatar prepare`` line that (re)builds an avatar, ready to paste."""
+    words = ["musetalk-rt", "avatar", "prepare", "--source", "VIDEO_OR_IMAGE", "--id", avatar_id]
+    if Path(avatars_dir) != Path("avatars"):
+        words += ["--avatars-dir", str(avatars_dir)]
+    return shlex.join(words + (["--force"] if force else []))
+
+
+def _png(path: Path, fix: str) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise UserError(f"avatar file {path} is missing or unreadable; re-run avatar prepare")
+        raise UserError(f"avatar file {path} is missing or unreadable; run `{fix}`")
     return img
 
 
@@ -93,34 +114,48 @@ def load_avatar(avatar_id: str, avatars_dir: str | Path = "avatars") -> Avatar:
     """Load a prepared avatar.
 
     Raises:
-        UserError: Not prepared, incomplete, or prepared by another format/model version.
+        UserError: A bad id, not prepared, damaged or incomplete, or prepared by another
+            format/model version; the message holds the command that rebuilds it.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    valid_id(avatar_id)
     root = Path(avatars_dir) / avatar_id
-    fix = f"run `musetalk-rt avatar prepare --source VIDEO_OR_IMAGE --id {avatar_id}`"
     mpath = root / "manifest.json"
     if not mpath.is_file():
-        raise UserError(f"avatar {avatar_id!r} is not prepared in {avatars_dir}; {fix}")
+        raise UserError(
+            f"avatar {avatar_id!r} is not prepared in {avatars_dir}; "
+            f"run `{prepare_command(avatar_id, avatars_dir)}`"
+        )
+    fix = prepare_command(avatar_id, avatars_dir, force=True)
     try:
         manifest = json.loads(mpath.read_text())
         geometry = json.loads((root / "geometry.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"avatar {avatar_id!r} is damaged ({exc}); {fix} --force") from None
-    if manifest.get("format") != FORMAT_VERSION or manifest.get("model") != MODEL_VERSION:
-        raise UserError(
-            f"avatar {avatar_id!r} was prepared for {manifest.get('model')} format "
-            f"{manifest.get('format')}; this version needs {MODEL_VERSION} format "
-            f"{FORMAT_VERSION}: {fix} --force"
-        )
-    n = int(manifest["num_frames"])
-    frames = [
-        cv2.cvtColor(_png(root / "frames" / f"{i:06d}.png"), cv2.COLOR_BGR2RGB) for i in range(n)
-    ]
-    masks = [_png(root / "masks" / f"{i:06d}.png") for i in range(n)]
-    from safetensors.torch import load_file
-
-    latents = load_file(str(root / "latents.safetensors"))["latents"]
-    boxes = [Box(*b) for b in geometry["boxes"]]
-    crops = [Box(*b) for b in geometry["crops"]]
+        if not isinstance(manifest, dict) or not isinstance(geometry, dict):
+            raise ValueError("manifest.json and geometry.json must hold JSON objects")
+        if manifest.get("format") != FORMAT_VERSION or manifest.get("model") != MODEL_VERSION:
+            raise UserError(
+                f"avatar {avatar_id!r} was prepared for {manifest.get('model')} format "
+                f"{manifest.get('format')}; this version needs {MODEL_VERSION} format "
+                f"{FORMAT_VERSION}: run `{fix}`"
+            )
+        n = int(manifest["num_frames"])
+        if n < 1:
+            raise ValueError(f"num_frames is {n}")
+        frames = [
+            cv2.cvtColor(_png(root / "frames" / f"{i:06d}.png", fix), cv2.COLOR_BGR2RGB)
+            for i in range(n)
+        ]
+        masks = [_png(root / "masks" / f"{i:06d}.png", fix) for i in range(n)]
+        latents = load_file(str(root / "latents.safetensors"))["latents"]  # [N, 8, 32, 32]
+        boxes = [Box(*b) for b in geometry["boxes"]]
+        crops = [Box(*b) for b in geometry["crops"]]
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as exc:
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise UserError(f"avatar {avatar_id!r} is damaged ({reason}); run `{fix}`") from None
     if not (len(boxes) == len(crops) == latents.shape[0] == n):
-        raise UserError(f"avatar {avatar_id!r} is inconsistent; {fix} --force")
+        raise UserError(f"avatar {avatar_id!r} is inconsistent; run `{fix}`")
     return Avatar(avatar_id, frames, boxes, crops, masks, latents, manifest, geometry)
