@@ -688,6 +688,13 @@ def cmd_send(args) -> int:
     from musetalk_rt.live.send import send_clip, send_microphone
 
     token = args.token or os.environ.get("MUSETALK_RT_TOKEN")
+
+    def show(message: dict) -> None:
+        if message.get("type") == "stats":
+            print(f"  server: received {message['received_s']} s, ahead {message['ahead_s']} s")
+        elif message.get("type") == "caption":
+            print(f"  caption {message.get('start_s')} s: {message.get('text')}")
+
     if args.wav:
         from musetalk_rt.media import load_audio
 
@@ -698,12 +705,6 @@ def cmd_send(args) -> int:
             f"sending {args.wav}: {clip.duration_s:.2f} s at {clip.sample_rate} Hz, "
             f"{clip.channels} channel(s), {'real time' if args.realtime else 'unpaced'}"
         )
-
-        def show(message: dict) -> None:
-            if message.get("type") == "stats":
-                print(f"  server: received {message['received_s']} s, ahead {message['ahead_s']} s")
-            elif message.get("type") == "caption":
-                print(f"  caption {message.get('start_s')} s: {message.get('text')}")
 
         rep = asyncio.run(
             send_clip(
@@ -717,7 +718,12 @@ def cmd_send(args) -> int:
             )
         )
     else:
-        rep = asyncio.run(send_microphone(args.url, token, args.chunk_ms))
+        if not args.realtime:
+            raise UserError("--no-realtime applies to --wav (a microphone is real time)")
+        print(f"sending the microphone to {args.url} (Ctrl-C ends with a flush)")
+        rep = asyncio.run(
+            send_microphone(args.url, token, args.chunk_ms, on_message=show, cafile=args.cafile)
+        )
     print(
         json.dumps(
             {
@@ -727,6 +733,7 @@ def cmd_send(args) -> int:
                 "stats_messages": len(rep.stats),
                 "captions": len(rep.captions),
                 "close_code": rep.close_code,
+                **({"dropped_chunks": rep.dropped} if args.mic else {}),
             }
         )
     )

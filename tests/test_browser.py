@@ -142,3 +142,35 @@ def test_the_page_reconnects_by_itself_when_the_server_restarts(fixture_file, tm
         browser.terminate()
         browser.wait(10)
         server.done = True
+
+
+@pytest.mark.slow
+def test_the_page_connects_again_when_the_network_drops_under_an_open_connection(
+    fixture_file, tmp_path
+):
+    """A dropped network leaves the page's socket "open" with nothing arriving (a proxy that
+    stops forwarding but keeps its connections). The page notices the missing stats within
+    seconds and connects again; the server lets the silent old session of the same tab give way
+    and the audio goes on in a second session. (Before, the page showed "Live" for minutes.)"""
+    from musetalk_rt.testing.netfault import FreezingProxy
+
+    speech = load_audio(fixture_file("eng.wav")).to_mono_16k()[16000 * 2 : 16000 * 8]
+    wav = _mic_wav(speech, tmp_path / "mic.wav")
+    sink = RecordingSink()
+    server = _start_server({"stage": sink})
+    with FreezingProxy("127.0.0.1", server.port) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/?channel=stage&token=s3cret&autostart=1"
+        browser = open_page(CHROMIUM, tmp_path / "profile", wav, url)
+        try:
+            _wait_for(lambda: sink.audio.size >= 16000 * 2, browser, 90)
+            assert sink.audio.size >= 16000 * 2 and sink.sessions == 1
+            assert proxy.freeze() >= 1  # the ingest socket (and any page fetch still open)
+            frozen_at = sink.audio.size
+            _wait_for(lambda: sink.sessions >= 2 and sink.audio.size > frozen_at + 32000,
+                      browser, 40)  # fmt: skip
+        finally:
+            browser.terminate()
+            browser.wait(10)
+            server.done = True
+    assert sink.sessions == 2, sink.sessions
+    assert sink.audio.size > frozen_at + 32000  # 2 s more after the drop

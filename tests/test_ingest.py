@@ -152,6 +152,10 @@ def test_bad_senders_get_one_clear_refusal_each():
             base + "a", _hello(format="opus", sample_rate=48000), b"\xff" * 7
         )
         out["10 MB message"] = (None, await asyncio.to_thread(send_oversized, base + "a", _hello()))
+        out["lone surrogate token"] = await _refusal(base + "a", _hello(token="\ud800"))
+        # quoted back in the error, cut: a close reason holds at most 123 bytes
+        out["long CJK format"] = await _refusal(base + "a", _hello(format="中" * 60))
+        out["unknown control"] = await _refusal(base + "a", _hello(), '{"type": "pause"}')
         return out
 
     out, _ = _serve(go)
@@ -170,12 +174,82 @@ def test_bad_senders_get_one_clear_refusal_each():
         "torn pcm": 4422,
         "opus garbage": 4422,
         "10 MB message": 1009,
+        "lone surrogate token": 4401,
+        "long CJK format": 4415,
+        "unknown control": 4400,
     }
     for name, code in expect.items():
         err, close = out[name]
         assert close == code, (name, err, close)
         if code != 1009:
             assert err["code"] == code and len(err["message"]) > 10, name
+
+
+def test_a_channel_named_in_chinese_is_found_through_its_encoded_path():
+    clip = _clip(0.5, seed=5)
+
+    async def run():
+        sinks = {"主播": RecordingSink()}
+        async with IngestServer(sinks, IngestConfig(port=0, token=TOKEN)) as srv:
+            url = f"ws://127.0.0.1:{srv.port}/ingest/%E4%B8%BB%E6%92%AD"  # as a browser sends it
+            rep = await send_clip(url, clip, TOKEN, realtime=False)
+            return rep, sinks["主播"].audio.size
+
+    rep, samples = asyncio.run(run())
+    assert rep.close_code == 1000 and samples == 8000
+
+
+def test_a_stream_is_read_while_it_is_sent_and_a_cancel_says_bye():
+    """The microphone's path: an endless source, the server's stats read as they come (a client
+    that stops reading is dropped by the server's pings), Ctrl-C ends with flush and bye."""
+    from musetalk_rt.live.send import SendReport, _session
+
+    async def mic_like():  # 20 ms blocks in real time, forever
+        block = np.zeros(320, "<i2").tobytes()
+        while True:
+            await asyncio.sleep(0.02)
+            yield block
+
+    async def go(srv, sinks, base):
+        seen = []
+        task = asyncio.create_task(
+            _session(base + "a", json.loads(_hello()), mic_like(), SendReport(), seen.append,
+                     5.0, None)
+        )  # fmt: skip
+        await asyncio.sleep(1.6)
+        stats_while_sending = sum(m["type"] == "stats" for m in seen)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):  # the server ends the session on bye
+            if not sinks["a"].open:
+                break
+            await asyncio.sleep(0.02)
+        return stats_while_sending, sinks["a"].open, srv.refused
+
+    (stats, still_open, refused), sinks = _serve(go, stats_interval_s=0.25)
+    assert stats >= 4 and not still_open and not refused
+    assert 1.0 <= sinks["a"].audio.size / 16000 <= 1.7
+
+
+def test_a_server_error_in_the_middle_of_a_send_is_the_senders_error():
+    """The server stops a sender mid-stream (torn PCM): send_clip raises with its message,
+    it does not end as a success."""
+    from musetalk_rt.live.send import SendReport, _session
+
+    async def torn():
+        yield np.zeros(320, "<i2").tobytes()
+        yield b"\x00\x01\x02"  # 1.5 samples of 16-bit mono
+        await asyncio.sleep(5)  # a sender would go on; the server has closed
+        yield b"\x00\x00"
+
+    async def go(srv, sinks, base):
+        with pytest.raises(UserError, match="stopped the sender") as err:
+            await _session(base + "a", json.loads(_hello()), torn(), SendReport(), None, 5.0, None)
+        return str(err.value)
+
+    msg, _ = _serve(go)
+    assert "whole" in msg or "sample" in msg or "bytes" in msg, msg
 
 
 def test_hello_timeout():

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
@@ -46,6 +47,7 @@ from musetalk_rt.live.protocol import (
     AudioDecoder,
     ProtocolError,
     parse_hello,
+    shown,
 )
 
 log = logging.getLogger("musetalk_rt.ingest")
@@ -175,7 +177,7 @@ class IngestServer:
             body = json.dumps({"channels": sorted(self.sinks)}).encode()
             return _response(HTTPStatus.OK, body, "application/json")
         if path.startswith("/preview/") and path.endswith(".jpg") and self.preview:
-            jpeg = self.preview(path[len("/preview/") : -len(".jpg")])
+            jpeg = self.preview(unquote(path[len("/preview/") : -len(".jpg")]))
             if jpeg is not None:
                 return _response(HTTPStatus.OK, jpeg, "image/jpeg")
         if path in _PAGES:
@@ -188,13 +190,14 @@ class IngestServer:
         log.info("refused a sender on %s: %s (%d)", conn.request.path, err.message, err.code)
         try:
             await conn.send(err.as_message())
-            await conn.close(err.code, err.message[:120])
+            await conn.close(err.code, err.close_reason())
         except ConnectionClosed:
             pass
 
     async def _handle(self, conn: ServerConnection) -> None:
         path = conn.request.path
-        name = path[len("/ingest/") :] if path.startswith("/ingest/") else None
+        # a channel named in Chinese arrives percent-encoded (the page's encodeURIComponent)
+        name = unquote(path[len("/ingest/") :]) if path.startswith("/ingest/") else None
         try:
             if not name or name not in self.sinks:
                 raise ProtocolError(
@@ -271,22 +274,23 @@ class IngestServer:
         }
         self._active[name] = (conn, state)
         t0 = time.monotonic()
+        stats_task = msg_task = None
         sink.open_session()
-        await conn.send(
-            json.dumps(
-                {
-                    "type": "ready",
-                    "channel": name,
-                    "sample_rate": SAMPLE_RATE,
-                    "stats_interval_s": self.config.stats_interval_s,
-                }
+        try:  # from here on the session is closed however it ends (a sender gone before ready)
+            await conn.send(
+                json.dumps(
+                    {
+                        "type": "ready",
+                        "channel": name,
+                        "sample_rate": SAMPLE_RATE,
+                        "stats_interval_s": self.config.stats_interval_s,
+                    }
+                )
             )
-        )
-        log.info("sender on %s: %s", name, hello)
-        stats_task = asyncio.create_task(self._stats_loop(conn, sink, audio_in, state, t0))
-        take = getattr(sink, "take_messages", None)  # e.g. captions, for the sender to show
-        msg_task = asyncio.create_task(self._message_loop(conn, take)) if take else None
-        try:
+            log.info("sender on %s: %s", name, hello)
+            stats_task = asyncio.create_task(self._stats_loop(conn, sink, audio_in, state, t0))
+            take = getattr(sink, "take_messages", None)  # e.g. captions, for the sender to show
+            msg_task = asyncio.create_task(self._message_loop(conn, take)) if take else None
             async for msg in conn:
                 state["last_message"] = time.monotonic()
                 if isinstance(msg, bytes):
@@ -312,20 +316,16 @@ class IngestServer:
                     sink.push(audio_in.flush())
                     await conn.close(1000, "bye")
                     break
-                else:
-                    await conn.send(
-                        ProtocolError(
-                            BAD_REQUEST, f"unknown control message {msg[:60]!r}"
-                        ).as_message()
-                    )
+                else:  # DESIGN §5: a bad message gets an error and a close
+                    raise ProtocolError(BAD_REQUEST, f"unknown control message {shown(msg)}")
         except ProtocolError as err:
             await self._refuse(conn, err)
         except ConnectionClosed:
             pass
         finally:
-            stats_task.cancel()
-            if msg_task is not None:
-                msg_task.cancel()
+            for task in (stats_task, msg_task):
+                if task is not None:
+                    task.cancel()
             sink.close_session()
             if self._active.get(name, (None,))[0] is conn:
                 del self._active[name]

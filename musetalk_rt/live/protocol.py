@@ -50,6 +50,16 @@ class ProtocolError(Exception):
     def as_message(self) -> str:
         return json.dumps({"type": "error", "code": self.code, "message": self.message})
 
+    def close_reason(self) -> str:
+        """The message cut to fit a close frame's reason (at most 123 bytes of UTF-8)."""
+        return self.message.encode("utf-8", "replace")[:120].decode("utf-8", "ignore")
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A sender's value as an error message quotes it: repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 def tokens_match(given: object, expected: str | None) -> bool:
     """Constant-time token check; with no expected token every sender is accepted."""
@@ -57,7 +67,11 @@ def tokens_match(given: object, expected: str | None) -> bool:
         return True
     if not isinstance(given, str):
         return False
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # surrogatepass: a lone surrogate is valid JSON ("\ud800") but not UTF-8; it must be a
+    # mismatch, not an exception
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 SENDER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -91,14 +105,15 @@ def parse_hello(message: str | bytes, expected_token: str | None) -> Hello:
         raise ProtocolError(UNAUTHORIZED, "wrong or missing token")
     fmt = hello.get("format", "pcm_s16le")
     if fmt not in FORMATS:
-        raise ProtocolError(UNSUPPORTED, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise ProtocolError(UNSUPPORTED, f"format {shown(fmt)} is not one of {', '.join(FORMATS)}")
     rate, channels = hello.get("sample_rate"), hello.get("channels", 1)
     if not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
         raise ProtocolError(
-            UNSUPPORTED, f"sample_rate {rate!r} must be an integer from {MIN_RATE} to {MAX_RATE}"
+            UNSUPPORTED,
+            f"sample_rate {shown(rate)} must be an integer from {MIN_RATE} to {MAX_RATE}",
         )
     if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 2):
-        raise ProtocolError(UNSUPPORTED, f"channels {channels!r} must be 1 or 2")
+        raise ProtocolError(UNSUPPORTED, f"channels {shown(channels)} must be 1 or 2")
     sender = hello.get("sender")
     if sender is not None and (not isinstance(sender, str) or not SENDER_ID.fullmatch(sender)):
         raise ProtocolError(BAD_REQUEST, "sender must be 1-64 letters, digits, '.', '_' or '-'")

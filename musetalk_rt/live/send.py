@@ -8,8 +8,9 @@ as they arrive; an ``error`` from the server ends the run with its message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,10 @@ class SendReport:
     captions: list[dict] = field(default_factory=list)
     error: dict | None = None
     close_code: int | None = None
+    dropped: int = 0  # microphone blocks dropped while the network stalled
+
+
+BYE_TIMEOUT_S = 10.0  # after bye, how long the server may take to play out and close
 
 
 async def _connect(url: str, open_timeout_s: float, cafile: str | None):
@@ -53,6 +58,88 @@ def _int16_chunks(clip: AudioClip, chunk_ms: int) -> tuple[list[bytes], float]:
     return [pcm[i : i + step].tobytes() for i in range(0, len(pcm), step)], step / clip.sample_rate
 
 
+async def _session(
+    url: str,
+    hello: dict,
+    chunks: AsyncIterator[bytes],
+    report: SendReport,
+    on_message: Callable[[dict], None] | None,
+    open_timeout_s: float,
+    cafile: str | None,
+) -> SendReport:
+    """Hello, then ``chunks`` as binary messages while a reader takes every server message.
+
+    The reader matters as much as the sending: a client that stops reading stops answering the
+    server's pings once its receive queue is full (16 stats messages, ~16 s), and the server
+    drops it. The end — the source exhausted, or the task cancelled (Ctrl-C) — sends ``flush``
+    and ``bye``, so the server plays out what it holds.
+    """
+    ws = await _connect(url, open_timeout_s, cafile)
+    async with ws:
+        await ws.send(json.dumps(hello))
+        try:
+            first = json.loads(await asyncio.wait_for(ws.recv(), open_timeout_s))
+        except ConnectionClosed as exc:
+            raise UserError(f"the server closed the connection before ready ({exc})") from None
+        except TimeoutError:
+            raise UserError(f"no reply to the hello from {url} in {open_timeout_s:g} s") from None
+        except ValueError:
+            raise UserError(f"{url} replied to the hello with something that is not JSON") from None
+        if first.get("type") != "ready":
+            raise UserError(f"the server refused the sender: {first.get('message', first)}")
+
+        async def reader():
+            try:
+                async for msg in ws:
+                    if not isinstance(msg, str):
+                        continue
+                    try:
+                        m = json.loads(msg)
+                    except ValueError:
+                        continue
+                    if m.get("type") == "stats":
+                        report.stats.append(m)
+                    elif m.get("type") == "caption":
+                        report.captions.append(m)
+                    elif m.get("type") == "error":
+                        report.error = m
+                    if on_message:
+                        on_message(m)
+            except ConnectionClosed:
+                pass
+
+        read_task = asyncio.create_task(reader())
+        try:
+            async for data in chunks:
+                await ws.send(data)
+                report.chunks += 1
+            await ws.send(json.dumps({"type": "flush"}))
+            await ws.send(json.dumps({"type": "bye"}))
+            await asyncio.wait_for(asyncio.shield(read_task), timeout=BYE_TIMEOUT_S)
+        except asyncio.CancelledError:  # Ctrl-C: let the server play out what it holds
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                await asyncio.wait_for(_goodbye(ws), timeout=1.0)
+            raise
+        except ConnectionClosed:  # the server closed: its error message may still be queued
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(read_task), timeout=2.0)
+        except TimeoutError:  # no close after bye: we close (the exit below)
+            pass
+        finally:
+            read_task.cancel()
+        report.close_code = ws.close_code
+    if report.error:
+        raise UserError(f"the server stopped the sender: {report.error.get('message')}")
+    if report.close_code is not None and 4400 <= report.close_code < 4500:
+        raise UserError(f"the server stopped the sender (close code {report.close_code})")
+    return report
+
+
+async def _goodbye(ws) -> None:
+    await ws.send(json.dumps({"type": "flush"}))
+    await ws.send(json.dumps({"type": "bye"}))
+
+
 async def send_clip(
     url: str,
     clip: AudioClip,
@@ -70,10 +157,11 @@ async def send_clip(
     ``sender``: this sender's id in the hello (a half-open connection of the same id gives way).
 
     Raises:
-        UserError: The server cannot be reached, or refuses the hello (its message is given).
+        UserError: The server cannot be reached, refuses the hello, or stops the sender (its
+            message is given).
     """
     report = SendReport()
-    chunks, chunk_s = _int16_chunks(clip, chunk_ms)
+    pieces, chunk_s = _int16_chunks(clip, chunk_ms)
     hello = {
         "type": "hello",
         "token": token,
@@ -82,53 +170,32 @@ async def send_clip(
         "channels": clip.channels,
         **({"sender": sender} if sender else {}),
     }
-    ws = await _connect(url, open_timeout_s, cafile)
-    async with ws:
-        await ws.send(json.dumps(hello))
-        first = json.loads(await ws.recv())
-        if first.get("type") != "ready":
-            raise UserError(f"the server refused the sender: {first.get('message', first)}")
 
-        async def reader():
-            try:
-                async for msg in ws:
-                    m = json.loads(msg)
-                    if m.get("type") == "stats":
-                        report.stats.append(m)
-                    elif m.get("type") == "caption":
-                        report.captions.append(m)
-                    elif m.get("type") == "error":
-                        report.error = m
-                    if on_message:
-                        on_message(m)
-            except ConnectionClosed:
-                pass
-
-        read_task = asyncio.create_task(reader())
+    async def paced() -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        try:
-            for k, data in enumerate(chunks):
-                if realtime:
-                    await asyncio.sleep(max(0.0, t0 + k * chunk_s - loop.time()))
-                await ws.send(data)
-                report.chunks += 1
-            report.seconds = clip.num_samples / clip.sample_rate
-            await ws.send(json.dumps({"type": "flush"}))
-            await ws.send(json.dumps({"type": "bye"}))
-            await asyncio.wait_for(read_task, timeout=10)
-        except ConnectionClosed:
-            pass
-        finally:
-            read_task.cancel()
-        report.close_code = ws.close_code
-    if report.error:
-        raise UserError(f"the server stopped the sender: {report.error.get('message')}")
-    return report
+        for k, data in enumerate(pieces):
+            if realtime:  # chunk k leaves at t0 + k × chunk: errors do not accumulate
+                await asyncio.sleep(max(0.0, t0 + k * chunk_s - loop.time()))
+            yield data
+        report.seconds = clip.num_samples / clip.sample_rate
+
+    return await _session(url, hello, paced(), report, on_message, open_timeout_s, cafile)
 
 
-async def send_microphone(url: str, token: str | None = None, chunk_ms: int = 20) -> SendReport:
-    """Stream the default microphone (16 kHz mono) until interrupted; needs ``sounddevice``."""
+async def send_microphone(
+    url: str,
+    token: str | None = None,
+    chunk_ms: int = 20,
+    on_message: Callable[[dict], None] | None = None,
+    cafile: str | None = None,
+) -> SendReport:
+    """Stream the default microphone (16 kHz mono) until interrupted; needs ``sounddevice``.
+
+    The audio callback hands blocks to the event loop through a queue of 1 s; when the network
+    stalls longer, new blocks are dropped and counted (``report.dropped``), never queued without
+    bound. Ctrl-C ends with ``flush`` and ``bye``.
+    """
     try:
         import sounddevice
     except (ImportError, OSError):
@@ -138,30 +205,30 @@ async def send_microphone(url: str, token: str | None = None, chunk_ms: int = 20
         ) from None
     report = SendReport()
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=50)  # 1 s; a full queue drops, counted
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=max(1, 1000 // chunk_ms))  # 1 s
+
+    def put(data: bytes) -> None:
+        if queue.full():
+            report.dropped += 1
+        else:
+            queue.put_nowait(data)
 
     def callback(indata, frames, time_info, status):
         data = bytes(indata)
-        loop.call_soon_threadsafe(lambda: queue.full() or queue.put_nowait(data))
+        loop.call_soon_threadsafe(put, data)
 
-    ws = await _connect(url, 10.0, None)
-    async with ws:
-        hello = {
-            "type": "hello",
-            "token": token,
-            "format": "pcm_s16le",
-            "sample_rate": 16000,
-            "channels": 1,
-        }
-        await ws.send(json.dumps(hello))
-        first = json.loads(await ws.recv())
-        if first.get("type") != "ready":
-            raise UserError(f"the server refused the sender: {first.get('message', first)}")
+    async def blocks() -> AsyncIterator[bytes]:
         block = 16000 * chunk_ms // 1000
-        with sounddevice.RawInputStream(
-            samplerate=16000, channels=1, dtype="int16", blocksize=block, callback=callback
-        ):
-            while True:
-                await ws.send(await queue.get())
-                report.chunks += 1
-    return report
+        t0 = loop.time()
+        try:
+            with sounddevice.RawInputStream(
+                samplerate=16000, channels=1, dtype="int16", blocksize=block, callback=callback
+            ):
+                while True:
+                    yield await queue.get()
+        finally:
+            report.seconds = loop.time() - t0
+
+    hello = {"type": "hello", "token": token, "format": "pcm_s16le", "sample_rate": 16000}
+    hello["channels"] = 1
+    return await _session(url, hello, blocks(), report, on_message, 10.0, cafile)
