@@ -50,7 +50,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -123,7 +123,7 @@ def results_dir(base: Path, env: dict) -> Path:
     gpu = "".join(c if c.isalnum() else "-" for c in env["gpu"].lower()).strip("-")
     while "--" in gpu:
         gpu = gpu.replace("--", "-")
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
     return base / f"{date}_{gpu[:40]}_{env['git_sha']}{'-dirty' if env['git_dirty'] else ''}"
 
 
@@ -612,7 +612,7 @@ def run_bench(
                     "device": str(device),
                     **({"gpu_turns": turns.as_dict()} if turns is not None else {}),
                     **env,
-                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
                 rows.append(row)
                 if on_row:

@@ -6,9 +6,8 @@ what is wrong with it, never a traceback.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from musetalk_rt.errors import UserError
 
@@ -21,7 +20,7 @@ def read_table(path: str | Path, name: str) -> dict:
     """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM from Windows editors
     except FileNotFoundError:
         raise UserError(f"--config {p}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

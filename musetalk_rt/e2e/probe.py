@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -615,7 +615,7 @@ def run_probe(args) -> int:
     out_dir = Path(args.out) if args.out else results_dir(Path("experiments/results"), env)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "e2e.jsonl"
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
     def write_row(row: dict) -> None:
         with rows_path.open("a") as f:
@@ -938,7 +938,7 @@ def _report(args, run: dict, write_row) -> int:
         "passed": not failures,
         "failures": failures,
         **env,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_row(result)
     print(f"rows: {run['rows_path']}; live log: {run['work'] / 'live.log'}")
