@@ -42,6 +42,7 @@ from musetalk_rt.speech.utterances import SR, UtteranceSegmenter  # noqa: E402
 from musetalk_rt.testing.groq_standin import (  # noqa: E402
     Fault,
     GroqStandin,
+    Latency,
     StandinConfig,
     speak,
     wav_bytes,
@@ -190,6 +191,17 @@ def test_client_retries_within_the_budget_and_fails_fast_otherwise(standin):
     assert sp.calls["stt ok"] >= 3 and sp.calls["stt 429"] == 2
 
 
+def test_a_reply_that_trickles_in_is_timed_out_on_the_wall_clock(standin):
+    """Each read gets bytes well within the client's timeout, the whole reply takes longer than
+    the call's time: the call still ends at its time (not when the last byte comes)."""
+    sp = _speech(standin, max_retries=0, tts_timeout_s=1.0, tts_model="tts", tts_voice="v")
+    standin.inject(Fault(trickle_s=3.0, endpoint="speech"))
+    # without the wall clock the per-read timeout (1 s) never fires and the 3 s reply is used
+    with pytest.raises(GroqUnavailable, match="timed out"):
+        sp.speak("hello there", time.monotonic() + 3.0, Timings())
+    assert sp.calls["tts timeout"] == 1 and "tts ok" not in sp.calls
+
+
 def test_a_dead_server_is_a_connection_failure_not_a_hang():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -226,6 +238,18 @@ def test_missing_key_and_bad_config_are_one_clear_line(tmp_path, monkeypatch):
     assert cfg.stt_timeout_s == 1.0 and cfg.chat_model is None
     with pytest.raises(UserError, match="0 < seconds"):
         GroqConfig(utterance_deadline_s=0).validate("captions")
+    with pytest.raises(UserError, match="tts_sample_rate = 12345.*24000"):
+        GroqConfig(tts_sample_rate=12345).validate("captions")  # else a 400 on every utterance
+    both = tmp_path / "both.toml"  # a key under its own name among unknown keys: the key's line
+    both.write_text("[groq]\napi_key = 'gsk_x'\nsttmodel = 'x'\n")
+    with pytest.raises(UserError, match="GROQ_API_KEY") as e:
+        load_config(both)
+    assert "gsk_x" not in str(e.value)
+    bom = tmp_path / "bom.toml"  # saved by a Windows editor
+    bom.write_bytes("[groq]\nlanguage = 'zh'\n".encode("utf-8-sig"))
+    assert load_config(bom).language == "zh"
+    assert "whisper-large-v3'" in GroqConfig(task="translate").warnings("captions")[0]
+    assert not GroqConfig(task="translate", stt_model="whisper-large-v3").warnings("captions")
 
 
 def test_circuit_breaker_opens_cools_down_and_recovers():
@@ -483,6 +507,61 @@ def test_captions_pause_while_groq_fails_and_resume(standin, vad_net):
     assert calls == 2 and sink.breaker.state == CLOSED
     total = sum(s.audio.size for s in ch.sessions)
     assert total == 3 * one.size  # the audio path never waited on Groq
+
+
+def test_captions_skip_what_waited_too_long_for_a_slow_groq(standin, vad_net, caplog):
+    """Groq slow but not failing (no breaker): the utterances that waited more than
+    max_behind_s get no caption, so captions do not fall further and further behind."""
+    caplog.set_level(logging.INFO, logger="musetalk_rt.speech")
+    said = ["The first caption.", "The second caption.", "The third one.", "And the fourth."]
+    standin.config.transcripts = list(said)
+    standin.set_latency({"transcriptions": Latency(base_ms=1500)})
+    ch = TimelineChannel()
+    sp = _speech(standin, max_behind_s=2.0, stt_timeout_s=3.0)
+    sink = CaptionsSink(ch, sp, sp.config, vad_net)
+    sink.start()
+    try:
+        sink.open_session()
+        _feed(sink, _phrases(*said))  # all queued at once
+        sink.close_session()
+        _wait(lambda: sink.stats.utterances >= 4, 30, "four utterances")
+        _wait(lambda: sink.utt_q.unfinished_tasks == 0, 60, "all handled")
+    finally:
+        sink.stop()
+    st = sink.stats
+    assert st.utterances == 4 and st.captions >= 1 and st.skipped_stale >= 1, st
+    assert st.captions + st.skipped_stale == st.utterances and st.failures == 0
+    assert sink.stats_dict()["skipped_stale"] == st.skipped_stale
+    assert "waited" in caplog.text and "max_behind_s" in caplog.text
+
+
+def test_the_breaker_line_names_the_fix_for_a_wrong_key(standin, vad_net, caplog):
+    ch = TimelineChannel()
+    sp = GroqSpeech(GroqConfig(base_url=standin.base_url, breaker_failures=1), api_key="gsk_no")
+    sink = CaptionsSink(ch, sp, sp.config, vad_net)
+    sink.start()
+    try:
+        sink.open_session()
+        _feed(sink, _phrases("Hello."))
+        _wait(lambda: sink.stats.failures == 1, 30, "a failure")
+    finally:
+        sink.stop()
+    opened = [r.getMessage() for r in caplog.records if "circuit closed -> open" in r.getMessage()]
+    assert opened and "401" in opened[0] and "check GROQ_API_KEY" in opened[0]
+
+
+def test_session_control_is_never_dropped_on_a_full_audio_queue(vad_net):
+    """The audio queue's bound drops chunks, never a session's open or close."""
+    from musetalk_rt.speech.live import AUDIO_QUEUE_CHUNKS
+
+    sink = CaptionsSink(TimelineChannel(), None, GroqConfig(), vad_net)  # threads not started
+    sink.open_session()
+    for _ in range(AUDIO_QUEUE_CHUNKS + 10):
+        sink.push(np.zeros(320, np.float32))
+    sink.close_session()
+    kinds = [sink.audio_q.get_nowait()[0] for _ in range(sink.audio_q.qsize())]
+    assert kinds[0] == "open" and kinds[-1] == "close"
+    assert sink.stats.dropped_audio_chunks == 11  # the open took one place
 
 
 def test_stat_of_io_wav_reader_accepts_other_rates():

@@ -128,7 +128,11 @@ def test_live_voice_mode_with_captions_fallback_and_recovery(tiny_models, tmp_pa
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     with av.open(str(record)) as c:
         pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-    assert abs(len(frames) - ch["frames_out"]) <= 1
+    # (a recording's queue drops its oldest frame when the writer falls behind, counted: on a
+    # 2-core host beside other work that happens; a frame neither written nor counted fails)
+    dropped = sum(o.get("dropped_full", 0) + o.get("dropped_down", 0)
+                  for o in ch["outputs"].values())  # fmt: skip
+    assert abs(len(frames) + dropped - ch["frames_out"]) <= 1, (len(frames), dropped, ch)
 
     # captions: one per spoken utterance, in order, with the spoken text
     cues = parse_srt(srt.read_text(encoding="utf-8"))

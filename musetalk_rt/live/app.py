@@ -108,6 +108,8 @@ def _speech_setup(args):
 
     cfg = load_config(args.config)
     cfg.validate(args.groq)
+    for line in cfg.warnings(args.groq):
+        print(f"warning: {line}", flush=True)
     if args.captions and not args.captions.lower().endswith((".srt", ".vtt")):
         raise UserError(f"--captions {args.captions}: use a .srt or .vtt file")
     if args.groq == "off":
@@ -729,7 +731,12 @@ def run(args) -> int:
             f"stt {groq_cfg.stt_timeout_s:g} / chat {groq_cfg.chat_timeout_s:g} / tts "
             f"{groq_cfg.tts_timeout_s:g} s, {groq_cfg.max_retries} retry); after a speaker "
             f"stops, the pause ({groq_cfg.min_pause_ms} ms) + that budget + D = at most "
-            f"{budget_s:.1f} s before the fallback speaks",
+            f"{budget_s:.1f} s before "
+            + (
+                "the fallback speaks"
+                if args.groq == "voice"
+                else "its caption is given up (its audio is never held back)"
+            ),
             flush=True,
         )
     if not args.no_gc_freeze:  # everything built so far lives as long as the process

@@ -228,6 +228,7 @@ def metrics_text(
         ("failures", "utterances whose Groq calls failed within the budget"),
         ("dropped_utterances", "utterances dropped on a full queue"),
         ("skipped_behind", "voice mode: utterances skipped while the speech ran too far behind"),
+        ("skipped_stale", "captions: utterances too old for a caption when Groq got to them"),
         ("breaker_opens", "times the Groq circuit opened"),
     ):
         metric(

@@ -44,7 +44,9 @@ class GroqConfig:
     breaker_failures: int = 3  # consecutive failed utterances that open the circuit
     breaker_cooldown_s: float = 10.0  # then one trial utterance is allowed
     max_utterance_s: float = 8.0  # longer speech is split at a pause
-    max_behind_s: float = 10.0  # voice mode: speech queued further ahead skips the next utterance
+    # voice mode: speech queued further ahead skips the next utterance; captions: an utterance
+    # that waited longer for Groq (slow, not failing) gets no caption
+    max_behind_s: float = 10.0
     min_pause_ms: int = 400  # a pause this long ends an utterance
     caption_font: str | None = None  # a TTF/TTC/OTF with CJK glyphs (default: searched)
 
@@ -63,11 +65,30 @@ class GroqConfig:
             raise UserError(f"[groq] max_utterance_s = {self.max_utterance_s}: use 1..30")
         if not 2.0 <= self.max_behind_s <= 300.0:
             raise UserError(f"[groq] max_behind_s = {self.max_behind_s}: use 2..300")
+        if self.tts_sample_rate not in TTS_SAMPLE_RATES:
+            raise UserError(
+                f"[groq] tts_sample_rate = {self.tts_sample_rate}: use one of "
+                f"{', '.join(map(str, TTS_SAMPLE_RATES))} (the rates Groq's speech takes)"
+            )
         if mode == "voice" and not (self.tts_model and self.tts_voice):
             raise UserError(
                 "--groq voice needs tts_model and tts_voice in the [groq] table of --config "
                 "(Groq's text-to-speech models change; see configs/groq.example.toml)"
             )
+
+    def warnings(self, mode: str) -> list[str]:
+        """Settings that are allowed but likely wrong (printed at start; the show goes on)."""
+        out = []
+        if mode != "off" and self.task == "translate" and "turbo" in self.stt_model:
+            out.append(
+                f"[groq] task = 'translate' with stt_model = {self.stt_model!r}: Groq lists its "
+                "turbo whisper for transcription only; if every utterance fails, set "
+                "stt_model = 'whisper-large-v3'"
+            )
+        return out
+
+
+TTS_SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # the client's choices
 
 
 def load_config(path: str | Path | None) -> GroqConfig:
@@ -77,11 +98,11 @@ def load_config(path: str | Path | None) -> GroqConfig:
     p = Path(path)
     table = read_table(p, "groq")
     known = {f.name: f for f in fields(GroqConfig)}
+    if "api_key" in table:  # never in files that get copied around and committed
+        raise UserError(f"--config {p}: put the key in GROQ_API_KEY, not in the file")
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise UserError(f"--config {p}: unknown [groq] keys: {', '.join(unknown)}")
-    if "api_key" in table:  # never in files that get copied around and committed
-        raise UserError(f"--config {p}: put the key in GROQ_API_KEY, not in the file")
     cfg = GroqConfig()
     for key, value in table.items():
         default = getattr(cfg, key)

@@ -6,6 +6,11 @@ the smaller of the call's own and the time left, a 429's ``retry-after`` is wait
 it fits, and 5xx, timeouts and connection errors are retried with a short backoff while time
 remains. Anything else (401, 400, a malformed body) fails at once.
 
+The client's timeout bounds each network step (connect, each read), not a whole call: a reply
+that trickles in could take several times the budget. So each call also runs under a wall
+clock (:func:`_within`): past its time it counts as timed out and its reply, if it comes, is
+thrown away; the start-up line's "at most" holds.
+
 The API key comes from ``GROQ_API_KEY`` and never appears in a log, an error or a metric:
 error text from the service is not passed on (only the status and the error type), and
 :func:`install_redaction` scrubs the key from every log record as a second line of defence.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +36,36 @@ SAMPLE_RATE = 16000
 
 class GroqUnavailable(Exception):
     """A Groq call failed within its budget (the reason holds no secret)."""
+
+
+class _OverTime(Exception):
+    """A call ran past its wall-clock time."""
+
+
+def _within(fn, timeout_s: float):
+    """``fn()`` on a thread of its own, waited for at most ``timeout_s`` seconds.
+
+    Raises:
+        _OverTime: It had not returned by then (the thread is left to finish; its result is
+            dropped; the client's own per-step timeouts end it).
+    """
+    box: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["exc"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="groq call", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise _OverTime
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
 
 
 @dataclass
@@ -125,6 +161,7 @@ class GroqSpeech:
         )
         install_redaction(key)
         self.calls: dict[str, int] = {}  # "endpoint outcome" -> count (metrics)
+        self._logged_unexpected = False
 
     def _count(self, what: str) -> None:
         self.calls[what] = self.calls.get(what, 0) + 1
@@ -138,10 +175,15 @@ class GroqSpeech:
             if left <= 0.05:
                 self._count(f"{name} out_of_time")
                 raise GroqUnavailable(f"{name}: no time left in the utterance budget")
+            limit_s = min(timeout_s, left)
+            client = self._client.with_options(timeout=limit_s)
             try:
-                out = fn(self._client.with_options(timeout=min(timeout_s, left)))
+                out = _within(lambda c=client: fn(c), limit_s)
                 self._count(f"{name} ok")
                 return out
+            except _OverTime:
+                wait, reason = 0.0, f"{name}: timed out (the reply came too slowly)"
+                self._count(f"{name} timeout")
             except g.RateLimitError as exc:
                 wait = _retry_after(exc.response.headers) or 0.5 * 2**attempt
                 reason = f"{name}: rate limited (429, retry-after {wait:g} s)"
@@ -161,6 +203,9 @@ class GroqSpeech:
                 raise GroqUnavailable(f"{name}: refused ({exc.status_code} {kind})") from None
             except Exception as exc:  # a body that is not what the API returns
                 self._count(f"{name} malformed")
+                if not self._logged_unexpected:  # once: a client upgrade's TypeError shows here
+                    self._logged_unexpected = True
+                    log.debug("%s: unexpected %s", name, type(exc).__name__, exc_info=True)
                 raise GroqUnavailable(f"{name}: unreadable reply ({type(exc).__name__})") from None
             attempt += 1
             left = deadline - time.monotonic()

@@ -19,9 +19,11 @@ an utterance whose calls fail within the budget plays the MC's own recording of 
 breaker is open the MC's live voice goes straight through (switching only at pauses), and after
 the cool-down the next utterance is a trial that, if it succeeds, brings voice mode back.
 
-Queues: audio to the segment thread (30 s; full: the chunk is dropped and counted), utterances
-to the request thread (64; full: dropped and counted; an utterance older than twice the budget
-skips Groq and plays as recorded, so a backlog drains instead of growing). In voice mode the
+Queues: audio to the segment thread (30 s of chunks; full: the chunk is dropped and counted;
+the session's open and close always get in), utterances to the request thread (64; full:
+dropped and counted; so that a backlog drains instead of growing, in voice mode an utterance
+older than twice the budget skips Groq and plays as recorded, and in captions mode one that
+waited more than ``max_behind_s`` for the request thread gets no caption). In voice mode the
 spoken sessions themselves can run behind: speech longer than the MC's words (a translation, a
 slow voice) starts after the one before ends, so over a long show the avatar would fall further
 and further behind the MC in the hall. While the speech already queued reaches more than
@@ -64,6 +66,7 @@ class SpeechStats:
     dropped_audio_chunks: int = 0
     dropped_utterances: int = 0
     skipped_behind: int = 0  # voice mode: utterances skipped while the speech ran too far behind
+    skipped_stale: int = 0  # captions: utterances too old for a caption (Groq slow, not failing)
     breaker_opens: int = 0
     breaker_state: str = CLOSED
     delays_ms: list[float] = field(default_factory=list)  # voice: utterance end -> speech frame
@@ -111,10 +114,14 @@ class _SpeechSink:
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_cooldown_s, on_change=self._breaker_changed
         )
-        self.audio_q: queue.Queue = queue.Queue(maxsize=1500)
+        # audio chunks are bounded by hand (AUDIO_QUEUE_CHUNKS): the session's open and close
+        # must never be the ones dropped (a lost close leaves an utterance unflushed)
+        self.audio_q: queue.Queue = queue.Queue()
+        # utterances queued or in hand: put() counts one, task_done() after handling uncounts
+        # it, so "none queued and none in hand" is one reading (unfinished_tasks), no gap
         self.utt_q: queue.Queue = queue.Queue(maxsize=64)
         self._messages: deque = deque(maxlen=100)
-        self._busy = threading.Event()  # the request thread is working on an utterance
+        self._last_failure = ""  # the last failed utterance's reason (for the breaker's line)
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._segment_loop, name=f"utterances {channel.name}"),
@@ -126,12 +133,13 @@ class _SpeechSink:
     # -- the AudioSink interface (ingest side; never blocks) --------------------------------------
 
     def _enqueue(self, item) -> None:
-        try:
-            self.audio_q.put_nowait(item)
-        except queue.Full:
+        if item[0] == "audio" and self.audio_q.qsize() >= AUDIO_QUEUE_CHUNKS:
             self.stats.dropped_audio_chunks += 1
+            return
+        self.audio_q.put_nowait(item)
 
     def open_session(self) -> None:
+        self._messages.clear()  # captions of a session before are not this sender's
         self._enqueue(("open", time.monotonic(), None))
 
     def push(self, audio_16k: np.ndarray) -> None:
@@ -182,6 +190,8 @@ class _SpeechSink:
             HALF_OPEN: "trying Groq again",
             CLOSED: "Groq is back: " + ("captions resumed" if self.mode == "captions" else "voice"),
         }[new]
+        if new == OPEN and self._last_failure:
+            what += f"; last failure: {self._last_failure}{_fix_hint(self._last_failure)}"
         log.warning("channel %s: %s (circuit %s -> %s)", self.channel.name, what, old, new)
 
     def _publish(self, cue: Cue, kind: str, extra: dict | None = None) -> None:
@@ -255,13 +265,12 @@ class _SpeechSink:
                 item = self.utt_q.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._busy.set()
             try:
                 self._handle(*item)
             except Exception:
                 log.exception("channel %s: an utterance failed", self.channel.name)
             finally:
-                self._busy.clear()
+                self.utt_q.task_done()
 
     # hooks
     _base_s: float | None = None
@@ -277,6 +286,18 @@ class _SpeechSink:
     def _handle(self, u: Utterance, base_s, t_end: float, t_queued: float) -> None: ...
 
 
+AUDIO_QUEUE_CHUNKS = 1500  # chunks before the segment thread (~30 s of the page's 20 ms)
+
+
+def _fix_hint(reason: str) -> str:
+    """What to check for a refusal that retrying will not cure."""
+    if "401" in reason:
+        return " (check GROQ_API_KEY)"
+    if "404" in reason or "400" in reason:
+        return " (check the model names and the voice in the [groq] table of --config)"
+    return ""
+
+
 def _t_end(t_chunk: float, pushed: int, u: Utterance) -> float:
     """Wall time (monotonic) at which the utterance's last sample arrived."""
     return t_chunk - max(0.0, pushed / SR - u.end_s)
@@ -288,6 +309,7 @@ class CaptionsSink(_SpeechSink):
     mode = "captions"
 
     def open_session(self) -> None:
+        self._base_s = None  # until this session starts: never the session before's start
         self.channel.open_session(on_start=self._started)
         super().open_session()
 
@@ -303,6 +325,18 @@ class CaptionsSink(_SpeechSink):
         self._base_s = base_frame / FPS
 
     def _handle(self, u: Utterance, base_s, t_end: float, t_queued: float) -> None:
+        waited_s = time.monotonic() - t_queued
+        if waited_s > self.config.max_behind_s:
+            # Groq slow but not failing: the queue grows, and a caption this late would be shown
+            # over other words; skipping drains it
+            self.stats.skipped_stale += 1
+            log.info(
+                "channel %s: caption %d skipped: it waited %.1f s for Groq ([groq] max_behind_s)",
+                self.channel.name,
+                u.index,
+                waited_s,
+            )
+            return
         if not self.breaker.allow():  # paused while Groq fails; not counted as a failure
             return
         timings = Timings()
@@ -311,6 +345,7 @@ class CaptionsSink(_SpeechSink):
             text = self.speech.transcribe(u.audio, deadline, timings)
         except GroqUnavailable as exc:
             self.stats.failures += 1
+            self._last_failure = str(exc)
             self.breaker.failure()
             log.info("channel %s: caption %d skipped: %s", self.channel.name, u.index, exc)
             return
@@ -361,7 +396,7 @@ class VoiceSink(_SpeechSink):
             return
         state = self.breaker.state
         if not self._passthrough and state == OPEN:
-            if self.utt_q.empty() and not self._busy.is_set():
+            if self.utt_q.unfinished_tasks == 0:  # none queued, none in the request thread
                 self._passthrough = True
                 self.channel.open_session()
                 log.warning("channel %s: the MC's own voice goes out live", self.channel.name)
@@ -428,6 +463,7 @@ class VoiceSink(_SpeechSink):
         except GroqUnavailable as exc:
             self.stats.failures += 1
             self.stats.fallbacks += 1
+            self._last_failure = str(exc)
             self.breaker.failure()
             log.warning(
                 "channel %s: utterance %d plays in the MC's voice: %s",

@@ -97,6 +97,8 @@ class Fault:
         hang_s: Wait this long before answering (longer than a client timeout = a timeout).
         malformed: Answer 200 with a body that is not what the endpoint returns.
         reset: Close the connection without an answer.
+        trickle_s: Send the answer's body in ten pieces spread over this long (a slow network:
+            every read gets bytes well within a client's timeout, the whole takes this long).
         endpoint: Only for this endpoint (None: the next request of any kind).
     """
 
@@ -105,6 +107,7 @@ class Fault:
     hang_s: float = 0.0
     malformed: bool = False
     reset: bool = False
+    trickle_s: float = 0.0
     endpoint: str | None = None
 
 
@@ -279,7 +282,8 @@ class GroqStandin:
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if getattr(self, "_thread", None) is not None:  # shutdown() waits for serve_forever
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def __enter__(self) -> GroqStandin:
@@ -334,14 +338,21 @@ class GroqStandin:
             def do_POST(self):
                 standin._serve(self)
 
-            def _send(self, status, body: bytes, ctype: str, headers=()):
+            def _send(self, status, body: bytes, ctype: str, headers=(), trickle_s=0.0):
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in headers:
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                if not trickle_s:
+                    self.wfile.write(body)
+                    return
+                step = max(1, -(-len(body) // 10))
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i : i + step])
+                    self.wfile.flush()
+                    time.sleep(trickle_s / 10)
 
             def _error(self, status, message, kind="invalid_request_error", headers=()):
                 body = {"error": {"message": message, "type": kind}}
@@ -402,6 +413,9 @@ class GroqStandin:
             status, payload, ctype, units, model = self._answer(endpoint, h.headers, body)
         except _BadRequest as exc:
             return error(exc.status, exc.message, exc.kind)
+        except Exception as exc:  # our own failure (espeak-ng, the recogniser): a 500, as Groq's
+            log.exception("stand-in: %s failed", endpoint)
+            return error(500, f"Internal Server Error ({type(exc).__name__})", "internal_error")
         record.model, record.units = model, units
         if latency is not None:
             remaining = latency.seconds(units) - (time.monotonic() - t_start)
@@ -410,8 +424,9 @@ class GroqStandin:
         if fault is not None and fault.malformed:
             finish(200, "malformed")
             return h._send(200, b'{"this is": not json', "application/json")
-        finish(status, "slow" if fault is not None and fault.hang_s else None)
-        h._send(status, payload, ctype)
+        trickle_s = fault.trickle_s if fault is not None else 0.0
+        finish(status, "slow" if fault is not None and (fault.hang_s or trickle_s) else None)
+        h._send(status, payload, ctype, trickle_s=trickle_s)
 
     def _answer(self, endpoint: str, headers, body: bytes):
         if endpoint in ("transcriptions", "translations"):
