@@ -979,7 +979,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated batch sizes (default: 1,4,20)",
     )
     p.add_argument("--iters", type=_positive_int, default=20, help="timed iterations (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations (default 3)")
+    p.add_argument(
+        "--warmup", type=_non_negative_int, default=3, help="untimed iterations (default 3)"
+    )
     p.add_argument(
         "--out", type=Path, help="results folder (default: experiments/results/<date>_<gpu>_<sha>)"
     )

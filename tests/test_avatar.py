@@ -135,6 +135,25 @@ def test_a_damaged_avatar_is_one_line_with_the_command_that_rebuilds_it(
     assert load_avatar("astro", avatars).num_frames == 1
 
 
+def test_a_killed_prepare_leaves_nothing_after_the_next_one(tiny_models, astronaut, tmp_path):
+    """A prepare killed mid-write leaves its temporary folder; the next prepare of that id
+    removes it (a folder of a process still running is another prepare's: kept)."""
+    import subprocess
+    import sys
+
+    avatars = tmp_path / "avatars"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = avatars / f".astro.partial-{dead}"
+    (stale / "frames").mkdir(parents=True)
+    running = avatars / ".astro.partial-1"  # pid 1 runs: someone else's prepare
+    running.mkdir()
+    other = avatars / f".other.partial-{dead}"  # another avatar's: not this prepare's business
+    other.mkdir()
+    prepare_avatar(astronaut, "astro", tiny_models, avatars, log=lambda _: None)
+    assert not stale.exists() and running.exists() and other.exists()
+
+
 def test_max_frames_stops_decoding(fixtures):
     """--max-frames stops the decoder, not a cut after decoding a whole (long) video."""
     from musetalk_rt.media import load_source

@@ -470,11 +470,32 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             "/a does not exist",
         ),
     }
-    for name, (argv, expect) in cases.items():
-        code = live_main(argv)
-        err = capsys.readouterr().err.strip()
-        assert code == 2, (name, err)
-        assert len(err.splitlines()) == 1 and expect in err, (name, err)
+    import socket
+
+    held = socket.socket()  # another live process on the port: said before any engine builds
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = str(held.getsockname()[1])
+    rec = ["--avatar", "a", "--record", "r.mp4"]
+    cases.update(
+        {
+            "port out of range": ([*rec, "--port", "70000"], "--port 70000: choose 1 to 65535"),
+            "busy port": (
+                [*rec, "--host", "127.0.0.1", "--port", busy],
+                "another live process may hold it",
+            ),
+            "unknown host": ([*rec, "--host", "no-such-host.invalid"], "--host no-such-host"),
+            "zero duration": ([*rec, "--duration-s", "0"], "give positive seconds"),
+        }
+    )
+    try:
+        for name, (argv, expect) in cases.items():
+            code = live_main(argv)
+            err = capsys.readouterr().err.strip()
+            assert code == 2, (name, err)
+            assert len(err.splitlines()) == 1 and expect in err, (name, err)
+    finally:
+        held.close()
 
 
 def test_live_compile_engine_defaults_to_the_manual_graph_capture():

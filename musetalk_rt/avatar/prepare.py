@@ -70,6 +70,30 @@ def closed_mouth_run(openness: np.ndarray, threshold: float = CLOSED_MOUTH) -> t
     return best
 
 
+def _remove_leftovers(root: Path, avatar_id: str) -> None:
+    """Delete the temporary folders of earlier prepares of ``avatar_id`` that were killed.
+
+    A folder named for a process that still runs (another prepare right now) is left alone.
+    """
+    for path in [*root.glob(f".{avatar_id}.partial-*"), *root.glob(f".{avatar_id}.old-*")]:
+        try:
+            pid = int(path.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _process_exists(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _complete(target: Path, num_frames: int) -> bool:
     """Whether a prepared folder still holds every file its manifest promises."""
     return (
@@ -268,6 +292,7 @@ def prepare_avatar(
     latents = encode_faces(models.vae, faces)  # [N, 8, 32, 32]
 
     root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root, avatar_id)
     tmp = root / f".{avatar_id}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

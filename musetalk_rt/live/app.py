@@ -102,6 +102,32 @@ def keep_earlier_file(path: str) -> str:
     return str(alt)
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail now, with what to do, if the ingest could not listen on ``host:port``.
+
+    Raises:
+        UserError: A port out of range, an unknown host, or an address another process holds.
+    """
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: choose 1 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address of this machine ({exc})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({exc.strerror}): another live process may hold "
+                "it; stop it, or choose another --port"
+            ) from None
+
+
 def _speech_setup(args):
     """Check the Groq options before anything heavy loads; returns (speech, config, font)."""
     from musetalk_rt.speech.config import load_config
@@ -566,6 +592,9 @@ def run(args) -> int:
         raise UserError(
             f"--switch-interval-ms {args.switch_interval_ms}: choose 0.05 to 100 (Python's is 5)"
         )
+    if args.duration_s is not None and args.duration_s <= 0:
+        raise UserError(f"--duration-s {args.duration_s}: give positive seconds (or leave it out)")
+    check_port(args.host, args.port)  # before the engines build: minutes, then a busy port
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
         _targets(args.rtmp, name, several), _targets(args.captions, name, several)
