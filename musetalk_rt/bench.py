@@ -533,7 +533,7 @@ def run_bench(
         for dtype_name in dtypes:
             dtype = parse_dtype(dtype_name)
             opts = (engine_options or {}).get(engine_name, {})
-            engine, reason = select_engine(engine_name, device, dtype, **opts)
+            engine, reason = select_engine(engine_name, device, dtype, fix_hint="", **opts)
             if fuse_stages and getattr(engine, "autotune_stages", ()):
                 raise UserError(
                     "--fuse-stages builds UNet and VAE decode as one module; --autotune-stages "

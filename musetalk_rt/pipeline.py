@@ -50,6 +50,7 @@ class FaceGenerator:
         log: Progress lines.
         blocking_wait: Wait for a batch's faces asleep in the driver instead of spinning on a
             core (:class:`~musetalk_rt.stages.ToHostStage`'s ``blocking``; CUDA only).
+        fallback_options: Defaults for the fallback engine's constructor.
     """
 
     def __init__(
@@ -62,13 +63,20 @@ class FaceGenerator:
         engine_options: dict | None = None,
         log: Callable[[str], None] = print,
         blocking_wait: bool = False,
+        fallback_options: dict | None = None,
     ):
         self.models = models
         self.device = models.device
         self.log = log
         torch_dtype = parse_dtype(dtype)
         eng, self.reason = select_engine(
-            engine, self.device, torch_dtype, fallback=fallback, log=log, **(engine_options or {})
+            engine,
+            self.device,
+            torch_dtype,
+            fallback=fallback,
+            log=log,
+            fallback_options=fallback_options,
+            **(engine_options or {}),
         )
         self.engine_name, self.dtype_name = eng.name, dtype  # the engine in use (after fallback)
         self.unet = UNetStage(models.unet, eng, torch_dtype, self.device)

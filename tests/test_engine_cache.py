@@ -40,6 +40,8 @@ def test_key_covers_everything_an_engine_depends_on(tmp_path):
         _key(device={"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0"}),
         _key(torch_version="2.11.0+cu130"),
         _key(input_shapes={"in:pred_latents": [2, 4, 64, 64]}),
+        _key(diffusers_version="0.1.0"),
+        _key(model_code="0" * 16),  # an edit of modeling/: a package traced from the old code
     ]
     assert len({k.digest, *(v.digest for v in variants)}) == len(variants) + 1
     folder = cache.store(tmp_path, k, {"engine.bin": b"\x01\x02"}, {"build_s": 1.0})

@@ -48,6 +48,55 @@ def test_unusable_engine_needs_explicit_fallback(monkeypatch):
     assert reason.startswith("fallback from 'needs_gpu': needs CUDA") and logged
     with pytest.raises(UserError, match="fp16"):  # a fallback that cannot run either
         select_engine("needs_gpu", "cpu", torch.float16, fallback="eager")
+    # a misspelt fallback is found now, not on the day the engine cannot run
+    monkeypatch.setattr(NeedsGpu, "unavailable_reason", lambda self, d, t: None)
+    with pytest.raises(UserError, match="unknown engine 'eagr'"):
+        select_engine("needs_gpu", "cpu", torch.float32, fallback="eagr")
+    # commands without --fallback do not suggest it
+    monkeypatch.setattr(NeedsGpu, "unavailable_reason", lambda self, d, t: "needs CUDA")
+    with pytest.raises(UserError) as err:
+        select_engine("needs_gpu", "cpu", torch.float32, fix_hint="")
+    assert "--fallback" not in str(err.value)
+
+
+def test_a_compile_fallback_gets_its_options_and_the_live_capture(monkeypatch):
+    """The fallback takes the options it has (the live default capture included) and the
+    reason names those it does not."""
+    from musetalk_rt.engines import base
+
+    class NeedsGpu(base.Engine):
+        name = "needs_gpu"
+
+        def __init__(self, freezing: bool = False, workspace_gb: int = 4):
+            self.freezing = freezing
+
+        def unavailable_reason(self, device, dtype):
+            return "needs CUDA"
+
+        def build(self, *args):
+            raise AssertionError("never built here")
+
+    monkeypatch.setitem(base._REGISTRY, "needs_gpu", NeedsGpu)
+    engine, reason = select_engine(
+        "needs_gpu", "cpu", torch.float32, fallback="compile", freezing=True,
+        workspace_gb=8, fallback_options={"graph_capture": "manual"},
+    )  # fmt: skip
+    assert engine.name == "compile" and engine.freezing is True
+    assert engine.graph_capture == "manual"
+    assert reason.endswith("compile does not take workspace_gb")
+
+
+def test_a_few_nan_pixels_fail_the_gate_whatever_the_psnr(tiny_models):
+    """NaN becomes 0 in uint8; ten such pixels in a batch of 2 still score ~58 dB."""
+    ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
+
+    def nan_vae(lat):
+        out = ref_v.run(lat).clone()
+        out[0, :, :2, :5] = float("nan")
+        return out
+
+    res = check_parity(ref_u.run, ref_v.run, ref_u.run, nan_vae, 2, CPU)
+    assert res.psnr_db >= 40 and not res.finite and not res.passed
 
 
 def test_eager_fp32_is_the_reference_and_bf16_passes_gate(tiny_models):
@@ -391,6 +440,19 @@ def test_autotune_stages_per_stage_for_aoti():
     assert not engine.for_stage("unet").max_autotune
     assert engine.for_stage("unet").cache_options() == get_engine("aoti").cache_options()
     assert get_engine("aoti").for_stage("unet").max_autotune is False
+
+
+def test_autotuned_aoti_stages_load_their_own_cached_files(tmp_path):
+    """Each stage's engine keeps its own cached files: with a warm cache the VAE stage must
+    not find the UNet's package of the same bucket (a shallow copy shared the dict)."""
+    engine = get_engine("aoti", autotune_stages="vae_decode")
+    unet, vae = engine.for_stage("unet"), engine.for_stage("vae_decode")
+    for stage in ("unet", "vae"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "b4.pt2").write_bytes(b"package")
+    assert unet.load_cache(tmp_path / "unet") and vae.load_cache(tmp_path / "vae")
+    assert unet._cached == {4: tmp_path / "unet" / "b4.pt2"}
+    assert vae._cached == {4: tmp_path / "vae" / "b4.pt2"}
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,10 @@ def engine_for_stage(engine: Engine, stage: str, **tuned) -> Engine:
         return engine
     resolved = copy.copy(engine)
     resolved.autotune_stages = ()
+    if isinstance(getattr(resolved, "_cached", None), dict):
+        # the stage's own cached files: a shallow copy would share the dict, and the VAE
+        # stage would find (and load) the UNet's files of the same bucket
+        resolved._cached = {}
     if stage in engine.autotune_stages:
         for name, value in tuned.items():
             setattr(resolved, name, value)
@@ -272,6 +276,8 @@ def select_engine(
     dtype: torch.dtype,
     fallback: str | None = None,
     log: Callable[[str], None] | None = None,
+    fallback_options: dict | None = None,
+    fix_hint: str = " (or pass --fallback eager)",
     **options,
 ) -> tuple[Engine, str]:
     """Pick an engine, explaining the choice.
@@ -281,7 +287,13 @@ def select_engine(
         device: Where it must run.
         dtype: Requested compute dtype.
         fallback: Engine to use when ``name`` cannot run here; without it that is an error.
+            Checked now, so that a misspelt fallback is not found on the day it is needed.
         log: Receives a line when the fallback is taken.
+        fallback_options: Defaults for the fallback's constructor (e.g. the live process's
+            graph capture for ``compile``); the fallback also gets those of ``options`` it
+            takes, and the reason names the ones it does not.
+        fix_hint: Appended to the error when ``name`` cannot run and there is no fallback
+            (the caller's own way out; empty where the command has no ``--fallback``).
         **options: Passed to the engine's constructor.
 
     Returns:
@@ -292,14 +304,17 @@ def select_engine(
     """
     device = torch.device(device)
     engine = get_engine(name, **options)
+    fb_options: dict = {}
+    if fallback is not None:
+        taken = engine_parameters(fallback)
+        fb_options = {k: v for k, v in (fallback_options or {}).items() if k in taken}
+        fb_options |= {k: v for k, v in options.items() if k in taken}
+        chosen = get_engine(fallback, **fb_options)  # an unknown fallback: its line, now
     why_not = engine.unavailable_reason(device, dtype)
     if why_not is None:
         return engine, f"requested, usable on {device.type}"
     if fallback is None:
-        raise UserError(
-            f"engine {name!r} cannot run here: {why_not} (or pass --fallback eager)", exit_code=3
-        )
-    chosen = get_engine(fallback)
+        raise UserError(f"engine {name!r} cannot run here: {why_not}{fix_hint}", exit_code=3)
     second = chosen.unavailable_reason(device, dtype)
     if second is not None:
         raise UserError(
@@ -308,6 +323,9 @@ def select_engine(
             exit_code=3,
         )
     reason = f"fallback from {name!r}: {why_not}"
+    dropped = sorted(set(options) - set(fb_options))
+    if dropped:
+        reason += f"; {fallback} does not take {', '.join(dropped)}"
     if log:
         log(f"engine: {reason}")
     return chosen, reason

@@ -76,7 +76,7 @@ def build_engines(
     check_stages(stages)
     device = models.device
     torch_dtype = parse_dtype(dtype)
-    eng, reason = select_engine(engine, device, torch_dtype, **(engine_options or {}))
+    eng, reason = select_engine(engine, device, torch_dtype, fix_hint="", **(engine_options or {}))
     log(f"engine {engine}/{dtype}: {reason}")
     t0 = time.perf_counter()
     every = {  # (a stage object only wraps its module: nothing is built until prepare)

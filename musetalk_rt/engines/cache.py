@@ -3,7 +3,8 @@
 Layout: ``<models_dir>/engines/<stage>/<engine>-<dtype>-<digest>/`` with ``meta.json`` (the
 full key, readable) and the engine's own files. The key covers the weights fingerprint, the
 stage and its input shapes, the batch buckets, the dtype, the engine and its options, the torch
-(and Triton) versions and the GPU's name and compute capability, so a stale or foreign engine is
+(Triton, diffusers) versions, a digest of the model code the graphs are traced from, and the
+GPU's name and compute capability, so a stale or foreign engine is
 never loaded: a different key is a different folder, and a folder whose ``meta.json`` does not
 match its key exactly is ignored. Folders are written under a temporary name and renamed into
 place when complete.
@@ -11,6 +12,7 @@ place when complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +34,32 @@ def device_identity(device: torch.device) -> dict:
     import platform
 
     return {"device": "cpu", "gpu": None, "capability": platform.machine()}
+
+
+def _diffusers_version() -> str | None:
+    try:
+        import diffusers
+
+        return diffusers.__version__
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def model_code_digest() -> str:
+    """A digest of the sources that define the traced graphs (``modeling/`` and the stages).
+
+    An aoti or trt package holds the graph traced from this code (and diffusers' blocks, whose
+    version is in the key too): after an edit, an old package would run the old maths and
+    never meet the gate again.
+    """
+    import musetalk_rt
+
+    root = Path(musetalk_rt.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted([*(root / "modeling").glob("*.py"), root / "stages" / "model_stages.py"]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _triton_version() -> str | None:
@@ -57,6 +85,8 @@ class EngineKey:
     device: dict = field(default_factory=dict)
     torch_version: str = torch.__version__
     triton_version: str | None = field(default_factory=_triton_version)
+    diffusers_version: str | None = field(default_factory=_diffusers_version)
+    model_code: str = field(default_factory=model_code_digest)
     format: int = CACHE_FORMAT
 
     def as_dict(self) -> dict:

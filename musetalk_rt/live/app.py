@@ -642,6 +642,12 @@ def run(args) -> int:
         live_engine_options(args),
         log=lambda line: print(line, flush=True),
         blocking_wait=args.gpu_wait == "block",
+        # a compile fallback in the worker thread needs the same capture as a compile engine
+        fallback_options=(
+            {"graph_capture": "manual"}
+            if getattr(args, "compile_graph_capture", None) is None
+            else {}
+        ),
     )
     gen.prepare(args.models_dir, engines_build_command(args, args.batch_sizes))
     for line in gen.report_lines():
