@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -101,6 +102,9 @@ def test_live_rtmp_send_read_back_sync_and_reconnect(tiny_models, fixture_file, 
         assert sent.returncode == 0, sent.stderr
         time.sleep(8)  # the sender has left: the stream goes on with idle frames
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read())
+        assert health["status"] == "ok", health  # the clock runs, both outputs up
+        assert health["channels"]["astro"]["last_frame_s_ago"] < 2.0, health
         jpeg = urllib.request.urlopen(f"http://127.0.0.1:{port}/preview/astro.jpg", timeout=5)
         preview = (jpeg.headers["Content-Type"], jpeg.read())
         before_restart = len(reader.packets)
@@ -486,6 +490,8 @@ def test_live_bad_command_lines_one_line_each(tmp_path, capsys):
             ),
             "unknown host": ([*rec, "--host", "no-such-host.invalid"], "--host no-such-host"),
             "zero duration": ([*rec, "--duration-s", "0"], "give positive seconds"),
+            "rtmp typo": (["--avatar", "a", "--rtmp", "rmtp://h/live/s3cret"], "expected rtmp://"),
+            "rtmp without a key": (["--avatar", "a", "--rtmp", "rtmp://h/live"], "stream key"),
         }
     )
     try:
@@ -587,9 +593,105 @@ def test_stream_keys_and_passwords_are_redacted_for_logs_and_metrics():
     from musetalk_rt.live.output import redact_url
 
     assert redact_url("rtmp://h:1935/live/s3cretKey") == "rtmp://h:1935/live/***"
-    assert redact_url("rtmps://u:pw@h/app/key?x=1") == "rtmps://***@h/app/***"
+    assert redact_url("rtmps://u:pw@h/app/key?x=1") == "rtmps://***@h/app/***?***"
     assert redact_url("rtmp://h/live/") == "rtmp://h/live/"
     assert redact_url("/rec/show.mp4") == "/rec/show.mp4"
+    assert redact_url("rtmp://h/live/s3cret/") == "rtmp://h/live/***/"  # a trailing slash
+    assert redact_url("RTMP://h/live/s3cret") == "RTMP://h/live/***"
+    assert redact_url("rtmp://h/live?streamkey=s3cret") == "rtmp://h/live?***"
+
+
+def test_healthz_is_503_when_a_clock_stalls_and_degraded_when_an_output_is_down():
+    from types import SimpleNamespace
+
+    from musetalk_rt.live.app import live_health
+
+    def ch(name, emitted_at, *ups):
+        outs = [SimpleNamespace(label=f"o{i}", up=u) for i, u in enumerate(ups)]
+        return SimpleNamespace(name=name, emitted_at=emitted_at, outputs=outs)
+
+    ok, d = live_health([ch("a", 99.5, True, True)], now=100.0)
+    assert ok and d["status"] == "ok" and d["channels"]["a"]["last_frame_s_ago"] == 0.5
+    ok, d = live_health([ch("a", 99.5, True, False), ch("b", None, True)], now=100.0)
+    assert ok and d["status"] == "degraded" and d["channels"]["a"]["outputs_up"]["o1"] is False
+    ok, d = live_health([ch("a", 99.5, True), ch("b", 95.0, True)], now=100.0)
+    assert not ok and d["status"] == "stalled"
+
+    async def serve_health(health):  # through the ingest's HTTP: the status code
+        import urllib.error
+
+        from musetalk_rt.live.ingest import IngestConfig, IngestServer
+
+        async with IngestServer({}, IngestConfig(port=0), health=health) as srv:
+            url = f"http://127.0.0.1:{srv.port}/healthz"
+
+            def get():
+                try:
+                    r = urllib.request.urlopen(url, timeout=5)
+                    return r.status, json.loads(r.read())
+                except urllib.error.HTTPError as err:
+                    return err.code, json.loads(err.read())
+
+            return await asyncio.to_thread(get)
+
+    assert asyncio.run(serve_health(lambda: (False, {"status": "stalled"}))) == (
+        503,
+        {"status": "stalled"},
+    )
+
+    def broken():
+        raise RuntimeError("a bug in the check")
+
+    assert asyncio.run(serve_health(broken))[0] == 503
+
+
+def test_rtmp_urls_are_checked_before_the_show():
+    """A typo in --rtmp is one line at start, not an output thread that dies at the first
+    frame while the show runs without its stream (and the line hides the key)."""
+    from musetalk_rt.live.output import check_rtmp_url
+
+    check_rtmp_url("rtmp://127.0.0.1:1935/live/key")
+    check_rtmp_url("rtmps://a.rtmp.youtube.com/live2/abcd-efgh")
+    for bad, said in (
+        ("rmtp://h/live/s3cret", "expected rtmp://"),
+        ("RTMP://h/live/s3cret", "lower case"),
+        ("h/live/s3cret", "expected rtmp://"),
+        ("rtmp://h/s3cret", "the stream key"),
+        ("rtmp:///live/s3cret", "the server"),
+    ):
+        with pytest.raises(ValueError, match=said) as err:
+            check_rtmp_url(bad)
+        assert "s3cret" not in str(err.value), bad
+
+
+def test_a_stuck_rtmp_server_gets_its_output_process_restarted(monkeypatch):
+    """A server that accepts the connection and never answers: FFmpeg's RTMP handshake waits
+    for good (PyAV sets no timeout on an output) with the child's interpreter held. The parent
+    sees the child fall silent, kills it and starts another (the show's stream comes back when
+    the server does)."""
+    import socket
+
+    from musetalk_rt.live import outproc
+
+    monkeypatch.setattr(outproc, "SILENT_STALL_S", 1.5)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # accepts (the kernel does), never reads or writes
+    port = server.getsockname()[1]
+    out = outproc.ProcessOutput(f"rtmp://127.0.0.1:{port}/live/key", 64, 48, encoder_threads=1)
+    try:
+        assert out.wait_ready(30.0)
+        first = out._proc
+        deadline = time.monotonic() + 20.0
+        while out.stats["stalls"] < 1 and time.monotonic() < deadline:
+            _offer_frames(out, 5, 64, 48)
+        assert out.stats["stalls"] >= 1, out.stats
+        while out._proc is first and time.monotonic() < deadline:  # restarted after backoff
+            _offer_frames(out, 5, 64, 48)
+        assert out._proc is not first and out.stats["written"] == 0
+    finally:
+        out.close(timeout_s=1.0)
+        server.close()
 
 
 def test_gpu_worker_skips_frames_whose_window_the_clock_dropped():

@@ -28,6 +28,7 @@ from musetalk_rt.errors import UserError
 from musetalk_rt.live.diskwatch import RecordingDisks
 from musetalk_rt.live.drift import SHIFT_AT_S, shift_at_for_slack
 from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
+from musetalk_rt.live.output import check_rtmp_url
 
 log = logging.getLogger("musetalk_rt.live")
 
@@ -50,7 +51,11 @@ def _targets(template: str | None, name: str, several: bool) -> str | None:
     if template is None:
         return None
     if several and "{channel}" not in template:
-        raise UserError(f"{template}: with several channels put {{channel}} in the URL or path")
+        from musetalk_rt.live.output import redact_url
+
+        raise UserError(
+            f"{redact_url(template)}: with several channels put {{channel}} in the URL or path"
+        )
     return template.replace("{channel}", name)
 
 
@@ -100,6 +105,38 @@ def keep_earlier_file(path: str) -> str:
         n += 1
     print(f"{p} holds an earlier run's output; this run writes {alt}", flush=True)
     return str(alt)
+
+
+CLOCK_STALL_S = 2.0  # a channel clock that handed out no frame for this long is stalled
+
+
+def live_health(channels, now: float | None = None) -> tuple[bool, dict]:
+    """What ``/healthz`` says: serving while every channel's clock hands out frames.
+
+    A channel whose clock has not emitted for ``CLOCK_STALL_S`` makes it 503 ("stalled": the
+    screen is frozen; what a restart would fix). An output that is down (the RTMP server went
+    away, a recording's writer failed) keeps it 200 but "degraded", with the output named: the
+    process is doing what it can, and restarting it would not bring the server back.
+
+    Returns:
+        ``(serving, details)``: details per channel (seconds since its last frame, whether
+        each output is up) and the overall ``status``.
+    """
+    now = time.monotonic() if now is None else now
+    out: dict = {"status": "ok", "channels": {}}
+    serving = True
+    for ch in channels:
+        emitted = getattr(ch, "emitted_at", None)
+        age_s = None if emitted is None else round(now - emitted, 2)
+        outputs = {o.label: bool(o.up) for o in ch.outputs}
+        out["channels"][ch.name] = {"last_frame_s_ago": age_s, "outputs_up": outputs}
+        if age_s is not None and age_s > CLOCK_STALL_S:
+            serving = False
+        elif not all(outputs.values()) and out["status"] == "ok":
+            out["status"] = "degraded"
+    if not serving:
+        out["status"] = "stalled"
+    return serving, out
 
 
 def check_port(host: str, port: int) -> None:
@@ -597,7 +634,12 @@ def run(args) -> int:
     check_port(args.host, args.port)  # before the engines build: minutes, then a busy port
     several = len(chans) > 1
     for name in chans:  # check the output templates before loading anything
-        _targets(args.rtmp, name, several), _targets(args.captions, name, several)
+        if (url := _targets(args.rtmp, name, several)) is not None:
+            try:
+                check_rtmp_url(url)
+            except ValueError as exc:
+                raise UserError(f"--rtmp {exc}") from None
+        _targets(args.captions, name, several)
         if (record := _targets(args.record, name, several)) is not None:
             check_record_path(record)
     speech, groq_cfg, font = _speech_setup(args)
@@ -792,6 +834,7 @@ def run(args) -> int:
             channels, worker, speech_sinks, wake, gc_watch, host_load, disks
         ),
         preview=lambda name: next((ch.preview_jpeg() for ch in channels if ch.name == name), None),
+        health=lambda: live_health(channels),
     )
     sampler = None
     if args.profile:
@@ -818,26 +861,39 @@ def run(args) -> int:
         )
     finally:
         _shield_shutdown()
-        wake.stop()
-        host_load.stop()
-        disks.stop()
-        gc_watch.stop()
+
+        def step(what: str, fn) -> None:
+            # one failing step (a profile on a full disk) must not keep the recordings from
+            # their trailers: each is tried, its failure logged, and the next one runs
+            try:
+                fn()
+            except Exception:
+                log.exception("shutdown: %s failed", what)
+
+        for what, fn in (("wake probe", wake.stop), ("host meter", host_load.stop)):
+            step(what, fn)
+        step("disk watch", disks.stop)
+        step("collector watch", gc_watch.stop)
         if sampler is not None:
-            sampler.stop()
-            sampler.write(args.profile)
-            print(f"thread profile written to {args.profile}", flush=True)
+
+            def write_profile() -> None:
+                sampler.stop()
+                sampler.write(args.profile)
+                print(f"thread profile written to {args.profile}", flush=True)
+
+            step("thread profile", write_profile)
         for sp in speech_sinks:
-            sp.stop()
+            step(f"speech {sp.channel.name}", sp.stop)
         for ch in channels:  # every clock stops at the same moment, then outputs finish
-            ch.halt()
-        worker.stop()
+            step(f"clock {ch.name}", ch.halt)
+        step("GPU worker", worker.stop)
         for ch in channels:
-            ch.stop(close_outputs=False)
-        close_all([o for ch in channels for o in ch.outputs])
+            step(f"channel {ch.name}", lambda ch=ch: ch.stop(close_outputs=False))
+        step("outputs", lambda: close_all([o for ch in channels for o in ch.outputs]))
         if isinstance(vad, VadBatcher):
-            vad.close()
+            step("voice activity", vad.close)
         if frame_log:
-            frame_log.close()
+            step("frame log", frame_log.close)
     result = {
         "live": [ch.stats_dict() for ch in channels],
         "delay_ms": round(delay_s * 1000),

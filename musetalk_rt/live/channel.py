@@ -236,6 +236,7 @@ class LiveChannel:
         self.outputs = outputs
         self.stats = ChannelStats()
         self.t0 = time.monotonic()
+        self.emitted_at: float | None = None  # when the clock last handed out a frame
         self.audio_q: queue.Queue = queue.Queue(maxsize=1500)  # ~30 s of 20 ms chunks
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
         self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
@@ -693,6 +694,7 @@ class LiveChannel:
                         self.stats.output_errors,
                     )
         self.stats.frames_out += 1
+        self.emitted_at = time.monotonic()
 
     def _forget_before(self, m: int) -> None:
         """Drop everything older than frame ``m`` (keeps every map bounded)."""

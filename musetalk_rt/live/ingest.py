@@ -120,11 +120,13 @@ class IngestServer:
         config: IngestConfig | None = None,
         metrics: Callable[[], str] | None = None,
         preview: Callable[[str], bytes | None] | None = None,
+        health: Callable[[], tuple[bool, dict]] | None = None,
     ):
         self.sinks = sinks
         self.config = config or IngestConfig()
         self.metrics = metrics
         self.preview = preview  # channel name -> JPEG of its latest frame
+        self.health = health  # -> (serving, details): /healthz is 503 when not serving
         self._busy: dict[str, float] = {}  # channel -> connect time
         self._left: dict[str, asyncio.Event] = {}  # channel -> set when its sender has left
         self._active: dict[str, tuple[ServerConnection, dict]] = {}  # channel -> (conn, state)
@@ -168,7 +170,14 @@ class IngestServer:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None  # go on with the WebSocket handshake
         if path == "/healthz":
-            return _response(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+            if self.health is None:  # the ingest alone: its event loop answers, that is all
+                return _response(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+            try:
+                serving, details = self.health()
+            except Exception as exc:  # a broken check is not a healthy process
+                serving, details = False, {"status": "error", "error": type(exc).__name__}
+            status = HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE
+            return _response(status, json.dumps(details).encode(), "application/json")
         if path == "/metrics" and self.metrics is not None:
             return _response(
                 HTTPStatus.OK, self.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"

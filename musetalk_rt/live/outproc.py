@@ -22,8 +22,17 @@ the frame log and ``{"ready"}`` once it can take frames.
 Overflow policy: when no slot is free (the child is ``slots`` frames behind) the **new** frame
 is dropped and counted as ``dropped_full``. If the child dies, the output is down (frames
 dropped and counted as ``dropped_down``) and a new child is started after a backoff (0.5 s
-doubling to 8 s), counted as a reconnect; a recording then continues in ``NAME.partN.EXT``
-beside the first file, which is never overwritten.
+doubling to 8 s; back to 0.5 s once a child has run for a minute), counted as a reconnect; a
+recording then continues in ``NAME.partN.EXT`` beside the first file, which is never
+overwritten.
+
+Stalls: FFmpeg's RTMP output has no timeout here (PyAV opens an output without one, holding
+the interpreter lock while it connects), so a server that accepts the connection and then
+stops answering, or a network that stops carrying it, would leave the child frozen for good
+and the hall screen without a stream. The parent watches each child: no message for
+``SILENT_STALL_S`` (its stats come every 0.25 s), or an output that says it is up with frames
+waiting and none written for ``WRITE_STALL_S``, and the child is killed (counted as
+``stalls``); the restart above takes over.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ from musetalk_rt.live.output import AUDIO_PER_FRAME, RTMP_SCHEMES, next_part, re
 log = logging.getLogger("musetalk_rt.output")
 
 _STAT_KEYS = ("written", "dropped_full", "dropped_down", "reconnects", "errors")
+SILENT_STALL_S = 5.0  # no message from a ready child for this long: it is frozen
+WRITE_STALL_S = 10.0  # up, frames waiting, none written for this long: its writer is stuck
+STABLE_S = 60.0  # a child that ran this long resets the restart backoff
 
 
 def _slot_views(buf, slots: int, width: int, height: int):
@@ -97,14 +109,17 @@ class _PipeFrameLog:
 def _child_main(argv: list[str]) -> int:
     """The output process: copy frames out of the ring and feed an ordinary :class:`Output`.
 
-    ``argv``: a JSON object with the ring's name and size and the output's settings. Messages
-    come on stdin and go to stdout; logs go to stderr.
+    Its first message on stdin holds the ring's name and size and the output's settings (not
+    its command line: ``ps`` shows that to every user of the host, and an RTMP URL holds the
+    stream key). Messages come on stdin and go to stdout; logs go to stderr.
     """
     from multiprocessing import resource_tracker
 
     from musetalk_rt.live.output import Output
 
-    cfg = json.loads(argv[0])
+    cfg = _recv(sys.stdin.buffer)
+    if cfg is None:
+        return 2  # the parent went away before it said anything
     # the live process finishes its outputs on SIGINT/SIGTERM (a recording gets its trailer):
     # a signal sent to the whole group must not end this one first; it ends on "close" or EOF
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -187,7 +202,13 @@ class ProcessOutput:
         self._send_lock = threading.Lock()
         self._child_stats = dict.fromkeys(_STAT_KEYS, 0)  # the current child's own counters
         self._past = dict.fromkeys(_STAT_KEYS, 0)  # counters of children that ended
-        self._own = {"dropped_full": 0, "dropped_down": 0, "errors": 0, "restarts": 0}
+        self._own = {
+            "dropped_full": 0,
+            "dropped_down": 0,
+            "errors": 0,
+            "restarts": 0,
+            "stalls": 0,
+        }
         self.up = False
         self._child_depth = 0
         self._closing = False
@@ -213,11 +234,17 @@ class ProcessOutput:
             "frame_log": self.frame_log is not None,
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "musetalk_rt.live.outproc", json.dumps(cfg)],
+            [sys.executable, "-m", "musetalk_rt.live.outproc"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
+        try:
+            _send(proc.stdin, self._send_lock, cfg)  # the settings: the first message
+        except (OSError, ValueError):
+            proc.kill()  # the restart path takes over when its pipe closes
         self._proc, self._conn = proc, proc.stdin
+        self._started_at = self._last_msg = self._progress_at = time.monotonic()
+        self._killed = False
         self._ready = threading.Event()
         self._free = deque(range(self.slots))
         self._child_stats = dict.fromkeys(_STAT_KEYS, 0)
@@ -235,6 +262,9 @@ class ProcessOutput:
                 msg = None
             if msg is None:
                 break
+            now = time.monotonic()
+            if self._proc is proc:
+                self._last_msg = now
             if "ready" in msg:
                 self._ready.set()
             elif "free" in msg:
@@ -242,10 +272,16 @@ class ProcessOutput:
                     if self._proc is proc:  # (a slot of a dead child's ring is free already)
                         self._free.append(msg["free"])
             elif "stats" in msg:
-                self._child_stats = {k: msg["stats"].get(k, 0) for k in _STAT_KEYS}
-                self.up, self._child_depth = bool(msg["up"]), msg["depth"]
+                stats = {k: msg["stats"].get(k, 0) for k in _STAT_KEYS}
+                with self._lock:
+                    if stats["written"] != self._child_stats["written"] or not msg["depth"]:
+                        self._progress_at = now  # writing, or nothing to write
+                    self._child_stats = stats
+                    self.up, self._child_depth = bool(msg["up"]), msg["depth"]
             elif "log" in msg and self.frame_log is not None:
                 self.frame_log.write(**msg["log"])
+        if proc.poll() is None and not self._closing:  # a garbled message: it cannot be trusted
+            proc.kill()
         code = proc.wait()
         with self._lock:
             for k in _STAT_KEYS:
@@ -256,6 +292,8 @@ class ProcessOutput:
                 return
             if not self._closing:  # died: count it, start another one after the backoff
                 self._own["errors"] += 1
+                if time.monotonic() - self._started_at > STABLE_S:
+                    self._backoff_s = 0.5  # it had run a while: a new fault, not the same one
                 self._retry_at = time.monotonic() + self._backoff_s
                 self._backoff_s = min(self._backoff_s * 2, 8.0)
                 log.warning(
@@ -267,12 +305,37 @@ class ProcessOutput:
 
     @property
     def stats(self) -> dict:
-        """Counters like :class:`~.output.Output`'s, summed over this output's processes."""
-        s = {k: self._past[k] + self._child_stats[k] for k in _STAT_KEYS}
-        for k in ("dropped_full", "dropped_down", "errors"):
-            s[k] += self._own[k]
-        s["reconnects"] += self._own["restarts"]
+        """Counters like :class:`~.output.Output`'s, summed over this output's processes.
+
+        Read under the lock: a child's counters move into the past ones in one step, so a
+        scrape never sees them twice (a counter that went down would read as a reset).
+        """
+        with self._lock:
+            s = {k: self._past[k] + self._child_stats[k] for k in _STAT_KEYS}
+            for k in ("dropped_full", "dropped_down", "errors"):
+                s[k] += self._own[k]
+            s["reconnects"] += self._own["restarts"]
+            s["stalls"] = self._own["stalls"]
         return s
+
+    def _check_stalled(self, now: float) -> None:
+        """Kill a child that stopped talking or stopped writing (under the lock)."""
+        if self._killed or not self._ready.is_set():
+            return
+        silent_s = now - self._last_msg
+        stuck_s = now - self._progress_at if self.up and self._child_depth else 0.0
+        if silent_s < SILENT_STALL_S and stuck_s < WRITE_STALL_S:
+            return
+        self._killed = True
+        self._own["stalls"] += 1
+        what = (
+            f"no message for {silent_s:.1f} s"
+            if silent_s >= SILENT_STALL_S
+            else (f"nothing written for {stuck_s:.1f} s with {self._child_depth} frames waiting")
+        )
+        log.warning("output %s: its process is stuck (%s); restarting it", self.label, what)
+        with contextlib.suppress(OSError):
+            self._proc.kill()
 
     def wait_ready(self, timeout_s: float = 30.0) -> bool:
         """Wait until the child can take frames (it imports the encoder first: ~0.5 s).
@@ -289,6 +352,8 @@ class ProcessOutput:
     def offer(self, frame: np.ndarray, audio_16k: np.ndarray, meta: dict | None = None) -> None:
         """Copy a frame into a free slot and tell the child (never blocks)."""
         with self._lock:
+            if self._conn is not None:
+                self._check_stalled(time.monotonic())
             if self._conn is None:
                 if self._closing or time.monotonic() < self._retry_at:
                     self._own["dropped_down"] += 1
@@ -306,7 +371,11 @@ class ProcessOutput:
             if not self._free:
                 self._own["dropped_full"] += 1
                 return
-            if frame.shape != (self.height, self.width, 3) or audio_16k.size > AUDIO_PER_FRAME:
+            if (
+                frame.shape != (self.height, self.width, 3)
+                or frame.dtype != np.uint8
+                or audio_16k.size > AUDIO_PER_FRAME
+            ):
                 self._own["errors"] += 1  # a caller's bug, not a reason to stop the output
                 return
             slot = self._free.popleft()

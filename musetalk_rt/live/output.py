@@ -36,24 +36,60 @@ AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video fr
 
 
 RTMP_SCHEMES = ("rtmp://", "rtmps://")
+STABLE_S = 60.0  # a writer that ran this long before failing did not fail from the start
+
+
+def is_rtmp(target: str) -> bool:
+    """Whether ``target`` is an RTMP URL (any case of the scheme)."""
+    return target.lower().startswith(RTMP_SCHEMES)
+
+
+def check_rtmp_url(url: str) -> None:
+    """Refuse at start an RTMP URL the output could never publish to.
+
+    Found later, FFmpeg's "could not determine output format" would only come from the encoder
+    when the first frame is written, while the show ran without its stream.
+
+    Raises:
+        ValueError: Not ``rtmp://HOST[:PORT]/APP/KEY`` (the message says what is missing).
+    """
+    if not url.startswith(RTMP_SCHEMES):
+        raise ValueError(
+            f"{_hide_key(url)}: expected rtmp://HOST[:PORT]/APP/KEY (or rtmps://), in lower case"
+        )
+    scheme, rest = url.split("://", 1)
+    host, _, path = rest.partition("/")
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    if not host or len(parts) < 2:
+        shown = f"{scheme}://{host.rsplit('@', 1)[-1]}/" + ("***" if path else "")
+        raise ValueError(
+            f"{shown}: expected rtmp://HOST[:PORT]/APP/KEY: the server, its application and the "
+            "stream key"
+        )
 
 
 def redact_url(target: str) -> str:
     """``target`` fit for logs and metrics: an RTMP URL's stream key and password hidden.
 
-    The stream key (the last path segment) and any ``user:password@`` become ``***``; file
-    paths come back unchanged. ``/metrics`` and the logs are read by more people than the key.
+    The stream key (the last path segment, and a query string, which some servers take the key
+    in) and any ``user:password@`` become ``***``; file paths come back unchanged. ``/metrics``
+    and the logs are read by more people than the key.
     """
-    if not target.startswith(RTMP_SCHEMES):
-        return target
-    scheme, rest = target.split("://", 1)
+    return _hide_key(target) if is_rtmp(target) else target
+
+
+def _hide_key(url: str) -> str:
+    """A URL-like text with its last path segment, query and password hidden (any scheme)."""
+    scheme, sep, rest = url.rpartition("://")
+    rest, q, _query = rest.partition("?")
     host, _, path = rest.partition("/")
     if "@" in host:
         host = "***@" + host.rsplit("@", 1)[1]
     parts = path.split("/")
-    if len(parts) >= 2 and parts[-1]:
-        parts[-1] = "***"
-    return f"{scheme}://{host}/{'/'.join(parts)}"
+    keyed = [i for i, part in enumerate(parts) if part]
+    if len(keyed) >= 2:
+        parts[keyed[-1]] = "***"  # (a trailing slash does not hide the key)
+    return f"{scheme}{sep}{host}/{'/'.join(parts)}" + ("?***" if q else "")
 
 
 FRAGMENTED_SUFFIXES = (".mp4", ".m4v", ".mov")
@@ -124,9 +160,19 @@ class AVStreamWriter:
         fmt = container_format or (
             "flv" if target.startswith(RTMP_SCHEMES) else None
         )  # "null": FFmpeg's null muxer (encode, write nothing: the workbench's profile)
+        # (no timeout: PyAV sets none for an output; a stuck server is the parent's watchdog's,
+        # musetalk_rt.live.outproc)
         self.container = av.open(
-            target, mode="w", format=fmt, timeout=5.0, container_options=_crash_safe(target, fmt)
+            target, mode="w", format=fmt, container_options=_crash_safe(target, fmt)
         )
+        try:
+            self._setup(width, height, fps, preset, gop_s, threads)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the file or socket avio opened
+                self.container.close()
+            raise
+
+    def _setup(self, width, height, fps, preset, gop_s, threads) -> None:
         self.width, self.height = width + width % 2, height + height % 2
         v = self.container.add_stream(
             "libx264",
@@ -247,7 +293,10 @@ class Output:
                     self.stats["dropped_full"] += 1
 
     def _run(self) -> None:
-        writer, backoff, next_try = None, 0.5, 0.0
+        # backoff: 0.5 s doubling to 8 s while opening fails or a writer fails soon after it
+        # opened (a full disk: it opens, then fails at once); after STABLE_S of writing, a
+        # failure starts again at the last delay rather than doubling
+        writer, backoff, next_try, opened_at = None, 0.5, 0.0, 0.0
         while not self._stop.is_set():
             try:
                 item = self.q.get(timeout=0.1)
@@ -271,8 +320,8 @@ class Output:
                     if self.stats["written"] or self.stats["errors"]:
                         self.stats["reconnects"] += 1
                     log.info("output %s open", self.label)
-                    self.up, backoff = True, 0.5
-                except (av.FFmpegError, OSError) as exc:
+                    self.up, opened_at = True, time.monotonic()
+                except Exception as exc:  # FFmpeg, the system, or a target FFmpeg cannot name
                     self.stats["errors"] += 1
                     self.stats["dropped_down"] += 1
                     log.warning(
@@ -295,11 +344,13 @@ class Output:
                         written=time.monotonic(),
                         **item[2],
                     )
-            except (av.FFmpegError, OSError, ValueError) as exc:
+            except Exception as exc:  # whatever it is, this thread must go on
                 self.stats["errors"] += 1
                 log.warning("output %s failed (%s); reconnecting", self.label, self._redact(exc))
                 writer.close()
                 writer, self.up = None, False
+                if time.monotonic() - opened_at < STABLE_S:  # it failed soon after opening:
+                    backoff = min(backoff * 2, 8.0)  # the same fault, not a new one
                 next_try = time.monotonic() + backoff
         if writer is not None:
             while not self.q.empty():  # a recording keeps its last frames
