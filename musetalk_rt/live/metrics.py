@@ -89,12 +89,14 @@ def metrics_text(
         ("dropped_down", "dropped: output down"),
         ("reconnects", "reconnects"),
         ("errors", "open or write errors"),
+        ("stalls", "encoder processes killed for sending or writing nothing (a stuck server)"),
     ):
         metric(
             f"output_{key}_total",
             "counter",
             text,
-            [({"channel": ch.name, "output": o.label}, o.stats[key]) for ch, o in outs],
+            # (stalls: process outputs only; a thread output has no watchdog)
+            [({"channel": ch.name, "output": o.label}, o.stats.get(key, 0)) for ch, o in outs],
         )
     metric(
         "output_up",
