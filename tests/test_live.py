@@ -601,6 +601,37 @@ def test_stream_keys_and_passwords_are_redacted_for_logs_and_metrics():
     assert redact_url("rtmp://h/live?streamkey=s3cret") == "rtmp://h/live?***"
 
 
+def test_a_full_audio_queue_drops_chunks_but_keeps_the_timeline_and_the_session(monkeypatch):
+    """Bounded in seconds of audio, not items (a sender's chunks may be 8 ms or 100 ms); a
+    dropped chunk's place is filled with silence before the next one that fits, so the
+    sender's later audio is not shifted earlier; a session's open and close always get in."""
+    import queue as queue_mod
+
+    from musetalk_rt.live import channel as channel_mod
+    from musetalk_rt.live.channel import ChannelStats, LiveChannel
+
+    monkeypatch.setattr(channel_mod, "AUDIO_QUEUE_S", 1.0)  # 16,000 samples
+    ch = LiveChannel.__new__(LiveChannel)  # the ingest side only
+    ch.audio_q, ch._q_lock, ch.stats = queue_mod.Queue(), threading.Lock(), ChannelStats()
+    ch._queued_samples, ch._gap_samples = 0, 0
+    ch.open_session()
+    for _ in range(12):  # 12 x 1600 samples: the last two do not fit
+        ch.push(np.ones(1600, np.float32))
+    ch.close_session()
+    assert ch.stats.dropped_audio_chunks == 2
+    ch._dequeued(ch.audio_q.queue[1][1][0])  # the feature thread took a chunk: room for one
+    ch.open_session()  # a new session owes the last one nothing
+    ch.push(np.ones(800, np.float32))
+    items = list(ch.audio_q.queue)
+    kinds = [k for k, _ in items]
+    assert kinds == ["open", *["audio"] * 10, "close", "open", "audio"]
+    ch._gap_samples = 3200  # dropped within one session: the next chunk that fits is preceded
+    ch._dequeued(np.zeros(4000, np.float32))  # by their silence
+    ch.push(np.full(160, 2.0, np.float32))
+    gap, last = ch.audio_q.queue[-2][1][0], ch.audio_q.queue[-1][1][0]
+    assert gap.size == 3200 and not gap.any() and last[0] == 2.0
+
+
 def test_healthz_is_503_when_a_clock_stalls_and_degraded_when_an_output_is_down():
     from types import SimpleNamespace
 
@@ -1470,6 +1501,7 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     ch.whisper, ch.fe, ch.encoder = tiny_models.whisper, tiny_models.feature_extractor, None
     ch.vad_net, ch.stream_config = FlakyNet(), StreamingConfig(hop_frames=5)
     ch.audio_q, ch._stop, ch._lock = queue_mod.Queue(), threading.Event(), threading.Lock()
+    ch._q_lock, ch._queued_samples, ch._gap_samples = threading.Lock(), 0, 0
     ch._sessions, ch.stats, ch.frame_log = [], ChannelStats(), None
     ch.windows, ch.arrival, ch._audio = {}, {}, {}
     ch.drift_shift_s = SHIFT_AT_S

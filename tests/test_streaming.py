@@ -84,6 +84,10 @@ def test_bad_samples_are_repaired_and_counted():
     assert ai.stats.non_finite == 3 and ai.stats.clipped == 1
     assert ai.push(np.zeros(0, np.float32)).size == 0 and ai.stats.empty_chunks == 1
     assert ai.push(b"").size == 0
+    # an empty decode that names another rate (opus: the hello's, not the decoder's 48 kHz)
+    # restarts nothing: a restart drains the resampler mid-stream, a click in the sound
+    assert ai.push(np.zeros(0, np.float32), sample_rate=48000).size == 0
+    assert ai.stats.format_changes == 0 and ai.sample_rate == 16000
 
 
 def test_sample_rate_change_mid_stream_keeps_time():

@@ -149,12 +149,20 @@ class CanvasEncoder:
         Returns:
             ``[len(canvases), 1500, 5, 384]`` float32 on the encoder's device (synchronised).
         """
+        on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
         if len(canvases) > self.max_batch:
             m = self.max_batch
-            return torch.cat([self(canvases[i : i + m]) for i in range(0, len(canvases), m)])
+            parts = [self(canvases[i : i + m]) for i in range(0, len(canvases), m)]
+            # the cat on the encoder's stream, waited for: on the caller's (the GPU worker's)
+            # stream it could run after the caller reads the result on this one, and after the
+            # parts' memory went back to this stream's pool for reuse
+            with on_stream:
+                out = torch.cat(parts)  # [n, 1500, 5, 384]
+            if self.stream is not None:
+                self.stream.synchronize()
+            return out
         n = len(canvases)
         b = self.bucket(n)
-        on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
         host, host_len = self._host.numpy(), self._host_len.numpy()
         host_len[:b] = 0  # padding canvases: all silence
         for i, c in enumerate(canvases):

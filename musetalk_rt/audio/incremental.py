@@ -468,8 +468,8 @@ class IncrementalFeatureExtractor:
             hidden = self._encode([j[2] for j in jobs]) if jobs else []
             own: dict[tuple[int, int], torch.Tensor] = {}
             for (g_start, k, _, exact), h in zip(jobs, hidden, strict=True):
-                if exact:
-                    self._exact[k] = h
+                if exact:  # kept ~30 s: its own copy, not a view pinning the whole batch
+                    self._exact[k] = h.clone()
                 else:
                     own[(g_start, k)] = h
             for g in batch:

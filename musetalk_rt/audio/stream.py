@@ -136,16 +136,15 @@ class AudioInput:
         ch = self.channels if channels is None else int(channels)
         arr = pcm_to_float(data, fmt, ch)  # [N, C]
         self.stats.chunks += 1
+        if arr.shape[0] == 0:  # no samples carry no format: never a reason to restart
+            self.stats.empty_chunks += 1
+            return np.zeros(0, np.float32)
         head = np.zeros(0, np.float32)
         if (rate, ch) != (self.sample_rate, self.channels):
             self.check_format(rate, ch)
             head = self._drain()  # the old rate's tail belongs before the new audio
             self._set_format(rate, ch)
             self.stats.format_changes += 1
-        if arr.shape[0] == 0:
-            self.stats.empty_chunks += 1
-            self.stats.samples_out += head.size
-            return head
         bad = ~np.isfinite(arr)
         if bad.any():
             self.stats.non_finite += int(bad.sum())

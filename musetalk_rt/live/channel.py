@@ -8,8 +8,11 @@ the moment it connected; its audio then runs contiguously.
 
 Threads and queues (each bounded, each with its overflow policy):
 
-- the ingest (event loop) calls :meth:`push`, which only enqueues (``audio_q``, 30 s; when full
-  the chunk is dropped and counted — the ingest paces senders, so this is a fault counter);
+- the ingest (event loop) calls :meth:`push`, which only enqueues (``audio_q``, bounded at 30 s
+  of audio however it is chunked; when full the chunk is dropped and counted — the ingest paces
+  senders, so this is a fault counter — and the next chunk that fits is preceded by as much
+  silence, so the sender's later audio keeps its place on the timeline; a session's open and
+  close are never dropped);
 - the **feature thread** resamples nothing (ingest did), stores audio per frame, runs the
   incremental whisper extractor and the VAD — on all the chunks that queued up since its last
   turn at once (at most ``MAX_GATHER``), so a thread that fell behind catches up in a few calls;
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from musetalk_rt.audio.features import FPS
+from musetalk_rt.audio.features import FPS, SAMPLE_RATE
 from musetalk_rt.audio.incremental import (
     BatchedEncoder,
     IncrementalFeatureExtractor,
@@ -52,6 +55,7 @@ from musetalk_rt.stages import crossfade
 
 log = logging.getLogger("musetalk_rt.channel")
 MAX_GATHER = 50  # ingest chunks analysed together at most (1 s of 20 ms chunks)
+AUDIO_QUEUE_S = 30.0  # audio the ingest may queue ahead of the feature thread
 
 
 _ONE_STRETCH = ((0, None, 0),)  # a session's stretches before any move
@@ -237,7 +241,11 @@ class LiveChannel:
         self.stats = ChannelStats()
         self.t0 = time.monotonic()
         self.emitted_at: float | None = None  # when the clock last handed out a frame
-        self.audio_q: queue.Queue = queue.Queue(maxsize=1500)  # ~30 s of 20 ms chunks
+        # bounded by hand in samples (AUDIO_QUEUE_S), not items: a sender's chunk size varies
+        self.audio_q: queue.Queue = queue.Queue()
+        self._queued_samples = 0  # audio in audio_q
+        self._gap_samples = 0  # audio dropped on a full queue, owed to the timeline as silence
+        self._q_lock = threading.Lock()
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
         self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
         self.pending: set[int] = set()  # frames taken by the GPU worker, not yet blended
@@ -263,10 +271,29 @@ class LiveChannel:
     # -- ingest side (event loop): enqueue only -------------------------------------------------
 
     def _enqueue(self, item) -> None:
-        try:
+        if item[0] != "audio":  # a session's open and close always get in
+            with self._q_lock:
+                if item[0] == "open":
+                    self._gap_samples = 0  # a new session owes nothing to the last one
+                self.audio_q.put_nowait(item)
+            return
+        audio, t = item[1]
+        with self._q_lock:
+            if self._queued_samples + audio.size > AUDIO_QUEUE_S * SAMPLE_RATE:
+                self.stats.dropped_audio_chunks += 1
+                self._gap_samples += audio.size
+                return
+            if self._gap_samples:  # the dropped audio's place, as silence
+                gap = np.zeros(self._gap_samples, np.float32)
+                self.audio_q.put_nowait(("audio", (gap, t)))
+                self._queued_samples += gap.size
+                self._gap_samples = 0
             self.audio_q.put_nowait(item)
-        except queue.Full:
-            self.stats.dropped_audio_chunks += 1
+            self._queued_samples += audio.size
+
+    def _dequeued(self, audio: np.ndarray) -> None:
+        with self._q_lock:
+            self._queued_samples -= audio.size
 
     def open_session(self, on_start=None) -> None:
         """A sender (or a voice-mode utterance) starts.
@@ -353,7 +380,10 @@ class LiveChannel:
                         on_start(start)
                     except Exception:  # a listener's bug must not stop the audio path
                         log.exception("channel %s: session listener failed", self.name)
-            elif kind == "audio" and cur is not None:
+            elif kind == "audio":
+                self._dequeued(payload[0])
+                if cur is None:
+                    continue
                 # chunks that queued up meanwhile go through the VAD and the features at once:
                 # behind, the thread catches up with a few calls instead of one set per chunk
                 block = [payload]
@@ -365,6 +395,7 @@ class LiveChannel:
                     if item[0] != "audio":
                         held = item
                         break
+                    self._dequeued(item[1][0])
                     block.append(item[1])
                 self._guarded(self._add_audio, cur, block)
             elif kind == "close" and cur is not None:

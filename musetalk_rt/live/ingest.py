@@ -335,6 +335,8 @@ class IngestServer:
             for task in (stats_task, msg_task):
                 if task is not None:
                     task.cancel()
+            with contextlib.suppress(Exception):  # a sender gone without bye: the resampler's
+                sink.push(audio_in.flush())  # last ~20 ms are still its audio (empty after bye)
             sink.close_session()
             if self._active.get(name, (None,))[0] is conn:
                 del self._active[name]
