@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, then run the main job) and `make test` (set up, then the suite).
-# torch is installed first, on its own: on our CPU machines `torch==2.13.0` is a CPU wheel on local
+# torch is installed first, on its own: on the CPU development and CI hosts `torch==2.13.0` is a CPU wheel on local
 # disk; letting another package pull torch would download a multi-GB CUDA build. On a GPU machine
 # the same pin installs PyTorch's CUDA build; keep an existing torch with
 # `make VENV_FLAGS=--system-site-packages` or pick another with `make TORCH_SPEC='torch==2.11.*'`.

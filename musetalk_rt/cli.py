@@ -951,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-realtime",
         dest="realtime",
         action="store_false",
-        help="send as fast as the server takes it (it paces senders ahead of real time)",
+        help="--wav only: send as fast as the server takes it (it paces senders ahead of real "
+        "time)",
     )
     p.set_defaults(func=cmd_send)
 

@@ -2,7 +2,7 @@
 
 Three kinds of weights share one code path:
 
-- ``real``: the published files under ``models/`` (DESIGN §3), loaded with
+- ``real``: the published files under ``models/`` (``models/README.md``), loaded with
   ``torch.load(weights_only=True)`` or safetensors; never unpickled.
 - ``synthetic``: the full architectures with seeded random weights. Compute cost is identical to
   the real model, the output is noise; used for benchmarks where the real files are absent.
@@ -433,7 +433,8 @@ def check(models_dir: str | Path = "models", deep: bool = False) -> list[FileChe
 
     Args:
         models_dir: Root of the layout.
-        deep: Also compare SHA-256 hashes against ``weights.lock.json`` written at download.
+        deep: Also compare SHA-256 hashes against ``weights.lock.json`` written at download (a
+            file the lock does not list is ``unverified``).
 
     Returns:
         One :class:`FileCheck` per file of the layout.

@@ -349,7 +349,8 @@ def test_captions_sink_transcribes_each_utterance_in_order(
 ):
     audio = load_audio(fixture_file("eng.wav")).to_mono_16k()[: 24 * SR]
     ch = TimelineChannel()
-    sp = _speech(standin)
+    # 24 s fed at once queues every utterance together: none may be skipped for waiting
+    sp = _speech(standin, max_behind_s=300.0)
     sink = CaptionsSink(ch, sp, sp.config, vad_net, writer=CaptionWriter(tmp_path / "c.srt"))
     sink.start()
     try:
@@ -552,16 +553,16 @@ def test_the_breaker_line_names_the_fix_for_a_wrong_key(standin, vad_net, caplog
 
 def test_session_control_is_never_dropped_on_a_full_audio_queue(vad_net):
     """The audio queue's bound drops chunks, never a session's open or close."""
-    from musetalk_rt.speech.live import AUDIO_QUEUE_CHUNKS
+    from musetalk_rt.speech.live import AUDIO_QUEUE_S
 
     sink = CaptionsSink(TimelineChannel(), None, GroqConfig(), vad_net)  # threads not started
     sink.open_session()
-    for _ in range(AUDIO_QUEUE_CHUNKS + 10):
+    for _ in range(int(AUDIO_QUEUE_S * SR) // 320 + 10):  # 20 ms chunks: 10 too many
         sink.push(np.zeros(320, np.float32))
     sink.close_session()
     kinds = [sink.audio_q.get_nowait()[0] for _ in range(sink.audio_q.qsize())]
     assert kinds[0] == "open" and kinds[-1] == "close"
-    assert sink.stats.dropped_audio_chunks == 11  # the open took one place
+    assert sink.stats.dropped_audio_chunks == 10  # the open takes no audio's place
 
 
 def test_stat_of_io_wav_reader_accepts_other_rates():

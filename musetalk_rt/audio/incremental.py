@@ -1,7 +1,8 @@
 """Incremental whisper features: push 16 kHz audio, get each frame's window as soon as it can be.
 
-Frame ``f`` (25 fps) is conditioned on whisper steps ``[2f-4, 2f+6)`` (DESIGN §3): its audio
-ends 80 ms after the frame does, so no design can emit it before sample ``(f + 3) * 640``.
+Frame ``f`` (25 fps) is conditioned on whisper steps ``[2f-4, 2f+6)`` (MuseTalk's audio
+window): its audio ends 80 ms after the frame does, so no design can emit it before sample
+``(f + 3) * 640``.
 Whisper's encoder attends over its whole 30 s input, so a step's features also depend on the
 audio around it; the offline path encodes fixed 30 s segments and sees *all* of a segment's
 future. A stream cannot. This extractor keeps the offline layout — each step at the same

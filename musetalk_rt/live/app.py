@@ -148,7 +148,7 @@ def check_port(host: str, port: int) -> None:
     import socket
 
     if not 0 <= port <= 65535:
-        raise UserError(f"--port {port}: choose 1 to 65535")
+        raise UserError(f"--port {port}: choose 1 to 65535 (or 0: any free port)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -928,7 +928,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channel", action="append", metavar="NAME=AVATAR", help="a channel (repeatable)"
     )
-    p.add_argument("--rtmp", help="rtmp://host/app/key (use {channel} with several channels)")
+    p.add_argument(
+        "--rtmp",
+        help="rtmp[s]://HOST[:PORT]/APP/KEY, checked at start (use {channel} with several "
+        "channels)",
+    )
     p.add_argument(
         "--record",
         help="also record to FILE.mp4 (or .m4v .mov .mkv .flv .ts; use {channel} with "
@@ -990,7 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("process", "thread"),
         default="process",
         help="where each output's encoder runs: its own process (default; keeps x264 and the "
-        "muxer off the live process's interpreter lock) or a thread of the live process",
+        "muxer off the live process's interpreter lock, and a process stuck on an RTMP server "
+        "that stopped answering is restarted) or a thread of the live process (no such "
+        "watchdog)",
     )
     p.add_argument(
         "--cpu-threads",

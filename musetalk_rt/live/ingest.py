@@ -9,11 +9,12 @@ real time by more than ``max_ahead_s`` is paced: the server stops reading until 
 catches up, so TCP back-pressure slows the sender and nothing piles up. Every second the sender
 receives ``stats``. Any bad message gets an error and a close for that connection only.
 
-The same port answers plain HTTP: ``/healthz``, ``/metrics`` (Prometheus text, when the owner
-provides it), ``/channels.json``, the operator preview (``/preview``: each channel's latest
-frame, polled as JPEG) and the browser ingest page (``/``: microphone -> AudioWorklet
--> PCM16 16 kHz -> this WebSocket, with a level meter, connection state and live latency, in
-Traditional Chinese and English).
+The same port answers plain HTTP: ``/healthz`` (``ok``; with the owner's check, JSON that is 503
+when the show is stalled), ``/metrics`` (Prometheus text, when the owner provides it),
+``/channels.json``, the operator preview (``/preview``: each channel's latest frame, polled as
+JPEG) and the browser ingest page (``/``: microphone -> AudioWorklet -> PCM16 16 kHz -> this
+WebSocket, with a level meter, connection state and live latency, in Traditional Chinese and
+English).
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ class IngestServer:
                     sink.push(audio_in.flush())
                     await conn.close(1000, "bye")
                     break
-                else:  # DESIGN §5: a bad message gets an error and a close
+                else:  # the protocol's rule: a bad message gets an error and a close
                     raise ProtocolError(BAD_REQUEST, f"unknown control message {shown(msg)}")
         except ProtocolError as err:
             await self._refuse(conn, err)

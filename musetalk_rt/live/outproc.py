@@ -15,7 +15,9 @@ musetalk_rt.live.outproc`` (it imports only the encoder's modules), running an o
 :class:`~.output.Output` (same encoder settings, reconnect with backoff, its own bounded queue
 that drops the oldest frame), fed from a ring of ``slots`` frame buffers in shared memory.
 Messages are length-prefixed JSON over its stdin and stdout (no pickles): parent to child
-``{"slot", "n", "meta"}`` and ``{"close"}``; child to parent ``{"free": slot}`` once a slot is
+first the settings (the ring, the output's target: not on its command line, which every user of
+the host can read, as the target may hold a stream key), then ``{"slot", "n", "meta"}`` and
+``{"close"}``; child to parent ``{"free": slot}`` once a slot is
 copied out, ``{"stats", "up", "depth"}`` every 0.25 s and at the end, ``{"log": record}`` for
 the frame log and ``{"ready"}`` once it can take frames.
 

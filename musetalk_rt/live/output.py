@@ -8,11 +8,12 @@ encoder's frames). Timestamps come from the frame index, never from the wall clo
 the oldest frame, counted), so a slow or dead server never blocks the channel's clock. When
 writing fails (the RTMP server went away) it closes the writer and reopens it with exponential
 backoff (0.5 s doubling to 8 s), resuming without restarting the process; frames offered while
-it is down are dropped and counted; a recording that holds frames is never reopened over: it
-goes on in ``NAME.part2.mp4`` (:func:`next_part`; a failed file that holds nothing is reused).
-MP4 recordings are fragmented (:func:`_crash_safe`), so a run killed mid-show leaves a playable
-file. With a frame log (:mod:`.framelog`) it records, for every frame written, when the encoder
-and muxer returned and the frame's index in the stream.
+it is down are dropped and counted (a writer that fails within a minute of opening, as on a full
+disk, doubles the delay; one that ran longer starts again at 0.5 s); a recording that holds
+frames is never reopened over: it goes on in ``NAME.part2.mp4`` (:func:`next_part`; a failed
+file that holds nothing is reused). MP4 recordings are fragmented (:func:`_crash_safe`), so a
+run killed mid-show leaves a playable file. With a frame log (:mod:`.framelog`) it records, for
+every frame written, when the encoder and muxer returned and the frame's index in the stream.
 """
 
 from __future__ import annotations
@@ -294,8 +295,8 @@ class Output:
 
     def _run(self) -> None:
         # backoff: 0.5 s doubling to 8 s while opening fails or a writer fails soon after it
-        # opened (a full disk: it opens, then fails at once); after STABLE_S of writing, a
-        # failure starts again at the last delay rather than doubling
+        # opened (a full disk: it opens, then fails at once); a writer that ran STABLE_S
+        # before failing starts again at 0.5 s
         writer, backoff, next_try, opened_at = None, 0.5, 0.0, 0.0
         while not self._stop.is_set():
             try:
@@ -351,6 +352,8 @@ class Output:
                 writer, self.up = None, False
                 if time.monotonic() - opened_at < STABLE_S:  # it failed soon after opening:
                     backoff = min(backoff * 2, 8.0)  # the same fault, not a new one
+                else:  # it had run a while: a new fault, retried soon
+                    backoff = 0.5
                 next_try = time.monotonic() + backoff
         if writer is not None:
             while not self.q.empty():  # a recording keeps its last frames

@@ -1,4 +1,4 @@
-"""The ingest protocol (DESIGN §5): hello/ready handshake, formats, error codes, decoders.
+"""The ingest protocol (README, "Live"): hello/ready handshake, formats, error codes, decoders.
 
 A sender opens ``/ingest/<channel>`` and first sends a text message::
 

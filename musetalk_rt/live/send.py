@@ -1,8 +1,11 @@
 """``musetalk-rt send``: stream a WAV (or the microphone) to a live channel in real time.
 
 Chunks are sent on a media clock: chunk ``k`` leaves at ``t0 + k × chunk`` (the loop sleeps
-until that instant, so pacing errors do not accumulate). The server's ``stats`` are collected
-as they arrive; an ``error`` from the server ends the run with its message.
+until that instant, so pacing errors do not accumulate). The server's messages are read all
+along (``stats`` every second; a client that stops reading stops answering pings and is
+dropped); an ``error`` or a 44xx close from the server ends the run with its message. The
+microphone's blocks reach the network through a queue of 1 s: beyond it, new blocks are dropped
+and counted; Ctrl-C sends ``flush`` and ``bye`` and ends with the summary.
 """
 
 from __future__ import annotations

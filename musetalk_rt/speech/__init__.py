@@ -1,4 +1,4 @@
-"""Groq speech services: live captions and voice mode (DESIGN §6).
+"""Groq speech services: live captions and voice mode (README, "Groq speech").
 
 - :mod:`.config`: the ``[groq]`` settings and their budget.
 - :mod:`.groq_client`: the official ``groq`` client within deadlines, key never logged.

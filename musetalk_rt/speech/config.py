@@ -2,7 +2,7 @@
 
 Nothing about Groq's models is hard-coded where it changes: the text-to-speech model and voice
 must come from the config (Groq has replaced its TTS models before); the transcription model
-has a default (``whisper-large-v3-turbo``, DESIGN §6) that the config may override.
+has a default (``whisper-large-v3-turbo``) that the config may override.
 
 The time budget is explicit: each utterance has ``utterance_deadline_s`` for all its calls
 (transcription, optional rewrite, speech) including retries; a call's timeout is the smaller of

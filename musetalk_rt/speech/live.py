@@ -19,7 +19,7 @@ an utterance whose calls fail within the budget plays the MC's own recording of 
 breaker is open the MC's live voice goes straight through (switching only at pauses), and after
 the cool-down the next utterance is a trial that, if it succeeds, brings voice mode back.
 
-Queues: audio to the segment thread (30 s of chunks; full: the chunk is dropped and counted;
+Queues: audio to the segment thread (30 s of audio; full: the chunk is dropped and counted;
 the session's open and close always get in), utterances to the request thread (64; full:
 dropped and counted; so that a backlog drains instead of growing, in voice mode an utterance
 older than twice the budget skips Groq and plays as recorded, and in captions mode one that
@@ -114,9 +114,12 @@ class _SpeechSink:
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_cooldown_s, on_change=self._breaker_changed
         )
-        # audio chunks are bounded by hand (AUDIO_QUEUE_CHUNKS): the session's open and close
-        # must never be the ones dropped (a lost close leaves an utterance unflushed)
+        # audio is bounded by hand, in seconds (AUDIO_QUEUE_S, whatever the chunk size): the
+        # session's open and close must never be the ones dropped (a lost close leaves an
+        # utterance unflushed)
         self.audio_q: queue.Queue = queue.Queue()
+        self._queued_samples = 0
+        self._q_lock = threading.Lock()
         # utterances queued or in hand: put() counts one, task_done() after handling uncounts
         # it, so "none queued and none in hand" is one reading (unfinished_tasks), no gap
         self.utt_q: queue.Queue = queue.Queue(maxsize=64)
@@ -133,9 +136,12 @@ class _SpeechSink:
     # -- the AudioSink interface (ingest side; never blocks) --------------------------------------
 
     def _enqueue(self, item) -> None:
-        if item[0] == "audio" and self.audio_q.qsize() >= AUDIO_QUEUE_CHUNKS:
-            self.stats.dropped_audio_chunks += 1
-            return
+        if item[0] == "audio":
+            with self._q_lock:
+                if self._queued_samples + item[2].size > AUDIO_QUEUE_S * SR:
+                    self.stats.dropped_audio_chunks += 1
+                    return
+                self._queued_samples += item[2].size
         self.audio_q.put_nowait(item)
 
     def open_session(self) -> None:
@@ -238,6 +244,9 @@ class _SpeechSink:
             except queue.Empty:
                 self._idle_tick(seg)
                 continue
+            if kind == "audio":
+                with self._q_lock:
+                    self._queued_samples -= payload.size
             try:
                 if kind == "open":
                     seg = UtteranceSegmenter(
@@ -286,7 +295,7 @@ class _SpeechSink:
     def _handle(self, u: Utterance, base_s, t_end: float, t_queued: float) -> None: ...
 
 
-AUDIO_QUEUE_CHUNKS = 1500  # chunks before the segment thread (~30 s of the page's 20 ms)
+AUDIO_QUEUE_S = 30.0  # audio queued before the segment thread at most
 
 
 def _fix_hint(reason: str) -> str:

@@ -30,7 +30,7 @@ from musetalk_rt.modeling import (
 def write_tiny_layout(
     models_dir: str | Path, seed: int = 0, legacy_vae_keys: bool = False, vae_bin: bool = False
 ) -> Path:
-    """Write the weights layout of DESIGN §3 with tiny random networks.
+    """Write the weights layout of ``models/README.md`` with tiny random networks.
 
     Args:
         models_dir: Target folder.
