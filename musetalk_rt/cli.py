@@ -733,7 +733,11 @@ def cmd_send(args) -> int:
                 "stats_messages": len(rep.stats),
                 "captions": len(rep.captions),
                 "close_code": rep.close_code,
-                **({"dropped_chunks": rep.dropped} if args.mic else {}),
+                **(
+                    {"dropped_chunks": rep.dropped, "interrupted": rep.interrupted}
+                    if args.mic
+                    else {}
+                ),
             }
         )
     )

@@ -35,6 +35,7 @@ class SendReport:
     error: dict | None = None
     close_code: int | None = None
     dropped: int = 0  # microphone blocks dropped while the network stalled
+    interrupted: bool = False  # ended by Ctrl-C (the microphone's normal end)
 
 
 BYE_TIMEOUT_S = 10.0  # after bye, how long the server may take to play out and close
@@ -69,13 +70,15 @@ async def _session(
     on_message: Callable[[dict], None] | None,
     open_timeout_s: float,
     cafile: str | None,
+    stop_on_cancel: bool = False,
 ) -> SendReport:
     """Hello, then ``chunks`` as binary messages while a reader takes every server message.
 
     The reader matters as much as the sending: a client that stops reading stops answering the
     server's pings once its receive queue is full (16 stats messages, ~16 s), and the server
     drops it. The end — the source exhausted, or the task cancelled (Ctrl-C) — sends ``flush``
-    and ``bye``, so the server plays out what it holds.
+    and ``bye``, so the server plays out what it holds. With ``stop_on_cancel`` a cancel is
+    the normal end (the microphone's Ctrl-C): the report comes back, marked ``interrupted``.
     """
     ws = await _connect(url, open_timeout_s, cafile)
     async with ws:
@@ -122,7 +125,9 @@ async def _session(
         except asyncio.CancelledError:  # Ctrl-C: let the server play out what it holds
             with contextlib.suppress(ConnectionClosed, TimeoutError):
                 await asyncio.wait_for(_goodbye(ws), timeout=1.0)
-            raise
+            if not stop_on_cancel:
+                raise
+            report.interrupted = True
         except ConnectionClosed:  # the server closed: its error message may still be queued
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(read_task), timeout=2.0)
@@ -234,4 +239,6 @@ async def send_microphone(
 
     hello = {"type": "hello", "token": token, "format": "pcm_s16le", "sample_rate": 16000}
     hello["channels"] = 1
-    return await _session(url, hello, blocks(), report, on_message, 10.0, cafile)
+    return await _session(
+        url, hello, blocks(), report, on_message, 10.0, cafile, stop_on_cancel=True
+    )
