@@ -587,6 +587,9 @@ def _window(state: dict, t_start: float, t_end: float, rows: list[dict]) -> dict
 
 def run_probe(args) -> int:
     """Run the probe (see the module docstring); returns the exit status."""
+    # what the summary uses at the end, imported now: an hour's soak must not lose its summary
+    # to a checkout edited meanwhile (newer files loaded beside the modules of the start)
+    import musetalk_rt.live.app  # noqa: F401
     from musetalk_rt.avatar import load_avatar
     from musetalk_rt.bench import environment, results_dir
     from musetalk_rt.cli import _device
