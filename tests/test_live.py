@@ -206,7 +206,11 @@ def _assert_recording(record, ch: dict, log: str, idle_after: int, onset_frames:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     with av.open(str(record)) as c:
         pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-    assert abs(len(frames) - ch["frames_out"]) <= 1
+    # every frame emitted is in the recording, or was dropped by an output's bounded queue and
+    # counted (its stated policy: on 2 cores shared with Chromium, a few at times)
+    recording = [o for label, o in ch["outputs"].items() if not label.startswith("rtmp")]
+    dropped = sum(o.get("dropped_full", 0) + o.get("dropped_down", 0) for o in recording)
+    assert abs(len(frames) + dropped - ch["frames_out"]) <= 1, (len(frames), ch)
     assert abs(len(pcm) / 16000 - len(frames) / 25) <= 0.04 + 1024 / 16000
     idle = frames[0].astype(np.float32)
     moving = np.array([np.abs(f.astype(np.float32) - idle).mean() > 3.0 for f in frames])
