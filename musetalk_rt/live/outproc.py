@@ -53,14 +53,19 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from musetalk_rt.live.output import AUDIO_PER_FRAME, RTMP_SCHEMES, next_part, redact_url
+from musetalk_rt.live.output import (
+    AUDIO_PER_FRAME,
+    RTMP_SCHEMES,
+    STABLE_S,  # a child that ran this long resets the restart backoff, as a writer does
+    next_part,
+    redact_url,
+)
 
 log = logging.getLogger("musetalk_rt.output")
 
 _STAT_KEYS = ("written", "dropped_full", "dropped_down", "reconnects", "errors")
 SILENT_STALL_S = 5.0  # no message from a ready child for this long: it is frozen
 WRITE_STALL_S = 10.0  # up, frames waiting, none written for this long: its writer is stuck
-STABLE_S = 60.0  # a child that ran this long resets the restart backoff
 
 
 def _slot_views(buf, slots: int, width: int, height: int):
@@ -296,12 +301,16 @@ class ProcessOutput:
                 self._own["errors"] += 1
                 if time.monotonic() - self._started_at > STABLE_S:
                     self._backoff_s = 0.5  # it had run a while: a new fault, not the same one
-                self._retry_at = time.monotonic() + self._backoff_s
-                self._backoff_s = min(self._backoff_s * 2, 8.0)
+                self._schedule_retry()
                 log.warning(
                     "output %s: its process ended (exit code %s); restarting", self.label, code
                 )
             self._conn = None
+
+    def _schedule_retry(self) -> None:
+        """The next child after the backoff, which doubles up to 8 s (under the lock)."""
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, 8.0)
 
     # -- the Output interface -------------------------------------------------------------------
 
@@ -366,8 +375,7 @@ class ProcessOutput:
                 except Exception as exc:  # no process to be had (too many files, no memory)
                     self._own["errors"] += 1
                     self._own["dropped_down"] += 1
-                    self._retry_at = time.monotonic() + self._backoff_s
-                    self._backoff_s = min(self._backoff_s * 2, 8.0)
+                    self._schedule_retry()
                     log.warning("output %s: cannot start its process (%s)", self.label, exc)
                     return
             if not self._free:

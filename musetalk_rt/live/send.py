@@ -119,8 +119,7 @@ async def _session(
             async for data in chunks:
                 await ws.send(data)
                 report.chunks += 1
-            await ws.send(json.dumps({"type": "flush"}))
-            await ws.send(json.dumps({"type": "bye"}))
+            await _goodbye(ws)
             await asyncio.wait_for(asyncio.shield(read_task), timeout=BYE_TIMEOUT_S)
         except asyncio.CancelledError:  # Ctrl-C: let the server play out what it holds
             with contextlib.suppress(ConnectionClosed, TimeoutError):
