@@ -605,35 +605,53 @@ def test_stream_keys_and_passwords_are_redacted_for_logs_and_metrics():
     assert redact_url("rtmp://h/live?streamkey=s3cret") == "rtmp://h/live?***"
 
 
-def test_a_full_audio_queue_drops_chunks_but_keeps_the_timeline_and_the_session(monkeypatch):
+def test_a_full_audio_queue_drops_chunks_but_keeps_the_timeline_and_the_session():
     """Bounded in seconds of audio, not items (a sender's chunks may be 8 ms or 100 ms); a
     dropped chunk's place is filled with silence before the next one that fits, so the
     sender's later audio is not shifted earlier; a session's open and close always get in."""
-    import queue as queue_mod
-
-    from musetalk_rt.live import channel as channel_mod
+    from musetalk_rt.audio.audioqueue import AudioQueue
     from musetalk_rt.live.channel import ChannelStats, LiveChannel
 
-    monkeypatch.setattr(channel_mod, "AUDIO_QUEUE_S", 1.0)  # 16,000 samples
     ch = LiveChannel.__new__(LiveChannel)  # the ingest side only
-    ch.audio_q, ch._q_lock, ch.stats = queue_mod.Queue(), threading.Lock(), ChannelStats()
-    ch._queued_samples, ch._gap_samples = 0, 0
+    ch.audio_q, ch.stats = AudioQueue(1.0, 16000, fill_drops=True), ChannelStats()
     ch.open_session()
-    for _ in range(12):  # 12 x 1600 samples: the last two do not fit
+    for _ in range(12):  # 12 x 1600 samples in a 16,000-sample queue: the last two do not fit
         ch.push(np.ones(1600, np.float32))
     ch.close_session()
-    assert ch.stats.dropped_audio_chunks == 2
-    ch._dequeued(ch.audio_q.queue[1][1][0])  # the feature thread took a chunk: room for one
+    assert ch.stats.dropped_audio_chunks == 2 and ch.audio_q.gap_samples == 3200
+    assert ch.audio_q.get_nowait()[0] == "open"
+    assert ch.audio_q.get_nowait()[0] == "audio"  # the feature thread took a chunk: room for one
     ch.open_session()  # a new session owes the last one nothing
     ch.push(np.ones(800, np.float32))
-    items = list(ch.audio_q.queue)
-    kinds = [k for k, _ in items]
-    assert kinds == ["open", *["audio"] * 10, "close", "open", "audio"]
-    ch._gap_samples = 3200  # dropped within one session: the next chunk that fits is preceded
-    ch._dequeued(np.zeros(4000, np.float32))  # by their silence
+    kinds = [k for k, _ in ch.audio_q.items()]
+    assert kinds == [*["audio"] * 9, "close", "open", "audio"]
+    assert ch.audio_q.queued_samples == 9 * 1600 + 800
+    for _ in range(3):  # dropped within one session: the next chunk that fits is preceded
+        ch.push(np.ones(1600, np.float32))  # by their silence
+    assert ch.stats.dropped_audio_chunks == 5 and ch.audio_q.gap_samples == 4800
+    for _ in range(4):
+        ch.audio_q.get_nowait()
     ch.push(np.full(160, 2.0, np.float32))
-    gap, last = ch.audio_q.queue[-2][1][0], ch.audio_q.queue[-1][1][0]
-    assert gap.size == 3200 and not gap.any() and last[0] == 2.0
+    (_, (gap, _)), (_, (last, _)) = ch.audio_q.items()[-2:]
+    assert gap.size == 4800 and not gap.any() and last[0] == 2.0
+    assert ch.audio_q.queued_samples == 5 * 1600 + 800 + 4800 + 160  # silence counts too
+
+
+def test_an_audio_queue_without_fill_forgets_drops_and_rejects_a_bad_bound():
+    import queue as queue_mod
+
+    from musetalk_rt.audio.audioqueue import AudioQueue
+
+    q = AudioQueue(0.01, 16000)  # 160 samples
+    assert q.put_audio(np.zeros(100, np.float32), lambda a: a)
+    assert not q.put_audio(np.zeros(100, np.float32), lambda a: a)
+    assert q.get(timeout=0.1).size == 100 and q.queued_samples == 0
+    assert q.put_audio(np.zeros(160, np.float32), lambda a: a)  # no silence owed
+    assert q.get_nowait().size == 160 and q.dropped_chunks == 1 and q.gap_samples == 0
+    with pytest.raises(queue_mod.Empty):
+        q.get(timeout=0.01)
+    with pytest.raises(ValueError, match="positive"):
+        AudioQueue(0, 16000)
 
 
 def test_healthz_is_503_when_a_clock_stalls_and_degraded_when_an_output_is_down():
@@ -1474,9 +1492,9 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     so the speech decisions after them sit at the times a clean run gives; the extractor that
     failed is replaced by one starting at the frame the audio had reached, so every later frame
     gets its window on its own frame."""
-    import queue as queue_mod
     import threading
 
+    from musetalk_rt.audio.audioqueue import AudioQueue
     from musetalk_rt.audio.incremental import IncrementalFeatureExtractor, StreamingConfig
     from musetalk_rt.audio.vad import VoiceActivity, load_silero_vad
     from musetalk_rt.live.channel import ChannelStats, LiveChannel
@@ -1504,8 +1522,8 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     ch.name, ch.t0, ch.delay_s, ch.next_out = "c0", time.monotonic(), 30.0, 0
     ch.whisper, ch.fe, ch.encoder = tiny_models.whisper, tiny_models.feature_extractor, None
     ch.vad_net, ch.stream_config = FlakyNet(), StreamingConfig(hop_frames=5)
-    ch.audio_q, ch._stop, ch._lock = queue_mod.Queue(), threading.Event(), threading.Lock()
-    ch._q_lock, ch._queued_samples, ch._gap_samples = threading.Lock(), 0, 0
+    ch.audio_q = AudioQueue(600.0, 16000, fill_drops=True)
+    ch._stop, ch._lock = threading.Event(), threading.Lock()
     ch._sessions, ch.stats, ch.frame_log = [], ChannelStats(), None
     ch.windows, ch.arrival, ch._audio = {}, {}, {}
     ch.drift_shift_s = SHIFT_AT_S
@@ -1523,11 +1541,11 @@ def test_feature_thread_survives_failing_calls_and_keeps_the_timeline(
     monkeypatch.setattr(IncrementalFeatureExtractor, "push", push)
     thread = threading.Thread(target=ch._feature_loop, daemon=True)
     thread.start()
-    ch.audio_q.put(("open", (ch.t0, None)))
+    ch.audio_q.put_control(("open", (ch.t0, None)), new_session=True)
     for i in range(0, len(audio), 320):
-        ch.audio_q.put(("audio", (audio[i : i + 320], time.monotonic())))
+        ch.audio_q.put_audio(audio[i : i + 320], lambda a: ("audio", (a, time.monotonic())))
         time.sleep(0.001)  # chunk by chunk, so the failures hit single chunks
-    ch.audio_q.put(("close", None))
+    ch.audio_q.put_control(("close", None))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not ch._sessions or ch._sessions[0].end_frame is None):
         time.sleep(0.05)

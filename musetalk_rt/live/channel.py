@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from musetalk_rt.audio.audioqueue import AudioQueue
 from musetalk_rt.audio.features import FPS, SAMPLE_RATE
 from musetalk_rt.audio.incremental import (
     BatchedEncoder,
@@ -241,11 +242,8 @@ class LiveChannel:
         self.stats = ChannelStats()
         self.t0 = time.monotonic()
         self.emitted_at: float | None = None  # when the clock last handed out a frame
-        # bounded by hand in samples (AUDIO_QUEUE_S), not items: a sender's chunk size varies
-        self.audio_q: queue.Queue = queue.Queue()
-        self._queued_samples = 0  # audio in audio_q
-        self._gap_samples = 0  # audio dropped on a full queue, owed to the timeline as silence
-        self._q_lock = threading.Lock()
+        # bounded in seconds of audio; a dropped chunk's place is kept as silence
+        self.audio_q = AudioQueue(AUDIO_QUEUE_S, SAMPLE_RATE, fill_drops=True)
         self.windows: dict[int, object] = {}  # media frame -> [50, 384] tensor
         self.generated: dict[int, np.ndarray] = {}  # media frame -> blended RGB frame
         self.pending: set[int] = set()  # frames taken by the GPU worker, not yet blended
@@ -270,45 +268,22 @@ class LiveChannel:
 
     # -- ingest side (event loop): enqueue only -------------------------------------------------
 
-    def _enqueue(self, item) -> None:
-        if item[0] != "audio":  # a session's open and close always get in
-            with self._q_lock:
-                if item[0] == "open":
-                    self._gap_samples = 0  # a new session owes nothing to the last one
-                self.audio_q.put_nowait(item)
-            return
-        audio, t = item[1]
-        with self._q_lock:
-            if self._queued_samples + audio.size > AUDIO_QUEUE_S * SAMPLE_RATE:
-                self.stats.dropped_audio_chunks += 1
-                self._gap_samples += audio.size
-                return
-            if self._gap_samples:  # the dropped audio's place, as silence
-                gap = np.zeros(self._gap_samples, np.float32)
-                self.audio_q.put_nowait(("audio", (gap, t)))
-                self._queued_samples += gap.size
-                self._gap_samples = 0
-            self.audio_q.put_nowait(item)
-            self._queued_samples += audio.size
-
-    def _dequeued(self, audio: np.ndarray) -> None:
-        with self._q_lock:
-            self._queued_samples -= audio.size
-
     def open_session(self, on_start=None) -> None:
         """A sender (or a voice-mode utterance) starts.
 
         Args:
             on_start: Called from the feature thread with the session's first media frame.
         """
-        self._enqueue(("open", (time.monotonic(), on_start)))
+        self.audio_q.put_control(("open", (time.monotonic(), on_start)), new_session=True)
 
     def push(self, audio_16k: np.ndarray) -> None:
         if audio_16k.size:
-            self._enqueue(("audio", (audio_16k, time.monotonic())))
+            t = time.monotonic()
+            if not self.audio_q.put_audio(audio_16k, lambda a: ("audio", (a, t))):
+                self.stats.dropped_audio_chunks += 1
 
     def close_session(self) -> None:
-        self._enqueue(("close", None))
+        self.audio_q.put_control(("close", None))
 
     def stats_dict(self) -> dict:
         return {
@@ -381,7 +356,6 @@ class LiveChannel:
                     except Exception:  # a listener's bug must not stop the audio path
                         log.exception("channel %s: session listener failed", self.name)
             elif kind == "audio":
-                self._dequeued(payload[0])
                 if cur is None:
                     continue
                 # chunks that queued up meanwhile go through the VAD and the features at once:
@@ -395,7 +369,6 @@ class LiveChannel:
                     if item[0] != "audio":
                         held = item
                         break
-                    self._dequeued(item[1][0])
                     block.append(item[1])
                 self._guarded(self._add_audio, cur, block)
             elif kind == "close" and cur is not None:

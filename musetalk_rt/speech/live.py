@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from musetalk_rt.audio.audioqueue import AudioQueue
 from musetalk_rt.audio.features import FPS
 from musetalk_rt.speech.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from musetalk_rt.speech.captions import CaptionOverlay, CaptionWriter, Cue
@@ -114,12 +115,9 @@ class _SpeechSink:
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_cooldown_s, on_change=self._breaker_changed
         )
-        # audio is bounded by hand, in seconds (AUDIO_QUEUE_S, whatever the chunk size): the
-        # session's open and close must never be the ones dropped (a lost close leaves an
-        # utterance unflushed)
-        self.audio_q: queue.Queue = queue.Queue()
-        self._queued_samples = 0
-        self._q_lock = threading.Lock()
+        # bounded in seconds of audio (whatever the chunk size); the session's open and close
+        # always get in (a lost close leaves an utterance unflushed)
+        self.audio_q = AudioQueue(AUDIO_QUEUE_S, SR)
         # utterances queued or in hand: put() counts one, task_done() after handling uncounts
         # it, so "none queued and none in hand" is one reading (unfinished_tasks), no gap
         self.utt_q: queue.Queue = queue.Queue(maxsize=64)
@@ -135,25 +133,18 @@ class _SpeechSink:
 
     # -- the AudioSink interface (ingest side; never blocks) --------------------------------------
 
-    def _enqueue(self, item) -> None:
-        if item[0] == "audio":
-            with self._q_lock:
-                if self._queued_samples + item[2].size > AUDIO_QUEUE_S * SR:
-                    self.stats.dropped_audio_chunks += 1
-                    return
-                self._queued_samples += item[2].size
-        self.audio_q.put_nowait(item)
-
     def open_session(self) -> None:
         self._messages.clear()  # captions of a session before are not this sender's
-        self._enqueue(("open", time.monotonic(), None))
+        self.audio_q.put_control(("open", time.monotonic(), None), new_session=True)
 
     def push(self, audio_16k: np.ndarray) -> None:
         if audio_16k.size:
-            self._enqueue(("audio", time.monotonic(), audio_16k))
+            t = time.monotonic()
+            if not self.audio_q.put_audio(audio_16k, lambda a: ("audio", t, a)):
+                self.stats.dropped_audio_chunks += 1
 
     def close_session(self) -> None:
-        self._enqueue(("close", time.monotonic(), None))
+        self.audio_q.put_control(("close", time.monotonic(), None))
 
     def sender_stats(self) -> dict:
         return {
@@ -244,9 +235,6 @@ class _SpeechSink:
             except queue.Empty:
                 self._idle_tick(seg)
                 continue
-            if kind == "audio":
-                with self._q_lock:
-                    self._queued_samples -= payload.size
             try:
                 if kind == "open":
                     seg = UtteranceSegmenter(
