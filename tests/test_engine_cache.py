@@ -58,6 +58,38 @@ def test_key_covers_everything_an_engine_depends_on(tmp_path):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
+def test_a_killed_build_leaves_nothing_after_the_next_store(tmp_path):
+    """A build killed while writing leaves ``.NAME.partial-PID`` (an engine can be GBs); the
+    next store of that engine removes it, and keeps a folder of a process that still runs."""
+    k = _key()
+    parent = k.folder(tmp_path).parent
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = parent / f".{k.folder(tmp_path).name}.partial-{dead}"
+    stale.mkdir(parents=True)
+    (stale / "unet.pt2").write_bytes(b"half")
+    running = parent / f".{k.folder(tmp_path).name}.partial-1"  # pid 1 runs: another build
+    running.mkdir()
+    other = parent / f".compile-fp32-{'0' * 16}.partial-{dead}"  # another engine's: kept
+    other.mkdir()
+    cache.store(tmp_path, k, {"engine.bin": b"\x01"}, {})
+    assert not stale.exists() and running.exists() and other.exists()
+    assert cache.find(tmp_path, k) is not None
+
+
+def test_leftover_names_that_are_no_process_are_kept_or_removed_safely(tmp_path):
+    from musetalk_rt.leftovers import process_exists, remove_leftovers, temp_folder
+
+    assert process_exists(os.getpid()) and not process_exists(2**62)
+    odd = tmp_path / ".e.partial-notapid"  # not ours to judge: kept
+    odd.mkdir()
+    mine = temp_folder(tmp_path, "e")
+    mine.mkdir()
+    assert remove_leftovers(tmp_path, "e") == [mine] and odd.exists()
+    with pytest.raises(ValueError, match="kind"):
+        temp_folder(tmp_path, "e", "tmp")
+
+
 _BUILD = """
 import json, sys, time
 from pathlib import Path

@@ -41,6 +41,7 @@ from musetalk_rt.avatar.geometry import (
 from musetalk_rt.avatar.landmarks import get_detector, mouth_openness, track_main_face
 from musetalk_rt.avatar.store import FORMAT_VERSION, MODEL_VERSION, valid_id
 from musetalk_rt.errors import UserError
+from musetalk_rt.leftovers import remove_leftovers, temp_folder
 from musetalk_rt.modeling import VaeEncoder
 from musetalk_rt.modeling.configs import FACE_SIZE
 from musetalk_rt.weights import sha256_file
@@ -68,30 +69,6 @@ def closed_mouth_run(openness: np.ndarray, threshold: float = CLOSED_MOUTH) -> t
                 best = (start, i)
             start = None
     return best
-
-
-def _remove_leftovers(root: Path, avatar_id: str) -> None:
-    """Delete the temporary folders of earlier prepares of ``avatar_id`` that were killed.
-
-    A folder named for a process that still runs (another prepare right now) is left alone.
-    """
-    for path in [*root.glob(f".{avatar_id}.partial-*"), *root.glob(f".{avatar_id}.old-*")]:
-        try:
-            pid = int(path.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid == os.getpid() or not _process_exists(pid):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _complete(target: Path, num_frames: int) -> bool:
@@ -292,8 +269,8 @@ def prepare_avatar(
     latents = encode_faces(models.vae, faces)  # [N, 8, 32, 32]
 
     root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root, avatar_id)
-    tmp = root / f".{avatar_id}.partial-{os.getpid()}"
+    remove_leftovers(root, avatar_id)
+    tmp = temp_folder(root, avatar_id)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / "frames").mkdir(parents=True)
@@ -338,7 +315,7 @@ def prepare_avatar(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if target.exists():
-            trash = root / f".{avatar_id}.old-{os.getpid()}"
+            trash = temp_folder(root, avatar_id, "old")
             target.rename(trash)
             tmp.rename(target)
             shutil.rmtree(trash, ignore_errors=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from musetalk_rt.leftovers import remove_leftovers, temp_folder
 
 CACHE_FORMAT = 1
 
@@ -121,7 +122,8 @@ def store(root: Path, key: EngineKey, files: dict[str, bytes], report: dict) -> 
     """Write an engine's files and ``meta.json`` atomically; return the folder."""
     folder = key.folder(root)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    remove_leftovers(folder.parent, folder.name)  # a killed build's (engines run to GBs)
+    tmp = temp_folder(folder.parent, folder.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
