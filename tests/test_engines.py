@@ -99,6 +99,30 @@ def test_a_few_nan_pixels_fail_the_gate_whatever_the_psnr(tiny_models):
     assert res.psnr_db >= 40 and not res.finite and not res.passed
 
 
+def test_the_gate_reference_runs_in_ieee_fp32_and_the_candidate_as_configured(tiny_models):
+    """torch lets cuDNN convolutions use TF32 by default; the reference must not (on a GPU it
+    would be a 10-bit-mantissa approximation), and the flags come back for the candidate."""
+    ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
+    flags = []
+
+    def seen(run):
+        def wrapped(x, *rest):
+            flags.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return run(x, *rest)
+
+        return wrapped
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        check_parity(seen(ref_u.run), seen(ref_v.run), seen(ref_u.run), seen(ref_v.run), 2, CPU)
+        assert flags[:2] == [(False, False)] * 2  # the reference: UNet, then VAE
+        assert flags[2:] == [(True, False)] * 2  # the candidate: as the process had them
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_eager_fp32_is_the_reference_and_bf16_passes_gate(tiny_models):
     ref_u, ref_v = _stages(tiny_models, get_engine("eager"), torch.float32, [2])
     same = check_parity(ref_u.run, ref_v.run, ref_u.run, ref_v.run, 2, CPU)

@@ -3,10 +3,13 @@
 Two numbers per check: the relative L2 error of the UNet's output latents, and the PSNR of the
 decoded uint8 faces (what the audience sees). PSNR of identical frames is reported as 100 dB.
 A candidate whose latents or decoded faces hold a NaN or an infinity fails whatever its PSNR.
+The reference runs in IEEE fp32 (:func:`ieee_fp32`): torch lets cuDNN's convolutions use TF32
+by default, which would make the reference itself a 10-bit-mantissa approximation on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -28,6 +31,20 @@ def psnr_u8(ref: torch.Tensor, out: torch.Tensor) -> float:
     if mse == 0.0:
         return PSNR_IDENTICAL_DB
     return 10.0 * math.log10(255.0**2 / mse)
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """Full fp32 maths inside: no TF32 in cuDNN convolutions or cuBLAS matmuls.
+
+    The flags are process-wide and restored on exit; on a CPU they change nothing.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @dataclass
@@ -72,8 +89,9 @@ def check_parity(
     latents = torch.randn(batch, 8, 32, 32, generator=g).to(device)
     audio = torch.randn(batch, 50, 384, generator=g).to(device)
     with torch.inference_mode():
-        ref_lat = ref_unet(latents, audio).float().clone()
-        ref_img = images_to_uint8(ref_vae(ref_lat)).clone()
+        with ieee_fp32():
+            ref_lat = ref_unet(latents, audio).float().clone()
+            ref_img = images_to_uint8(ref_vae(ref_lat)).clone()
         lat = unet(latents, audio).float().clone()
         decoded = vae(lat)  # [B, 3, 256, 256]
         # NaN pixels (an fp16 VAE's overflow) turn into 0 in uint8 and a few of them barely
