@@ -46,6 +46,16 @@ def _int_at_least(low: int, text: str) -> int:
     return v
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     return _int_at_least(1, text)
 
@@ -1010,7 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpu-peers-deadline-s",
-        type=float,
+        type=_non_negative_float,
         default=420.0,
         help="stop waiting for peers this many seconds after start (default 420)",
     )

@@ -163,6 +163,15 @@ def test_render_refuses_an_unknown_x264_preset_naming_the_choices(capsys):
     assert "--x264-preset: invalid choice: 'x' (choose from" in err and "ultrafast" in err
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_bench_refuses_a_peers_deadline_that_is_no_wait(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--engine", "eager", "--gpu-peers-deadline-s", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--gpu-peers-deadline-s:" in err and "Traceback" not in err
+
+
 def test_bench_hands_each_engine_the_options_it_takes(monkeypatch, capsys, tmp_path):
     """``bench --engine eager,compile,aoti`` splits the options among the engines (aoti's were
     once dropped: only compile got any); an option none of them takes is one line, exit 2."""
