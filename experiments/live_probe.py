@@ -5,7 +5,8 @@ For each channel count it starts ``python -m musetalk_rt.live`` with N channels 
 at once in real time with ``musetalk-rt send``, stops the process with SIGTERM and keeps its
 final JSON: frames, speech frames, late frames and voice-to-frame delay per channel. One JSONL
 row per channel count goes to ``<out>/live_probe.jsonl``; a table is printed and one JSON line
-last.
+last. A probe stopped by SIGTERM (a time limit) still stops the live process cleanly and writes
+the row of the count it was at from the live's final summary, marked ``cut_short``.
 
     python experiments/live_probe.py --avatar astro --avatars-dir avatars --wav speech.wav
         --channels 1,8 --weights synthetic --engine eager --dtype fp16 --batch-sizes 8
@@ -132,16 +133,28 @@ def probe(n: int, args, extra: list[str]) -> dict:
     log_path = Path(args.work) / f"live_n{n}.log"
     reader = threading.Thread(target=_keep_log, args=(live, lines, log_path), daemon=True)
     reader.start()
+    state: dict = {"start_s": None, "senders": [], "failed": []}
+    cut_short = False
     try:
-        return _drive(n, args, extra, live, lines, reader, port, names)
-    finally:  # also when this probe is stopped (SIGTERM, a time limit): the live ends cleanly
+        _drive(args, live, lines, port, names, state)
+    except SystemExit:  # stopped (SIGTERM, a time limit): keep what the live says at its end
+        if state["start_s"] is None:
+            raise  # it never started: nothing to keep
+        cut_short = True
+        for sender in state["senders"]:
+            sender.kill()
+    finally:  # the live ends cleanly and prints its final summary, which the reader keeps
         if live.poll() is None:
             live.send_signal(signal.SIGTERM)
             try:
                 live.wait(60)
             except subprocess.TimeoutExpired:
                 live.kill()
-        reader.join(5)
+        reader.join(10)  # the output's last lines (the pipe closes with the process)
+    row = _row(n, args, extra, "".join(lines), state, cut_short)
+    if row is None:
+        raise SystemExit("the live process printed no final summary:\n" + "".join(lines)[-3000:])
+    return row
 
 
 def _keep_log(live: subprocess.Popen, lines: list[str], path: Path) -> None:
@@ -157,42 +170,49 @@ def _keep_log(live: subprocess.Popen, lines: list[str], path: Path) -> None:
             f.flush()
 
 
-def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
-    """Wait for the live process, run the senders, stop it and build the probe's row."""
+def _drive(args, live, lines, port, names, state: dict) -> None:
+    """Wait for the live process to listen, then run the senders to their end."""
     t0 = time.monotonic()
     while not any("ingest listening" in ln for ln in lines):
         if live.poll() is not None or time.monotonic() - t0 > args.start_timeout_s:
             live.kill()
             raise SystemExit("live did not start:\n" + "".join(lines)[-3000:])
         time.sleep(0.2)
-    start_s = time.monotonic() - t0
-    senders = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "musetalk_rt",
-                "send",
-                "--url",
-                f"ws://127.0.0.1:{port}/ingest/{name}",
-                "--wav",
-                args.wav,
-                "--token",
-                "probe",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+    state["start_s"] = time.monotonic() - t0
+    for name in names:
+        state["senders"].append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "musetalk_rt",
+                    "send",
+                    "--url",
+                    f"ws://127.0.0.1:{port}/ingest/{name}",
+                    "--wav",
+                    args.wav,
+                    "--token",
+                    "probe",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
-        for name in names
-    ]
-    failed = [s.stderr.read() for s in senders if s.wait() != 0]
+    state["failed"] = [s.stderr.read() for s in state["senders"] if s.wait() != 0]
     time.sleep(args.tail_s)
-    live.send_signal(signal.SIGTERM)
-    live.wait(120)
-    reader.join(10)  # the output's last lines (the pipe closes with the process)
-    log = "".join(lines)
-    summary = json.loads([ln for ln in log.splitlines() if ln.startswith('{"live"')][-1])
+
+
+def _row(n, args, extra, log: str, state: dict, cut_short: bool) -> dict | None:
+    """The probe's row from the live process's final summary (None when it printed none).
+
+    ``cut_short``: the probe was stopped before its senders ended; the counters cover the
+    speech sent until then (``speech_s`` is what was meant to be sent).
+    """
+    summaries = [ln for ln in log.splitlines() if ln.startswith('{"live"')]
+    if not summaries:
+        return None
+    summary = json.loads(summaries[-1])
     delay = [ln for ln in log.splitlines() if ln.startswith("playout delay")]
     canvas = [ln for ln in log.splitlines() if ln.startswith("whisper canvases")]
     chans = summary["live"]
@@ -207,7 +227,8 @@ def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
         "canvas_line": canvas[0] if canvas else None,
         "speech_s": round(args.speech_s, 1),
         "per_channel_late": [c["late_frames"] for c in chans],
-        "startup_s": round(start_s, 1),
+        "startup_s": round(state["start_s"], 1),
+        "cut_short": cut_short,
         "speech_frames": sum(c["speech_frames"] for c in chans),
         "late_frames": sum(c["late_frames"] for c in chans),
         "skipped_frames": sum(c["skipped_frames"] for c in chans),
@@ -239,7 +260,7 @@ def _drive(n, args, extra, live, lines, reader, port, names) -> dict:
             )
         },
         "status_series": status_series(log),
-        "sender_failures": failed,
+        "sender_failures": state["failed"],
         "extra_args": extra,
         **environment(torch.device(args.device)),  # the card, torch, driver, commit
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -287,13 +308,21 @@ def main() -> int:
             flush=True,
         )
         write_rows([r], args.out, "live_probe.jsonl")  # each row as soon as it exists
-    ok = [r["channels"] for r in rows if r["late_frames"] == 0 and r["speech_frames"] > 0]
+        if r["cut_short"]:
+            print(f"{n:>3} channels: cut short by a stop signal; no further counts", flush=True)
+            break
+    ok = [
+        r["channels"]
+        for r in rows
+        if r["late_frames"] == 0 and r["speech_frames"] > 0 and not r["cut_short"]
+    ]
     print(
         json.dumps(
             {
                 "live_probe": str(args.out / "live_probe.jsonl"),
                 "max_channels_zero_late": max(ok) if ok else 0,
                 "rows": len(rows),
+                "cut_short": sum(r["cut_short"] for r in rows),
             }
         )
     )
