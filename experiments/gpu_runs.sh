@@ -25,6 +25,9 @@
 #                                      # (default the README's aoti set), then e2e1 with aoti at
 #                                      # B4 (AL_E2E=0: not); `channels` with ENGINE=aoti right
 #                                      # after, on the same warm host, uses them
+#   experiments/gpu_runs.sh live-engines # the channel probe's compile engines at BUCKETS into
+#                                      # the engine cache (UNet and VAE at once), so that a
+#                                      # `channels` call right after starts from the cache
 #   experiments/gpu_runs.sh baseline   # eager + compile bench rows at B1/4/8/16/32
 #   experiments/gpu_runs.sh kernels    # kernel time by kind (conv, gemm, norm, ...) per stage:
 #                                      # eager at KERNEL_EAGER (default 1,4,16,32) and compile
@@ -260,6 +263,22 @@ render)
     grep '^{"render_encode"' "$L/render_$e.txt" | tail -n 1  # the last summary, even if cut short
   done
   ;;
+live-engines)
+  # the channel probe's compile engines (BUCKETS, default 16 as `channels`; LIVE_ENGINE_ARGS: the
+  # options of the H100's 16-channel run) built into the engine cache, UNet and VAE in two
+  # processes at once, keyed as the live process keys them (manual capture): a `channels` call
+  # right after on the same warm host then starts from the cache instead of ~280 s of compiles,
+  # which leaves its 5-minute probe room inside one run
+  read -r -a le_opts <<< "${LIVE_ENGINE_ARGS:---compile-freezing --phase-upsample transpose --channels-last-norm}"
+  for st in unet vae_decode; do
+    timeout "$(left 590)" "$PY" -m musetalk_rt engines build --engine compile --dtype fp16 \
+      --batch-sizes "${BUCKETS:-16}" --stages "$st" --compile-graph-capture manual \
+      "${le_opts[@]}" "${SYN[@]}" > "$L/build_live_$st.txt" 2>&1 &
+  done
+  wait
+  echo "live engines built: ${SECONDS} s"
+  for f in "$L"/build_live_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 2 | cut -c1-220; done
+  ;;
 e2e1)
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"
   timeout "$(left 590)" "$PY" -m musetalk_rt bench e2e --engine "${E2E_ENGINE:-compile}" \
@@ -471,7 +490,7 @@ aoti-graph)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|live-engines|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac
