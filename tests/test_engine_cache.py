@@ -192,3 +192,28 @@ def test_engines_build_jobs_splits_into_children_that_each_store_and_report(tmp_
     with pytest.raises(SystemExit) as exit_:  # argparse: not a positive integer
         _build(root, "--jobs", "0")
     assert exit_.value.code == 2 and "--jobs: must be at least 1" in capsys.readouterr().err
+
+
+def test_live_and_engines_build_key_a_compile_engine_alike():
+    """`engines build --compile-graph-capture manual` with the live run's options fills the
+    cache entry the live process looks up (its compile engine defaults to the manual capture),
+    so a host can build the engines first and start the live process from the cache."""
+    from musetalk_rt.cli import _engine_options
+    from musetalk_rt.cli import build_parser as cli_parser
+    from musetalk_rt.engines.base import get_engine
+    from musetalk_rt.live.app import build_parser as live_parser
+    from musetalk_rt.live.app import live_engine_options
+
+    opts = ["--compile-freezing", "--phase-upsample", "transpose", "--channels-last-norm"]
+    common = ["--engine", "compile", "--dtype", "fp16", "--batch-sizes", "16,32", *opts]
+    live = live_parser().parse_args([*common, "--channel", "c0=probe", "--delay-ms", "1500"])
+    built = cli_parser().parse_args(
+        ["engines", "build", *common, "--stages", "unet", "--compile-graph-capture", "manual"]
+    )
+    a = get_engine("compile", **live_engine_options(live))
+    b = get_engine("compile", **_engine_options(built))
+    for stage in ("unet", "vae_decode"):
+        assert a.for_stage(stage).cache_options() == b.for_stage(stage).cache_options()
+    assert a.cache_options()["graph_capture"] == "manual"
+    plain = cli_parser().parse_args(["engines", "build", *common])  # trees: another entry
+    assert get_engine("compile", **_engine_options(plain)).cache_options() != a.cache_options()
