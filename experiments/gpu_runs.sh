@@ -268,16 +268,22 @@ live-engines)
   # options of the H100's 16-channel run) built into the engine cache, UNet and VAE in two
   # processes at once, keyed as the live process keys them (manual capture): a `channels` call
   # right after on the same warm host then starts from the cache instead of ~280 s of compiles,
-  # which leaves its 5-minute probe room inside one run
-  read -r -a le_opts <<< "${LIVE_ENGINE_ARGS:---compile-freezing --phase-upsample transpose --channels-last-norm}"
+  # which leaves its 5-minute probe room inside one run. The options must be those `channels`
+  # gives the live process (--compile-freezing and its LIVE_ARGS' engine options), or the
+  # live process misses the cache and compiles again.
+  read -r -a le_opts <<< "${LIVE_ENGINE_ARGS---compile-freezing --phase-upsample transpose --channels-last-norm}"
+  pids=()
   for st in unet vae_decode; do
-    timeout "$(left 590)" "$PY" -m musetalk_rt engines build --engine compile --dtype fp16 \
-      --batch-sizes "${BUCKETS:-16}" --stages "$st" --compile-graph-capture manual \
+    timeout -k 10 "$(left 580)" "$PY" -m musetalk_rt engines build --engine compile \
+      --dtype fp16 --batch-sizes "${BUCKETS:-16}" --stages "$st" --compile-graph-capture manual \
       "${le_opts[@]}" "${SYN[@]}" > "$L/build_live_$st.txt" 2>&1 &
+    pids+=($!)
   done
-  wait
-  echo "live engines built: ${SECONDS} s"
+  built=1
+  for p in "${pids[@]}"; do wait "$p" || built=0; done
+  echo "live engines: ${SECONDS} s"
   for f in "$L"/build_live_*.txt; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -n 2 | cut -c1-220; done
+  [ "$built" = 1 ] || { echo "live-engines: a build failed or ran out of time" >&2; exit 3; }
   ;;
 e2e1)
   eval "$("$PY" -m musetalk_rt.testing.rtmp unpack .debs /tmp/nginx-root)"

@@ -135,19 +135,21 @@ def probe(n: int, args, extra: list[str]) -> dict:
     reader.start()
     state: dict = {"start_s": None, "senders": [], "failed": []}
     cut_short = False
+    _STOP["teardown"] = False
     try:
         _drive(args, live, lines, port, names, state)
     except SystemExit:  # stopped (SIGTERM, a time limit): keep what the live says at its end
+        _STOP["teardown"] = True
         if state["start_s"] is None:
             raise  # it never started: nothing to keep
         cut_short = True
-        for sender in state["senders"]:
-            sender.kill()
+        _stop_senders(state)
     finally:  # the live ends cleanly and prints its final summary, which the reader keeps
+        _STOP["teardown"] = True  # a stop signal from here on is noted, not raised
         if live.poll() is None:
             live.send_signal(signal.SIGTERM)
-            try:
-                live.wait(60)
+            try:  # cut short: inside the 75 s a time limit's `timeout -k 75` leaves
+                live.wait(60 if cut_short else 120)
             except subprocess.TimeoutExpired:
                 live.kill()
         reader.join(10)  # the output's last lines (the pipe closes with the process)
@@ -155,6 +157,29 @@ def probe(n: int, args, extra: list[str]) -> dict:
     if row is None:
         raise SystemExit("the live process printed no final summary:\n" + "".join(lines)[-3000:])
     return row
+
+
+# a stop signal (SIGTERM: a time limit) raises SystemExit while a count runs, so the probe
+# unwinds to its teardown; during the teardown it is only noted (the row is still written)
+_STOP = {"requested": False, "teardown": False}
+
+
+def _on_stop_signal(*_) -> None:
+    _STOP["requested"] = True
+    if not _STOP["teardown"]:
+        raise SystemExit(143)
+
+
+def _stop_senders(state: dict) -> None:
+    """Kill the senders still running; keep the errors of those that had failed."""
+    failed = []
+    for sender in state["senders"]:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
+        elif sender.returncode != 0:
+            failed.append(sender.stderr.read())
+    state["failed"] = failed
 
 
 def _keep_log(live: subprocess.Popen, lines: list[str], path: Path) -> None:
@@ -285,7 +310,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("."))
     args, extra = ap.parse_known_args()
     # stopped by a time limit: unwind (the live process gets SIGTERM and writes its summary)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_stop_signal)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     _prepare(args)
@@ -295,7 +320,13 @@ def main() -> int:
         args.speech_s = w.getnframes() / w.getframerate()
     rows = []
     for n in (int(x) for x in args.channels.split(",")):
-        rows.append(probe(n, args, extra))
+        try:
+            rows.append(probe(n, args, extra))
+        except SystemExit:
+            if not _STOP["requested"]:
+                raise  # the live process failed to start: its output says why
+            print(f"{n:>3} channels: stopped before the live process started; no row", flush=True)
+            break
         r = rows[-1]
         print(
             f"{n:>3} channels: D {r['delay_ms']} ms, speech {r['speech_frames']}, late "
@@ -308,8 +339,8 @@ def main() -> int:
             flush=True,
         )
         write_rows([r], args.out, "live_probe.jsonl")  # each row as soon as it exists
-        if r["cut_short"]:
-            print(f"{n:>3} channels: cut short by a stop signal; no further counts", flush=True)
+        if r["cut_short"] or _STOP["requested"]:
+            print(f"{n:>3} channels: a stop signal came; no further counts", flush=True)
             break
     ok = [
         r["channels"]
@@ -326,7 +357,7 @@ def main() -> int:
             }
         )
     )
-    return 0
+    return 143 if _STOP["requested"] else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,13 @@ def test_a_killed_build_leaves_nothing_after_the_next_store(tmp_path):
     running.mkdir()
     other = parent / f".compile-fp32-{'0' * 16}.partial-{dead}"  # another engine's: kept
     other.mkdir()
+    mine_before = parent / f".{k.folder(tmp_path).name}.partial-{socket.gethostname()}-{dead}"
+    mine_before.mkdir()  # this host's, with the host in the name: removed
+    remote = parent / f".{k.folder(tmp_path).name}.partial-other-host-{dead}"
+    remote.mkdir()  # another host's on a shared volume: its pid means nothing here, kept
     cache.store(tmp_path, k, {"engine.bin": b"\x01"}, {})
-    assert not stale.exists() and running.exists() and other.exists()
+    assert not stale.exists() and not mine_before.exists()
+    assert running.exists() and other.exists() and remote.exists()
     assert cache.find(tmp_path, k) is not None
 
 

@@ -280,7 +280,7 @@ class LiveChannel:
         if audio_16k.size:
             t = time.monotonic()
             if not self.audio_q.put_audio(audio_16k, lambda a: ("audio", (a, t))):
-                self.stats.dropped_audio_chunks += 1
+                self.stats.dropped_audio_chunks = self.audio_q.dropped_chunks
 
     def close_session(self) -> None:
         self.audio_q.put_control(("close", None))
