@@ -164,7 +164,7 @@ def test_render_refuses_an_unknown_x264_preset_naming_the_choices(capsys):
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
-def test_bench_refuses_a_peers_deadline_that_is_no_wait(value, capsys):
+def test_bench_refuses_a_peers_deadline_that_is_not_a_finite_number_0_or_more(value, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--engine", "eager", "--gpu-peers-deadline-s", value])
     assert exit_.value.code == 2

@@ -8,7 +8,9 @@ Overflow policy: an audio chunk that would take the queued audio past the bound 
 and counted; control items (a session's open and close) always get in, since a lost close
 leaves a session or an utterance open. With ``fill_drops`` the dropped audio is owed to the
 timeline: silence of its length goes in ahead of the next chunk that fits, so the sender's later
-audio keeps its place on the media clock; a new session owes nothing to the last one.
+audio keeps its place on the media clock; a new session owes nothing to the last one. That
+silence goes in whole, past the bound (the timeline needs all of it): after a consumer stalled
+for a long time while its sender went on, the queue briefly holds more than ``max_s`` of zeros.
 """
 
 from __future__ import annotations
