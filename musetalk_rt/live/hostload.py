@@ -48,7 +48,8 @@ STEAL_LATE_MEAN = 0.02
 STEAL_LATE_RATIO = 3.0
 STEAL_ADVICE = (
     "another tenant shares this machine and its pauses delay the live threads — for the show, "
-    "ask for a host without steal (a dedicated machine)"
+    "ask for a host without steal (a dedicated machine), or give the audio windows more lead "
+    "over their frames with a larger --delay-ms (e.g. 1500)"
 )
 
 
