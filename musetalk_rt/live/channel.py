@@ -355,9 +355,7 @@ class LiveChannel:
                         on_start(start)
                     except Exception:  # a listener's bug must not stop the audio path
                         log.exception("channel %s: session listener failed", self.name)
-            elif kind == "audio":
-                if cur is None:
-                    continue
+            elif kind == "audio" and cur is not None:
                 # chunks that queued up meanwhile go through the VAD and the features at once:
                 # behind, the thread catches up with a few calls instead of one set per chunk
                 block = [payload]
