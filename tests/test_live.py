@@ -1341,6 +1341,21 @@ def test_next_part_never_names_a_file_that_exists(tmp_path):
     assert next_part(str(tmp_path / "show.part4.mp4"), 2) == str(tmp_path / "show.part5.mp4")
 
 
+def test_backoff_doubles_for_the_same_fault_and_starts_over_after_a_stable_run():
+    """Writers and output processes share one rule: each failure waits the current delay and
+    doubles the next, up to 8 s; a failure after a minute of running waits 0.5 s again."""
+    from musetalk_rt.live.output import STABLE_S, Backoff
+
+    b = Backoff()
+    assert b.ready(0.0)
+    waits = [b.failed(10.0 * i, ran_s=0.1) for i in range(7)]  # fails at once, every time
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert not b.ready(60.0 + 7.9) and b.ready(60.0 + 8.0)  # the last failure was at 60 s
+    assert b.failed(100.0) == 8.0  # could not open at all: still the same fault
+    assert b.failed(200.0, ran_s=STABLE_S) == 0.5  # it had run a minute: a new fault
+    assert b.failed(201.0, ran_s=0.2) == 1.0
+
+
 def test_derived_delay_grows_with_the_channels_beyond_the_first():
     """One channel keeps the idle-GPU figure (the low-latency setting); each further channel
     adds the per-channel allowance: 12 channels at the start-up figures of an H200 run land

@@ -56,7 +56,7 @@ import numpy as np
 from musetalk_rt.live.output import (
     AUDIO_PER_FRAME,
     RTMP_SCHEMES,
-    STABLE_S,  # a child that ran this long resets the restart backoff, as a writer does
+    Backoff,
     next_part,
     redact_url,
 )
@@ -219,7 +219,7 @@ class ProcessOutput:
         self.up = False
         self._child_depth = 0
         self._closing = False
-        self._backoff_s, self._retry_at = 0.5, 0.0
+        self._backoff = Backoff()  # a child that ran STABLE_S resets it, as a writer does
         self._start_child()
 
     # -- child lifecycle ------------------------------------------------------------------------
@@ -299,18 +299,12 @@ class ProcessOutput:
                 return
             if not self._closing:  # died: count it, start another one after the backoff
                 self._own["errors"] += 1
-                if time.monotonic() - self._started_at > STABLE_S:
-                    self._backoff_s = 0.5  # it had run a while: a new fault, not the same one
-                self._schedule_retry()
+                now = time.monotonic()
+                self._backoff.failed(now, ran_s=now - self._started_at)
                 log.warning(
                     "output %s: its process ended (exit code %s); restarting", self.label, code
                 )
             self._conn = None
-
-    def _schedule_retry(self) -> None:
-        """The next child after the backoff, which doubles up to 8 s (under the lock)."""
-        self._retry_at = time.monotonic() + self._backoff_s
-        self._backoff_s = min(self._backoff_s * 2, 8.0)
 
     # -- the Output interface -------------------------------------------------------------------
 
@@ -366,7 +360,7 @@ class ProcessOutput:
             if self._conn is not None:
                 self._check_stalled(time.monotonic())
             if self._conn is None:
-                if self._closing or time.monotonic() < self._retry_at:
+                if self._closing or not self._backoff.ready(time.monotonic()):
                     self._own["dropped_down"] += 1
                     return
                 self._own["restarts"] += 1
@@ -375,7 +369,7 @@ class ProcessOutput:
                 except Exception as exc:  # no process to be had (too many files, no memory)
                     self._own["errors"] += 1
                     self._own["dropped_down"] += 1
-                    self._schedule_retry()
+                    self._backoff.failed(time.monotonic())
                     log.warning("output %s: cannot start its process (%s)", self.label, exc)
                     return
             if not self._free:

@@ -8,12 +8,13 @@ encoder's frames). Timestamps come from the frame index, never from the wall clo
 the oldest frame, counted), so a slow or dead server never blocks the channel's clock. When
 writing fails (the RTMP server went away) it closes the writer and reopens it with exponential
 backoff (0.5 s doubling to 8 s), resuming without restarting the process; frames offered while
-it is down are dropped and counted (a writer that fails within a minute of opening, as on a full
-disk, doubles the delay; one that ran longer starts again at 0.5 s); a recording that holds
-frames is never reopened over: it goes on in ``NAME.part2.mp4`` (:func:`next_part`; a failed
-file that holds nothing is reused). MP4 recordings are fragmented (:func:`_crash_safe`), so a
-run killed mid-show leaves a playable file. With a frame log (:mod:`.framelog`) it records, for
-every frame written, when the encoder and muxer returned and the frame's index in the stream.
+it is down are dropped and counted (:class:`Backoff`: a writer that fails within a minute of
+opening, as on a full disk, doubles the delay; one that ran longer starts again at 0.5 s); a
+recording that holds frames is never reopened over: it goes on in ``NAME.part2.mp4``
+(:func:`next_part`; a failed file that holds nothing is reused). MP4 recordings are fragmented
+(:func:`_crash_safe`), so a run killed mid-show leaves a playable file. With a frame log
+(:mod:`.framelog`) it records, for every frame written, when the encoder and muxer returned and
+the frame's index in the stream.
 """
 
 from __future__ import annotations
@@ -38,6 +39,43 @@ AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video fr
 
 RTMP_SCHEMES = ("rtmp://", "rtmps://")
 STABLE_S = 60.0  # a writer that ran this long before failing did not fail from the start
+
+
+class Backoff:
+    """When to try again after a failure: 0.5 s doubling to 8 s, reset by a stable run.
+
+    One rule for a writer that cannot open or fails, and for an output process that died
+    (:class:`~.outproc.ProcessOutput`): each failure waits the current delay and doubles the next
+    one; a failure of something that had run ``STABLE_S`` or longer is a new fault, not the same
+    one, so it waits the first delay again.
+
+    Args:
+        first_s: The first delay.
+        max_s: The longest delay.
+    """
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 8.0):
+        self.first_s, self.max_s = first_s, max_s
+        self.delay_s = first_s  # what the next failure waits
+        self.retry_at = 0.0  # monotonic time before which no retry is made
+
+    def failed(self, now: float, ran_s: float | None = None) -> float:
+        """Record a failure at ``now`` (monotonic) and return the delay until the retry.
+
+        Args:
+            now: The failure's monotonic time.
+            ran_s: How long the failed thing had run, if it had opened at all.
+        """
+        if ran_s is not None and ran_s >= STABLE_S:
+            self.delay_s = self.first_s
+        wait_s = self.delay_s
+        self.retry_at = now + wait_s
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return wait_s
+
+    def ready(self, now: float) -> bool:
+        """Whether a retry may be made at ``now`` (monotonic)."""
+        return now >= self.retry_at
 
 
 def is_rtmp(target: str) -> bool:
@@ -294,17 +332,16 @@ class Output:
                     self.stats["dropped_full"] += 1
 
     def _run(self) -> None:
-        # backoff: 0.5 s doubling to 8 s while opening fails or a writer fails soon after it
-        # opened (a full disk: it opens, then fails at once); a writer that ran STABLE_S
-        # before failing starts again at 0.5 s
-        writer, backoff, next_try, opened_at = None, 0.5, 0.0, 0.0
+        # the backoff doubles while opening fails or a writer fails soon after it opened (a full
+        # disk: it opens, then fails at once); a writer that ran STABLE_S starts again at 0.5 s
+        writer, backoff, opened_at = None, Backoff(), 0.0
         while not self._stop.is_set():
             try:
                 item = self.q.get(timeout=0.1)
             except queue.Empty:
                 continue
             if writer is None:
-                if time.monotonic() < next_try:
+                if not backoff.ready(time.monotonic()):
                     self.stats["dropped_down"] += 1
                     continue
                 target = self._file
@@ -329,9 +366,8 @@ class Output:
                         "output %s cannot open (%s); retry in %.1f s",
                         self.label,
                         self._redact(exc),
-                        backoff,
+                        backoff.failed(time.monotonic()),
                     )
-                    next_try, backoff = time.monotonic() + backoff, min(backoff * 2, 8.0)
                     continue
             try:
                 writer.write(item[0], item[1])
@@ -350,11 +386,8 @@ class Output:
                 log.warning("output %s failed (%s); reconnecting", self.label, self._redact(exc))
                 writer.close()
                 writer, self.up = None, False
-                if time.monotonic() - opened_at < STABLE_S:  # it failed soon after opening:
-                    backoff = min(backoff * 2, 8.0)  # the same fault, not a new one
-                else:  # it had run a while: a new fault, retried soon
-                    backoff = 0.5
-                next_try = time.monotonic() + backoff
+                now = time.monotonic()
+                backoff.failed(now, ran_s=now - opened_at)
         if writer is not None:
             while not self.q.empty():  # a recording keeps its last frames
                 with contextlib.suppress(Exception):
