@@ -269,9 +269,8 @@ def prepare_avatar(
     latents = encode_faces(models.vae, faces)  # [N, 8, 32, 32]
 
     root.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(root, avatar_id)
+    remove_leftovers(root, avatar_id)  # killed prepares' folders, and this process's own
     tmp = temp_folder(root, avatar_id)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / "frames").mkdir(parents=True)
         (tmp / "masks").mkdir()

@@ -122,9 +122,9 @@ def store(root: Path, key: EngineKey, files: dict[str, bytes], report: dict) -> 
     """Write an engine's files and ``meta.json`` atomically; return the folder."""
     folder = key.folder(root)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder.parent, folder.name)  # a killed build's (engines run to GBs)
+    # a killed build's folders (engines run to GBs), and this process's own from a failed store
+    remove_leftovers(folder.parent, folder.name)
     tmp = temp_folder(folder.parent, folder.name)
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         for name, data in files.items():
