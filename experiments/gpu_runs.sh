@@ -318,6 +318,7 @@ aoti-live)
   tail -n 12 "$L/e2e1_aoti.txt" | cut -c1-400
   ;;
 baseline)
+  rm -rf /tmp/gpu_turns  # a warm host keeps the last call's turn marks: start clean
   common=(--dtype fp16 --batch-sizes 1,4,8,16,32 --iters 50 "${SYN[@]}" --out "$R"
           --gpu-turns /tmp/gpu_turns --gpu-peers 2)
   timeout 560 "$PY" -m musetalk_rt bench --engine eager "${common[@]}" \
@@ -392,6 +393,7 @@ rows)
     done
   done
   compile_buckets=(${ROWS_COMPILE-1 4 8 16 32})
+  rm -rf /tmp/gpu_turns_rows  # a warm host keeps the last call's turn marks: start clean
   for b in "${compile_buckets[@]}"; do
     timeout "${ROWS_TIMEOUT_S:-500}" "$PY" -m musetalk_rt bench --engine compile \
       --compile-freezing --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" \

@@ -437,7 +437,9 @@ class GpuTurns:
     are ready or ``deadline_s`` after its start have passed, then times under an exclusive
     file lock. Each process also caps its GPU memory at ``0.9 / peers`` of the card (at least
     15%: a B=4 build of UNet + VAE peaks near 7 GB of 80) so that concurrent builds, and cuDNN's
-    autotuning workspaces above all, cannot starve each other.
+    autotuning workspaces above all, cannot starve each other. The cap is lifted while the
+    process holds the lock: its peers then only wait, and a B32 gate and timing need ~20 GB,
+    more than the cap of five peers (14 GB of 80).
     """
 
     def __init__(self, folder: Path, peers: int, deadline_s: float = 420.0):
@@ -447,11 +449,15 @@ class GpuTurns:
         self.deadline = time.monotonic() + deadline_s
         self.ready_peers: int | None = None
         self._marked = False
+        self._capped: tuple[float, int] | None = None  # (fraction, CUDA index) once capped
 
     def limit_memory(self, device: torch.device) -> None:
+        """Cap this process's share of the GPU's memory while its peers build."""
         if device.type == "cuda" and self.peers > 1:
             index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.set_per_process_memory_fraction(max(0.9 / self.peers, 0.15), index)
+            fraction = max(0.9 / self.peers, 0.15)
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
+            self._capped = (fraction, index)
 
     def _count(self) -> int:
         return len(list(self.folder.glob("ready.*")))
@@ -472,17 +478,24 @@ class GpuTurns:
         log(f"gpu turns: {self.ready_peers}/{self.peers} peers ready")
 
     def turn(self):
-        """Context manager: the exclusive lock for timing."""
+        """Context manager: the exclusive lock for timing, with the memory cap lifted inside."""
         folder = self.folder
+        capped = self._capped
 
         class _Lock:
             def __enter__(self):
                 self.f = (folder / "lock").open("w")
                 fcntl.flock(self.f, fcntl.LOCK_EX)
+                if capped is not None:
+                    torch.cuda.set_per_process_memory_fraction(1.0, capped[1])
 
             def __exit__(self, *exc):
-                fcntl.flock(self.f, fcntl.LOCK_UN)
-                self.f.close()
+                try:
+                    if capped is not None:  # a later build in this process shares the card again
+                        torch.cuda.set_per_process_memory_fraction(*capped)
+                finally:
+                    fcntl.flock(self.f, fcntl.LOCK_UN)
+                    self.f.close()
 
         return _Lock()
 

@@ -257,6 +257,36 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
     assert line.split()[5:7] == ["-", "-"]  # no sustained time, no clock off CUDA
 
 
+def test_gpu_turns_lift_the_memory_cap_while_timing(tmp_path, monkeypatch):
+    """Five peers cap each process at 18% of the card; a B32 timing turn needs more (it died
+    of that cap on an H100), so the turn lifts it and the next build gets it back."""
+    import torch
+
+    from musetalk_rt.bench import GpuTurns
+
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i))
+    )
+    turns = GpuTurns(tmp_path / "turns", peers=5)
+    turns.limit_memory(torch.device("cuda", 1))
+    assert calls == [(0.18, 1)]
+    with turns.turn():
+        assert calls[-1] == (1.0, 1)
+    assert calls == [(0.18, 1), (1.0, 1), (0.18, 1)]
+    with pytest.raises(RuntimeError), turns.turn():  # restored when the timing fails too
+        raise RuntimeError("out of memory")
+    assert calls[-1] == (0.18, 1)
+    # one process alone and CPU runs are never capped, so their turns change nothing
+    calls.clear()
+    for peers, device in ((1, torch.device("cuda", 0)), (3, torch.device("cpu"))):
+        alone = GpuTurns(tmp_path / f"t{peers}", peers=peers)
+        alone.limit_memory(device)
+        with alone.turn():
+            pass
+    assert calls == []
+
+
 def test_compiled_runner_never_recompiles_for_inference_tensors_or_another_thread(tiny_models):
     """Live feeds windows made under inference_mode from a worker thread: no second compile."""
     import threading
