@@ -3,7 +3,12 @@
 A :class:`UserError` is something the user can fix (a missing file, a bad option). The command
 line prints its message as one line and exits non-zero; it never shows a traceback for it.
 :func:`worth_logging` is the live process's rule for errors it survives and counts.
+:func:`gpu_out_of_memory` turns torch's CUDA out-of-memory error into one line that says what to
+change (a bench of five processes at once died of it with "internal error … report it").
 """
+
+import re
+import sys
 
 
 class UserError(Exception):
@@ -26,3 +31,25 @@ def worth_logging(n: int) -> bool:
     a broken output) is counted in full but would otherwise bury the log and fill its disk.
     """
     return n <= 3 or n % 100 == 0
+
+
+def gpu_out_of_memory(exc: BaseException) -> UserError | None:
+    """A :class:`UserError` for torch's CUDA out-of-memory error, else ``None``.
+
+    Checks the class without importing torch (the command line's error path must not load it).
+    """
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is None or not isinstance(exc, oom):
+        return None
+    text = str(exc)
+    head = text.split(" Including non-PyTorch memory")[0].strip().rstrip(".")  # asked, free
+    cap = re.search(r"([\d.]+ [KMGT]iB) allowed", text)
+    capped = (
+        f"; this process may use only {cap.group(1)} (a per-process memory fraction)" if cap else ""
+    )
+    return UserError(
+        f"the GPU ran out of memory ({head}{capped}). Use smaller --batch-sizes or fewer buckets, "
+        "run fewer GPU processes at once, or free the card (nvidia-smi lists what holds it)",
+        exit_code=3,
+    )

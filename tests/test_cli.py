@@ -428,3 +428,36 @@ def test_compile_options_forwarded_to_a_child_process_whole():
     assert sorted(argv) == sorted(given)
     assert _engine_options(p.parse_args(argv)) == _engine_options(args)
     assert compile_argv(p.parse_args([])) == []
+
+
+def test_gpu_out_of_memory_is_one_line_that_says_what_to_change(monkeypatch, capsys):
+    """torch's CUDA out-of-memory error (a bench of five processes at once died of one) is a
+    user error with the fix, not an "internal error … report it"."""
+    import musetalk_rt.cli as cli
+    from musetalk_rt.errors import gpu_out_of_memory
+
+    text = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.18 GiB "
+        "of which 51.75 GiB is free. Including non-PyTorch memory, this process has 13.81 GiB "
+        "memory in use. 14.25 GiB allowed; Of the allocated memory 11.2 GiB is allocated by PyTorch"
+    )
+
+    def bench_out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError(text)
+
+    monkeypatch.setattr(cli, "cmd_bench", bench_out_of_memory)
+    assert main(["bench", "--weights", "tiny"]) == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("musetalk-rt: error: the GPU ran out of memory (CUDA out of memory.")
+    assert "51.75 GiB is free; this process may use only 14.25 GiB" in line
+    assert "--batch-sizes" in line and "internal error" not in line
+    # the live process says the same at start (an engine build that does not fit the card)
+    import musetalk_rt.live.app as live_app
+
+    monkeypatch.setattr(live_app, "run", bench_out_of_memory)
+    assert live_app.main(["--avatar", "a", "--record", "r.mp4"]) == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("musetalk-rt live: error: the GPU ran out of memory")
+    # other errors are not mistaken for it
+    assert gpu_out_of_memory(RuntimeError("CUDA error: an illegal memory access")) is None
+    assert gpu_out_of_memory(MemoryError()) is None
