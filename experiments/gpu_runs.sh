@@ -77,6 +77,11 @@
 #                                      # graphs, in turns, and one of the last item without
 #                                      # (AF_NOGRAPH=0: not); AF_PROBE: aoti_graph_probe variants
 #                                      # run beside the builds
+#   experiments/gpu_runs.sh cd-rows    # compile with --compile-cd-tuning at CD_BUCKETS (default
+#                                      # 32; CD_ARGS the rewrites, default both, transposed):
+#                                      # UNet and VAE built at once into the engine cache, then a
+#                                      # bench row per bucket if time is left (else run it again on
+#                                      # the warm host: the build then comes from the caches)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -406,6 +411,26 @@ rows)
   tail -n 2 "$L"/build_b*.txt "$L"/bench_compile_b*.txt 2>/dev/null
   bench_aoti ${ROWS_AOTI-16 32}
   ;;
+cd-rows)
+  # compile with coordinate-descent tuning: a B32 build alone took 451 s on an H100 (UNet 326 s,
+  # VAE 125 s, one after the other), too long to build and time in one call. Each bucket's two
+  # stages build at once (--jobs 2) into the engine cache; the bench rows come in the same call
+  # if time is left, else in the next call on the same warm host (the cache and inductor's own
+  # caches make its build short)
+  read -r -a cd_opts <<< "--compile-freezing --compile-graph-capture manual --compile-cd-tuning ${CD_ARGS:---phase-upsample transpose --channels-last-norm}"
+  for b in ${CD_BUCKETS:-32}; do
+    timeout "$(left 560)" "$PY" -m musetalk_rt engines build --engine compile --dtype fp16 \
+      --batch-sizes "$b" --jobs 2 "${cd_opts[@]}" "${SYN[@]}" > "$L/build_cd_b$b.txt" 2>&1
+    echo "== build b$b (${SECONDS} s)"; tail -n 1 "$L/build_cd_b$b.txt" | cut -c1-300
+  done
+  for b in ${CD_BUCKETS:-32}; do
+    [ "$(left 590)" -gt 150 ] || { echo "cd-rows: no time left to bench b$b here" >&2; break; }
+    timeout "$(left 590)" "$PY" -m musetalk_rt bench --engine compile --dtype fp16 \
+      --batch-sizes "$b" --iters 50 "${cd_opts[@]}" "${SYN[@]}" --out "$R" \
+      > "$L/bench_cd_b$b.txt" 2>&1
+    tail -n 1 "$L/bench_cd_b$b.txt" | cut -c1-300
+  done
+  ;;
 aoti-rows)
   buckets=(${AOTI_BUCKETS:-1 4 8 16 32})
   for b in "${buckets[@]}"; do
@@ -498,7 +523,7 @@ aoti-graph)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|live-engines|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|live-engines|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|cd-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac
