@@ -417,13 +417,18 @@ cd-rows)
   # stages build at once (--jobs 2) into the engine cache; the bench rows come in the same call
   # if time is left, else in the next call on the same warm host (the cache and inductor's own
   # caches make its build short)
-  read -r -a cd_opts <<< "--compile-freezing --compile-graph-capture manual --compile-cd-tuning ${CD_ARGS:---phase-upsample transpose --channels-last-norm}"
+  # CD_ARGS empty (set, "") builds without the rewrites
+  read -r -a cd_opts <<< "--compile-freezing --compile-graph-capture manual --compile-cd-tuning ${CD_ARGS-"--phase-upsample transpose --channels-last-norm"}"
+  built=()
   for b in ${CD_BUCKETS:-32}; do
+    # `timeout 0` would mean no limit at all: a build starts only with a minute left
+    [ "$(left 560)" -gt 60 ] || { echo "cd-rows: no time left to build b$b here" >&2; break; }
     timeout "$(left 560)" "$PY" -m musetalk_rt engines build --engine compile --dtype fp16 \
       --batch-sizes "$b" --jobs 2 "${cd_opts[@]}" "${SYN[@]}" > "$L/build_cd_b$b.txt" 2>&1
     echo "== build b$b (${SECONDS} s)"; tail -n 1 "$L/build_cd_b$b.txt" | cut -c1-300
+    grep -q '"passed": true' "$L/build_cd_b$b.txt" && built+=("$b")
   done
-  for b in ${CD_BUCKETS:-32}; do
+  for b in "${built[@]}"; do
     [ "$(left 590)" -gt 150 ] || { echo "cd-rows: no time left to bench b$b here" >&2; break; }
     timeout "$(left 590)" "$PY" -m musetalk_rt bench --engine compile --dtype fp16 \
       --batch-sizes "$b" --iters 50 "${cd_opts[@]}" "${SYN[@]}" --out "$R" \

@@ -437,9 +437,10 @@ class GpuTurns:
     are ready or ``deadline_s`` after its start have passed, then times under an exclusive
     file lock. Each process also caps its GPU memory at ``0.9 / peers`` of the card (at least
     15%: a B=4 build of UNet + VAE peaks near 7 GB of 80) so that concurrent builds, and cuDNN's
-    autotuning workspaces above all, cannot starve each other. The cap is lifted while the
-    process holds the lock: its peers then only wait, and a B32 gate and timing need ~20 GB,
-    more than the cap of five peers (14 GB of 80).
+    autotuning workspaces above all, cannot starve each other. While the process holds the lock
+    and every peer has marked itself ready (built or failed, so none is building), the cap is
+    lifted: a B32 gate and timing need ~20 GiB, more than the cap of five peers (14.25 GiB of
+    79). After the turn the process hands its cached blocks back and is capped again.
     """
 
     def __init__(self, folder: Path, peers: int, deadline_s: float = 420.0):
@@ -478,21 +479,25 @@ class GpuTurns:
         log(f"gpu turns: {self.ready_peers}/{self.peers} peers ready")
 
     def turn(self):
-        """Context manager: the exclusive lock for timing, with the memory cap lifted inside."""
-        folder = self.folder
-        capped = self._capped
+        """Context manager: the exclusive lock for timing (the cap lifted when no peer builds)."""
+        turns = self
 
         class _Lock:
             def __enter__(self):
-                self.f = (folder / "lock").open("w")
+                self.f = (turns.folder / "lock").open("w")
                 fcntl.flock(self.f, fcntl.LOCK_EX)
-                if capped is not None:
-                    torch.cuda.set_per_process_memory_fraction(1.0, capped[1])
+                # a peer past the deadline may still be building under its own cap
+                self.lifted = turns._capped is not None and turns._count() >= turns.peers
+                if self.lifted:
+                    torch.cuda.set_per_process_memory_fraction(1.0, turns._capped[1])
 
             def __exit__(self, *exc):
                 try:
-                    if capped is not None:  # a later build in this process shares the card again
-                        torch.cuda.set_per_process_memory_fraction(*capped)
+                    if self.lifted:  # the next process's turn, or a later build here, needs it
+                        index = turns._capped[1]
+                        torch.cuda.synchronize(index)
+                        torch.cuda.empty_cache()
+                        torch.cuda.set_per_process_memory_fraction(*turns._capped)
                 finally:
                     fcntl.flock(self.f, fcntl.LOCK_UN)
                     self.f.close()

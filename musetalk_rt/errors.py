@@ -16,7 +16,8 @@ class UserError(Exception):
 
     Args:
         message: One line saying what is wrong and, where possible, the command that fixes it.
-        exit_code: Process exit status the CLI uses (2 = bad input, 3 = missing prerequisite).
+        exit_code: Process exit status the CLI uses (2 = bad input, 3 = missing prerequisite or
+            not enough of a resource, such as GPU memory).
     """
 
     def __init__(self, message: str, exit_code: int = 2):
@@ -36,20 +37,32 @@ def worth_logging(n: int) -> bool:
 def gpu_out_of_memory(exc: BaseException) -> UserError | None:
     """A :class:`UserError` for torch's CUDA out-of-memory error, else ``None``.
 
-    Checks the class without importing torch (the command line's error path must not load it).
+    Looks through the causes as well (``torch.compile`` wraps a build's error in
+    ``BackendCompilerFailed`` and keeps it as ``inner_exception``), and checks the class without
+    importing torch (the command line's error path must not load it).
     """
     torch = sys.modules.get("torch")
     oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    if oom is None or not isinstance(exc, oom):
+    if oom is None:
+        return None
+    seen = set()
+    while exc is not None and not isinstance(exc, oom) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    if exc is None or not isinstance(exc, oom):
         return None
     text = str(exc)
     head = text.split(" Including non-PyTorch memory")[0].strip().rstrip(".")  # asked, free
     cap = re.search(r"([\d.]+ [KMGT]iB) allowed", text)
-    capped = (
-        f"; this process may use only {cap.group(1)} (a per-process memory fraction)" if cap else ""
-    )
-    return UserError(
-        f"the GPU ran out of memory ({head}{capped}). Use smaller --batch-sizes or fewer buckets, "
-        "run fewer GPU processes at once, or free the card (nvidia-smi lists what holds it)",
-        exit_code=3,
-    )
+    if cap:  # the process's own share ran out, not the card
+        fix = (
+            f"; this process may use only {cap.group(1)}, the share of the card "
+            "`bench --gpu-peers N` gives each of N processes (0.9/N)). Run fewer processes at "
+            "once (a smaller --gpu-peers) or use smaller --batch-sizes"
+        )
+    else:
+        fix = (
+            "). Use smaller --batch-sizes or fewer buckets, run fewer GPU processes at once, or "
+            "free the card (nvidia-smi lists what holds it)"
+        )
+    return UserError(f"the GPU ran out of memory ({head}{fix}", exit_code=3)

@@ -450,7 +450,20 @@ def test_gpu_out_of_memory_is_one_line_that_says_what_to_change(monkeypatch, cap
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("musetalk-rt: error: the GPU ran out of memory (CUDA out of memory.")
     assert "51.75 GiB is free; this process may use only 14.25 GiB" in line
-    assert "--batch-sizes" in line and "internal error" not in line
+    assert "--gpu-peers" in line and "--batch-sizes" in line and "internal error" not in line
+    # the card itself full: the general fix; found inside torch.compile's wrapper too
+    full = torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.18 GiB "
+        "of which 1.20 GiB is free. Including non-PyTorch memory, this process has 70 GiB"
+    )
+    wrapped = RuntimeError("backend='inductor' raised: OutOfMemoryError")
+    wrapped.inner_exception = full
+    err = gpu_out_of_memory(wrapped)
+    assert err is not None and err.exit_code == 3
+    assert "1.20 GiB is free)" in str(err) and "nvidia-smi" in str(err)
+    chained = RuntimeError("while building")
+    chained.__cause__ = full
+    assert gpu_out_of_memory(chained) is not None
     # the live process says the same at start (an engine build that does not fit the card)
     import musetalk_rt.live.app as live_app
 

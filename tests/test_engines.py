@@ -259,7 +259,8 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
 
 def test_gpu_turns_lift_the_memory_cap_while_timing(tmp_path, monkeypatch):
     """Five peers cap each process at 18% of the card; a B32 timing turn needs more (it died
-    of that cap on an H100), so the turn lifts it and the next build gets it back."""
+    of that cap on an H100), so the turn lifts it once no peer is building, hands the cached
+    blocks back after it and caps again."""
     import torch
 
     from musetalk_rt.bench import GpuTurns
@@ -268,13 +269,21 @@ def test_gpu_turns_lift_the_memory_cap_while_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(
         torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i))
     )
-    turns = GpuTurns(tmp_path / "turns", peers=5)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: calls.append(("sync", i)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    turns = GpuTurns(tmp_path / "turns", peers=5, deadline_s=0.0)
     turns.limit_memory(torch.device("cuda", 1))
     assert calls == [(0.18, 1)]
+    turns.wait(log=lambda line: None)  # the deadline passed: 1 of 5 ready, the others build
+    with turns.turn():
+        pass
+    assert calls == [(0.18, 1)]  # not lifted beside peers that still build
+    for pid in range(4):
+        (tmp_path / "turns" / f"ready.{pid}").touch()
     with turns.turn():
         assert calls[-1] == (1.0, 1)
-    assert calls == [(0.18, 1), (1.0, 1), (0.18, 1)]
-    with pytest.raises(RuntimeError), turns.turn():  # restored when the timing fails too
+    assert calls[1:] == [(1.0, 1), ("sync", 1), "empty_cache", (0.18, 1)]
+    with pytest.raises(RuntimeError), turns.turn():  # capped again when the timing fails too
         raise RuntimeError("out of memory")
     assert calls[-1] == (0.18, 1)
     # one process alone and CPU runs are never capped, so their turns change nothing
