@@ -137,7 +137,10 @@ class CompileEngine(Engine):
         backend: Dynamo backend (``inductor``; tests use ``aot_eager`` to stay CPU-cheap).
         mode: ``torch.compile`` mode (None = default).
         cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
-        freezing: Inductor freezing (weights as constants, folded and re-laid out).
+        freezing: Inductor freezing (weights as constants, folded and re-laid out). Set in
+            inductor's global config, as ``coordinate_descent`` and (CUDA) ``conv_1x1_as_mm``
+            are, and left there after the build: every compile build sets all three, and
+            the aoti engine passes its own values either way, so neither takes another's.
         coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
         fuse_qkv: Fuse each attention's q/k/v projections into one linear (engine's copy).
