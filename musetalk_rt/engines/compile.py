@@ -139,7 +139,7 @@ class CompileEngine(Engine):
         cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
         freezing: Inductor freezing (weights as constants, folded and re-laid out). Set in
             inductor's global config, as ``coordinate_descent`` and (CUDA) ``conv_1x1_as_mm``
-            are, and left there after the build: every compile build sets all three, and
+            are, and left there after the build: every compile build on CUDA sets all three, and
             the aoti engine passes its own values either way, so neither takes another's.
         coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
