@@ -138,12 +138,13 @@ def test_aoti_layout_freezing_and_tuning_options_reach_inductor_and_the_key(
     seen.clear()
     # off is said, not left to inductor's global config, which a compile engine built earlier in
     # the same process (the workbench's side-by-side notebook) leaves with its own settings
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes a torch config module's entry)
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "freezing", True)
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)
-    get_engine("aoti")._compile(None, (x,), tmp_path / "b1.pt2")
+    with inductor_config.patch(freezing=True, coordinate_descent_tuning=True):
+        get_engine("aoti")._compile(None, (x,), tmp_path / "b1.pt2")
     assert seen["freezing"] is False and seen["coordinate_descent_tuning"] is False
+    assert inductor_config.freezing is False  # the process's config is as it was
     # the example inputs a package is compiled for take the runner's memory format
     unet, vae = _stage_pair(tiny_models)
     for stage in (unet, vae):
