@@ -13,10 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from musetalk_rt.errors import UserError, gpu_out_of_memory
+from musetalk_rt.errors import UserError, report_unexpected
 from musetalk_rt.inductor_options import check_syntax as check_inductor_syntax
-
-EXIT_INTERNAL = 1
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -1060,16 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("MUSETALK_RT_DEBUG"):
             raise
-        oom = gpu_out_of_memory(exc)
-        if oom is not None:
-            print(f"musetalk-rt: error: {oom}", file=sys.stderr)
-            return oom.exit_code
-        print(
-            f"musetalk-rt: internal error: {type(exc).__name__}: {str(exc)[:300]} "
-            "(set MUSETALK_RT_DEBUG=1 for the traceback and report it)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+        return report_unexpected("musetalk-rt", exc)
 
 
 if __name__ == "__main__":

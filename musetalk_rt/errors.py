@@ -4,11 +4,14 @@ A :class:`UserError` is something the user can fix (a missing file, a bad option
 line prints its message as one line and exits non-zero; it never shows a traceback for it.
 :func:`worth_logging` is the live process's rule for errors it survives and counts.
 :func:`gpu_out_of_memory` turns torch's CUDA out-of-memory error into one line that says what to
-change (a bench of five processes at once died of it with "internal error … report it").
+change (a bench of five processes at once died of it with "internal error … report it");
+:func:`report_unexpected` is the command lines' one line for any other error.
 """
 
 import re
 import sys
+
+EXIT_INTERNAL = 1  # an error no UserError named: a bug to report
 
 
 class UserError(Exception):
@@ -66,3 +69,25 @@ def gpu_out_of_memory(exc: BaseException) -> UserError | None:
             "free the card (nvidia-smi lists what holds it)"
         )
     return UserError(f"the GPU ran out of memory ({head}{fix}", exit_code=3)
+
+
+def report_unexpected(prog: str, exc: Exception) -> int:
+    """Print one line for an error that is not a :class:`UserError`; return the exit status.
+
+    A CUDA out-of-memory error gets its fix (:func:`gpu_out_of_memory`); anything else is an
+    internal error, with how to get its traceback.
+
+    Args:
+        prog: The command's name at the start of the line (``musetalk-rt``).
+        exc: The error.
+    """
+    oom = gpu_out_of_memory(exc)
+    if oom is not None:
+        print(f"{prog}: error: {oom}", file=sys.stderr)
+        return oom.exit_code
+    print(
+        f"{prog}: internal error: {type(exc).__name__}: {str(exc)[:300]} "
+        "(set MUSETALK_RT_DEBUG=1 for the traceback and report it)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL

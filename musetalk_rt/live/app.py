@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musetalk_rt.errors import UserError, gpu_out_of_memory
+from musetalk_rt.errors import UserError, report_unexpected
 from musetalk_rt.live.diskwatch import RecordingDisks
 from musetalk_rt.live.drift import SHIFT_AT_S, shift_at_for_slack
 from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
@@ -1131,13 +1131,4 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("MUSETALK_RT_DEBUG"):
             raise
-        oom = gpu_out_of_memory(exc)
-        if oom is not None:
-            print(f"musetalk-rt live: error: {oom}", file=sys.stderr)
-            return oom.exit_code
-        print(
-            f"musetalk-rt live: internal error: {type(exc).__name__}: {str(exc)[:300]} "
-            "(set MUSETALK_RT_DEBUG=1 for the traceback and report it)",
-            file=sys.stderr,
-        )
-        return 1
+        return report_unexpected("musetalk-rt live", exc)
