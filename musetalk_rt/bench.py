@@ -31,7 +31,10 @@ runs on one CUDA stream beside the VAE decode of batch n on another, queued behi
 pipeline. Small batches leave much of the card idle inside each kernel (the UNet's at batch 4
 run at a third of the convolution rate of the VAE's), which a second stream can fill; the
 latency of one batch is not shortened by it. ``overlap_exact`` says the overlapped decode gave
-the same images as the sequential one.
+the same images as the sequential one. ``overlap_by_priority`` times the same pipeline with one
+stage's graphs captured and replayed at a higher CUDA stream priority (``unet_high``,
+``vae_high``): with equal priorities the UNet's short kernels queue behind the waves of the
+VAE's long ones, and its chain, not the card, can set the pace.
 
 ``fuse_stages``: UNet and VAE decode built as one module (one graph, one replay per step); the
 row then has no per-stage times. ``GpuTurns``: several bench processes on one GPU build at the
@@ -132,6 +135,9 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+# the overlapped stages again with one stage's kernels first (CUDA stream priorities: a block
+# of the higher stream is scheduled before waiting blocks of the lower): (UNet, VAE) priority
+OVERLAP_PRIORITIES = {"unet_high": (-1, 0), "vae_high": (0, -1)}
 GPU_SLEEP_CYCLES = 10_000_000  # ~5 ms at H100 clocks: longer than any step's host-side issue
 
 
@@ -352,13 +358,40 @@ def _measure(
                 "overlap_p50_ms": round(statistics.median(latencies), 3),
                 "overlap_exact": exact,
             }
+            by_priority = {}
+            for name, (p_unet, p_vae) in OVERLAP_PRIORITIES.items():
+                # graphs run at their capture stream's priority: capture each stage at its own
+                if unet.runner.capture_priority(p_unet) + vae.runner.capture_priority(p_vae) == 0:
+                    break  # no graphs of our own capture: the streams' priorities alone
+                ms_per_batch, latencies, exact = _time_overlapped(
+                    unet, vae, latents, audio, device, max(iters, 20), (p_unet, p_vae)
+                )
+                by_priority[name] = {
+                    "ms_per_batch": round(ms_per_batch, 3),
+                    "fps": round(batch * 1000.0 / ms_per_batch, 1),
+                    "p50_ms": round(statistics.median(latencies), 3),
+                    "exact": exact,
+                }
+            unet.runner.capture_priority(0)
+            vae.runner.capture_priority(0)
+            if by_priority:
+                overlap["overlap_by_priority"] = by_priority
     return per_stage, total, gpu, overlap
 
 
 def _time_overlapped(
-    unet, vae, latents: torch.Tensor, audio: torch.Tensor, device: torch.device, iters: int
+    unet,
+    vae,
+    latents: torch.Tensor,
+    audio: torch.Tensor,
+    device: torch.device,
+    iters: int,
+    priorities: tuple[int, int] = (0, 0),
 ) -> tuple[float, list[float], bool]:
     """UNet of batch n+1 on one stream beside the VAE decode of batch n on another (CUDA).
+
+    ``priorities`` are the two streams' (UNet, VAE; lower is higher). A graph replayed on them
+    keeps the priority it was captured at (:meth:`Runner.capture_priority`).
 
     Returns:
         ``(ms_per_batch, latencies_ms, exact)``: the steady-state milliseconds per batch over
@@ -366,7 +399,8 @@ def _time_overlapped(
         milliseconds, and whether the last overlapped decode equals a sequential one bitwise.
     """
     cur = torch.cuda.current_stream(device)
-    s_unet, s_vae = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    s_unet = torch.cuda.Stream(device, priority=priorities[0])
+    s_vae = torch.cuda.Stream(device, priority=priorities[1])
 
     ev = _timing_event
 
@@ -643,6 +677,10 @@ def run_bench(
                     f", stages overlapped {overlap['overlap_fps']} fps"
                     if "overlap_fps" in overlap
                     else ""
+                )
+                both += "".join(
+                    f", {name} {v['fps']} fps"
+                    for name, v in overlap.get("overlap_by_priority", {}).items()
                 )
                 clock = overlap.get("sm_clock_mhz", {}).get("back_to_back")
                 if clock:  # below the card's maximum: power- or heat-limited (README)

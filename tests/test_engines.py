@@ -349,6 +349,65 @@ class _TimedEvent:
         return 2.0 * (end.n - self.n)
 
 
+class _Graph:
+    """Stands in for ``torch.cuda.CUDAGraph``; records the capture stream's priority."""
+
+    replays = 0
+    capture_priorities: list[int] = []
+
+    def replay(self):
+        _Graph.replays += 1
+
+
+def _stand_in_cuda_graphs(monkeypatch):
+    """CUDA's stream and graph calls, stood in for so that a graph step runs on the CPU."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, *args, priority=0):
+            self.priority = priority
+
+        def wait_stream(self, other):
+            pass
+
+    def graph(g, stream=None, **kw):
+        _Graph.capture_priorities.append(stream.priority if stream is not None else 0)
+        return contextlib.nullcontext()
+
+    _Graph.replays, _Graph.capture_priorities = 0, []
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+def test_runner_recaptures_its_graphs_at_a_stream_priority(monkeypatch):
+    """PyTorch's graphs keep their capture stream's priority, so a priority means a re-capture."""
+    from musetalk_rt.engines.base import EngineReport, Runner
+    from musetalk_rt.engines.compile import _ManualGraphStep
+
+    _stand_in_cuda_graphs(monkeypatch)
+    calls = []
+
+    def step(x):  # [B, 3]
+        calls.append(x.shape[0])
+        return x + 1
+
+    report = EngineReport("compile", "fp32", "cuda", [2, 4])
+    fns = {b: _ManualGraphStep(step, [torch.zeros(b, 3)]) for b in (2, 4)}
+    runner = Runner(fns, torch.float32, report)
+    assert _Graph.capture_priorities == [0, 0]
+    calls.clear()
+    assert runner.capture_priority(-1) == 2
+    assert _Graph.capture_priorities[2:] == [-1, -1] and sorted(calls) == [2, 4]
+    assert [fns[b].priority for b in (2, 4)] == [-1, -1]
+    out = runner(torch.ones(3, 3))  # padded to bucket 4, replayed, sliced back
+    assert out.shape == (3, 3) and _Graph.replays == 1
+    assert Runner({0: step}, torch.float32, report).capture_priority(-1) == 0  # no graph
+
+
 def test_manual_graph_step_holds_its_callable_for_as_long_as_it_lives(monkeypatch):
     """A captured graph replays the callable's kernels on the memory the callable owns.
 
@@ -356,28 +415,12 @@ def test_manual_graph_step_holds_its_callable_for_as_long_as_it_lives(monkeypatc
     step, so every replay read freed memory (the illegal memory access of --aoti-cuda-graphs on
     an H200). CUDA's stream and graph calls are stood in for here, so this runs on the CPU.
     """
-    import contextlib
     import gc
     import weakref
 
     from musetalk_rt.engines.compile import _ManualGraphStep
 
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    class Graph:
-        replays = 0
-
-        def replay(self):
-            Graph.replays += 1
-
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+    _stand_in_cuda_graphs(monkeypatch)
 
     class Package:  # stands in for a loaded package: owns the weights the kernels read
         calls = 0
@@ -394,7 +437,7 @@ def test_manual_graph_step_holds_its_callable_for_as_long_as_it_lives(monkeypatc
     gc.collect()
     assert alive() is not None, "the step dropped the callable its graph replays"
     out = step(torch.zeros(2, 3))
-    assert Graph.replays == 1 and torch.equal(out, torch.full((2, 3), 2.0))
+    assert _Graph.replays == 1 and torch.equal(out, torch.full((2, 3), 2.0))
     del step
     gc.collect()
     assert alive() is None  # and no longer than the step

@@ -139,6 +139,22 @@ class Runner:
         self.artifacts = artifacts or {}
         self.buckets = None if 0 in fns else sorted(fns)
 
+    def capture_priority(self, priority: int) -> int:
+        """Re-capture each bucket's CUDA graph on a stream of ``priority`` (lower is higher).
+
+        Only graphs this project captures itself (the manual capture of ``compile`` and
+        ``aoti``) can be re-captured; others keep the default priority.
+
+        Returns:
+            How many buckets were re-captured (0: the runner has no such graph).
+        """
+        done = 0
+        for fn in self.fns.values():
+            if hasattr(fn, "recapture"):
+                fn.recapture(priority)
+                done += 1
+        return done
+
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if not x.is_inference():

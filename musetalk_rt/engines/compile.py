@@ -94,6 +94,7 @@ class _ManualGraphStep:
     def __init__(self, fn, inputs: Sequence[torch.Tensor], warmup: int = 3):
         self.fn = fn  # keeps the memory the graph's kernels read alive (see above)
         self.static_inputs = [x.clone() for x in inputs]
+        self.priority = 0
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -101,10 +102,21 @@ class _ManualGraphStep:
                 fn(*self.static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_output = fn(*self.static_inputs)
+        self.recapture(0)
+
+    def recapture(self, priority: int) -> None:
+        """Capture the graph again on a stream of ``priority`` (lower is higher; CUDA's range).
+
+        PyTorch instantiates its graphs with per-node priorities, so a graph's kernels run at
+        the priority of the stream they were captured on, whichever stream replays them: a
+        stage that should win the SMs from another stage's kernels is captured high.
+        """
         torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(priority=priority)):
+            output = self.fn(*self.static_inputs)
+        torch.cuda.synchronize()
+        self.graph, self.static_output, self.priority = graph, output, priority
 
     def __call__(self, *inputs: torch.Tensor):
         for dst, src in zip(self.static_inputs, inputs, strict=True):
