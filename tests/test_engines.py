@@ -350,13 +350,16 @@ class _TimedEvent:
 
 
 class _Graph:
-    """Stands in for ``torch.cuda.CUDAGraph``; records the capture stream's priority."""
+    """Stands in for ``torch.cuda.CUDAGraph``; records each capture's stream priority and pool."""
 
     replays = 0
-    capture_priorities: list[int] = []
+    captures: list[tuple[int, object]] = []  # (priority, pool) per capture
 
     def replay(self):
         _Graph.replays += 1
+
+    def pool(self):
+        return ("pool of", id(self))
 
 
 def _stand_in_cuda_graphs(monkeypatch):
@@ -370,11 +373,11 @@ def _stand_in_cuda_graphs(monkeypatch):
         def wait_stream(self, other):
             pass
 
-    def graph(g, stream=None, **kw):
-        _Graph.capture_priorities.append(stream.priority if stream is not None else 0)
+    def graph(g, pool=None, stream=None, **kw):
+        _Graph.captures.append((stream.priority if stream is not None else 0, pool))
         return contextlib.nullcontext()
 
-    _Graph.replays, _Graph.capture_priorities = 0, []
+    _Graph.replays, _Graph.captures = 0, []
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -385,27 +388,88 @@ def _stand_in_cuda_graphs(monkeypatch):
 
 def test_runner_recaptures_its_graphs_at_a_stream_priority(monkeypatch):
     """PyTorch's graphs keep their capture stream's priority, so a priority means a re-capture."""
+    import gc
+    import weakref
+
     from musetalk_rt.engines.base import EngineReport, Runner
     from musetalk_rt.engines.compile import _ManualGraphStep
 
     _stand_in_cuda_graphs(monkeypatch)
     calls = []
 
-    def step(x):  # [B, 3]
+    def step(x):  # [B, 3]; each call's output tells the captures apart
         calls.append(x.shape[0])
-        return x + 1
+        return x + len(calls)
 
     report = EngineReport("compile", "fp32", "cuda", [2, 4])
     fns = {b: _ManualGraphStep(step, [torch.zeros(b, 3)]) for b in (2, 4)}
     runner = Runner(fns, torch.float32, report)
-    assert _Graph.capture_priorities == [0, 0]
+    assert [c[0] for c in _Graph.captures] == [0, 0]
+    first = fns[4].graph
+    first_pool, first_alive = first.pool(), weakref.ref(first)
+    del first
     calls.clear()
-    assert runner.capture_priority(-1) == 2
-    assert _Graph.capture_priorities[2:] == [-1, -1] and sorted(calls) == [2, 4]
-    assert [fns[b].priority for b in (2, 4)] == [-1, -1]
+
+    assert runner.capture_priority(-1, batch=3) == 1  # the bucket that serves 3: 4
+    assert calls == [4] and fns[4].priority == -1 and fns[2].priority == 0
+    # captured high, into the old graph's pool, and the old graph is gone
+    assert _Graph.captures[-1] == (-1, first_pool)
+    gc.collect()
+    assert first_alive() is None
     out = runner(torch.ones(3, 3))  # padded to bucket 4, replayed, sliced back
-    assert out.shape == (3, 3) and _Graph.replays == 1
+    assert _Graph.replays == 1 and torch.equal(out, torch.ones(3, 3))  # the re-capture's output
+
+    assert runner.capture_priority(-1) == 2 and calls == [4, 2]  # bucket 4 is left as it was
+    assert runner.capture_priority(0, batch=64) == 1 and fns[4].priority == 0  # the largest
     assert Runner({0: step}, torch.float32, report).capture_priority(-1) == 0  # no graph
+
+
+def test_bench_times_each_priority_and_puts_the_graphs_back_even_on_error(monkeypatch):
+    """Each variant re-captures its high stage's graph; all are at priority 0 afterwards."""
+    from musetalk_rt import bench
+
+    class Runner:  # records the priority its bucket's graph is at
+        def __init__(self, graphs: bool):
+            self.graphs, self.priority = graphs, 0
+
+        def capture_priority(self, priority, batch=None):
+            assert batch == 4
+            if not self.graphs:
+                return 0
+            self.priority = priority
+            return 1
+
+    class Stage:
+        def __init__(self, graphs=True):
+            self.runner = Runner(graphs)
+
+    unet, vae = Stage(), Stage()
+    seen = []
+
+    def timed(unet_, vae_, latents, audio, device, iters, priorities):
+        seen.append((priorities, unet_.runner.priority, vae_.runner.priority))
+        return 8.0, [15.0, 16.0], True
+
+    monkeypatch.setattr(bench, "_time_overlapped", timed)
+    latents, audio = torch.zeros(4, 8, 32, 32), torch.zeros(4, 50, 384)
+    out = bench._time_priorities(unet, vae, latents, audio, torch.device("cpu"), 20)
+    assert seen == [((-1, 0), -1, 0), ((0, -1), 0, -1)]
+    assert out["unet_high"] == {"ms_per_batch": 8.0, "fps": 500.0, "p50_ms": 15.5, "exact": True}
+    assert set(out) == {"unet_high", "vae_high"}
+    assert unet.runner.priority == vae.runner.priority == 0
+
+    # a stage without a graph of ours: its variant is left out, not timed at equal priorities
+    seen.clear()
+    out = bench._time_priorities(Stage(graphs=False), vae, latents, audio, None, 20)
+    assert set(out) == {"vae_high"} and [s[0] for s in seen] == [(0, -1)]
+
+    def fails(*args):
+        raise RuntimeError("CUDA error")
+
+    monkeypatch.setattr(bench, "_time_overlapped", fails)
+    with pytest.raises(RuntimeError):
+        bench._time_priorities(unet, vae, latents, audio, None, 20)
+    assert unet.runner.priority == vae.runner.priority == 0
 
 
 def test_manual_graph_step_holds_its_callable_for_as_long_as_it_lives(monkeypatch):

@@ -139,17 +139,27 @@ class Runner:
         self.artifacts = artifacts or {}
         self.buckets = None if 0 in fns else sorted(fns)
 
-    def capture_priority(self, priority: int) -> int:
-        """Re-capture each bucket's CUDA graph on a stream of ``priority`` (lower is higher).
+    def capture_priority(self, priority: int, batch: int | None = None) -> int:
+        """Re-capture CUDA graphs on a stream of ``priority`` (lower is higher).
 
-        Only graphs this project captures itself (the manual capture of ``compile`` and
-        ``aoti``) can be re-captured; others keep the default priority.
+        PyTorch's graphs keep the priority of the stream they were captured on. Only graphs
+        this project captures itself (the manual capture of ``compile`` and ``aoti``) can be
+        re-captured; others keep the default priority. A graph already at ``priority`` is left
+        as it is.
+
+        Args:
+            priority: The CUDA stream priority (0 is the default).
+            batch: Only the bucket that serves this batch size (None: every bucket).
 
         Returns:
-            How many buckets were re-captured (0: the runner has no such graph).
+            How many buckets have their graph at ``priority`` now (0: no such graph).
         """
+        if batch is None or self.buckets is None:
+            fns = list(self.fns.values())
+        else:
+            fns = [self.fns[next((k for k in self.buckets if k >= batch), self.buckets[-1])]]
         done = 0
-        for fn in self.fns.values():
+        for fn in fns:
             if hasattr(fn, "recapture"):
                 fn.recapture(priority)
                 done += 1

@@ -111,9 +111,16 @@ class _ManualGraphStep:
         the priority of the stream they were captured on, whichever stream replays them: a
         stage that should win the SMs from another stage's kernels is captured high.
         """
+        old = getattr(self, "graph", None)
+        if old is not None and priority == self.priority:
+            return
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(priority=priority)):
+        stream = torch.cuda.Stream(self.static_inputs[0].device, priority=priority)
+        # the old graph's memory pool: it is never replayed again, and a pool of its own would
+        # hold a second copy of the step's intermediates until the caching allocator is emptied
+        pool = old.pool() if old is not None else None
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             output = self.fn(*self.static_inputs)
         torch.cuda.synchronize()
         self.graph, self.static_output, self.priority = graph, output, priority
