@@ -34,7 +34,8 @@ latency of one batch is not shortened by it. ``overlap_exact`` says the overlapp
 the same images as the sequential one. ``overlap_by_priority`` times the same pipeline with one
 stage's graphs captured and replayed at a higher CUDA stream priority (``unet_high``,
 ``vae_high``): with equal priorities the UNet's short kernels queue behind the waves of the
-VAE's long ones, and its chain, not the card, can set the pace.
+VAE's long ones, and its chain, not the card, can set the pace. The re-captures allocate, so
+``peak_mem_mb_before_priorities`` gives the process's peak before them.
 
 ``fuse_stages``: UNet and VAE decode built as one module (one graph, one replay per step); the
 row then has no per-stage times. ``GpuTurns``: several bench processes on one GPU build at the
