@@ -82,6 +82,11 @@
 #                                      # UNet and VAE built at once into the engine cache, then a
 #                                      # bench row per bucket if time is left (else run it again on
 #                                      # the warm host: the build then comes from the caches)
+#   experiments/gpu_runs.sh norm-ceiling # the VAE decoder without its norms' statistics, without
+#                                      # its norms, without norms and SiLUs (speed only: what a
+#                                      # norm prologue in its convolutions could save at most),
+#                                      # one process per variant (NC_BUCKETS, default "4,32";
+#                                      # NC_ARGS the engine options; NC_TIMEOUT_S)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -384,6 +389,23 @@ rewrites)
     grep -v "^{" "$L/kernels_rw.txt" | cut -c1-160
   fi
   ;;
+norm-ceiling)
+  # experiments/norm_ceiling.py: the VAE decoder as built, without its norms' statistics,
+  # without its norms, and without norms and SiLUs, at NC_BUCKETS (default "4,32"); one process
+  # per variant, built at once and timed in turns; NC_ARGS the engine options (default the
+  # H100 rows': freezing, manual capture, both rewrites)
+  rm -rf /tmp/gpu_turns_nc
+  read -r -a nc_opts <<< "${NC_ARGS-"--compile-freezing --compile-graph-capture manual --phase-upsample transpose --channels-last-norm"}"
+  for v in as_is affine_only no_norm no_norm_no_silu; do
+    timeout "${NC_TIMEOUT_S:-560}" "$PY" experiments/norm_ceiling.py --variants "$v" \
+      --batch-sizes "${NC_BUCKETS:-4,32}" "${nc_opts[@]}" --weights synthetic --device cuda \
+      --models-dir models --out "$R" --gpu-turns /tmp/gpu_turns_nc --gpu-peers 4 \
+      > "$L/norm_ceiling_$v.txt" 2>&1 &
+  done
+  wait
+  echo "norm ceiling: ${SECONDS} s"
+  grep -h " modules changed" "$L"/norm_ceiling_*.txt
+  ;;
 groupnorm)
   for b in ${GN_BATCHES:-32 4}; do
     timeout "${GN_TIMEOUT_S:-280}" "$PY" experiments/groupnorm_bench.py --batch "$b" --out "$R" \
@@ -528,7 +550,7 @@ aoti-graph)
   ;;
 *)
   echo "usage: experiments/gpu_runs.sh" \
-    "channels|live-engines|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|cd-rows|e2e1|render|baseline|kernels|rewrites|groupnorm|autotune|rows" >&2
+    "channels|live-engines|aoti|aoti-live|aoti-graph|aoti-fast|aoti-all|aoti-bg|aoti-bench|aoti-rows|cd-rows|e2e1|render|baseline|kernels|rewrites|norm-ceiling|groupnorm|autotune|rows" >&2
   exit 2
   ;;
 esac
