@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from musetalk_rt.bench import GpuTurns, environment, write_rows
-from musetalk_rt.cli import _add_compile_options, _engine_options
+from musetalk_rt.cli import _engine_options, add_probe_options
 from musetalk_rt.engines.base import check_autotune_stages
 from musetalk_rt.weights import load_models
 from musetalk_rt.workbench.kernels import format_breakdown, kernel_breakdown
@@ -56,13 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,4,16,32")
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--iters", type=int, default=10, help="profiled calls per stage")
-    p.add_argument("--weights", default="synthetic", choices=("real", "synthetic", "tiny"))
-    p.add_argument("--models-dir", default="models")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default="out/kernel_profile")
-    p.add_argument("--gpu-turns", metavar="DIR", help="share the GPU with peer processes")
-    p.add_argument("--gpu-peers", type=int, default=1, help="processes sharing --gpu-turns")
-    _add_compile_options(p)
+    add_probe_options(p, out="out/kernel_profile")
     args = p.parse_args(argv)
     import torch
 

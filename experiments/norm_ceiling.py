@@ -71,7 +71,7 @@ def strip(vae, variant: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from musetalk_rt.cli import _add_compile_options
+    from musetalk_rt.cli import add_probe_options
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engine", default="compile", choices=("compile", "eager"))
@@ -79,13 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--weights", default="synthetic", choices=("real", "synthetic", "tiny"))
-    p.add_argument("--models-dir", default="models")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default="out/norm_ceiling")
-    p.add_argument("--gpu-turns", metavar="DIR", help="share the GPU with peer processes")
-    p.add_argument("--gpu-peers", type=int, default=1, help="processes sharing --gpu-turns")
-    _add_compile_options(p)
+    add_probe_options(p, out="out/norm_ceiling")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))

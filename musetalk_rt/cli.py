@@ -218,6 +218,22 @@ def per_engine_options(engines: list[str], options: dict) -> dict[str, dict]:
     return per
 
 
+def add_probe_options(p: argparse.ArgumentParser, out: str) -> None:
+    """The options every GPU probe script shares: weights, device, output, GPU turns.
+
+    Args:
+        p: The script's parser.
+        out: Its default output folder.
+    """
+    p.add_argument("--weights", default="synthetic", choices=("real", "synthetic", "tiny"))
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=out)
+    p.add_argument("--gpu-turns", metavar="DIR", help="share the GPU with peer processes")
+    p.add_argument("--gpu-peers", type=int, default=1, help="processes sharing --gpu-turns")
+    _add_compile_options(p)
+
+
 def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compile engine options")
     g.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
