@@ -114,7 +114,7 @@ PY=${PY:-python3}
 OUT=${OUT:-out/gpu_runs}
 WAV=${WAV:-.carry/eng.wav}
 R=$OUT/res
-# this invocation's logs only (a warm host keeps earlier calls' files in /tmp)
+# this invocation's logs only (a warm host keeps earlier runs' files in /tmp)
 STAGE=${1:-none}
 L=/tmp/gpu_runs_logs/$(date +%H%M%S)_$STAGE
 mkdir -p "$R" "$L"
@@ -122,7 +122,10 @@ SYN=(--weights synthetic --device cuda --models-dir models)
 # inductor's record of autotuned operations (a small JSON it rewrites after each one, keyed by
 # GPU and toolchain) and its kernels' tuned launch configs: seeded from AT_SEED when that file
 # exists, saved with the logs, so that an autotuned (or coordinate-descent) build cut short goes
-# on where it stopped and a later one skips the tuning (files already on the host are kept)
+# on where it stopped and a later one skips the tuning (files already on the host are kept).
+# Seen on 2026-12-05: the GEMM autotuning record carried over between H200 runs, but on a fresh
+# H100 host all 191 seeded coordinate-descent configs were tuned again (same files rewritten;
+# why they were not read is not known), so a cd-tuned build there takes its full 7-8.5 minutes
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}
 SEED=${AT_SEED:-.carry/autotune_cache.tgz}
 if [ -f "$SEED" ]; then
