@@ -350,15 +350,10 @@ def _measure(
                 "card_load": {"back_to_back": card_on, "each_behind_a_sleep": card_each},
             }
         if device.type == "cuda" and fused is None:
-            ms_per_batch, latencies, exact = _time_overlapped(
-                unet, vae, latents, audio, device, max(iters, 20)
+            figures = _overlap_figures(
+                batch, *_time_overlapped(unet, vae, latents, audio, device, max(iters, 20))
             )
-            overlap |= {
-                "overlap_ms_per_batch": round(ms_per_batch, 3),
-                "overlap_fps": round(batch * 1000.0 / ms_per_batch, 1),
-                "overlap_p50_ms": round(statistics.median(latencies), 3),
-                "overlap_exact": exact,
-            }
+            overlap |= {f"overlap_{k}": v for k, v in figures.items()}
             # the process's peak so far, apart from the priority passes' re-captures
             overlap["peak_mem_mb_before_priorities"] = round(
                 torch.cuda.max_memory_allocated(device) / 2**20
@@ -387,25 +382,28 @@ def _time_priorities(
     by_priority = {}
     try:
         for name, (p_unet, p_vae) in OVERLAP_PRIORITIES.items():
-            caught = [
-                stage.runner.capture_priority(p, batch)
-                for stage, p in ((unet, p_unet), (vae, p_vae))
-            ]
-            if not all(n for n, p in zip(caught, (p_unet, p_vae), strict=True) if p != 0):
-                continue
-            ms_per_batch, latencies, exact = _time_overlapped(
-                unet, vae, latents, audio, device, iters, (p_unet, p_vae)
+            unet_graphs = unet.runner.capture_priority(p_unet, batch)
+            vae_graphs = vae.runner.capture_priority(p_vae, batch)
+            if (p_unet and not unet_graphs) or (p_vae and not vae_graphs):
+                continue  # the high stage's priority could not apply
+            by_priority[name] = _overlap_figures(
+                batch,
+                *_time_overlapped(unet, vae, latents, audio, device, iters, (p_unet, p_vae)),
             )
-            by_priority[name] = {
-                "ms_per_batch": round(ms_per_batch, 3),
-                "fps": round(batch * 1000.0 / ms_per_batch, 1),
-                "p50_ms": round(statistics.median(latencies), 3),
-                "exact": exact,
-            }
     finally:
         unet.runner.capture_priority(0, batch)
         vae.runner.capture_priority(0, batch)
     return by_priority
+
+
+def _overlap_figures(batch: int, ms_per_batch: float, latencies: list[float], exact: bool) -> dict:
+    """One overlapped pipeline's figures (:func:`_time_overlapped`'s result), rounded."""
+    return {
+        "ms_per_batch": round(ms_per_batch, 3),
+        "fps": round(batch * 1000.0 / ms_per_batch, 1),
+        "p50_ms": round(statistics.median(latencies), 3),
+        "exact": exact,
+    }
 
 
 def _time_overlapped(

@@ -157,13 +157,17 @@ class Runner:
         if batch is None or self.buckets is None:
             fns = list(self.fns.values())
         else:
-            fns = [self.fns[next((k for k in self.buckets if k >= batch), self.buckets[-1])]]
+            fns = [self.fns[self.bucket_for(batch)]]
         done = 0
         for fn in fns:
             if hasattr(fn, "recapture"):
                 fn.recapture(priority)
                 done += 1
         return done
+
+    def bucket_for(self, batch: int) -> int:
+        """The bucket that runs ``batch`` (a larger batch runs in pieces of the largest)."""
+        return next((k for k in self.buckets if k >= batch), self.buckets[-1])
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
@@ -184,7 +188,7 @@ class Runner:
             step = self.buckets[-1]
             parts = [self(*(x[i : i + step] for x in inputs)) for i in range(0, b, step)]
             return torch.cat(parts)
-        bucket = next(k for k in self.buckets if k >= b)
+        bucket = self.bucket_for(b)
         if bucket != b:  # pad by repeating the last row; the padding's output is discarded
             inputs = tuple(torch.cat([x, x[-1:].expand(bucket - b, *x.shape[1:])]) for x in inputs)
         # cast after the padding: a concatenation with an expanded row repeated twice or more
