@@ -85,8 +85,9 @@
 #   experiments/gpu_runs.sh norm-ceiling # the VAE decoder without its norms' statistics, without
 #                                      # its norms, without norms and SiLUs (speed only: what a
 #                                      # norm prologue in its convolutions could save at most),
-#                                      # one process per variant (NC_BUCKETS, default "4,32";
-#                                      # NC_ARGS the engine options; NC_TIMEOUT_S)
+#                                      # one process per variant (NC_VARIANTS, default those
+#                                      # four, or e.g. "as_is stats_sums"; NC_BUCKETS, default
+#                                      # "4,32"; NC_ARGS the engine options; NC_TIMEOUT_S)
 #   experiments/gpu_runs.sh rows       # compile rows (ROWS_COMPILE, default "1 4 8 16 32": one
 #                                      # process per bucket) and aoti builds (ROWS_AOTI, default
 #                                      # "16 32"), all built at once; each compile process times
@@ -399,10 +400,11 @@ norm-ceiling)
   # H100 rows': freezing, manual capture, both rewrites)
   rm -rf /tmp/gpu_turns_nc
   read -r -a nc_opts <<< "${NC_ARGS-"--compile-freezing --compile-graph-capture manual --phase-upsample transpose --channels-last-norm"}"
-  for v in as_is affine_only no_norm no_norm_no_silu; do
+  nc_variants=(${NC_VARIANTS:-as_is affine_only no_norm no_norm_no_silu})
+  for v in "${nc_variants[@]}"; do
     timeout "${NC_TIMEOUT_S:-560}" "$PY" experiments/norm_ceiling.py --variants "$v" \
       --batch-sizes "${NC_BUCKETS:-4,32}" "${nc_opts[@]}" --weights synthetic --device cuda \
-      --models-dir models --out "$R" --gpu-turns /tmp/gpu_turns_nc --gpu-peers 4 \
+      --models-dir models --out "$R" --gpu-turns /tmp/gpu_turns_nc --gpu-peers "${#nc_variants[@]}" \
       > "$L/norm_ceiling_$v.txt" 2>&1 &
   done
   wait

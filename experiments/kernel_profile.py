@@ -24,7 +24,7 @@ import contextlib
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from musetalk_rt.bench import GpuTurns, environment, write_rows
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     "stages": stages,
                     "kernel_ms": round(sum(s["ms"] for s in stages.values()), 4),
                     "gpu_turns": turns.as_dict() if turns is not None else None,
-                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
                     **env,
                 }
             )

@@ -18,6 +18,13 @@ times and times each at every batch size:
 
 The variants compute nothing meaningful (speed only, no quality gate): the prologue would save
 at most ``affine_only`` minus ``no_norm_no_silu`` (the statistics stay) and at least nothing.
+
+On an H100 (LOG.md, 2026-12-05 18:40) the statistics were most of it, the prologue's share
+almost nothing. Three more variants (not in the default set) time other forms of the
+statistics, each the same function up to rounding (``engines.rewrites.channel_stats``, tested
+against ``nn.GroupNorm``): every group norm becomes the channels-last norm with its statistics
+reduced as ``stats_sums`` (sum and sum of squares, shifted), ``stats_split`` (Welford over
+chunks of 256 pixels, then merged) or ``stats_split_sums``.
 Ends with one JSON line; rows go to ``<out>/norm_ceiling.jsonl``. ``--gpu-turns DIR --gpu-peers
 N`` lets N processes (a variant each, ``--variants``) build at once and time one at a time, as
 ``bench`` does (``gpu_runs.sh norm-ceiling``).
@@ -38,12 +45,16 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-VARIANTS = ("as_is", "affine_only", "no_norm", "no_norm_no_silu")
+CEILINGS = ("as_is", "affine_only", "no_norm", "no_norm_no_silu")  # the default set
+STATS = {"stats_sums": "sums", "stats_split": "split", "stats_split_sums": "split_sums"}
+VARIANTS = CEILINGS + tuple(STATS)
 
 
 def strip(vae, variant: str) -> int:
     """Rewrite ``vae``'s decoder in place for ``variant``; returns how many modules changed."""
     from torch import nn
+
+    from musetalk_rt.engines.rewrites import ChannelsLastGroupNorm
 
     class Affine(nn.Module):
         """A group norm's per-channel scale and shift without its statistics."""
@@ -61,7 +72,10 @@ def strip(vae, variant: str) -> int:
         return changed
     for parent in list(vae.decoder.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.GroupNorm:
+            if type(child) is nn.GroupNorm and variant in STATS:
+                setattr(parent, name, ChannelsLastGroupNorm(child, STATS[variant]))
+                changed += 1
+            elif type(child) is nn.GroupNorm:
                 setattr(parent, name, Affine(child) if variant == "affine_only" else nn.Identity())
                 changed += 1
             elif type(child) is nn.SiLU and variant == "no_norm_no_silu":
@@ -77,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="compile", choices=("compile", "eager"))
     p.add_argument("--batch-sizes", default="4,32")
     p.add_argument("--dtype", default="fp16")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(CEILINGS), help=f"comma-separated, of {', '.join(VARIANTS)}"
+    )
     p.add_argument("--iters", type=int, default=50)
     add_probe_options(p, out="out/norm_ceiling")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ import torch
 from conftest import load_experiment
 from torch import nn
 
+from musetalk_rt.engines.rewrites import ChannelsLastGroupNorm
 from musetalk_rt.weights import load_models
 
 
@@ -51,6 +52,12 @@ def test_each_variant_rewrites_the_decoder_only(vae):
     bare = copy.deepcopy(vae)
     assert nc.strip(bare, "no_norm_no_silu") == norms + silus > norms
     assert not any(type(m) in (nn.GroupNorm, nn.SiLU) for m in bare.decoder.modules())
+    for variant, form in nc.STATS.items():  # the norm's statistics in another form
+        other = copy.deepcopy(vae)
+        assert nc.strip(other, variant) == norms
+        swapped = [m for m in other.decoder.modules() if isinstance(m, ChannelsLastGroupNorm)]
+        assert len(swapped) == norms and {m.stats for m in swapped} == {form}
+        torch.testing.assert_close(_decode(other, z), _decode(vae, z), rtol=1e-4, atol=1e-4)
     for v in (affine, plain, bare):  # the encoder is left alone; the decoder still decodes
         assert sum(type(m) is nn.GroupNorm for m in v.encoder.modules()) == encoder_norms
         assert _decode(v, z).shape == _decode(vae, z).shape
@@ -61,11 +68,31 @@ def test_the_probe_runs_on_cpu_and_ends_with_one_json_line(tmp_path, capsys):
     argv = ["--engine", "eager", "--weights", "tiny", "--device", "cpu", "--dtype", "fp32"]
     assert nc.main([*argv, "--batch-sizes", "1,2", "--iters", "2", "--out", str(tmp_path)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last["norm_ceiling"]) == {f"{v}_b{b}" for v in nc.VARIANTS for b in (1, 2)}
+    assert set(last["norm_ceiling"]) == {f"{v}_b{b}" for v in nc.CEILINGS for b in (1, 2)}
     rows = [json.loads(r) for r in (tmp_path / "norm_ceiling.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["batch"]) for r in rows] == [
-        (v, b) for v in nc.VARIANTS for b in (1, 2)
+        (v, b) for v in nc.CEILINGS for b in (1, 2)
     ]
+    assert (
+        nc.main(
+            [
+                *argv,
+                "--batch-sizes",
+                "1",
+                "--iters",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+                "--variants",
+                "stats_split_sums",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "stats_split_sums_b1"
+        in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["norm_ceiling"]
+    )
     assert all(r["vae_decode_p50_ms"] > 0 for r in rows)
 
 

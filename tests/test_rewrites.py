@@ -9,6 +9,8 @@ from diffusers.models.upsampling import Upsample2D
 from musetalk_rt.engines import get_engine, select_engine
 from musetalk_rt.engines.rewrites import (
     REWRITES_VERSION,
+    SPLIT_PIXELS,
+    STATS_FORMS,
     UPSAMPLE_FORMS,
     UPSAMPLERS,
     ChannelsLastGroupNorm,
@@ -95,9 +97,10 @@ def test_only_plain_nearest_upsamplers_are_rewritten():
     assert isinstance(m["plain"], TransposeUpsample)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (2, 8, 30)])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (2, 8, 30), (2, 8, 32, 16)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_channels_last_group_norm_equals_group_norm(shape, affine):
+@pytest.mark.parametrize("stats", STATS_FORMS)
+def test_channels_last_group_norm_equals_group_norm(shape, affine, stats):
     torch.manual_seed(1)
     gn = torch.nn.GroupNorm(4, 8, eps=1e-6, affine=affine).double()
     if affine:
@@ -109,12 +112,30 @@ def test_channels_last_group_norm_equals_group_norm(shape, affine):
     ).double()
     with torch.no_grad():
         ref = gn(x)
-        out = ChannelsLastGroupNorm(gn)(x)
-        out_cl = ChannelsLastGroupNorm(gn)(
+        out = ChannelsLastGroupNorm(gn, stats)(x)
+        out_cl = ChannelsLastGroupNorm(gn, stats)(
             x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         )
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out_cl, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("stats", STATS_FORMS)
+def test_channel_statistics_in_fp32_do_not_cancel(stats):
+    # fp32 channels with a mean 1000 times their spread, over more pixels than one split chunk:
+    # the sums' forms must stay as near the float64 truth as Welford's
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, SPLIT_PIXELS * 4, generator=g, dtype=torch.float64) + 1000.0
+    gn = torch.nn.GroupNorm(2, 4, affine=False)
+    with torch.no_grad():
+        ref = gn.double()(x)
+        out = ChannelsLastGroupNorm(gn, stats)(x.float())
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3)
+
+
+def test_an_unknown_statistics_form_names_the_known_ones():
+    with pytest.raises(UserError, match="unknown statistics form 'pairwise'.*welford"):
+        ChannelsLastGroupNorm(torch.nn.GroupNorm(2, 4), "pairwise")
 
 
 def test_channels_last_group_norm_keeps_the_input_dtype():

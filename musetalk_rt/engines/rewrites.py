@@ -169,15 +169,62 @@ def _phase_convertible(m: nn.Module) -> bool:
     )
 
 
+# how a ChannelsLastGroupNorm reduces its channels over the pixels (see ``channel_stats``)
+STATS_FORMS = ("welford", "sums", "split", "split_sums")
+SPLIT_PIXELS = 256  # pixels per partial reduction of the ``split`` forms
+
+
+def channel_stats(flat: torch.Tensor, form: str = "welford") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each channel's mean and (biased) variance over the pixels, computed in ``form``.
+
+    All forms are the same function up to rounding; they differ in the reductions inductor is
+    given. ``welford``: one ``var_mean`` over all pixels. ``sums``: the sum and the sum of
+    squares of ``x - x[first pixel]`` (one multi-output reduction; the shift keeps a channel
+    whose mean is large against its spread from cancelling). ``split`` / ``split_sums``: the
+    same over chunks of ``SPLIT_PIXELS`` pixels first, then merged over the chunks (equal counts:
+    mean of means, and mean of variances plus variance of means), so the first reduction has
+    ``B * L / 256 * C`` outputs to spread over the card instead of ``B * C``.
+
+    Args:
+        flat: ``[B, L, C]`` in the accumulation dtype.
+        form: One of ``STATS_FORMS``.
+
+    Returns:
+        ``(mean, var)``, each ``[B, C]``.
+    """
+    b, n, c = flat.shape
+    if form == "welford":
+        var, mean = torch.var_mean(flat, dim=1, correction=0)  # [B, C] each
+        return mean, var
+    split = form.startswith("split") and n > SPLIT_PIXELS and n % SPLIT_PIXELS == 0
+    parts = flat.reshape(b, -1, SPLIT_PIXELS, c) if split else flat.unsqueeze(1)  # [B, S, P, C]
+    if form.endswith("sums"):
+        shift = flat[:, :1]  # [B, 1, C]
+        d = parts - shift.unsqueeze(1)  # [B, S, P, C]
+        mean_d = d.sum(2).sum(1) / n  # [B, C]
+        var = (d.square().sum(2).sum(1) / n - mean_d.square()).clamp_min(0)
+        return mean_d + shift[:, 0], var
+    var_s, mean_s = torch.var_mean(parts, dim=2, correction=0)  # [B, S, C] each
+    mean = mean_s.mean(1)  # [B, C]
+    return mean, var_s.mean(1) + (mean_s - mean.unsqueeze(1)).square().mean(1)
+
+
 class ChannelsLastGroupNorm(nn.Module):
     """``nn.GroupNorm`` with per-channel statistics merged into group statistics.
 
     Same result as the module it replaces (up to rounding); inputs of any rank ``[B, C, ...]``.
+
+    Args:
+        norm: The group norm to replace (its weights are shared, not copied).
+        stats: How the per-channel statistics are reduced (``STATS_FORMS``; ``channel_stats``).
     """
 
-    def __init__(self, norm: nn.GroupNorm):
+    def __init__(self, norm: nn.GroupNorm, stats: str = "welford"):
         super().__init__()
+        if stats not in STATS_FORMS:
+            raise UserError(f"unknown statistics form {stats!r}; choose from {STATS_FORMS}")
         self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
+        self.stats = stats
         self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach(), False)
         self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach(), False)
 
@@ -185,7 +232,7 @@ class ChannelsLastGroupNorm(nn.Module):
         b, c, g = x.shape[0], self.num_channels, self.num_groups
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
         flat = x.movedim(1, -1).reshape(b, -1, c)  # [B, L, C]: a view in channels-last memory
-        var_c, mean_c = torch.var_mean(flat.to(acc), dim=1, correction=0)  # [B, C] each
+        mean_c, var_c = channel_stats(flat.to(acc), self.stats)  # [B, C] each
         mean_c, var_c = mean_c.view(b, g, -1), var_c.view(b, g, -1)  # [B, G, C/G]
         mean_g = mean_c.mean(-1, keepdim=True)  # [B, G, 1]
         var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
