@@ -20,11 +20,14 @@ The variants compute nothing meaningful (speed only, no quality gate): the prolo
 at most ``affine_only`` minus ``no_norm_no_silu`` (the statistics stay) and at least nothing.
 
 On an H100 (LOG.md, 2026-12-05 18:40) the statistics were most of it, the prologue's share
-almost nothing. Three more variants (not in the default set) time other forms of the
-statistics, each the same function up to rounding (``engines.rewrites.channel_stats``, tested
-against ``nn.GroupNorm``): every group norm becomes the channels-last norm with its statistics
-reduced as ``stats_sums`` (sum and sum of squares, shifted), ``stats_split`` (Welford over
-chunks of 256 pixels, then merged) or ``stats_split_sums``.
+almost nothing. Four more variants (not in the default set) time forms of the statistics,
+each the same function up to rounding (``engines.rewrites.channel_stats``, tested against
+``nn.GroupNorm``): every group norm becomes the channels-last norm with its statistics reduced
+as ``stats_welford`` (one Welford reduction over all pixels: the engine's form until rewrite
+version 3), ``stats_sums`` (sum and sum of squares, shifted), ``stats_split`` (Welford over
+chunks of ``--split-pixels`` pixels, default 256, then merged: the engine's form since) or
+``stats_split_sums``. With ``--channels-last-norm`` (the default ``NC_ARGS``), ``as_is`` is
+the engine's form.
 Ends with one JSON line; rows go to ``<out>/norm_ceiling.jsonl``. ``--gpu-turns DIR --gpu-peers
 N`` lets N processes (a variant each, ``--variants``) build at once and time one at a time, as
 ``bench`` does (``gpu_runs.sh norm-ceiling``).
@@ -46,11 +49,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 CEILINGS = ("as_is", "affine_only", "no_norm", "no_norm_no_silu")  # the default set
-STATS = {"stats_sums": "sums", "stats_split": "split", "stats_split_sums": "split_sums"}
+STATS = {
+    "stats_welford": "welford",
+    "stats_sums": "sums",
+    "stats_split": "split",
+    "stats_split_sums": "split_sums",
+}
 VARIANTS = CEILINGS + tuple(STATS)
 
 
-def strip(vae, variant: str) -> int:
+def strip(vae, variant: str, split_pixels: int = 256) -> int:
     """Rewrite ``vae``'s decoder in place for ``variant``; returns how many modules changed."""
     from torch import nn
 
@@ -73,7 +81,7 @@ def strip(vae, variant: str) -> int:
     for parent in list(vae.decoder.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.GroupNorm and variant in STATS:
-                setattr(parent, name, ChannelsLastGroupNorm(child, STATS[variant]))
+                setattr(parent, name, ChannelsLastGroupNorm(child, STATS[variant], split_pixels))
                 changed += 1
             elif type(child) is nn.GroupNorm:
                 setattr(parent, name, Affine(child) if variant == "affine_only" else nn.Identity())
@@ -95,8 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", default=",".join(CEILINGS), help=f"comma-separated, of {', '.join(VARIANTS)}"
     )
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument(
+        "--split-pixels",
+        type=int,
+        default=256,
+        help="pixels per chunk of the stats_split* variants",
+    )
     add_probe_options(p, out="out/norm_ceiling")
     args = p.parse_args(argv)
+    if args.split_pixels < 1:
+        p.error(f"--split-pixels must be at least 1, not {args.split_pixels}")
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -132,7 +148,7 @@ def _run(args, variants: list[str]) -> int:
     rows = []
     for variant in variants:
         vae = copy.deepcopy(models.vae)
-        changed = strip(vae, variant)
+        changed = strip(vae, variant, args.split_pixels)
         engine, _ = select_engine(args.engine, device, dtype, fix_hint="", **opts)
         stage = VaeDecodeStage(vae, engine, dtype, device)
         try:
@@ -150,6 +166,7 @@ def _run(args, variants: list[str]) -> int:
                 "probe": "norm_ceiling",
                 "variant": variant,
                 "modules_changed": changed,
+                "split_pixels": args.split_pixels if variant.startswith("stats_split") else None,
                 "engine": args.engine,
                 "engine_options": engine.row_options(device),
                 "dtype": args.dtype,

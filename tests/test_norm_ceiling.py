@@ -99,6 +99,11 @@ def test_the_probe_runs_on_cpu_and_ends_with_one_json_line(tmp_path, capsys):
 def test_bad_input_is_one_clear_line(capsys):
     nc = load_experiment("norm_ceiling")
     with pytest.raises(SystemExit) as e:
+        nc.main(["--split-pixels", "0", "--device", "cpu"])
+    assert e.value.code == 2 and "--split-pixels must be at least 1, not 0" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as e:
         nc.main(["--variants", "as_is,no_conv", "--device", "cpu"])
     assert e.value.code == 2 and "unknown variants ['no_conv']" in capsys.readouterr().err
     # an engine that cannot run: its reason and fix, no traceback

@@ -136,6 +136,15 @@ def test_channel_statistics_in_fp32_do_not_cancel(stats):
 def test_an_unknown_statistics_form_names_the_known_ones():
     with pytest.raises(UserError, match="unknown statistics form 'pairwise'.*welford"):
         ChannelsLastGroupNorm(torch.nn.GroupNorm(2, 4), "pairwise")
+    with pytest.raises(UserError, match="split_pixels must be at least 1, not 0"):
+        ChannelsLastGroupNorm(torch.nn.GroupNorm(2, 4), "split", 0)
+
+
+def test_the_engines_norm_splits_its_statistics():
+    # the form measured fastest on an H100 (experiments/LOG.md, 2026-12-05 18:40)
+    m = torch.nn.Sequential(torch.nn.GroupNorm(2, 4))
+    assert channels_last_group_norms(m) == 1
+    assert (m[0].stats, m[0].split_pixels) == ("split", SPLIT_PIXELS)
 
 
 def test_channels_last_group_norm_keeps_the_input_dtype():

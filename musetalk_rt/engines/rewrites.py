@@ -40,8 +40,9 @@ from torch.nn import functional as F  # noqa: N812
 from musetalk_rt.errors import UserError
 
 # part of an engine's cache key when a rewrite is on: raise it whenever a rewrite's code changes
-# (1: the rewrites as measured first; 2: output in the input's memory format, bias in the conv)
-REWRITES_VERSION = 2
+# (1: the rewrites as measured first; 2: output in the input's memory format, bias in the conv;
+# 3: the group norm's statistics split over chunks of pixels)
+REWRITES_VERSION = 3
 # how a rewritten upsampler computes its four phases (``--phase-upsample FORM``)
 UPSAMPLE_FORMS = ("interleave", "transpose")
 
@@ -174,20 +175,24 @@ STATS_FORMS = ("welford", "sums", "split", "split_sums")
 SPLIT_PIXELS = 256  # pixels per partial reduction of the ``split`` forms
 
 
-def channel_stats(flat: torch.Tensor, form: str = "welford") -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(
+    flat: torch.Tensor, form: str = "welford", split_pixels: int = SPLIT_PIXELS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each channel's mean and (biased) variance over the pixels, computed in ``form``.
 
     All forms are the same function up to rounding; they differ in the reductions inductor is
     given. ``welford``: one ``var_mean`` over all pixels. ``sums``: the sum and the sum of
     squares of ``x - x[first pixel]`` (one multi-output reduction; the shift keeps a channel
     whose mean is large against its spread from cancelling). ``split`` / ``split_sums``: the
-    same over chunks of ``SPLIT_PIXELS`` pixels first, then merged over the chunks (equal counts:
+    same over chunks of ``split_pixels`` pixels first, then merged over the chunks (equal counts:
     mean of means, and mean of variances plus variance of means), so the first reduction has
-    ``B * L / 256 * C`` outputs to spread over the card instead of ``B * C``.
+    ``B * L / split_pixels * C`` outputs to spread over the card instead of ``B * C`` (a tensor
+    whose pixels do not divide into chunks is reduced whole).
 
     Args:
         flat: ``[B, L, C]`` in the accumulation dtype.
         form: One of ``STATS_FORMS``.
+        split_pixels: Pixels per chunk of the ``split`` forms.
 
     Returns:
         ``(mean, var)``, each ``[B, C]``.
@@ -196,8 +201,8 @@ def channel_stats(flat: torch.Tensor, form: str = "welford") -> tuple[torch.Tens
     if form == "welford":
         var, mean = torch.var_mean(flat, dim=1, correction=0)  # [B, C] each
         return mean, var
-    split = form.startswith("split") and n > SPLIT_PIXELS and n % SPLIT_PIXELS == 0
-    parts = flat.reshape(b, -1, SPLIT_PIXELS, c) if split else flat.unsqueeze(1)  # [B, S, P, C]
+    split = form.startswith("split") and n > split_pixels and n % split_pixels == 0
+    parts = flat.reshape(b, -1, split_pixels, c) if split else flat.unsqueeze(1)  # [B, S, P, C]
     if form.endswith("sums"):
         shift = flat[:, :1]  # [B, 1, C]
         d = parts - shift.unsqueeze(1)  # [B, S, P, C]
@@ -217,14 +222,17 @@ class ChannelsLastGroupNorm(nn.Module):
     Args:
         norm: The group norm to replace (its weights are shared, not copied).
         stats: How the per-channel statistics are reduced (``STATS_FORMS``; ``channel_stats``).
+        split_pixels: Pixels per chunk of the ``split`` forms.
     """
 
-    def __init__(self, norm: nn.GroupNorm, stats: str = "welford"):
+    def __init__(self, norm: nn.GroupNorm, stats: str = "split", split_pixels: int = SPLIT_PIXELS):
         super().__init__()
         if stats not in STATS_FORMS:
             raise UserError(f"unknown statistics form {stats!r}; choose from {STATS_FORMS}")
+        if split_pixels < 1:
+            raise UserError(f"split_pixels must be at least 1, not {split_pixels}")
         self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
-        self.stats = stats
+        self.stats, self.split_pixels = stats, split_pixels
         self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach(), False)
         self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach(), False)
 
@@ -232,7 +240,7 @@ class ChannelsLastGroupNorm(nn.Module):
         b, c, g = x.shape[0], self.num_channels, self.num_groups
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
         flat = x.movedim(1, -1).reshape(b, -1, c)  # [B, L, C]: a view in channels-last memory
-        mean_c, var_c = channel_stats(flat.to(acc), self.stats)  # [B, C] each
+        mean_c, var_c = channel_stats(flat.to(acc), self.stats, self.split_pixels)  # [B, C] each
         mean_c, var_c = mean_c.view(b, g, -1), var_c.view(b, g, -1)  # [B, G, C/G]
         mean_g = mean_c.mean(-1, keepdim=True)  # [B, G, 1]
         var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
