@@ -41,7 +41,9 @@
 #                                      # --phase-upsample, both rewrites), one process each, built
 #                                      # at once, timed in turns; then the kernel profile with both
 #                                      # rewrites (RW_KERNELS=0: not; RW_TIMEOUT_S bounds each
-#                                      # process, default 480; e.g. "4:--phase-upsample transpose")
+#                                      # process, default 480, and a process stops waiting for
+#                                      # its peers' builds 60 s before it; e.g.
+#                                      # "4:--phase-upsample transpose")
 #   experiments/gpu_runs.sh groupnorm  # group norm + SiLU on the VAE's shapes at B32 and B4:
 #                                      # eager, inductor, per-channel statistics, Triton tiles
 #                                      # (GN_BATCHES, default "32 4"; GN_TIMEOUT_S each, 280)
@@ -380,6 +382,7 @@ rewrites)
     timeout "${RW_TIMEOUT_S:-480}" "$PY" -m musetalk_rt bench --engine compile --compile-freezing \
       --compile-graph-capture manual --dtype fp16 --batch-sizes "$b" --iters 50 ${job#*:} \
       "${SYN[@]}" --out "$R" --gpu-turns /tmp/gpu_turns_rw --gpu-peers ${#jobs[@]} \
+      --gpu-peers-deadline-s $((${RW_TIMEOUT_S:-480} - 60)) \
       > "$L/bench_rw${i}_b$b.txt" 2>&1 &
     i=$((i + 1))
   done
@@ -400,7 +403,7 @@ norm-ceiling)
   # H100 rows': freezing, manual capture, both rewrites)
   rm -rf /tmp/gpu_turns_nc
   read -r -a nc_opts <<< "${NC_ARGS-"--compile-freezing --compile-graph-capture manual --phase-upsample transpose --channels-last-norm"}"
-  nc_variants=(${NC_VARIANTS:-as_is affine_only no_norm no_norm_no_silu})
+  read -r -a nc_variants <<< "${NC_VARIANTS:-as_is affine_only no_norm no_norm_no_silu}"
   for v in "${nc_variants[@]}"; do
     timeout "${NC_TIMEOUT_S:-560}" "$PY" experiments/norm_ceiling.py --variants "$v" \
       --batch-sizes "${NC_BUCKETS:-4,32}" "${nc_opts[@]}" --weights synthetic --device cuda \

@@ -48,13 +48,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from musetalk_rt.engines.rewrites import STATS_FORMS
+
 CEILINGS = ("as_is", "affine_only", "no_norm", "no_norm_no_silu")  # the default set
-STATS = {
-    "stats_welford": "welford",
-    "stats_sums": "sums",
-    "stats_split": "split",
-    "stats_split_sums": "split_sums",
-}
+STATS = {f"stats_{form}": form for form in STATS_FORMS}  # variant -> channel_stats form
 VARIANTS = CEILINGS + tuple(STATS)
 
 

@@ -73,27 +73,14 @@ def test_the_probe_runs_on_cpu_and_ends_with_one_json_line(tmp_path, capsys):
     assert [(r["variant"], r["batch"]) for r in rows] == [
         (v, b) for v in nc.CEILINGS for b in (1, 2)
     ]
-    assert (
-        nc.main(
-            [
-                *argv,
-                "--batch-sizes",
-                "1",
-                "--iters",
-                "2",
-                "--out",
-                str(tmp_path / "s"),
-                "--variants",
-                "stats_split_sums",
-            ]
-        )
-        == 0
-    )
-    assert (
-        "stats_split_sums_b1"
-        in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["norm_ceiling"]
-    )
     assert all(r["vae_decode_p50_ms"] > 0 for r in rows)
+    # a statistics variant, with its chunk size recorded
+    stats_argv = [*argv, "--batch-sizes", "1", "--iters", "2", "--variants", "stats_split_sums"]
+    assert nc.main([*stats_argv, "--split-pixels", "16", "--out", str(tmp_path / "s")]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["norm_ceiling"]) == {"stats_split_sums_b1"}
+    row = json.loads((tmp_path / "s" / "norm_ceiling.jsonl").read_text())
+    assert (row["variant"], row["split_pixels"]) == ("stats_split_sums", 16)
 
 
 def test_bad_input_is_one_clear_line(capsys):

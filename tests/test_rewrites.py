@@ -16,6 +16,7 @@ from musetalk_rt.engines.rewrites import (
     ChannelsLastGroupNorm,
     PhaseUpsample,
     TransposeUpsample,
+    channel_stats,
     channels_last_group_norms,
     phase_upsamplers,
 )
@@ -120,6 +121,22 @@ def test_channels_last_group_norm_equals_group_norm(shape, affine, stats):
     torch.testing.assert_close(out_cl, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("stats", ["split", "split_sums"])
+@pytest.mark.parametrize("split_pixels", [1, 7, 10, 30, 64, 128])
+@pytest.mark.parametrize("shape", [(2, 8, 30), (2, 8, 16, 8)])  # 30 and 128 pixels
+def test_split_statistics_equal_group_norm_at_any_chunk_size(stats, split_pixels, shape):
+    # chunks that divide the pixels, that do not (reduced whole), one as large as all pixels,
+    # one larger; the attention's [B, C, L] input and a non-contiguous channels-last view
+    g = torch.Generator().manual_seed(split_pixels)
+    gn = torch.nn.GroupNorm(4, 8, eps=1e-6).double()
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 5
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = ChannelsLastGroupNorm(gn, stats, split_pixels)(x)
+    torch.testing.assert_close(out, gn(x), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("stats", STATS_FORMS)
 def test_channel_statistics_in_fp32_do_not_cancel(stats):
     # fp32 channels with a mean 1000 times their spread, over more pixels than one split chunk:
@@ -136,6 +153,8 @@ def test_channel_statistics_in_fp32_do_not_cancel(stats):
 def test_an_unknown_statistics_form_names_the_known_ones():
     with pytest.raises(UserError, match="unknown statistics form 'pairwise'.*welford"):
         ChannelsLastGroupNorm(torch.nn.GroupNorm(2, 4), "pairwise")
+    with pytest.raises(UserError, match="unknown statistics form 'mean'"):
+        channel_stats(torch.zeros(1, 2, 3), "mean")
     with pytest.raises(UserError, match="split_pixels must be at least 1, not 0"):
         ChannelsLastGroupNorm(torch.nn.GroupNorm(2, 4), "split", 0)
 

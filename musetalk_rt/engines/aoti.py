@@ -211,7 +211,7 @@ class ExportedEngine(Engine):
     what = ""  # what the files are, for the report
 
     phase_upsample: str | bool = False  # upsample + conv from the small input (engines.rewrites)
-    channels_last_norm: bool = False  # group norms reduced per channel (engines.rewrites)
+    channels_last_norm: bool = False  # group norms reduced per channel and chunk (rewrites)
     channels_last: bool = False  # the module's weights and 4-D inputs in channels-last memory
     freezing: bool = False  # inductor freezing while compiling
     coordinate_descent: bool = False  # inductor's coordinate-descent kernel tuning
@@ -324,7 +324,7 @@ class AotiEngine(ExportedEngine):
             to ``max_autotune``, which tunes every stage.
         phase_upsample: Compute each nearest-2x upsample + 3x3 conv from the small input
             (:mod:`musetalk_rt.engines.rewrites`): ``True``/``"interleave"`` or ``"transpose"``.
-        channels_last_norm: Group norms reduce per channel over the pixels (rewrites).
+        channels_last_norm: Group norms reduce per channel over pixel chunks (rewrites).
         channels_last: The module's weights and 4-D inputs in channels-last memory and 1x1
             convolutions as matmuls, as the compile engine on CUDA (CUDA only).
         freezing: Inductor freezing while compiling: the weights are folded as constants and

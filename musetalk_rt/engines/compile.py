@@ -171,8 +171,8 @@ class CompileEngine(Engine):
             (:mod:`musetalk_rt.engines.rewrites`; exact, 2.25x less work there): ``True`` or
             ``"interleave"`` (one 2x2 conv + interleave) or ``"transpose"`` (one transposed
             conv).
-        channels_last_norm: Rewrite each group norm to reduce per channel over the pixels
-            (contiguous in channels-last memory), then merge into group statistics.
+        channels_last_norm: Rewrite each group norm to reduce per channel over chunks of
+            256 pixels (contiguous in channels-last memory), then merge into group statistics.
         autotune_stages: Stages built with ``gemm_autotune`` (the others without). At batch 4
             on an H200 inductor's Triton templates beat cuDNN/cuBLAS 2-4x on the UNet's small
             matmuls and convolutions timed one by one, yet the tuned UNet ran slower (5.11

@@ -197,6 +197,8 @@ def channel_stats(
     Returns:
         ``(mean, var)``, each ``[B, C]``.
     """
+    if form not in STATS_FORMS:
+        raise UserError(f"unknown statistics form {form!r}; choose from {STATS_FORMS}")
     b, n, c = flat.shape
     if form == "welford":
         var, mean = torch.var_mean(flat, dim=1, correction=0)  # [B, C] each
@@ -227,8 +229,7 @@ class ChannelsLastGroupNorm(nn.Module):
 
     def __init__(self, norm: nn.GroupNorm, stats: str = "split", split_pixels: int = SPLIT_PIXELS):
         super().__init__()
-        if stats not in STATS_FORMS:
-            raise UserError(f"unknown statistics form {stats!r}; choose from {STATS_FORMS}")
+        channel_stats(torch.zeros(1, 1, 1), stats)  # an unknown form fails here, not in a build
         if split_pixels < 1:
             raise UserError(f"split_pixels must be at least 1, not {split_pixels}")
         self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
