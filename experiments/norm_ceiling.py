@@ -48,14 +48,30 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from musetalk_rt.engines.rewrites import STATS_FORMS
+from musetalk_rt.engines.rewrites import SPLIT_PIXELS, STATS_FORMS
 
 CEILINGS = ("as_is", "affine_only", "no_norm", "no_norm_no_silu")  # the default set
 STATS = {f"stats_{form}": form for form in STATS_FORMS}  # variant -> channel_stats form
 VARIANTS = CEILINGS + tuple(STATS)
 
 
-def strip(vae, variant: str, split_pixels: int = 256) -> int:
+def norm_stats(variant: str, channels_last_norm: bool, split_pixels: int) -> dict:
+    """How ``variant``'s group norms reduce their statistics, for its row.
+
+    ``as_is`` keeps the engine's: its channels-last norm's form with ``--channels-last-norm``,
+    the library's group norm without; the other ceilings have no statistics.
+    """
+    if variant in STATS:
+        form = STATS[variant]
+    elif variant == "as_is":
+        form, split_pixels = ("split" if channels_last_norm else "library"), SPLIT_PIXELS
+    else:
+        form = None
+    split = form is not None and form.startswith("split")
+    return {"norm_stats": form, "split_pixels": split_pixels if split else None}
+
+
+def strip(vae, variant: str, split_pixels: int = SPLIT_PIXELS) -> int:
     """Rewrite ``vae``'s decoder in place for ``variant``; returns how many modules changed."""
     from torch import nn
 
@@ -103,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--split-pixels",
         type=int,
-        default=256,
+        default=SPLIT_PIXELS,
         help="pixels per chunk of the stats_split* variants",
     )
     add_probe_options(p, out="out/norm_ceiling")
@@ -163,7 +179,7 @@ def _run(args, variants: list[str]) -> int:
                 "probe": "norm_ceiling",
                 "variant": variant,
                 "modules_changed": changed,
-                "split_pixels": args.split_pixels if variant.startswith("stats_split") else None,
+                **norm_stats(variant, bool(opts.get("channels_last_norm")), args.split_pixels),
                 "engine": args.engine,
                 "engine_options": engine.row_options(device),
                 "dtype": args.dtype,

@@ -80,7 +80,23 @@ def test_the_probe_runs_on_cpu_and_ends_with_one_json_line(tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last["norm_ceiling"]) == {"stats_split_sums_b1"}
     row = json.loads((tmp_path / "s" / "norm_ceiling.jsonl").read_text())
-    assert (row["variant"], row["split_pixels"]) == ("stats_split_sums", 16)
+    assert (row["variant"], row["norm_stats"], row["split_pixels"]) == (
+        "stats_split_sums",
+        "split_sums",
+        16,
+    )
+
+
+def test_rows_name_the_statistics_each_variant_used():
+    nc = load_experiment("norm_ceiling")
+    assert nc.norm_stats("as_is", True, 16) == {"norm_stats": "split", "split_pixels": 256}
+    assert nc.norm_stats("as_is", False, 16) == {"norm_stats": "library", "split_pixels": None}
+    assert nc.norm_stats("stats_welford", True, 16) == {
+        "norm_stats": "welford",
+        "split_pixels": None,
+    }
+    assert nc.norm_stats("stats_split", False, 64) == {"norm_stats": "split", "split_pixels": 64}
+    assert nc.norm_stats("no_norm", True, 16) == {"norm_stats": None, "split_pixels": None}
 
 
 def test_bad_input_is_one_clear_line(capsys):
