@@ -14,7 +14,8 @@ Variants per shape (``[B, C, H, W]`` fp16 channels-last, 32 groups, as in the de
 * ``eager`` — ``F.silu(F.group_norm(x))``;
 * ``inductor`` — the same under ``torch.compile`` (what the compile engine runs today);
 * ``inductor_channel_stats`` — :class:`~musetalk_rt.engines.rewrites.ChannelsLastGroupNorm`
-  + SiLU under ``torch.compile``;
+  + SiLU under ``torch.compile`` (its statistics in the engine's form: since rewrite version 3
+  over 256-pixel chunks; the rows of 2026-12-02 had one reduction over all pixels);
 * ``triton_tiles`` — the kernel below + a compiled merge and apply (CUDA, or the Triton
   interpreter with ``TRITON_INTERPRET=1`` on the CPU for correctness only).
 
