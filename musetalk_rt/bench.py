@@ -37,6 +37,12 @@ stage's graphs captured and replayed at a higher CUDA stream priority (``unet_hi
 VAE's long ones, and its chain, not the card, can set the pace. The re-captures allocate, so
 ``peak_mem_mb_before_priorities`` gives the process's peak before them.
 
+``peak_mem_mb`` is the CUDA allocator's peak from the build to the end of the row's timing;
+``peak_mem_mb_by_phase`` splits it into the build (all buckets), the quality gate (the fp32
+reference runs there) and the timing. Some batch-32 rows on an H100 recorded 41.3 GiB where
+others of the same configuration recorded 19.6, already before the priority passes; the split
+says which phase it is.
+
 ``fuse_stages``: UNet and VAE decode built as one module (one graph, one replay per step); the
 row then has no per-stage times. ``GpuTurns``: several bench processes on one GPU build at the
 same time and take turns for the timing, each after all have built (or a deadline passed).
@@ -464,6 +470,25 @@ def _time_overlapped(
     return ms_per_batch, latencies, bool(torch.equal(images, reference))
 
 
+class _PhasePeaks:
+    """The CUDA allocator's peak memory (MiB) per bench phase; records nothing off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mb: dict[str, int] = {}
+
+    def end(self, phase: str) -> None:
+        """Record the peak since the last phase ended as ``phase``'s, and start a new one."""
+        if self.device.type == "cuda":
+            self.mb[phase] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def overall(self, *phases: str) -> int | None:
+        """The highest of ``phases``' peaks (all recorded phases without any); None off CUDA."""
+        picked = [self.mb[p] for p in phases or self.mb if p in self.mb]
+        return max(picked) if picked else None
+
+
 class _FusedStep(torch.nn.Module):
     """UNet step then VAE decode as one module: ``(latents, audio) -> (pred_latents, images)``."""
 
@@ -623,6 +648,7 @@ def run_bench(
             log(f"building {engine_name}/{dtype_name} for batches {batch_sizes} …")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            peaks = _PhasePeaks(device)
             fused = None
             try:
                 if fuse_stages:
@@ -647,13 +673,20 @@ def run_bench(
                 if turns is not None:
                     turns.mark_ready()  # peers need not wait for a build that failed
                 raise
+            peaks.end("build")
             if turns is not None:
                 turns.wait(log)
             for b in batch_sizes:
                 with turns.turn() if turns is not None else _no_lock():
                     quality = check_parity(ref_unet.run, ref_vae.run, parity_u, parity_v, b, device)
+                    peaks.end("gate")
                     per_stage, total, gpu, overlap = _measure(
                         unet, vae, b, device, warmup, iters, fused
+                    )
+                    peaks.end("timing")
+                if "peak_mem_mb_before_priorities" in overlap:  # the timing's so far: add the rest
+                    overlap["peak_mem_mb_before_priorities"] = max(
+                        overlap["peak_mem_mb_before_priorities"], peaks.overall("build", "gate")
                     )
                 p50 = statistics.median(total)
                 build_s = (
@@ -676,11 +709,8 @@ def run_bench(
                     **overlap,
                     "unet_p50_ms": _p50(per_stage.get("unet")),
                     "vae_decode_p50_ms": _p50(per_stage.get("vae_decode")),
-                    "peak_mem_mb": (
-                        round(torch.cuda.max_memory_allocated(device) / 2**20)
-                        if device.type == "cuda"
-                        else None
-                    ),
+                    "peak_mem_mb": peaks.overall(),
+                    "peak_mem_mb_by_phase": dict(peaks.mb) or None,
                     "build_s": round(build_s, 2),
                     "engine_cache": rep_u.cache,
                     "engine_options": engine.row_options(device),

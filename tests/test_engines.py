@@ -255,6 +255,27 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
     head, _, line = table(rows).splitlines()[:3]
     assert "sust ms" in head and line.startswith("compile-fp32-b2")
     assert line.split()[5:7] == ["-", "-"]  # no sustained time, no clock off CUDA
+    assert row["peak_mem_mb"] is None and row["peak_mem_mb_by_phase"] is None  # CUDA only
+
+
+def test_phase_peaks_split_the_allocators_peak_and_restart_it(monkeypatch):
+    from musetalk_rt import bench
+
+    allocated = {"peak": 0}  # the allocator's running peak, in bytes
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocated["peak"])
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device: allocated.update(peak=0)
+    )
+    peaks = bench._PhasePeaks(torch.device("cuda"))
+    for phase, mib in (("build", 300), ("gate", 900), ("timing", 500)):
+        allocated["peak"] = mib * 2**20
+        peaks.end(phase)
+        assert allocated["peak"] == 0  # the next phase starts from nothing
+    assert peaks.mb == {"build": 300, "gate": 900, "timing": 500}
+    assert peaks.overall() == 900 and peaks.overall("build", "timing") == 500
+    off_cuda = bench._PhasePeaks(torch.device("cpu"))
+    off_cuda.end("build")
+    assert off_cuda.mb == {} and off_cuda.overall() is None
 
 
 def test_gpu_turns_lift_the_memory_cap_while_timing(tmp_path, monkeypatch):
