@@ -35,13 +35,14 @@ the same images as the sequential one. ``overlap_by_priority`` times the same pi
 stage's graphs captured and replayed at a higher CUDA stream priority (``unet_high``,
 ``vae_high``): with equal priorities the UNet's short kernels queue behind the waves of the
 VAE's long ones, and its chain, not the card, can set the pace. The re-captures allocate, so
-``peak_mem_mb_before_priorities`` gives the process's peak before them.
+``peak_mem_mb_before_priorities`` gives the row's peak before them (build, gate and timing).
 
-``peak_mem_mb`` is the CUDA allocator's peak from the build to the end of the row's timing;
-``peak_mem_mb_by_phase`` splits it into the build (all buckets), the quality gate (the fp32
-reference runs there) and the timing. Some batch-32 rows on an H100 recorded 41.3 GiB where
-others of the same configuration recorded 19.6, already before the priority passes; the split
-says which phase it is.
+``peak_mem_mb_by_phase`` holds the CUDA allocator's peak (MiB) in each phase of a row: the build
+(all buckets, shared by the process's rows), the quality gate (the fp32 reference runs there)
+and the timing. Each is a level, not an increment: what earlier phases left allocated counts.
+``peak_mem_mb`` is the highest of the three (a process's earlier batch sizes are not in it).
+Some batch-32 rows on an H100 recorded 41.3 GiB where others of the same configuration recorded
+19.6, already before the priority passes; the phases say which part it is.
 
 ``fuse_stages``: UNet and VAE decode built as one module (one graph, one replay per step); the
 row then has no per-stage times. ``GpuTurns``: several bench processes on one GPU build at the
@@ -360,7 +361,8 @@ def _measure(
                 batch, *_time_overlapped(unet, vae, latents, audio, device, max(iters, 20))
             )
             overlap |= {f"overlap_{k}": v for k, v in figures.items()}
-            # the process's peak so far, apart from the priority passes' re-captures
+            # the timing's peak so far, before the priority passes' re-captures (run_bench adds
+            # the build's and the gate's)
             overlap["peak_mem_mb_before_priorities"] = round(
                 torch.cuda.max_memory_allocated(device) / 2**20
             )

@@ -278,6 +278,50 @@ def test_phase_peaks_split_the_allocators_peak_and_restart_it(monkeypatch):
     assert off_cuda.mb == {} and off_cuda.overall() is None
 
 
+def test_each_row_takes_its_own_gate_and_timing_peaks(tiny_models, monkeypatch):
+    from musetalk_rt import bench
+
+    # a fake allocator (MiB): the build leaves a 700 peak; each batch's gate and timing raise
+    # it by their own figures; the timing's own reading before the priority passes is given
+    alloc = {"peak": 700}
+    figures = {2: (900, 500, 400), 4: (300, 1200, 1100)}  # batch: gate, timing, before prio
+
+    class FakePeaks(bench._PhasePeaks):
+        def end(self, phase):
+            self.mb[phase], alloc["peak"] = alloc["peak"], 0
+
+    def gate(*args, **kwargs):
+        result = real_gate(*args, **kwargs)
+        alloc["peak"] = max(alloc["peak"], figures[args[4]][0])
+        return result
+
+    def measure(unet, vae, b, *args):
+        per_stage, total, gpu, overlap = real_measure(unet, vae, b, *args)
+        alloc["peak"] = max(alloc["peak"], figures[b][1])
+        return per_stage, total, gpu, overlap | {"peak_mem_mb_before_priorities": figures[b][2]}
+
+    real_gate, real_measure = bench.check_parity, bench._measure
+    monkeypatch.setattr(bench, "_PhasePeaks", FakePeaks)
+    monkeypatch.setattr(bench, "check_parity", gate)
+    monkeypatch.setattr(bench, "_measure", measure)
+    rows = bench.run_bench(
+        tiny_models, ["eager"], ["fp32"], [2, 4], warmup=1, iters=2, log=lambda line: None
+    )
+    got = [
+        (
+            r["batch"],
+            r["peak_mem_mb_by_phase"],
+            r["peak_mem_mb"],
+            r["peak_mem_mb_before_priorities"],
+        )
+        for r in rows
+    ]
+    assert got == [
+        (2, {"build": 700, "gate": 900, "timing": 500}, 900, 900),
+        (4, {"build": 700, "gate": 300, "timing": 1200}, 1200, 1100),  # not batch 2's gate
+    ]
+
+
 def test_gpu_turns_lift_the_memory_cap_while_timing(tmp_path, monkeypatch):
     """Five peers cap each process at 18% of the card; a B32 timing turn needs more (it died
     of that cap on an H100), so the turn lifts it once no peer is building, hands the cached
