@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, variants: list[str]) -> int:
     import torch
 
-    from musetalk_rt.bench import GpuTurns, environment, write_rows
+    from musetalk_rt.bench import GpuTurns, building, environment, write_rows
     from musetalk_rt.cli import _engine_options
     from musetalk_rt.engines import parse_dtype, select_engine
     from musetalk_rt.stages import VaeDecodeStage
@@ -164,14 +164,8 @@ def _run(args, variants: list[str]) -> int:
         changed = strip(vae, variant, args.split_pixels)
         engine, _ = select_engine(args.engine, device, dtype, fix_hint="", **opts)
         stage = VaeDecodeStage(vae, engine, dtype, device)
-        try:
+        with building(turns):
             report = stage.prepare(batches)
-        except BaseException:
-            if turns is not None:
-                turns.mark_ready()  # peers need not wait for a build that failed
-            raise
-        if turns is not None:
-            turns.wait()
         for b in batches:
             with turns.turn() if turns is not None else contextlib.nullcontext():
                 step_ms, gpu_ms = _time_decode(stage.run, b, device, args.iters)

@@ -51,6 +51,7 @@ same time and take turns for the timing, each after all have built (or a deadlin
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import json
@@ -473,11 +474,16 @@ def _time_overlapped(
 
 
 class _PhasePeaks:
-    """The CUDA allocator's peak memory (MiB) per bench phase; records nothing off CUDA."""
+    """The CUDA allocator's peak memory (MiB) per bench phase; records nothing off CUDA.
+
+    The first phase starts when the object is made.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mb: dict[str, int] = {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
     def end(self, phase: str) -> None:
         """Record the peak since the last phase ended as ``phase``'s, and start a new one."""
@@ -516,6 +522,23 @@ def _fused_parity_runners(fused):
         return last["images"]
 
     return unet, vae
+
+
+@contextlib.contextmanager
+def building(turns: GpuTurns | None, log: Callable[[str], None] = print):
+    """Around a build that shares the GPU with ``turns`` (nothing without them).
+
+    A build that fails marks this process ready, so that its peers need not wait for it until
+    the deadline; one that finishes waits for its peers' builds (:meth:`GpuTurns.wait`).
+    """
+    try:
+        yield
+    except BaseException:
+        if turns is not None:
+            turns.mark_ready()
+        raise
+    if turns is not None:
+        turns.wait(log)
 
 
 class GpuTurns:
@@ -648,11 +671,9 @@ def run_bench(
             unet = UNetStage(models.unet, engine, dtype, device)
             vae = VaeDecodeStage(models.vae, engine, dtype, device)
             log(f"building {engine_name}/{dtype_name} for batches {batch_sizes} …")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             peaks = _PhasePeaks(device)
             fused = None
-            try:
+            with building(turns, log):
                 if fuse_stages:
                     fused = engine.build(
                         _FusedStep(models.unet, models.vae),
@@ -671,13 +692,7 @@ def run_bench(
                     rep_v = vae.prepare(batch_sizes, cache_root, models.fingerprint)
                     log(f"vae_decode built in {sum(rep_v.build_s.values()):.1f} s")
                     parity_u, parity_v = unet.run, vae.run
-            except BaseException:
-                if turns is not None:
-                    turns.mark_ready()  # peers need not wait for a build that failed
-                raise
-            peaks.end("build")
-            if turns is not None:
-                turns.wait(log)
+                peaks.end("build")
             for b in batch_sizes:
                 with turns.turn() if turns is not None else _no_lock():
                     quality = check_parity(ref_unet.run, ref_vae.run, parity_u, parity_v, b, device)

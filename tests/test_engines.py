@@ -258,6 +258,21 @@ def test_bench_fused_stages_one_module_and_gpu_turns(tiny_models, tmp_path):
     assert row["peak_mem_mb"] is None and row["peak_mem_mb_by_phase"] is None  # CUDA only
 
 
+def test_a_failed_build_marks_its_process_ready_and_a_finished_one_waits(tmp_path):
+    from musetalk_rt.bench import GpuTurns, building
+
+    failed = GpuTurns(tmp_path / "turns", peers=2, deadline_s=0.0)
+    with pytest.raises(RuntimeError, match="out of memory"), building(failed):
+        raise RuntimeError("out of memory")
+    assert failed.ready_peers is None and len(list((tmp_path / "turns").glob("ready.*"))) == 1
+    built = GpuTurns(tmp_path / "turns", peers=2, deadline_s=0.0)
+    with building(built, log=lambda line: None):
+        pass
+    assert built.ready_peers == 1  # marked ready and waited (the deadline passed at once)
+    with building(None):  # no turns: nothing to mark or wait for
+        pass
+
+
 def test_phase_peaks_split_the_allocators_peak_and_restart_it(monkeypatch):
     from musetalk_rt import bench
 

@@ -179,6 +179,11 @@ STATS_FORMS = ("welford", "sums", "split", "split_sums")
 SPLIT_PIXELS = 256  # pixels per partial reduction of the ``split`` forms
 
 
+def _check_stats_form(form: str) -> None:
+    if form not in STATS_FORMS:
+        raise UserError(f"unknown statistics form {form!r}; choose from {STATS_FORMS}")
+
+
 def channel_stats(
     flat: torch.Tensor, form: str = "split", split_pixels: int = SPLIT_PIXELS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +206,7 @@ def channel_stats(
     Returns:
         ``(mean, var)``, each ``[B, C]``.
     """
-    if form not in STATS_FORMS:
-        raise UserError(f"unknown statistics form {form!r}; choose from {STATS_FORMS}")
+    _check_stats_form(form)
     b, n, c = flat.shape
     if form == "welford":
         var, mean = torch.var_mean(flat, dim=1, correction=0)  # [B, C] each
@@ -233,7 +237,7 @@ class ChannelsLastGroupNorm(nn.Module):
 
     def __init__(self, norm: nn.GroupNorm, stats: str = "split", split_pixels: int = SPLIT_PIXELS):
         super().__init__()
-        channel_stats(torch.zeros(1, 1, 1), stats)  # an unknown form fails here, not in a build
+        _check_stats_form(stats)  # here, not in a build
         if split_pixels < 1:
             raise UserError(f"split_pixels must be at least 1, not {split_pixels}")
         self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
