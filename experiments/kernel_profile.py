@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from musetalk_rt.bench import GpuTurns, environment, write_rows
+from musetalk_rt.bench import GpuTurns, building, environment, write_rows
 from musetalk_rt.cli import _engine_options, add_probe_options
 from musetalk_rt.engines.base import check_autotune_stages
 from musetalk_rt.weights import load_models
@@ -73,11 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             opts["cuda_graphs"] = False  # the same kernels, each visible to the profiler
         tag = rewrite_tag(opts)
         t0 = time.perf_counter()
-        gen = make_generator(models, engine, args.dtype, batches, opts, log=lambda _: None)
-        build_s = time.perf_counter() - t0
-        print(f"{engine}: built {len(batches)} bucket(s) in {build_s:.0f} s", flush=True)
-        if turns is not None:
-            turns.wait()
+        with building(turns):  # a failed build marks this process ready for its peers
+            gen = make_generator(models, engine, args.dtype, batches, opts, log=lambda _: None)
+            build_s = time.perf_counter() - t0
+            print(f"{engine}: built {len(batches)} bucket(s) in {build_s:.0f} s", flush=True)
         for b in batches:
             with turns.turn() if turns is not None else contextlib.nullcontext():
                 stages = kernel_breakdown(gen, b, args.iters)

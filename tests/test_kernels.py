@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -105,3 +106,14 @@ def test_kernel_profile_script_writes_a_row_and_one_json_line(tmp_path, capsys):
     assert tag({"phase_upsample": True, "autotune_stages": "vae_decode,unet"}) == (
         "_phase_upsample_autotune_unet+vae_decode"
     )
+
+
+def test_kernel_profile_build_that_fails_marks_it_ready_for_its_gpu_peers(tmp_path):
+    script = load_experiment("kernel_profile")
+    turns = tmp_path / "turns"
+    argv = ["--engines", "no-such-engine", "--batch-sizes", "2", "--weights", "tiny"]
+    argv += ["--device", "cpu", "--out", str(tmp_path), "--gpu-turns", str(turns)]
+    with pytest.raises(Exception, match="no-such-engine"):
+        script.main(argv + ["--gpu-peers", "2"])
+    # its peer need not wait for it until the deadline
+    assert [p.name for p in turns.glob("ready.*")] == [f"ready.{os.getpid()}"]
