@@ -136,8 +136,7 @@ def test_aoti_layout_freezing_and_tuning_options_reach_inductor_and_the_key(
     plain = get_engine("aoti").cache_options()
     assert not set(opts) & set(plain) and "channels_last_norm" not in plain
     seen.clear()
-    # off is said, not left to inductor's global config, which a compile engine built earlier in
-    # the same process (the workbench's side-by-side notebook) leaves with its own settings
+    # off is said, not left to inductor's global config, which a notebook may have set
     # (config.patch, not monkeypatch: monkeypatch's undo deletes a torch config module's entry)
     import torch._inductor.config as inductor_config
 

@@ -152,18 +152,29 @@ def test_compile_passes_the_settings_with_the_modes_own(monkeypatch):
         seen.update(kw)
         return real_compile(model, backend="eager")
 
+    import torch._inductor.config as cfg
+
     monkeypatch.setattr(torch, "compile", spy)
-    eng = get_engine("compile", inductor_config="combo_kernels=true", cuda_graphs=False)
-    runner = eng.build(
-        torch.nn.Linear(4, 4),
-        lambda b: [torch.zeros(b, 4)],
-        [1],
-        torch.float32,
-        torch.device("cpu"),
-    )
-    assert seen["options"] == {"combo_kernels": True} and seen["mode"] is None
+    before = cfg.get_config_copy()
+
+    def build(**opts):
+        seen.clear()
+        eng = get_engine("compile", cuda_graphs=False, **opts)
+        linear, inputs = torch.nn.Linear(4, 4), lambda b: [torch.zeros(b, 4)]
+        return eng.build(linear, inputs, [1], torch.float32, torch.device("cpu"))
+
+    runner = build(inductor_config="combo_kernels=true", freezing=True, coordinate_descent=True)
+    own = {"freezing": True, "coordinate_descent_tuning": True, "conv_1x1_as_mm": False}
+    assert seen["options"] == own | {"combo_kernels": True} and seen["mode"] is None
     assert "inductor combo_kernels=True" in runner.report.reason
     real_compile(torch.nn.Identity(), options=seen["options"])  # inductor takes the options
+    # the engine's settings are its compile's alone: inductor's global config is as it was, and
+    # a build without them says so (it does not inherit the last build's)
+    assert cfg.get_config_copy() == before
+    build(freezing=False)
+    assert seen["options"]["freezing"] is False and not seen["options"]["coordinate_descent_tuning"]
+    build(mode="max-autotune")  # its mode's own settings stand: coordinate descent is on
+    assert seen["options"]["coordinate_descent_tuning"] and seen["options"]["max_autotune"]
     with pytest.raises(UserError, match="needs the inductor backend, not aot_eager"):
         get_engine("compile", backend="aot_eager", inductor_config="combo_kernels=true")
 

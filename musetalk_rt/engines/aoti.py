@@ -403,9 +403,9 @@ class AotiEngine(ExportedEngine):
         if self.weights == "blob":  # weights beside the shared object, inside the package
             configs["aot_inductor.package_constants_in_so"] = False
             configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
-        # each setting given either way: a compile engine built earlier in this process leaves
-        # inductor's global config with its own (freezing, tuning), which a package built here
-        # would otherwise take while its cache key says it has them off
+        # each setting given either way: inductor's global config may hold others (set in a
+        # notebook), which a package built here would otherwise take while its cache key says
+        # it has them off
         configs["conv_1x1_as_mm"] = bool(self.channels_last and inputs[0].is_cuda)
         configs["freezing"] = self.freezing
         configs["coordinate_descent_tuning"] = self.coordinate_descent

@@ -156,10 +156,10 @@ class CompileEngine(Engine):
         backend: Dynamo backend (``inductor``; tests use ``aot_eager`` to stay CPU-cheap).
         mode: ``torch.compile`` mode (None = default).
         cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
-        freezing: Inductor freezing (weights as constants, folded and re-laid out). Set in
-            inductor's global config, as ``coordinate_descent`` and (CUDA) ``conv_1x1_as_mm``
-            are, and left there after the build: every compile build on CUDA sets all three, and
-            the aoti engine passes its own values either way, so neither takes another's.
+        freezing: Inductor freezing (weights as constants, folded and re-laid out). Passed
+            to ``torch.compile`` as an option, as ``coordinate_descent`` and (CUDA)
+            ``conv_1x1_as_mm`` are: inductor's global config is left alone, so no other build
+            in the process takes this one's settings.
         coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
         fuse_qkv: Fuse each attention's q/k/v projections into one linear (engine's copy).
@@ -290,10 +290,6 @@ class CompileEngine(Engine):
         m = m.to(dtype=dtype)
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
-        if self.backend == "inductor" and on_cuda:
-            import torch._inductor.config as inductor_config
-
-            inductor_config.conv_1x1_as_mm = True
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * len(batch_sizes))
@@ -308,14 +304,20 @@ class CompileEngine(Engine):
         tree_graphs = on_cuda and mode in ("reduce-overhead", "max-autotune")
         if self.cudnn_benchmark and on_cuda:
             torch.backends.cudnn.benchmark = True
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = self.freezing
-        inductor_config.coordinate_descent_tuning = self.coordinate_descent
         gemm_tuned = self.gemm_autotune and self.backend == "inductor"
-        # tuned or more settings: the mode (still named in the report) becomes options
-        extra = dict(self.inductor_config) | ({"max_autotune_gemm": True} if gemm_tuned else {})
-        options = mode_options(mode, **extra) if extra else None
+        options = None
+        if self.backend == "inductor":
+            # the mode (still named in the report) becomes options, and this engine's settings
+            # go with them, for this compile alone: set in inductor's global config, they would
+            # reach a later build in this process (whose cache key says otherwise) and a
+            # recompile of this one would take whatever that build left there
+            own = {
+                "freezing": self.freezing,
+                "coordinate_descent_tuning": self.coordinate_descent,
+                "conv_1x1_as_mm": on_cuda,
+            }
+            extra = dict(self.inductor_config) | ({"max_autotune_gemm": True} if gemm_tuned else {})
+            options = own | mode_options(mode, **extra)  # (max-autotune: coordinate descent on)
         compiled = torch.compile(
             m,
             fullgraph=True,
