@@ -152,31 +152,56 @@ def test_compile_passes_the_settings_with_the_modes_own(monkeypatch):
         seen.update(kw)
         return real_compile(model, backend="eager")
 
+    monkeypatch.setattr(torch, "compile", spy)
+    eng = get_engine("compile", inductor_config="combo_kernels=true", cuda_graphs=False)
+    runner = eng.build(
+        torch.nn.Linear(4, 4),
+        lambda b: [torch.zeros(b, 4)],
+        [1],
+        torch.float32,
+        torch.device("cpu"),
+    )
+    assert seen["options"] == {"combo_kernels": True} and seen["mode"] is None
+    assert "inductor combo_kernels=True" in runner.report.reason
+    real_compile(torch.nn.Identity(), options=seen["options"])  # inductor takes the options
+    with pytest.raises(UserError, match="needs the inductor backend, not aot_eager"):
+        get_engine("compile", backend="aot_eager", inductor_config="combo_kernels=true")
+
+
+def test_compile_engine_settings_hold_while_it_builds_and_not_after(monkeypatch):
+    """Freezing and coordinate descent are in inductor's config while dynamo traces the buckets
+    (dynamo reads freezing there: weights traced as constants), then the config is as it was;
+    the traced graph is used again after the build without a retrace."""
     import torch._inductor.config as cfg
+    from torch._dynamo.utils import is_parameter_freezing
+
+    traced = []
+    real_compile = torch.compile
+
+    def spy(model, **kw):
+        def backend(gm, example_inputs):  # called once per trace
+            traced.append((is_parameter_freezing(), cfg.coordinate_descent_tuning))
+            return gm.forward
+
+        return real_compile(model, backend=backend, fullgraph=True, dynamic=False)
 
     monkeypatch.setattr(torch, "compile", spy)
     before = cfg.get_config_copy()
 
     def build(**opts):
-        seen.clear()
+        traced.clear()
         eng = get_engine("compile", cuda_graphs=False, **opts)
-        linear, inputs = torch.nn.Linear(4, 4), lambda b: [torch.zeros(b, 4)]
-        return eng.build(linear, inputs, [1], torch.float32, torch.device("cpu"))
+        conv, inputs = torch.nn.Conv2d(3, 4, 3), lambda b: [torch.zeros(b, 3, 8, 8)]
+        return eng.build(conv, inputs, [2], torch.float32, torch.device("cpu"))
 
-    runner = build(inductor_config="combo_kernels=true", freezing=True, coordinate_descent=True)
-    own = {"freezing": True, "coordinate_descent_tuning": True, "conv_1x1_as_mm": False}
-    assert seen["options"] == own | {"combo_kernels": True} and seen["mode"] is None
-    assert "inductor combo_kernels=True" in runner.report.reason
-    real_compile(torch.nn.Identity(), options=seen["options"])  # inductor takes the options
-    # the engine's settings are its compile's alone: inductor's global config is as it was, and
-    # a build without them says so (it does not inherit the last build's)
+    runner = build(freezing=True, coordinate_descent=True)
+    assert traced == [(True, True)]
     assert cfg.get_config_copy() == before
-    build(freezing=False)
-    assert seen["options"]["freezing"] is False and not seen["options"]["coordinate_descent_tuning"]
-    build(mode="max-autotune")  # its mode's own settings stand: coordinate descent is on
-    assert seen["options"]["coordinate_descent_tuning"] and seen["options"]["max_autotune"]
-    with pytest.raises(UserError, match="needs the inductor backend, not aot_eager"):
-        get_engine("compile", backend="aot_eager", inductor_config="combo_kernels=true")
+    with torch.inference_mode():
+        runner.fns[2](torch.ones(2, 3, 8, 8))
+    assert len(traced) == 1  # no retrace under the restored config
+    build(freezing=False)  # nothing of the last build's settings is left for the next one
+    assert traced == [(False, False)]
 
 
 def test_rows_with_settings_get_a_line_of_their_own():

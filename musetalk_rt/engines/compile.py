@@ -156,10 +156,11 @@ class CompileEngine(Engine):
         backend: Dynamo backend (``inductor``; tests use ``aot_eager`` to stay CPU-cheap).
         mode: ``torch.compile`` mode (None = default).
         cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
-        freezing: Inductor freezing (weights as constants, folded and re-laid out). Passed
-            to ``torch.compile`` as an option, as ``coordinate_descent`` and (CUDA)
-            ``conv_1x1_as_mm`` are: inductor's global config is left alone, so no other build
-            in the process takes this one's settings.
+        freezing: Inductor freezing (weights as constants, folded and re-laid out). Set in
+            inductor's global config for the build alone, as ``coordinate_descent`` and (CUDA)
+            ``conv_1x1_as_mm`` are (dynamo reads ``freezing`` there while it traces, so it
+            cannot be a ``torch.compile`` option); the config is as it was afterwards, so no
+            later compile in the process takes this build's settings.
         coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
         fuse_qkv: Fuse each attention's q/k/v projections into one linear (engine's copy).
@@ -305,19 +306,20 @@ class CompileEngine(Engine):
         if self.cudnn_benchmark and on_cuda:
             torch.backends.cudnn.benchmark = True
         gemm_tuned = self.gemm_autotune and self.backend == "inductor"
-        options = None
-        if self.backend == "inductor":
-            # the mode (still named in the report) becomes options, and this engine's settings
-            # go with them, for this compile alone: set in inductor's global config, they would
-            # reach a later build in this process (whose cache key says otherwise) and a
-            # recompile of this one would take whatever that build left there
-            own = {
-                "freezing": self.freezing,
-                "coordinate_descent_tuning": self.coordinate_descent,
-                "conv_1x1_as_mm": on_cuda,
-            }
-            extra = dict(self.inductor_config) | ({"max_autotune_gemm": True} if gemm_tuned else {})
-            options = own | mode_options(mode, **extra)  # (max-autotune: coordinate descent on)
+        # tuned or more settings: the mode (still named in the report) becomes options
+        extra = dict(self.inductor_config) | ({"max_autotune_gemm": True} if gemm_tuned else {})
+        options = mode_options(mode, **extra) if extra else None
+        import torch._inductor.config as inductor_config
+
+        # this engine's own settings, in inductor's global config while the buckets compile and
+        # restored after: dynamo reads `freezing` there as it traces (weights traced as constants
+        # or as inputs), which torch.compile's options, seen by inductor alone, would not reach;
+        # left set, they would reach later compiles in the process, whose cache keys say otherwise
+        settings = inductor_config.patch(
+            freezing=self.freezing,
+            coordinate_descent_tuning=self.coordinate_descent,
+            conv_1x1_as_mm=self.backend == "inductor" and on_cuda,
+        )
         compiled = torch.compile(
             m,
             fullgraph=True,
@@ -343,23 +345,24 @@ class CompileEngine(Engine):
             + inductor_options.describe(self.inductor_config),
         )
         fns = {}
-        for b in sorted(set(batch_sizes)):
-            inputs = []
-            with torch.inference_mode():  # inference tensors, as the runner passes at run time
-                for x in example_inputs(b):
-                    x = x.to(device=device, dtype=dtype).clone()
-                    inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                compiled(*inputs)  # compiles this bucket
-                if tree_graphs:
-                    fns[b] = _tree_step(compiled)
-                    fns[b](*inputs)  # records the graph
-                elif manual_graphs:
-                    fns[b] = _ManualGraphStep(compiled, inputs)
-                else:
-                    fns[b] = compiled
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            report.build_s[b] = round(time.perf_counter() - t0, 2)
+        with settings:
+            for b in sorted(set(batch_sizes)):
+                inputs = []
+                with torch.inference_mode():  # inference tensors, as the runner passes at run time
+                    for x in example_inputs(b):
+                        x = x.to(device=device, dtype=dtype).clone()
+                        inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    compiled(*inputs)  # compiles this bucket
+                    if tree_graphs:
+                        fns[b] = _tree_step(compiled)
+                        fns[b](*inputs)  # records the graph
+                    elif manual_graphs:
+                        fns[b] = _ManualGraphStep(compiled, inputs)
+                    else:
+                        fns[b] = compiled
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                report.build_s[b] = round(time.perf_counter() - t0, 2)
         return Runner(fns, dtype, report, memory_format=fmt)
