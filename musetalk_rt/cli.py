@@ -895,9 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=8, help="frames per GPU step (default: 8)"
     )
     p.add_argument("--fallback", help="engine to use if --engine cannot run here (logged)")
-    p.add_argument(
-        "--compile-backend", help="torch.compile backend for --engine compile (default: inductor)"
-    )
+    _add_compile_options(p)  # (an aoti engine's options are part of its cache key)
     p.add_argument(
         "--x264-preset",
         default="veryfast",

@@ -474,3 +474,21 @@ def test_gpu_out_of_memory_is_one_line_that_says_what_to_change(monkeypatch, cap
     # other errors are not mistaken for it
     assert gpu_out_of_memory(RuntimeError("CUDA error: an illegal memory access")) is None
     assert gpu_out_of_memory(MemoryError()) is None
+
+
+def test_render_takes_the_engine_options_that_are_part_of_an_engines_cache_key():
+    """An aoti engine built with options is found only by a render given the same ones; the
+    build command a render prints for a missing engine carries them too."""
+    from musetalk_rt.cli import _engine_options, build_parser, engines_build_words
+
+    opts = "--compile-freezing --aoti-channels-last --phase-upsample transpose --channels-last-norm"
+    argv = "render --avatar a --audio a.wav --out o.mp4 --engine aoti --dtype fp16 " + opts
+    args = build_parser().parse_args(argv.split())
+    assert _engine_options(args) == {
+        "freezing": True,
+        "channels_last": True,
+        "phase_upsample": "transpose",
+        "channels_last_norm": True,
+    }
+    words = engines_build_words(args, [args.batch_size])
+    assert set(opts.split()) <= set(words[words.index("--batch-sizes") :])
