@@ -62,6 +62,18 @@ def _non_negative_int(text: str) -> int:
     return _int_at_least(0, text)
 
 
+def _results_folder(text: str) -> Path:
+    """A folder for result rows, refused at once when it is a file or under one.
+
+    Rows are appended there as each is measured; a bench would otherwise fail after its work.
+    """
+    path = Path(text)
+    first = next((q for q in (path, *path.parents) if q.exists()), None)  # (made if missing)
+    if first is not None and not first.is_dir():
+        raise argparse.ArgumentTypeError(f"{first} is a file; give a folder for the rows")
+    return path
+
+
 def _add_common(
     p: argparse.ArgumentParser, weights_default: str = "real", test_encoder: bool = False
 ) -> None:
@@ -228,7 +240,7 @@ def add_probe_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--weights", default="synthetic", choices=("real", "synthetic", "tiny"))
     p.add_argument("--models-dir", default="models")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", default=out, type=_results_folder)
     p.add_argument("--gpu-turns", metavar="DIR", help="share the GPU with peer processes")
     p.add_argument("--gpu-peers", type=int, default=1, help="processes sharing --gpu-turns")
     _add_compile_options(p)
@@ -778,6 +790,8 @@ def cmd_bench(args) -> int:
         if args.gpu_turns
         else None
     )
+    out_dir = args.out or results_dir(Path("experiments/results"), environment(models.device))
+    path = out_dir / "bench.jsonl"
     rows = run_bench(
         models,
         args.engine,
@@ -786,12 +800,11 @@ def cmd_bench(args) -> int:
         warmup=args.warmup,
         iters=args.iters,
         engine_options=opts,
+        on_row=lambda row: write_rows([row], out_dir),  # each as measured: a crash keeps them
         cache_root=args.models_dir,
         fuse_stages=args.fuse_stages,
         turns=turns,
     )
-    out_dir = args.out or results_dir(Path("experiments/results"), environment(models.device))
-    path = write_rows(rows, out_dir)
     print(table(rows))
     best = max(rows, key=lambda r: r["fps"]) if rows else None
     print(
@@ -1010,7 +1023,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=_non_negative_int, default=3, help="untimed iterations (default 3)"
     )
     p.add_argument(
-        "--out", type=Path, help="results folder (default: experiments/results/<date>_<gpu>_<sha>)"
+        "--out",
+        type=_results_folder,
+        help="results folder (default: experiments/results/<date>_<gpu>_<sha>)",
     )
     p.add_argument(
         "--fuse-stages",

@@ -492,3 +492,17 @@ def test_render_takes_the_engine_options_that_are_part_of_an_engines_cache_key()
     }
     words = engines_build_words(args, [args.batch_size])
     assert set(opts.split()) <= set(words[words.index("--batch-sizes") :])
+
+
+@pytest.mark.parametrize("sub", ["", "rows"])
+def test_bench_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys, sub):
+    """Rows go into a folder; a file there is refused at once, not after the benchmark."""
+    taken = tmp_path / "notes.md"
+    taken.write_text("kept\n")
+    out = taken / sub if sub else taken
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--weights", "tiny", "--device", "cpu", "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{taken} is a file; give a folder for the rows" in err and "Traceback" not in err
+    assert taken.read_text() == "kept\n"
