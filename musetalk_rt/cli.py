@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from musetalk_rt.errors import UserError, report_unexpected
+from musetalk_rt.errors import OneLineParser, UserError, report_unexpected
 from musetalk_rt.inductor_options import check_syntax as check_inductor_syntax
 
 
@@ -829,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     from musetalk_rt.engines import DTYPES, available_engines
     from musetalk_rt.media import X264_PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="musetalk-rt",
         description="MuseTalk v1.5 avatars: weights, avatar preparation, offline render, "
         "benchmarks.",

@@ -6,12 +6,25 @@ line prints its message as one line and exits non-zero; it never shows a traceba
 :func:`gpu_out_of_memory` turns torch's CUDA out-of-memory error into one line that says what to
 change (a bench of five processes at once died of it with "internal error … report it");
 :func:`report_unexpected` is the command lines' one line for any other error.
+:class:`OneLineParser` makes an argument the parser refuses one line too (argparse's own
+prints the whole usage first: 13 to 46 lines before the one that says what is wrong).
 """
 
+import argparse
 import re
 import sys
 
 EXIT_INTERNAL = 1  # an error no UserError named: a bug to report
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusal is one line: the error, then where the usage is.
+
+    Its subcommands' parsers are of this class too (``add_subparsers`` makes them so).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class UserError(Exception):

@@ -470,7 +470,7 @@ def test_gpu_out_of_memory_is_one_line_that_says_what_to_change(monkeypatch, cap
     monkeypatch.setattr(live_app, "run", bench_out_of_memory)
     assert live_app.main(["--avatar", "a", "--record", "r.mp4"]) == 3
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("musetalk-rt live: error: the GPU ran out of memory")
+    assert line.startswith("python -m musetalk_rt.live: error: the GPU ran out of memory")
     # other errors are not mistaken for it
     assert gpu_out_of_memory(RuntimeError("CUDA error: an illegal memory access")) is None
     assert gpu_out_of_memory(MemoryError()) is None
@@ -506,3 +506,31 @@ def test_bench_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys, s
     err = capsys.readouterr().err
     assert f"{taken} is a file; give a folder for the rows" in err and "Traceback" not in err
     assert taken.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        ("render --avatar a --audio a.wav --out o.mp4 --batch-size 0", "musetalk-rt render"),
+        ("bench --batch-sizes 1,x", "musetalk-rt bench"),
+        ("engines build --jobs 0", "musetalk-rt engines build"),
+        ("renderr", "musetalk-rt"),
+    ],
+)
+def test_an_argument_the_parser_refuses_is_one_line(argv, where, capsys):
+    """The error and where the usage is, not argparse's whole usage block first."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv.split())
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{where}: error: ") and line.endswith(f"(see {where} --help)")
+
+
+def test_the_live_process_refuses_a_bad_argument_in_one_line_under_its_own_name(capsys):
+    from musetalk_rt.live.app import main as live_main
+
+    with pytest.raises(SystemExit) as exit_:
+        live_main(["--avatar", "a", "--delay-ms", "abc"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m musetalk_rt.live: error: argument --delay-ms")

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from musetalk_rt.errors import UserError, report_unexpected
+from musetalk_rt.errors import OneLineParser, UserError, report_unexpected
 from musetalk_rt.live.diskwatch import RecordingDisks
 from musetalk_rt.live.drift import SHIFT_AT_S, shift_at_for_slack
 from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
 from musetalk_rt.live.output import check_rtmp_url
 
+PROG = "python -m musetalk_rt.live"  # (how the live process is started; no console script)
 log = logging.getLogger("musetalk_rt.live")
 
 
@@ -920,8 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from musetalk_rt.engines import DTYPES, available_engines
 
-    p = argparse.ArgumentParser(
-        prog="python -m musetalk_rt.live",
+    p = OneLineParser(
+        prog=PROG,
         description="serve live channels: ingest audio, stream video",
     )
     p.add_argument("--avatar", help="one channel named after this prepared avatar")
@@ -1117,7 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_with_preset(build_parser(), argv)
     except UserError as exc:
-        print(f"musetalk-rt live: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     handler = logging.StreamHandler()
     plain = logging.Formatter("%(asctime)s %(name)s %(message)s")
@@ -1126,9 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as exc:
-        print(f"musetalk-rt live: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
         if os.environ.get("MUSETALK_RT_DEBUG"):
             raise
-        return report_unexpected("musetalk-rt live", exc)
+        return report_unexpected(PROG, exc)

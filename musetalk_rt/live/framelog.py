@@ -49,7 +49,6 @@ per interval (:func:`summarize`): the windows' lead and its parts, the batches, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -58,7 +57,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from musetalk_rt.errors import UserError
+from musetalk_rt.errors import OneLineParser, UserError
 
 log = logging.getLogger("musetalk_rt.framelog")
 
@@ -251,7 +250,7 @@ def _rows(recs: list[tuple[int, dict]], bin_s: float) -> list[dict] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m musetalk_rt.live.framelog FILE``: the table of :func:`summarize`."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m musetalk_rt.live.framelog",
         description="Where the time went in a live --frame-log: per interval, the audio "
         "windows' lead and its parts, the GPU batches, the late frames and the host's CPU.",

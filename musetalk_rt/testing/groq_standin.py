@@ -26,7 +26,6 @@ and a wrong-key check (``api_key``). ``TYPICAL_LATENCY`` holds the figures we as
 
 from __future__ import annotations
 
-import argparse
 import email.parser
 import email.policy
 import io
@@ -45,6 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from musetalk_rt.errors import OneLineParser
 from musetalk_rt.speech.utterances import wav_bytes
 
 log = logging.getLogger("musetalk_rt.groq_standin")
@@ -573,7 +573,7 @@ class GroqStandin:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the stand-in until interrupted."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m musetalk_rt.testing.groq_standin",
         description="a local stand-in for Groq's transcription, translation, speech and chat",
     )
