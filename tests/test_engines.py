@@ -57,6 +57,11 @@ def test_unusable_engine_needs_explicit_fallback(monkeypatch):
     with pytest.raises(UserError) as err:
         select_engine("needs_gpu", "cpu", torch.float32, fix_hint="")
     assert "--fallback" not in str(err.value)
+    # nor where the fallback could not run either: eager itself, or eager at fp16 on a CPU
+    for name, dtype in (("eager", torch.float16), ("needs_gpu", torch.float16)):
+        with pytest.raises(UserError, match="cannot run here") as err:
+            select_engine(name, "cpu", dtype)
+        assert "--fallback" not in str(err.value)
 
 
 def test_a_compile_fallback_gets_its_options_and_the_live_capture(monkeypatch):

@@ -322,8 +322,9 @@ def select_engine(
         fallback_options: Defaults for the fallback's constructor (e.g. the live process's
             graph capture for ``compile``); the fallback also gets those of ``options`` it
             takes, and the reason names the ones it does not.
-        fix_hint: Appended to the error when ``name`` cannot run and there is no fallback
-            (the caller's own way out; empty where the command has no ``--fallback``).
+        fix_hint: Appended to the error when ``name`` cannot run, there is no fallback and
+            the eager engine could run here (the caller's way out to it; empty where the
+            command has no ``--fallback``).
         **options: Passed to the engine's constructor.
 
     Returns:
@@ -344,7 +345,10 @@ def select_engine(
     if why_not is None:
         return engine, f"requested, usable on {device.type}"
     if fallback is None:
-        raise UserError(f"engine {name!r} cannot run here: {why_not}{fix_hint}", exit_code=3)
+        # the way out only where it is one: not when eager itself (or eager at this dtype) fails
+        helps = name != "eager" and get_engine("eager").unavailable_reason(device, dtype) is None
+        hint = fix_hint if helps else ""
+        raise UserError(f"engine {name!r} cannot run here: {why_not}{hint}", exit_code=3)
     second = chosen.unavailable_reason(device, dtype)
     if second is not None:
         raise UserError(
