@@ -430,3 +430,19 @@ def test_tls_ingest_with_a_self_signed_certificate(tmp_path):
     rep = asyncio.run(go())
     assert rep.chunks == 50
     np.testing.assert_allclose(sinks["a"].audio, clip.samples[0], atol=1e-4)
+
+
+def test_send_over_tls_to_a_server_without_it_says_so():
+    """wss:// to a plain server: the server resets the connection, which says nothing itself;
+    the line names the likely cause and both ways out."""
+
+    async def go():
+        async with IngestServer({"a": RecordingSink()}, IngestConfig(port=0, token=TOKEN)) as srv:
+            await send_clip(f"wss://127.0.0.1:{srv.port}/ingest/a", _clip(0.2), TOKEN)
+
+    with pytest.raises(UserError) as err:
+        asyncio.run(go())
+    assert str(err.value).endswith(
+        ": the server reset the connection; does the server speak TLS? A live process does "
+        "with --cert; else use ws://"
+    )

@@ -53,7 +53,20 @@ async def _connect(url: str, open_timeout_s: float, cafile: str | None):
     try:
         return await connect(url, open_timeout=open_timeout_s, max_size=2**20, **kwargs)
     except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-        raise UserError(f"cannot connect to {url}: {exc}") from None
+        why = str(exc)
+        if not why:  # a reset or a timeout says nothing of itself
+            why = type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                why = f"no answer in {open_timeout_s:g} s"
+            elif isinstance(exc, ConnectionResetError):
+                why = "the server reset the connection"
+        if (  # TLS spoken to a server without it: it resets, or never answers the hello
+            url.startswith("wss://")
+            and isinstance(exc, ConnectionError | TimeoutError | ssl.SSLError)
+            and not isinstance(exc, ssl.SSLCertVerificationError)
+        ):
+            why += "; does the server speak TLS? A live process does with --cert; else use ws://"
+        raise UserError(f"cannot connect to {url}: {why}") from None
 
 
 def _int16_chunks(clip: AudioClip, chunk_ms: int) -> tuple[list[bytes], float]:
