@@ -510,10 +510,12 @@ def cmd_avatar(args) -> int:
 
 def cmd_render(args) -> int:
     from musetalk_rt.avatar import load_avatar
+    from musetalk_rt.media import check_mp4_path
     from musetalk_rt.pipeline import render
 
     if not Path(args.audio).exists():
         raise UserError(f"audio file {args.audio} does not exist")
+    check_mp4_path(args.out, "--out")  # before the models load and the frames are made
     avatar = load_avatar(args.avatar, args.avatars_dir)
     models = _models(args)
     report = render(

@@ -439,6 +439,26 @@ X264_PRESETS = (
 )  # x264's speed presets, fastest first
 
 
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")  # the file names an Mp4Writer takes (it writes MP4)
+
+
+def check_mp4_path(path: str | os.PathLike, what: str = "the output") -> Path:
+    """``path`` as a file an :class:`Mp4Writer` may write, checked before any work.
+
+    Raises:
+        UserError: A folder, a name that is not an MP4's, or a folder under a file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a folder; name a file in it, e.g. {p / 'render.mp4'}")
+    if p.suffix.lower() not in MP4_SUFFIXES:
+        raise UserError(f"{what} {path}: this writes an MP4 (H.264 + AAC); name it .mp4")
+    first = next((q for q in p.parents if q.exists()), None)  # (the rest is made)
+    if first is not None and not first.is_dir():
+        raise UserError(f"{what} {path}: {first} is a file, not a folder")
+    return p
+
+
 class Mp4Writer:
     """Write RGB frames (and optionally audio) to an H.264/AAC MP4 file.
 
@@ -484,7 +504,7 @@ class Mp4Writer:
             raise UserError(
                 f"unknown x264 preset {preset!r}; choose one of {', '.join(X264_PRESETS)}"
             )
-        self.path = Path(path)
+        self.path = check_mp4_path(path)
         self.width = int(width)
         self.height = int(height)
         self.fps = int(fps)

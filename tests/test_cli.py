@@ -534,3 +534,20 @@ def test_the_live_process_refuses_a_bad_argument_in_one_line_under_its_own_name(
     assert exit_.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("python -m musetalk_rt.live: error: argument --delay-ms")
+
+
+@pytest.mark.parametrize("out", ["folder", "x.txt", "file.md/x.mp4"])
+def test_render_refuses_an_output_it_cannot_write_before_any_work(tmp_path, capsys, out):
+    """A folder, a name that is not an MP4's or a path under a file: one line, before the
+    models load (a folder failed after the whole render, as an internal error)."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.md").write_text("kept\n")
+    audio = tmp_path / "a.wav"
+    with wave.open(str(audio), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\0\0" * 1600)
+    argv = ["render", "--avatar", "none", "--audio", str(audio), "--out", str(tmp_path / out)]
+    assert main(argv + ["--weights", "tiny"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("musetalk-rt: error: --out ") and "avatar" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "file.md", "folder"]
