@@ -377,6 +377,33 @@ def test_gpu_figures_preset_is_read_once_before_the_run(tmp_path):
     assert "--config" not in str(err.value)
 
 
+def test_a_gpu_figures_scenario_no_row_has_is_refused_before_the_run(tmp_path):
+    """A typo (or a batch never benched) is one line naming the recorded ones; with nothing
+    recorded at all (an install) the run goes on and says so at the end."""
+    import argparse
+
+    from musetalk_rt.e2e.probe import _check_gpu_scenario
+    from musetalk_rt.errors import UserError
+
+    def args(scenario):
+        return argparse.Namespace(gpu_figures=scenario, results_dir=tmp_path)
+
+    _check_gpu_scenario(args("compile-fp16-b4"))  # nothing recorded: not refused
+    (tmp_path / "run").mkdir()
+    rows = [{"scenario": "compile-fp16-b4", "gpu": "NVIDIA H100"}]
+    rows.append({"scenario": "eager-fp32-b5", "gpu": "cpu"})  # a CPU row is not a GPU figure
+    (tmp_path / "run" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _check_gpu_scenario(args("compile-fp16-b4"))
+    _check_gpu_scenario(args("none"))
+    for scenario in ("compile-fp16-b5", "eager-fp32-b5"):
+        with pytest.raises(UserError) as err:
+            _check_gpu_scenario(args(scenario))
+        assert str(err.value) == (
+            f"--gpu-figures {scenario}: no GPU bench row of that scenario in {tmp_path}; "
+            "recorded: compile-fp16-b4 (or --gpu-figures none)"
+        )
+
+
 def test_recorded_figures_exist_for_the_event_preset():
     from musetalk_rt.e2e.analysis import preset_row_options
 
@@ -579,3 +606,31 @@ def test_bench_e2e_through_nginx_rtmp(tmp_path):
     assert {json.loads(f)["ev"] for f in frames} >= {"delay", "start", "session", "frame"}
     for marker in ("voice→server", "server→encoded", "encoded→received", "A/V offset"):
         assert marker in res.stdout
+
+
+def test_a_run_without_markers_reports_that_not_python_nones(tmp_path, capsys):
+    """No marker found (a short run, a silent stream): the lines say so, the verdict fails."""
+    from musetalk_rt.cli import build_parser
+    from musetalk_rt.e2e.probe import _report
+
+    args = build_parser().parse_args(["bench", "e2e", "--results-dir", str(tmp_path)])
+    delay = {"delay_ms": 3000, "batch_ms": 60.0, "canvas_ms": 100.0, "lookahead_ms": 80}
+    run = {
+        "env": {"gpu": "cpu"},
+        "delay": delay | {"batch": 4},
+        "windows": [],
+        "markers": [{"status": "missing", "marker": 0, "frame": 25}],
+        "source": "espeak-ng",
+        "startup_s": 1.0,
+        "live_summary": {},
+        "receiver": {},
+        "rows_path": tmp_path / "e2e.jsonl",
+        "work": tmp_path,
+    }
+    rows = []
+    assert _report(args, run, rows.append) == 0  # (non-zero only under --guard)
+    out = capsys.readouterr().out
+    assert "None" not in out.replace('": null', "")
+    assert "no voice-to-received estimate (no marker was found)" in out
+    assert "voice-to-received p95 n/a (no marker found)" in out and "FAIL" in out
+    assert rows and rows[0]["passed"] is False

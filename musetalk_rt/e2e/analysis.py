@@ -286,6 +286,16 @@ def _options_match(row: dict, options: dict) -> bool:
     return all(_norm(k, have.get(k)) == _norm(k, v) for k, v in options.items())
 
 
+def gpu_scenarios(results_dir: str | Path) -> set[str]:
+    """The scenarios (``compile-fp16-b4``, ...) of the GPU rows in ``results_dir``'s bench files."""
+    return {
+        str(r.get("scenario"))
+        for path in Path(results_dir).glob("*/bench.jsonl")
+        for r in _rows(path)
+        if r.get("scenario") and not str(r.get("gpu", "cpu")).lower().startswith("cpu")
+    }
+
+
 def find_gpu_figures(results_dir: str | Path, scenario: str, options: dict | None = None) -> dict:
     """The recorded GPU compute figures for an event preset, newest usable rows first.
 

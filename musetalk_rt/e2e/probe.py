@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from musetalk_rt.e2e.analysis import (
     VideoPiece,
     evaluate_marker,
     find_gpu_figures,
+    gpu_scenarios,
     gpu_substitute,
     marker_table,
     percentile,
@@ -522,6 +524,7 @@ def _check_args(args) -> None:
     if preset is not None and not Path(preset).is_file():
         raise UserError(f"--gpu-figures-preset {preset}: no such file (configs/event.toml?)")
     _gpu_preset(args)  # a bad file or value: its one line now, not after the run
+    _check_gpu_scenario(args)
     if args.avatar and not (Path(args.avatars_dir) / args.avatar).is_dir():
         raise UserError(
             f"avatar {args.avatar!r} is not prepared under {args.avatars_dir} "
@@ -771,6 +774,31 @@ def run_probe(args) -> int:
     )
 
 
+def _check_gpu_scenario(args) -> None:
+    """Refuse a ``--gpu-figures`` scenario that no recorded GPU row has, where rows are recorded.
+
+    Without any (an install without the results) the run goes on and says "not recorded".
+
+    Raises:
+        UserError: Rows are recorded, none of this scenario (a typo, or a batch never benched).
+    """
+    from musetalk_rt.bench import REPO_ROOT
+
+    scenario = getattr(args, "gpu_figures", None)
+    if scenario in (None, "none"):
+        return
+    root = args.results_dir or REPO_ROOT / "experiments" / "results"
+    known = gpu_scenarios(root)
+    if known and scenario not in known:
+        shown = difflib.get_close_matches(scenario, sorted(known), n=4, cutoff=0.5)
+        shown = shown or sorted(known)[:8]
+        more = ", ..." if len(known) > len(shown) else ""
+        raise UserError(
+            f"--gpu-figures {scenario}: no GPU bench row of that scenario in {root}; "
+            f"recorded: {', '.join(shown)}{more} (or --gpu-figures none)"
+        )
+
+
 def _gpu_preset(args) -> tuple[Path | None, dict | None]:
     """The preset whose engine options the recorded GPU rows must have, and those options.
 
@@ -846,6 +874,10 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
     }
 
 
+def _ms(v: float | None) -> str:
+    return "n/a (no marker found)" if v is None else f"{v} ms"
+
+
 def _mb(v: float | None) -> str:
     return "n/a (run shorter)" if v is None else f"{v:+.1f} MB"
 
@@ -906,14 +938,19 @@ def _report(args, run: dict, write_row) -> int:
         print(
             f"with them: D = {gpu['lookahead_ms']} look-ahead + 20 + canvas + 2 × batch + "
             f"{gpu.get('margin_ms', 100)} = "
-            f"{gpu['delay_ms']:.0f} ms instead of {cpu_delay_ms:.0f}; voice-to-received p50 "
-            f"{gs['p50']} ms, p95 {gs['p95']} ms, max {gs['max']} ms (estimate: CPU-measured "
-            "sender, ingest, encoding and RTMP around the GPU's playout delay)"
+            f"{gpu['delay_ms']:.0f} ms instead of {cpu_delay_ms:.0f}; "
+            + (
+                f"voice-to-received p50 {gs['p50']} ms, p95 {gs['p95']} ms, max {gs['max']} ms "
+                "(estimate: CPU-measured sender, ingest, encoding and RTMP around the GPU's "
+                "playout delay)"
+                if gs["n"]
+                else "no voice-to-received estimate (no marker was found)"
+            )
         )
     v = summary["voice_to_received_ms"]
     budget_line = (
-        f"budget: voice-to-received p95 {v['p95']} ms (limit {args.budget_ms:g}), "
-        f"|A/V offset| max {summary['av_offset_abs_max_ms']} ms (limit {args.av_limit_ms:g})"
+        f"budget: voice-to-received p95 {_ms(v['p95'])} (limit {args.budget_ms:g}), "
+        f"|A/V offset| max {_ms(summary['av_offset_abs_max_ms'])} (limit {args.av_limit_ms:g})"
         + (f", GPU-figure p95 {gpu_p95} ms" if gpu_p95 is not None else "")
     )
     print(budget_line + (": PASS" if not failures else ": FAIL — " + "; ".join(failures)))
