@@ -374,6 +374,38 @@ def test_captions_sink_transcribes_each_utterance_in_order(
         assert "left" in cues[0].text.lower()
 
 
+def test_a_sender_that_says_bye_gets_the_caption_of_its_last_utterance(standin, vad_net):
+    """Speech to the very end, then bye: the last utterance is cut at the bye and its caption
+    reaches the sender before the server closes (it had closed first, the caption only in the
+    file); afterwards nothing is pending, so a bye after silence has nothing to wait for."""
+    import asyncio
+
+    from musetalk_rt.live.ingest import IngestConfig, IngestServer
+    from musetalk_rt.live.send import send_clip
+    from musetalk_rt.media import AudioClip
+
+    speech = _phrases("good evening everyone", "welcome to the hall")
+    speech = speech[: speech.size - int(0.9 * SR)]  # no pause after the last word
+    sp = _speech(standin)
+    sink = CaptionsSink(TimelineChannel(), sp, sp.config, vad_net)
+    sink.start()
+
+    async def go(audio):
+        async with IngestServer({"a": sink}, IngestConfig(port=0, token="t")) as srv:
+            url = f"ws://127.0.0.1:{srv.port}/ingest/a"
+            return await send_clip(url, AudioClip(audio[None], SR), "t", realtime=False)
+
+    try:
+        rep = asyncio.run(go(speech))
+        assert sink.stats.utterances == 2 and sink.stats.captions == 2
+        assert [c["index"] for c in rep.captions] == [0, 1] and all(c["text"] for c in rep.captions)
+        assert not sink.messages_pending()
+        rep = asyncio.run(go(np.zeros(SR // 2, np.float32)))
+        assert rep.captions == [] and not sink.messages_pending()
+    finally:
+        sink.stop()
+
+
 def test_voice_mode_speaks_groq_speech_in_order(standin, vad_net):
     ch = TimelineChannel()
     sp = _speech(standin, tts_model="tts", tts_voice="v", chat_model="llm")

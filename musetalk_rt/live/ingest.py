@@ -105,6 +105,9 @@ class IngestConfig:
     # connection half-open until the pings time out (~40 s), and the reconnecting page would be
     # refused meanwhile as a second sender. Another sender is refused as before.
     stale_sender_s: float = 5.0
+    # after a sender's bye, how long the server waits for the session's last messages (the
+    # caption of its last utterance, a Groq call away) before it closes; ``send`` waits 10 s
+    bye_linger_s: float = 5.0
 
 
 class IngestServer:
@@ -285,6 +288,7 @@ class IngestServer:
         self._active[name] = (conn, state)
         t0 = time.monotonic()
         stats_task = msg_task = None
+        closed = False  # the sink's session (closed at a bye, or when the connection ends)
         sink.open_session()
         try:  # from here on the session is closed however it ends (a sender gone before ready)
             await conn.send(
@@ -324,6 +328,9 @@ class IngestServer:
                     sink.push(audio_in.flush())
                 elif kind == "bye":
                     sink.push(audio_in.flush())
+                    sink.close_session()  # (its last utterance is cut now, not at the close)
+                    closed = True
+                    await self._last_messages(conn, sink, take)
                     await conn.close(1000, "bye")
                     break
                 else:  # the protocol's rule: a bad message gets an error and a close
@@ -336,12 +343,28 @@ class IngestServer:
             for task in (stats_task, msg_task):
                 if task is not None:
                     task.cancel()
-            with contextlib.suppress(Exception):  # a sender gone without bye: the resampler's
-                sink.push(audio_in.flush())  # last ~20 ms are still its audio (empty after bye)
-            sink.close_session()
+            if not closed:
+                with contextlib.suppress(Exception):  # a sender gone without bye: the
+                    sink.push(audio_in.flush())  # resampler's last ~20 ms are still its audio
+                sink.close_session()
             if self._active.get(name, (None,))[0] is conn:
                 del self._active[name]
             log.info("sender on %s left after %.1f s of audio", name, state["received_s"])
+
+    async def _last_messages(self, conn, sink, take: Callable[[], list[dict]] | None) -> None:
+        """After a bye, the session's last messages (its last utterance's caption).
+
+        Waits up to ``bye_linger_s`` while the sink may still give one, then sends what it
+        gave. A sink without messages has nothing to wait for.
+        """
+        pending = getattr(sink, "messages_pending", None)
+        if take is None or pending is None:
+            return
+        deadline = time.monotonic() + self.config.bye_linger_s
+        while pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for m in take():
+            await conn.send(json.dumps(m, ensure_ascii=False))
 
     async def _message_loop(self, conn, take: Callable[[], list[dict]]) -> None:
         try:

@@ -13,7 +13,9 @@ channel.
 The server answers ``{"type": "ready", …}`` or ``{"type": "error", "code": …, "message": …}``
 and closes with the same 44xx code. Then binary messages carry audio; text messages carry
 control (``flush``, ``bye``); the server sends ``stats`` every second, which a sender must read
-(a websockets client that never reads stops answering pings and is dropped after ~40 s).
+(a websockets client that never reads stops answering pings and is dropped after ~40 s). After a
+``bye`` the server sends the session's last ``caption`` messages (its last utterance is cut at
+the bye; up to 5 s for Groq), then closes.
 """
 
 from __future__ import annotations

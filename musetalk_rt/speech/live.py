@@ -122,6 +122,10 @@ class _SpeechSink:
         # it, so "none queued and none in hand" is one reading (unfinished_tasks), no gap
         self.utt_q: queue.Queue = queue.Queue(maxsize=64)
         self._messages: deque = deque(maxlen=100)
+        # sessions closed whose close the segment thread has not handled yet (their last
+        # utterance is cut there); with utt_q's unfinished tasks, messages_pending's reading
+        self._closes = 0
+        self._closes_lock = threading.Lock()
         self._last_failure = ""  # the last failed utterance's reason (for the breaker's line)
         self._stop = threading.Event()
         self._threads = [
@@ -144,7 +148,20 @@ class _SpeechSink:
                 self.stats.dropped_audio_chunks = self.audio_q.dropped_chunks
 
     def close_session(self) -> None:
+        with self._closes_lock:
+            self._closes += 1
         self.audio_q.put_control(("close", time.monotonic(), None))
+
+    def messages_pending(self) -> bool:
+        """Whether a closed session may still give a message (its last utterance's caption).
+
+        True from :meth:`close_session` until the segment thread has cut that session's last
+        utterance and the request thread has handled every utterance queued; the ingest waits
+        on it after a sender's ``bye`` (bounded), so the sender gets its last caption.
+        """
+        with self._closes_lock:
+            closing = self._closes > 0
+        return closing or self.utt_q.unfinished_tasks > 0
 
     def sender_stats(self) -> dict:
         return {
@@ -255,6 +272,10 @@ class _SpeechSink:
                     seg = None
             except Exception:  # a bug here must not end captions/voice for the whole show
                 log.exception("channel %s: utterance segmentation failed", self.channel.name)
+            finally:
+                if kind == "close":  # (its utterances are in utt_q by now)
+                    with self._closes_lock:
+                        self._closes -= 1
 
     def _request_loop(self) -> None:
         while not self._stop.is_set():
