@@ -195,17 +195,19 @@ class RenderReport:
                 f"engine {e['engine']}/{e['dtype']} [{name}]: {e['reason']}"
                 for name, e in zip(("unet", "vae_decode"), self.engines, strict=False)
             ),
-            f"{'stage':<16}{'total ms':>12}{'ms/frame':>12}",
         ]
+        w = max([16, *(len(name) + 2 for name in self.stage_ms)])  # ("prepare(engine build)")
+        lines.append(f"{'stage':<{w}}{'total ms':>12}{'ms/frame':>12}")
         for name, ms in self.stage_ms.items():
-            lines.append(f"{name:<16}{ms:>12.1f}{ms / max(self.frames, 1):>12.2f}")
+            lines.append(f"{name:<{w}}{ms:>12.1f}{ms / max(self.frames, 1):>12.2f}")
         fps = self.frames / self.wall_s if self.wall_s else 0.0
         lines.append(f"wall {self.wall_s:.2f} s ({fps:.1f} frames/s, batch {self.batch_size})")
         if self.extra.get("streaming"):
             e = self.extra
             lines.append(
                 f"streaming path: {e['streaming']}; {e['speech_frames']} speech frames, "
-                f"{e['idle_frames']} idle (no GPU); extractor {e['extractor']}"
+                f"{e['idle_frames']} idle (no GPU); extractor "
+                + ", ".join(f"{k} {v}" for k, v in e["extractor"].items())
             )
         return "\n".join(lines)
 

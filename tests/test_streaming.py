@@ -606,3 +606,29 @@ def test_extractor_stats_stay_bounded_over_a_long_session():
     assert len(st.call_ms) == CALL_MS_KEPT
     assert st.as_dict()["call_ms_p50"] == 4.0
     assert st.ms_per_frame == (500 * 2.0 + CALL_MS_KEPT * 4.0) / (CALL_MS_KEPT + 500)
+
+
+def test_render_table_keeps_its_columns_and_prints_no_python_dict():
+    from musetalk_rt.pipeline import RenderReport
+
+    rep = RenderReport(
+        out="o.mp4",
+        frames=50,
+        audio_s=2.0,
+        wall_s=4.0,
+        stage_ms={"unet": 100.0, "prepare(engine build)": 0.9},
+        engines=[],
+        weights="weights: tiny",
+        batch_size=8,
+        extra={
+            "streaming": "hop 1",
+            "speech_frames": 40,
+            "idle_frames": 10,
+            "extractor": {"encoder_calls": 50, "skipped": 0},
+        },
+    )
+    lines = rep.table().splitlines()
+    header = next(line for line in lines if line.startswith("stage"))
+    rows = [line for line in lines if line.startswith(("unet", "prepare"))]
+    assert all(len(r) == len(header) for r in rows)  # right-aligned columns end together
+    assert lines[-1].endswith("extractor encoder_calls 50, skipped 0") and "{" not in lines[-1]
