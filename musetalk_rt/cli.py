@@ -867,7 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle",
         choices=["all", "closed"],
         default="all",
-        help="idle cycle: all frames, or the longest closed-mouth stretch (default: all)",
+        help="idle cycle: all frames, or the longest closed-mouth stretch (default: all; "
+        "closed reads the mouth from face landmarks, so it does not go with --bbox)",
     )
     pp.add_argument(
         "--extra-margin",
