@@ -634,3 +634,17 @@ def test_a_run_without_markers_reports_that_not_python_nones(tmp_path, capsys):
     assert "no voice-to-received estimate (no marker was found)" in out
     assert "voice-to-received p95 n/a (no marker found)" in out and "FAIL" in out
     assert rows and rows[0]["passed"] is False
+
+
+@pytest.mark.parametrize("extra", [["--dtype", "fp16"], ["--engine", "nope", "--dtype", "fp32"]])
+def test_an_engine_that_cannot_run_here_is_refused_before_the_run(capsys, extra):
+    """fp16 on a CPU (the default dtype) or an unknown engine: one line, before nginx and the
+    live process start."""
+    from musetalk_rt.cli import main
+
+    argv = ["bench", "e2e", "--weights", "tiny", "--device", "cpu", "--duration-s", "5"]
+    assert main(argv + extra) in (2, 3)
+    out = capsys.readouterr()
+    (line,) = out.err.strip().splitlines()
+    assert line.startswith("musetalk-rt: error: ") and ("cannot run here" in line or "nope" in line)
+    assert "markers:" not in out.out  # the run had not begun

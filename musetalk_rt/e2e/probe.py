@@ -525,6 +525,12 @@ def _check_args(args) -> None:
         raise UserError(f"--gpu-figures-preset {preset}: no such file (configs/event.toml?)")
     _gpu_preset(args)  # a bad file or value: its one line now, not after the run
     _check_gpu_scenario(args)
+    # an engine that cannot run here (fp16 on a CPU): its line now, before nginx and the live
+    # process start (which would refuse it the same way)
+    from musetalk_rt.cli import _device
+    from musetalk_rt.engines import parse_dtype, select_engine
+
+    select_engine(args.engine, _device(args.device), parse_dtype(args.dtype), fix_hint="")
     if args.avatar and not (Path(args.avatars_dir) / args.avatar).is_dir():
         raise UserError(
             f"avatar {args.avatar!r} is not prepared under {args.avatars_dir} "
