@@ -168,10 +168,11 @@ def test_compile_passes_the_settings_with_the_modes_own(monkeypatch):
         get_engine("compile", backend="aot_eager", inductor_config="combo_kernels=true")
 
 
-def test_compile_engine_settings_hold_while_it_builds_and_not_after(monkeypatch):
+def test_compile_engine_settings_hold_in_its_calls_and_not_between(monkeypatch):
     """Freezing and coordinate descent are in inductor's config while dynamo traces the buckets
-    (dynamo reads freezing there: weights traced as constants), then the config is as it was;
-    the traced graph is used again after the build without a retrace."""
+    (dynamo reads freezing there: weights traced as constants) and while a call after the build
+    recompiles; between calls the config is as it was. A call that hits the traced graph does
+    not retrace."""
     import torch._inductor.config as cfg
     from torch._dynamo.utils import is_parameter_freezing
 
@@ -199,7 +200,10 @@ def test_compile_engine_settings_hold_while_it_builds_and_not_after(monkeypatch)
     assert cfg.get_config_copy() == before
     with torch.inference_mode():
         runner.fns[2](torch.ones(2, 3, 8, 8))
-    assert len(traced) == 1  # no retrace under the restored config
+        assert len(traced) == 1  # no retrace
+        runner.fns[2](torch.ones(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert traced == [(True, True)] * 2  # other strides: a recompile, with the engine's settings
+    assert cfg.get_config_copy() == before
     build(freezing=False)  # nothing of the last build's settings is left for the next one
     assert traced == [(False, False)]
 

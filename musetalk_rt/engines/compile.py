@@ -63,6 +63,26 @@ def mode_options(mode: str | None, **options) -> dict:
     return {**modes[mode or "default"], **options}
 
 
+def _in_settings(compiled, **settings):
+    """``compiled``, every call of it made with ``settings`` in inductor's global config.
+
+    Dynamo reads ``freezing`` there as it traces (weights traced as constants or as inputs), so
+    it cannot be a ``torch.compile`` option, which only inductor sees; left set after a build,
+    the settings would reach later compiles in the process, whose cache keys say otherwise. So
+    they are set around each call — the build's compiles and captures, a graph re-captured
+    later, and a recompile after the build (a guard that failed) alike — and restored after.
+    A call that hits the compiled graph pays ~35 us for it on a 2-core CPU; a replayed CUDA
+    graph does not call it.
+    """
+    import torch._inductor.config as inductor_config
+
+    def call(*inputs):
+        with inductor_config.patch(settings):
+            return compiled(*inputs)
+
+    return call
+
+
 def _clone(out):
     """Clone a tensor or tuple of tensors (a graph's outputs are overwritten by the next replay)."""
     return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
@@ -157,10 +177,11 @@ class CompileEngine(Engine):
         mode: ``torch.compile`` mode (None = default).
         cuda_graphs: Capture each bucket in a CUDA graph (CUDA only).
         freezing: Inductor freezing (weights as constants, folded and re-laid out). Set in
-            inductor's global config for the build alone, as ``coordinate_descent`` and (CUDA)
-            ``conv_1x1_as_mm`` are (dynamo reads ``freezing`` there while it traces, so it
-            cannot be a ``torch.compile`` option); the config is as it was afterwards, so no
-            later compile in the process takes this build's settings.
+            inductor's global config around each call of the compiled module, as
+            ``coordinate_descent`` and (CUDA) ``conv_1x1_as_mm`` are (``_in_settings``): dynamo
+            reads ``freezing`` there while it traces, so it cannot be a ``torch.compile``
+            option; between calls the config is as it was, so no other compile in the process
+            takes this engine's settings, and a recompile of this one takes its own.
         coordinate_descent: Inductor's coordinate-descent kernel tuning (slower compile).
         channels_last: Convert the module and 4-D inputs to channels-last (CUDA only).
         fuse_qkv: Fuse each attention's q/k/v projections into one linear (engine's copy).
@@ -309,24 +330,18 @@ class CompileEngine(Engine):
         # tuned or more settings: the mode (still named in the report) becomes options
         extra = dict(self.inductor_config) | ({"max_autotune_gemm": True} if gemm_tuned else {})
         options = mode_options(mode, **extra) if extra else None
-        import torch._inductor.config as inductor_config
-
-        # this engine's own settings, in inductor's global config while the buckets compile and
-        # restored after: dynamo reads `freezing` there as it traces (weights traced as constants
-        # or as inputs), which torch.compile's options, seen by inductor alone, would not reach;
-        # left set, they would reach later compiles in the process, whose cache keys say otherwise
-        settings = inductor_config.patch(
+        compiled = _in_settings(
+            torch.compile(
+                m,
+                fullgraph=True,
+                dynamic=False,
+                backend=self.backend,
+                mode=mode if options is None else None,
+                options=options,
+            ),
             freezing=self.freezing,
             coordinate_descent_tuning=self.coordinate_descent,
             conv_1x1_as_mm=self.backend == "inductor" and on_cuda,
-        )
-        compiled = torch.compile(
-            m,
-            fullgraph=True,
-            dynamic=False,
-            backend=self.backend,
-            mode=mode if options is None else None,
-            options=options,
         )
         report = EngineReport(
             self.name,
@@ -345,24 +360,23 @@ class CompileEngine(Engine):
             + inductor_options.describe(self.inductor_config),
         )
         fns = {}
-        with settings:
-            for b in sorted(set(batch_sizes)):
-                inputs = []
-                with torch.inference_mode():  # inference tensors, as the runner passes at run time
-                    for x in example_inputs(b):
-                        x = x.to(device=device, dtype=dtype).clone()
-                        inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    compiled(*inputs)  # compiles this bucket
-                    if tree_graphs:
-                        fns[b] = _tree_step(compiled)
-                        fns[b](*inputs)  # records the graph
-                    elif manual_graphs:
-                        fns[b] = _ManualGraphStep(compiled, inputs)
-                    else:
-                        fns[b] = compiled
-                if on_cuda:
-                    torch.cuda.synchronize(device)
-                report.build_s[b] = round(time.perf_counter() - t0, 2)
+        for b in sorted(set(batch_sizes)):
+            inputs = []
+            with torch.inference_mode():  # inference tensors, as the runner passes at run time
+                for x in example_inputs(b):
+                    x = x.to(device=device, dtype=dtype).clone()
+                    inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                compiled(*inputs)  # compiles this bucket
+                if tree_graphs:
+                    fns[b] = _tree_step(compiled)
+                    fns[b](*inputs)  # records the graph
+                elif manual_graphs:
+                    fns[b] = _ManualGraphStep(compiled, inputs)
+                else:
+                    fns[b] = compiled
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            report.build_s[b] = round(time.perf_counter() - t0, 2)
         return Runner(fns, dtype, report, memory_format=fmt)
