@@ -391,7 +391,8 @@ def test_a_sender_that_says_bye_gets_the_caption_of_its_last_utterance(standin, 
     sink.start()
 
     async def go(audio):
-        async with IngestServer({"a": sink}, IngestConfig(port=0, token="t")) as srv:
+        config = IngestConfig(port=0, token="t", bye_linger_s=60.0)  # (a loaded host's Groq)
+        async with IngestServer({"a": sink}, config) as srv:
             url = f"ws://127.0.0.1:{srv.port}/ingest/a"
             return await send_clip(url, AudioClip(audio[None], SR), "t", realtime=False)
 
@@ -595,6 +596,29 @@ def test_session_control_is_never_dropped_on_a_full_audio_queue(vad_net):
     kinds = [sink.audio_q.get_nowait()[0] for _ in range(sink.audio_q.qsize())]
     assert kinds[0] == "open" and kinds[-1] == "close"
     assert sink.stats.dropped_audio_chunks == 10  # the open takes no audio's place
+
+
+def test_voice_mode_counts_a_spoken_caption_pending_until_its_speech_starts(vad_net):
+    """In voice mode the caption is published when the channel starts playing the speech,
+    after the request thread is done with the utterance: until then it is pending, so the
+    ingest's wait after a bye does not end without it."""
+    from musetalk_rt.speech.utterances import Utterance
+
+    class LaterStart(TimelineChannel):  # starts a session when told, as a busy channel does
+        def open_session(self, on_start=None):
+            self.start_later = on_start
+            super().open_session(None)
+
+    ch = LaterStart()
+    sink = VoiceSink(ch, None, GroqConfig(), vad_net)  # threads not started
+    speech = np.full(SR // 2, 0.1, np.float32)
+    sink._play(speech, "good evening", Utterance(0, 0.0, 0.5, speech), time.monotonic(), {})
+    assert sink.messages_pending() and sink.take_messages() == []
+    ch.start_later(0)
+    assert not sink.messages_pending()
+    assert [m["text"] for m in sink.take_messages()] == ["good evening"]
+    sink._play(speech, None, Utterance(1, 1.0, 1.5, speech), time.monotonic(), {})
+    assert not sink.messages_pending()  # the MC's own recording: no caption to wait for
 
 
 def test_stat_of_io_wav_reader_accepts_other_rates():

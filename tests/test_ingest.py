@@ -446,3 +446,36 @@ def test_send_over_tls_to_a_server_without_it_says_so():
         ": the server reset the connection; does the server speak TLS? A live process does "
         "with --cert; else use ws://"
     )
+
+
+def test_a_bye_frees_the_channel_at_once_while_its_last_messages_are_awaited():
+    """After a bye the server waits for the session's last messages (a caption a Groq call
+    away), but the channel is free meanwhile: a sender starting again is not refused as busy,
+    and the old connection's wait ends there (the sink's messages are the new session's)."""
+
+    class CaptionsOwed(RecordingSink):  # a sink whose last caption never comes
+        def messages_pending(self):
+            return True
+
+        def take_messages(self):
+            return []
+
+    sink = CaptionsOwed()
+
+    async def go():
+        config = IngestConfig(port=0, token=TOKEN, bye_linger_s=600.0)
+        async with IngestServer({"a": sink}, config) as srv:
+            url = f"ws://127.0.0.1:{srv.port}/ingest/a"
+            async with connect(url) as first:
+                await first.send(_hello())
+                assert json.loads(await first.recv())["type"] == "ready"
+                await first.send(json.dumps({"type": "bye"}))
+                while sink.open:  # the bye closes the sink's session
+                    await asyncio.sleep(0.01)
+                rep = await send_clip(url, _clip(0.2), TOKEN, realtime=False)  # not busy
+                await asyncio.wait_for(_drain(first), 60)  # (a hang guard, not a timing)
+                return rep, first.close_code
+
+    rep, code = asyncio.run(go())
+    assert rep.chunks == 10 and rep.error is None and code == 1000
+    assert sink.sessions == 2

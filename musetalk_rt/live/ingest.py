@@ -37,6 +37,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
+from websockets.protocol import State
 
 from musetalk_rt.audio.features import SAMPLE_RATE
 from musetalk_rt.audio.stream import AudioInput
@@ -134,6 +135,7 @@ class IngestServer:
         self._busy: dict[str, float] = {}  # channel -> connect time
         self._left: dict[str, asyncio.Event] = {}  # channel -> set when its sender has left
         self._active: dict[str, tuple[ServerConnection, dict]] = {}  # channel -> (conn, state)
+        self._starts: dict[str, int] = {}  # channel -> sessions begun (a bye's wait ends at one)
         self._server = None
         self.refused: dict[int, int] = {}  # close code -> count
 
@@ -234,12 +236,17 @@ class IngestServer:
         except ConnectionClosed:
             return
         self._busy[name] = time.time()  # no await since the check above: no one else got in
+        self._starts[name] = self._starts.get(name, 0) + 1
         self._left[name] = asyncio.Event()
         try:
-            await self._session(conn, name, hello)
+            bye = await self._session(conn, name, hello)
         finally:
             self._busy.pop(name, None)
             self._left[name].set()
+        if bye:  # the channel is free already: a sender may start again meanwhile
+            with contextlib.suppress(ConnectionClosed):
+                await self._last_messages(conn, name)
+                await conn.close(1000, "bye")
 
     async def _sender_left(self, name: str, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the channel's sender to leave."""
@@ -274,7 +281,13 @@ class IngestServer:
                 transport.abort()
         return True
 
-    async def _session(self, conn: ServerConnection, name: str, hello) -> None:
+    async def _session(self, conn: ServerConnection, name: str, hello) -> bool:
+        """Audio and control from one sender until it leaves.
+
+        Returns:
+            Whether it ended with a ``bye`` (the connection is then still open, for
+            :meth:`_last_messages`).
+        """
         sink = self.sinks[name]
         decoder = AudioDecoder(hello)
         audio_in = AudioInput(hello.sample_rate, hello.channels)
@@ -288,7 +301,7 @@ class IngestServer:
         self._active[name] = (conn, state)
         t0 = time.monotonic()
         stats_task = msg_task = None
-        closed = False  # the sink's session (closed at a bye, or when the connection ends)
+        bye = False
         sink.open_session()
         try:  # from here on the session is closed however it ends (a sender gone before ready)
             await conn.send(
@@ -327,11 +340,7 @@ class IngestServer:
                 if kind == "flush":
                     sink.push(audio_in.flush())
                 elif kind == "bye":
-                    sink.push(audio_in.flush())
-                    sink.close_session()  # (its last utterance is cut now, not at the close)
-                    closed = True
-                    await self._last_messages(conn, sink, take)
-                    await conn.close(1000, "bye")
+                    bye = True
                     break
                 else:  # the protocol's rule: a bad message gets an error and a close
                     raise ProtocolError(BAD_REQUEST, f"unknown control message {shown(msg)}")
@@ -343,35 +352,49 @@ class IngestServer:
             for task in (stats_task, msg_task):
                 if task is not None:
                     task.cancel()
-            if not closed:
-                with contextlib.suppress(Exception):  # a sender gone without bye: the
-                    sink.push(audio_in.flush())  # resampler's last ~20 ms are still its audio
-                sink.close_session()
+            with contextlib.suppress(Exception):  # the resampler's last ~20 ms are still
+                sink.push(audio_in.flush())  # its audio (a sender gone without bye too)
+            sink.close_session()  # (after a bye its last utterance is cut now)
             if self._active.get(name, (None,))[0] is conn:
                 del self._active[name]
             log.info("sender on %s left after %.1f s of audio", name, state["received_s"])
+        return bye
 
-    async def _last_messages(self, conn, sink, take: Callable[[], list[dict]] | None) -> None:
+    async def _last_messages(self, conn: ServerConnection, name: str) -> None:
         """After a bye, the session's last messages (its last utterance's caption).
 
-        Waits up to ``bye_linger_s`` while the sink may still give one, then sends what it
-        gave. A sink without messages has nothing to wait for.
+        Waits while the sink may still give one — up to ``bye_linger_s``, while the
+        connection is open and no new session has begun on the channel (the sink's messages
+        would then be that session's) — then sends what it gave. A sink without messages:
+        nothing.
         """
+        sink = self.sinks[name]
         pending = getattr(sink, "messages_pending", None)
+        take = getattr(sink, "take_messages", None)
         if take is None or pending is None:
             return
         deadline = time.monotonic() + self.config.bye_linger_s
-        while pending() and time.monotonic() < deadline:
+        starts = self._starts.get(name)
+        while (
+            pending()
+            and conn.state is State.OPEN
+            and self._starts.get(name) == starts
+            and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.05)
-        for m in take():
+        if self._starts.get(name) == starts:
+            await self._send_messages(conn, take())
+
+    @staticmethod
+    async def _send_messages(conn: ServerConnection, messages: list[dict]) -> None:
+        for m in messages:
             await conn.send(json.dumps(m, ensure_ascii=False))
 
     async def _message_loop(self, conn, take: Callable[[], list[dict]]) -> None:
         try:
             while True:
                 await asyncio.sleep(0.1)
-                for m in take():
-                    await conn.send(json.dumps(m, ensure_ascii=False))
+                await self._send_messages(conn, take())
         except (ConnectionClosed, asyncio.CancelledError):
             pass
         except Exception:

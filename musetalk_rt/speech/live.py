@@ -125,7 +125,8 @@ class _SpeechSink:
         # sessions closed whose close the segment thread has not handled yet (their last
         # utterance is cut there); with utt_q's unfinished tasks, messages_pending's reading
         self._closes = 0
-        self._closes_lock = threading.Lock()
+        self._promised = 0  # voice mode: spoken captions queued to play, not yet published
+        self._pending_lock = threading.Lock()
         self._last_failure = ""  # the last failed utterance's reason (for the breaker's line)
         self._stop = threading.Event()
         self._threads = [
@@ -139,6 +140,8 @@ class _SpeechSink:
 
     def open_session(self) -> None:
         self._messages.clear()  # captions of a session before are not this sender's
+        with self._pending_lock:
+            self._promised = 0  # (nor are those still to come)
         self.audio_q.put_control(("open", time.monotonic(), None), new_session=True)
 
     def push(self, audio_16k: np.ndarray) -> None:
@@ -148,7 +151,7 @@ class _SpeechSink:
                 self.stats.dropped_audio_chunks = self.audio_q.dropped_chunks
 
     def close_session(self) -> None:
-        with self._closes_lock:
+        with self._pending_lock:
             self._closes += 1
         self.audio_q.put_control(("close", time.monotonic(), None))
 
@@ -156,12 +159,13 @@ class _SpeechSink:
         """Whether a closed session may still give a message (its last utterance's caption).
 
         True from :meth:`close_session` until the segment thread has cut that session's last
-        utterance and the request thread has handled every utterance queued; the ingest waits
-        on it after a sender's ``bye`` (bounded), so the sender gets its last caption.
+        utterance, the request thread has handled every utterance queued and (voice mode) the
+        channel has started playing each speech whose caption is published then. The ingest
+        waits on it after a sender's ``bye`` (bounded), so the sender gets its last caption.
         """
-        with self._closes_lock:
-            closing = self._closes > 0
-        return closing or self.utt_q.unfinished_tasks > 0
+        with self._pending_lock:
+            waiting = self._closes > 0 or self._promised > 0
+        return waiting or self.utt_q.unfinished_tasks > 0
 
     def sender_stats(self) -> dict:
         return {
@@ -274,7 +278,7 @@ class _SpeechSink:
                 log.exception("channel %s: utterance segmentation failed", self.channel.name)
             finally:
                 if kind == "close":  # (its utterances are in utt_q by now)
-                    with self._closes_lock:
+                    with self._pending_lock:
                         self._closes -= 1
 
     def _request_loop(self) -> None:
@@ -441,9 +445,14 @@ class VoiceSink(_SpeechSink):
                 self._publish(
                     Cue(u.index, start_s, base_frame / FPS + audio.size / SR, text), "spoken"
                 )
+                with self._pending_lock:
+                    self._promised = max(0, self._promised - 1)
 
         # the channel starts a session at the later of now and the previous one's end
         self._queued_until = max(time.monotonic(), self._queued_until) + audio.size / SR
+        if text:  # its caption comes when it starts (messages_pending counts it till then)
+            with self._pending_lock:
+                self._promised += 1
         ch.open_session(on_start=started)
         for i in range(0, audio.size, SR // 5):  # 200 ms pieces, like an ingest would
             ch.push(audio[i : i + SR // 5])
