@@ -390,12 +390,16 @@ def test_a_gpu_figures_scenario_no_row_has_is_refused_before_the_run(tmp_path):
 
     _check_gpu_scenario(args("compile-fp16-b4"))  # nothing recorded: not refused
     (tmp_path / "run").mkdir()
-    rows = [{"scenario": "compile-fp16-b4", "gpu": "NVIDIA H100"}]
-    rows.append({"scenario": "eager-fp32-b5", "gpu": "cpu"})  # a CPU row is not a GPU figure
+    ok = {"gpu": "NVIDIA H100", "quality": {"passed": True}}
+    rows = [{"scenario": "compile-fp16-b4", **ok}]
+    rows.append({"scenario": "eager-fp32-b5", **ok, "gpu": "cpu"})  # not a GPU figure
+    rows.append({"scenario": "aoti-fp16-b8", **ok, "errata": "timed beside a build"})
+    rows.append({"scenario": "compile-fp8-b4", **ok, "quality": {"passed": False}})
     (tmp_path / "run" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _check_gpu_scenario(args("compile-fp16-b4"))
     _check_gpu_scenario(args("none"))
-    for scenario in ("compile-fp16-b5", "eager-fp32-b5"):
+    _check_gpu_scenario(args(None))  # not given: the event preset's, "not recorded" at the end
+    for scenario in ("compile-fp16-b5", "eager-fp32-b5", "aoti-fp16-b8", "compile-fp8-b4"):
         with pytest.raises(UserError) as err:
             _check_gpu_scenario(args(scenario))
         assert str(err.value) == (
@@ -648,3 +652,16 @@ def test_an_engine_that_cannot_run_here_is_refused_before_the_run(capsys, extra)
     (line,) = out.err.strip().splitlines()
     assert line.startswith("musetalk-rt: error: ") and ("cannot run here" in line or "nope" in line)
     assert "markers:" not in out.out  # the run had not begun
+
+
+def test_the_engine_check_takes_the_fallback_the_live_process_would_take():
+    """trt cannot run here, but with --fallback eager the live process would run eager: the
+    probe's early check passes it (and still refuses without the fallback)."""
+    from musetalk_rt.cli import build_parser
+    from musetalk_rt.e2e.probe import _check_args
+    from musetalk_rt.errors import UserError
+
+    argv = "bench e2e --weights tiny --device cpu --dtype fp32 --engine trt --duration-s 5"
+    _check_args(build_parser().parse_args([*argv.split(), "--fallback", "eager"]))
+    with pytest.raises(UserError, match="'trt' cannot run here"):
+        _check_args(build_parser().parse_args(argv.split()))

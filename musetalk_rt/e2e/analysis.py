@@ -286,14 +286,21 @@ def _options_match(row: dict, options: dict) -> bool:
     return all(_norm(k, have.get(k)) == _norm(k, v) for k, v in options.items())
 
 
-def gpu_scenarios(results_dir: str | Path) -> set[str]:
-    """The scenarios (``compile-fp16-b4``, ...) of the GPU rows in ``results_dir``'s bench files."""
-    return {
-        str(r.get("scenario"))
-        for path in Path(results_dir).glob("*/bench.jsonl")
+def _gpu_rows(root: Path) -> list[tuple[Path, dict]]:
+    """``(file, row)`` of ``root``'s bench rows measured on a GPU, without errata, gate passed."""
+    return [
+        (path, r)
+        for path in sorted(root.glob("*/bench.jsonl"))
         for r in _rows(path)
-        if r.get("scenario") and not str(r.get("gpu", "cpu")).lower().startswith("cpu")
-    }
+        if not str(r.get("gpu", "cpu")).lower().startswith("cpu")
+        and "errata" not in r
+        and r.get("quality", {}).get("passed", False)
+    ]
+
+
+def gpu_scenarios(results_dir: str | Path) -> set[str]:
+    """The scenarios (``compile-fp16-b4``, ...) of the usable GPU rows in ``results_dir``."""
+    return {str(r["scenario"]) for _, r in _gpu_rows(Path(results_dir)) if r.get("scenario")}
 
 
 def find_gpu_figures(results_dir: str | Path, scenario: str, options: dict | None = None) -> dict:
@@ -311,16 +318,9 @@ def find_gpu_figures(results_dir: str | Path, scenario: str, options: dict | Non
     """
     root = Path(results_dir)
     batch, canvas = [], []
-    for path in sorted(root.glob("*/bench.jsonl")):
-        for r in _rows(path):
-            if (
-                r.get("scenario") == scenario
-                and not str(r.get("gpu", "cpu")).lower().startswith("cpu")
-                and "errata" not in r
-                and r.get("quality", {}).get("passed", False)
-                and (options is None or _options_match(r, options))
-            ):
-                batch.append((str(r.get("time", "")), path.relative_to(root).as_posix(), r))
+    for path, r in _gpu_rows(root):
+        if r.get("scenario") == scenario and (options is None or _options_match(r, options)):
+            batch.append((str(r.get("time", "")), path.relative_to(root).as_posix(), r))
     for path in sorted(root.glob("*/stream_parity.jsonl")):
         for r in _rows(path):
             if (

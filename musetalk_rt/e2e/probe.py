@@ -527,10 +527,17 @@ def _check_args(args) -> None:
     _check_gpu_scenario(args)
     # an engine that cannot run here (fp16 on a CPU): its line now, before nginx and the live
     # process start (which would refuse it the same way)
-    from musetalk_rt.cli import _device
+    from musetalk_rt.cli import _device, _engine_options
     from musetalk_rt.engines import parse_dtype, select_engine
 
-    select_engine(args.engine, _device(args.device), parse_dtype(args.dtype), fix_hint="")
+    select_engine(
+        args.engine,
+        _device(args.device),
+        parse_dtype(args.dtype),
+        fallback=getattr(args, "fallback", None),
+        fix_hint="",
+        **_engine_options(args),
+    )
     if args.avatar and not (Path(args.avatars_dir) / args.avatar).is_dir():
         raise UserError(
             f"avatar {args.avatar!r} is not prepared under {args.avatars_dir} "
@@ -780,10 +787,17 @@ def run_probe(args) -> int:
     )
 
 
-def _check_gpu_scenario(args) -> None:
-    """Refuse a ``--gpu-figures`` scenario that no recorded GPU row has, where rows are recorded.
+def _gpu_scenario(args) -> str:
+    """``--gpu-figures``, or the event preset's scenario where it is not given."""
+    return getattr(args, "gpu_figures", None) or EVENT_SCENARIO
 
-    Without any (an install without the results) the run goes on and says "not recorded".
+
+def _check_gpu_scenario(args) -> None:
+    """Refuse a ``--gpu-figures`` scenario given that no recorded GPU row has, where rows are.
+
+    Without any (an install without the results), or without ``--gpu-figures`` (the event
+    preset's scenario, which a results folder of other rows need not hold), the run goes on and
+    says "not recorded".
 
     Raises:
         UserError: Rows are recorded, none of this scenario (a typo, or a batch never benched).
@@ -822,7 +836,7 @@ def _gpu_preset(args) -> tuple[Path | None, dict | None]:
     if cached is not None:
         return cached
     preset = getattr(args, "gpu_figures_preset", None)
-    if preset is None and getattr(args, "gpu_figures", None) == EVENT_SCENARIO:
+    if preset is None and _gpu_scenario(args) == EVENT_SCENARIO:
         preset = REPO_ROOT / "configs" / "event.toml"
     options = None
     if preset is not None and Path(preset).is_file():
@@ -847,11 +861,11 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
     from musetalk_rt.bench import REPO_ROOT
     from musetalk_rt.live.app import DEFAULT_DELAY_MARGIN_MS, derive_delay_s
 
-    if args.gpu_figures == "none":
+    if _gpu_scenario(args) == "none":
         return None
     preset, options = _gpu_preset(args)
     figs = find_gpu_figures(
-        args.results_dir or REPO_ROOT / "experiments" / "results", args.gpu_figures, options
+        args.results_dir or REPO_ROOT / "experiments" / "results", _gpu_scenario(args), options
     )
     if options is not None:
         shown = Path(preset).resolve()
@@ -923,7 +937,7 @@ def _report(args, run: dict, write_row) -> int:
         b, c = gpu["batch"], gpu["canvas"]
         where = (args.results_dir or Path("experiments/results")).as_posix()
         print(
-            f"GPU figures for {args.gpu_figures}"
+            f"GPU figures for {_gpu_scenario(args)}"
             + (f" with the engine options of {gpu['preset']}" if gpu.get("preset") else "")
             + ": batch "
             + (
@@ -1032,6 +1046,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         _add_compile_options,
         _add_streaming_options,
         _csv_ints,
+        _results_folder,
     )
     from musetalk_rt.engines import DTYPES
 
@@ -1077,7 +1092,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how long the live process may take to start (engine builds) (default: 600)",
     )
     g.add_argument(
-        "--out", type=Path, help="rows folder (default: experiments/results/<date>_<gpu>_<sha>)"
+        "--out",
+        type=_results_folder,
+        help="rows folder (default: experiments/results/<date>_<gpu>_<sha>)",
     )
     g.add_argument(
         "--work",
@@ -1112,7 +1129,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     b.add_argument(
         "--gpu-figures",
-        default=EVENT_SCENARIO,
         help="bench scenario of the event preset whose recorded GPU figures replace the "
         "measured ones in a second verdict, or 'none' (default: compile-fp16-b4)",
     )
