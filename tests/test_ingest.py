@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import urllib.request
 import wave
 
@@ -423,8 +424,12 @@ def test_tls_ingest_with_a_self_signed_certificate(tmp_path):
     async def go():
         async with IngestServer(sinks, IngestConfig(port=0, token=TOKEN, ssl_context=ctx)) as srv:
             url = f"wss://127.0.0.1:{srv.port}/ingest/a"
-            with pytest.raises(UserError, match="cannot connect"):  # untrusted certificate
+            with pytest.raises(UserError, match="cannot connect") as err:  # untrusted certificate
                 await send_clip(url, clip, TOKEN, realtime=False)
+            assert "speak TLS" not in str(err.value)  # it does: the certificate is the matter
+            plain = url.replace("wss://", "ws://")
+            with pytest.raises(UserError, match="was started with --cert, use wss://"):
+                await send_clip(plain, clip, TOKEN, realtime=False)
             return await send_clip(url, clip, TOKEN, realtime=False, cafile=str(cert))
 
     rep = asyncio.run(go())
@@ -446,6 +451,12 @@ def test_send_over_tls_to_a_server_without_it_says_so():
         ": the server reset the connection; does the server speak TLS? A live process does "
         "with --cert; else use ws://"
     )
+    with socket.socket() as s:  # a port nothing listens on: refused, no word of TLS
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="cannot connect") as err:
+        asyncio.run(send_clip(f"wss://127.0.0.1:{port}/ingest/a", _clip(0.2), TOKEN))
+    assert "TLS" not in str(err.value) and "wss" not in str(err.value).split(": ", 1)[1]
 
 
 def test_a_bye_frees_the_channel_at_once_while_its_last_messages_are_awaited():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidURI
 
 from musetalk_rt.errors import UserError
 from musetalk_rt.media import AudioClip
@@ -60,12 +60,14 @@ async def _connect(url: str, open_timeout_s: float, cafile: str | None):
                 why = f"no answer in {open_timeout_s:g} s"
             elif isinstance(exc, ConnectionResetError):
                 why = "the server reset the connection"
-        if (  # TLS spoken to a server without it: it resets, or never answers the hello
-            url.startswith("wss://")
-            and isinstance(exc, ConnectionError | TimeoutError | ssl.SSLError)
-            and not isinstance(exc, ssl.SSLCertVerificationError)
-        ):
+        # TLS and plain HTTP crossed: the server resets, never answers, or answers garbage
+        crossed = isinstance(
+            exc, ConnectionError | TimeoutError | ssl.SSLError | InvalidMessage
+        ) and not isinstance(exc, ConnectionRefusedError | ssl.SSLCertVerificationError)
+        if crossed and url.startswith("wss://"):
             why += "; does the server speak TLS? A live process does with --cert; else use ws://"
+        elif crossed:
+            why += "; if the live process was started with --cert, use wss://"
         raise UserError(f"cannot connect to {url}: {why}") from None
 
 
