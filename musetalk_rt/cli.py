@@ -812,7 +812,7 @@ def cmd_bench(args) -> int:
     print(
         json.dumps(
             {
-                "bench": str(path),
+                "bench": str(path) if rows else None,  # (no row: no file)
                 "rows": len(rows),
                 "weights": models.kind,
                 "best": best and {k: best[k] for k in ("scenario", "fps", "p50_ms")},

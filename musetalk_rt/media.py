@@ -475,7 +475,8 @@ class Mp4Writer:
     :meth:`close`; if the ``with`` block raises, the temporary file is removed.
 
     Args:
-        path: Output file (MP4 container whatever the extension); parent dirs are created.
+        path: Output file, named .mp4, .m4v or .mov (:func:`check_mp4_path`); parent
+            folders are created.
         width: Frame width in pixels of the frames passed to :meth:`write`.
         height: Frame height in pixels.
         fps: Frames per second.

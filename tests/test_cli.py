@@ -529,11 +529,15 @@ def test_an_argument_the_parser_refuses_is_one_line(argv, where, capsys):
 def test_the_live_process_refuses_a_bad_argument_in_one_line_under_its_own_name(capsys):
     from musetalk_rt.live.app import main as live_main
 
-    with pytest.raises(SystemExit) as exit_:
-        live_main(["--avatar", "a", "--delay-ms", "abc"])
-    assert exit_.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("python -m musetalk_rt.live: error: argument --delay-ms")
+    for argv, what in (
+        (["--avatar", "a", "--delay-ms", "abc"], "--delay-ms"),
+        (["--config"], "--config"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            live_main(argv)
+        assert exit_.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"python -m musetalk_rt.live: error: argument {what}")
 
 
 @pytest.mark.parametrize("out", ["folder", "x.txt", "file.md/x.mp4"])

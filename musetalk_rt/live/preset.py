@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from musetalk_rt.config_file import read_table
-from musetalk_rt.errors import UserError
+from musetalk_rt.errors import OneLineParser, UserError
 
 NOT_IN_PRESETS = {"token", "config", "help"}
 
@@ -81,7 +81,7 @@ def parse_with_preset(
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     preset = preset_defaults(known.config, parser) if known.config else {}
