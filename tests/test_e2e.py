@@ -531,7 +531,9 @@ def test_bench_e2e_bad_input_one_line_each(tmp_path):
     (tmp_path / "bad.toml").write_text("[live\n")
     for name, (argv, expect) in cases.items():
         res = subprocess.run(
-            [sys.executable, "-m", "musetalk_rt", "bench", "e2e", "--weights", "tiny", *argv],
+            # (fp32: fp16, the default, cannot run on a CPU and would be refused first)
+            [sys.executable, "-m", "musetalk_rt", "bench", "e2e", "--weights", "tiny"]
+            + ["--dtype", "fp32", *argv],
             capture_output=True,
             text=True,
             env=_env(),
