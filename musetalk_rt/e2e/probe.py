@@ -787,6 +787,13 @@ def run_probe(args) -> int:
     )
 
 
+def _results_root(args) -> Path:
+    """``--results-dir``, or this checkout's ``experiments/results``."""
+    from musetalk_rt.bench import REPO_ROOT
+
+    return args.results_dir or REPO_ROOT / "experiments" / "results"
+
+
 def _gpu_scenario(args) -> str:
     """``--gpu-figures``, or the event preset's scenario where it is not given."""
     return getattr(args, "gpu_figures", None) or EVENT_SCENARIO
@@ -802,12 +809,10 @@ def _check_gpu_scenario(args) -> None:
     Raises:
         UserError: Rows are recorded, none of this scenario (a typo, or a batch never benched).
     """
-    from musetalk_rt.bench import REPO_ROOT
-
     scenario = getattr(args, "gpu_figures", None)
     if scenario in (None, "none"):
         return
-    root = args.results_dir or REPO_ROOT / "experiments" / "results"
+    root = _results_root(args)
     known = gpu_scenarios(root)
     if known and scenario not in known:
         shown = difflib.get_close_matches(scenario, sorted(known), n=4, cutoff=0.5)
@@ -864,9 +869,7 @@ def _gpu_estimate(args, delay: dict, marker_rows: list[dict]) -> dict | None:
     if _gpu_scenario(args) == "none":
         return None
     preset, options = _gpu_preset(args)
-    figs = find_gpu_figures(
-        args.results_dir or REPO_ROOT / "experiments" / "results", _gpu_scenario(args), options
-    )
+    figs = find_gpu_figures(_results_root(args), _gpu_scenario(args), options)
     if options is not None:
         shown = Path(preset).resolve()
         if shown.is_relative_to(REPO_ROOT.resolve()):
