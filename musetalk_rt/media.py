@@ -439,7 +439,7 @@ X264_PRESETS = (
 )  # x264's speed presets, fastest first
 
 
-MP4_SUFFIXES = (".mp4", ".m4v", ".mov")  # the file names an Mp4Writer takes (it writes MP4)
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")  # names of MP4 files (what an Mp4Writer takes)
 
 
 def check_mp4_path(path: str | os.PathLike, what: str = "the output") -> Path:

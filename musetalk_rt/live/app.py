@@ -29,6 +29,7 @@ from musetalk_rt.live.diskwatch import RecordingDisks
 from musetalk_rt.live.drift import SHIFT_AT_S, shift_at_for_slack
 from musetalk_rt.live.hostload import HostLoad, host_hint, status_part
 from musetalk_rt.live.output import check_rtmp_url
+from musetalk_rt.media import MP4_SUFFIXES
 
 PROG = "python -m musetalk_rt.live"  # (how the live process is started; no console script)
 log = logging.getLogger("musetalk_rt.live")
@@ -60,7 +61,7 @@ def _targets(template: str | None, name: str, several: bool) -> str | None:
     return template.replace("{channel}", name)
 
 
-RECORD_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".flv", ".ts")
+RECORD_SUFFIXES = (*MP4_SUFFIXES, ".mkv", ".flv", ".ts")
 
 
 def check_record_path(path: str) -> None:

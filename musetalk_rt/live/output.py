@@ -31,7 +31,11 @@ from pathlib import Path
 import av
 import numpy as np
 
-from musetalk_rt.media import FPS, SAMPLE_RATE  # (not audio.features: no torch in children)
+from musetalk_rt.media import (  # (not audio.features: no torch in children)
+    FPS,
+    MP4_SUFFIXES,
+    SAMPLE_RATE,
+)
 
 log = logging.getLogger("musetalk_rt.output")
 AUDIO_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per video frame
@@ -131,7 +135,7 @@ def _hide_key(url: str) -> str:
     return f"{scheme}{sep}{host}/{'/'.join(parts)}" + ("?***" if q else "")
 
 
-FRAGMENTED_SUFFIXES = (".mp4", ".m4v", ".mov")
+FRAGMENTED_SUFFIXES = MP4_SUFFIXES  # (the MP4 family: written fragmented)
 
 
 def _crash_safe(target: str, fmt: str | None) -> dict[str, str]:
